@@ -1,0 +1,56 @@
+"""phitune: LoRA fine-tuning of Phi-3 and other Hugging Face causal LMs.
+
+Public API (imported lazily so ``import phitune`` stays fast)::
+
+    import phitune
+    report = phitune.add_lora(model, {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"})
+    phitune.save_adapter(model, "out/adapter")
+    result = phitune.finetune(model="microsoft/Phi-3-mini-4k-instruct", data="chats.jsonl",
+                              training_config={...}, peft_config={...})
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # adapt.py: LoRA on Hugging Face models, PEFT format
+    "add_lora": "adapt",
+    "save_adapter": "adapt",
+    "load_adapter": "adapt",
+    "merge_lora": "adapt",
+    "LoraConfig": "adapt",
+    "LoraReport": "adapt",
+    # data.py: chat data pipeline
+    "preview": "run",
+    "DataConfig": "data",
+    # train.py: the training story
+    "finetune": "train",
+    "evaluate": "run",
+    "chat": "run",
+    "merge": "run",
+    "demo": "demo",
+    # errors
+    "PhituneError": "errors",
+    "ConfigError": "errors",
+    "DataError": "errors",
+    "AdapterError": "errors",
+    "CheckpointError": "errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["lora", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "lora":
+        return importlib.import_module(".lora", __name__)
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'phitune' has no attribute '{name}'")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,21 @@
+"""Exceptions phitune raises. Each message says what is wrong, where, and how to fix it."""
+
+
+class PhituneError(Exception):
+    """Base class of every error phitune raises on purpose."""
+
+
+class ConfigError(PhituneError, ValueError):
+    """A configuration key or value is wrong (the message names the key)."""
+
+
+class DataError(PhituneError, ValueError):
+    """A data file or record is wrong (the message names the file and line or row)."""
+
+
+class AdapterError(PhituneError, ValueError):
+    """An adapter does not fit the model it is applied to (the message names the module and both shapes)."""
+
+
+class CheckpointError(PhituneError, RuntimeError):
+    """A checkpoint is missing, broken or incompatible with the config."""
