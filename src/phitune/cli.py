@@ -1,0 +1,328 @@
+"""The ``phitune`` command: a thin argparse layer over phitune's Python functions.
+
+Each sub-command calls one importable function (``phitune.finetune``, ``phitune.evaluate``, ``phitune.chat``,
+``phitune.merge``, ``phitune.preview``, ``phitune.demo``) and does nothing else. Exit codes: 0 success, 2 a usage or
+configuration error (the message, no traceback), 1 anything else (with the traceback, so it can be reported),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from typing import Sequence
+
+from . import __version__
+from .errors import PhituneError
+
+PROG = "phitune"
+
+_MAIN_EPILOG = """\
+examples:
+  phitune demo                                   # tiny bundled model + data, no network, ~3 minutes on CPU
+  phitune preview examples/phi3-mini-lora.yaml   # check the data: stats and samples, trained tokens highlighted
+  phitune train examples/phi3-mini-lora.yaml --set training_config.learning_rate=1e-4
+  phitune eval runs/phi3-lora
+  phitune chat runs/phi3-lora
+  phitune merge runs/phi3-lora --out runs/phi3-merged
+
+Every command is also a Python function: phitune.finetune, phitune.evaluate, phitune.chat, phitune.merge,
+phitune.preview, phitune.demo. Run `phitune COMMAND --help` for a command's options.
+"""
+
+_SET_HELP = (
+    "override one config value, KEY a dotted path into the YAML (section.key), VALUE parsed as YAML "
+    "(1e-4, true, [a, b], null); repeat for several"
+)
+
+_TRAIN_EPILOG = """\
+The config file has four sections: model, data, training_config (transformers TrainingArguments key names,
+the cookbook's legacy keys accepted) and peft_config (PEFT LoraConfig keys). The run writes everything to
+training_config.output_dir: the adapter (PEFT layout), tokenizer and chat template, generation_config.json,
+phitune_config.yaml (the resolved config), metrics.jsonl, loss_curve.png, README.md and checkpoints/.
+
+examples:
+  phitune train config.yaml
+  phitune train config.yaml --set training_config.max_steps=200 --set peft_config.r=8
+  phitune train config.yaml --set training_config.resume_from_checkpoint=auto   # continue a stopped run
+  phitune train --help-config                                                    # every config key, documented
+"""
+
+_EVAL_EPILOG = """\
+Reports loss, perplexity and token accuracy (over the trained tokens only: assistant turns, by default) with the
+run's data settings (chat template, max_seq_length, train_on). Without --data it uses the run's eval data (the
+data.eval source, or the held-out split of the training data).
+
+examples:
+  phitune eval runs/phi3-lora
+  phitune eval runs/phi3-lora --data data/test.jsonl --json
+  phitune eval runs/phi3-lora/checkpoints/checkpoint-200     # a checkpoint of the run
+"""
+
+_CHAT_EPILOG = """\
+Interactive: type a message, the answer streams back; the conversation is kept as context.
+Commands inside the chat: /reset (forget the conversation), /system TEXT (set the system prompt and reset),
+/exit or Ctrl-D (quit). Generation stops on every end-of-turn id of the run's generation_config.json.
+
+examples:
+  phitune chat runs/phi3-lora
+  phitune chat runs/phi3-lora --prompt "Write a haiku about LoRA." --greedy
+  phitune chat runs/phi3-lora --system "You answer in French." --temperature 0.3 --max-new-tokens 128
+"""
+
+_MERGE_EPILOG = """\
+Loads the base model named in the run's phitune_config.yaml, applies the adapter, folds it into the weights and
+saves a plain Hugging Face model (safetensors) with the tokenizer, chat template and generation_config.json, which
+AutoModelForCausalLM.from_pretrained loads without phitune or peft. Prints the largest logit difference between the
+merged model and the adapter model on a sample input.
+
+examples:
+  phitune merge runs/phi3-lora --out runs/phi3-merged
+  phitune merge runs/phi3-lora --out runs/phi3-merged --dtype float32 --force
+"""
+
+_PREVIEW_EPILOG = """\
+Loads the config and the tokenizer only (no model weights), prepares the data exactly as training would, and prints
+the data statistics and N rendered samples with the trained tokens highlighted. Use it before spending GPU hours.
+
+examples:
+  phitune preview config.yaml
+  phitune preview config.yaml -n 5 --no-color | less
+  phitune preview config.yaml --set data.train_on=all
+"""
+
+_DEMO_EPILOG = """\
+Fine-tunes the tiny Phi-3-architecture model shipped inside phitune on the bundled chat dataset (no network, CPU is
+enough, about 3 minutes on 2 cores), then prints the held-out metric and answers before and after fine-tuning.
+
+examples:
+  phitune demo
+  phitune demo --out runs/demo
+"""
+
+
+def _override(text: str) -> str:
+    key, sep, _ = text.partition("=")
+    if not sep or not key.strip() or key.strip() != key or key.startswith(".") or key.endswith("."):
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE with KEY a dotted config path (e.g. training_config.learning_rate=1e-4), got {text!r}"
+        )
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``phitune`` argument parser (exposed for tests and documentation)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="LoRA fine-tuning of Phi-3 (and other Hugging Face causal LMs) on chat data.",
+        epilog=_MAIN_EPILOG,
+        formatter_class=fmt,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "train", help="fine-tune a model with LoRA from a YAML config", epilog=_TRAIN_EPILOG, formatter_class=fmt,
+        description="Fine-tune a model with LoRA as the YAML config says (phitune.finetune).",
+    )
+    p.add_argument("config", metavar="CONFIG", nargs="?", help="YAML file with model, data, training_config, "
+                   "peft_config sections")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[], type=_override,
+                   help=_SET_HELP)
+    p.add_argument("--help-config", action="store_true", help="print every config key with its default and doc, "
+                   "then exit")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "eval", help="evaluate a run's adapter: loss, perplexity, token accuracy", epilog=_EVAL_EPILOG,
+        formatter_class=fmt, description="Evaluate a fine-tuned run (phitune.evaluate).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `phitune train` (or one of its checkpoints)")
+    p.add_argument("--data", metavar="SOURCE", help="data to evaluate on instead of the run's eval data: a JSONL/JSON/"
+                   "CSV/Parquet file or a Hub dataset id, in the run's data format")
+    p.add_argument("--batch-size", type=_positive_int, metavar="N",
+                   help="sequences per batch (default: the run's per_device_eval_batch_size)")
+    p.add_argument("--max-samples", type=_positive_int, metavar="N", help="evaluate on the first N samples only")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "chat", help="chat with a fine-tuned run (streaming), or answer one --prompt", epilog=_CHAT_EPILOG,
+        formatter_class=fmt, description="Chat with a fine-tuned run (phitune.chat).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `phitune train` (or one of its checkpoints)")
+    p.add_argument("--prompt", help="answer this one message, print the answer and exit")
+    p.add_argument("--system", metavar="TEXT", help="system prompt put before the conversation")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
+                   help="longest answer in tokens (default: 256)")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.7, metavar="T",
+                   help="sampling temperature; 0 means greedy (default: 0.7)")
+    p.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling threshold (default: 0.9)")
+    p.add_argument("--greedy", action="store_true", help="always pick the most likely token (deterministic)")
+    p.add_argument("--seed", type=int, help="random seed for sampling (reproducible answers)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser(
+        "merge", help="fold the adapter into the base model and save a plain HF model", epilog=_MERGE_EPILOG,
+        formatter_class=fmt, description="Merge a run's adapter into its base model (phitune.merge).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `phitune train` (or one of its checkpoints)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the merged model to")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="dtype of the saved weights (default: auto = the base model's dtype as loaded for training)")
+    p.add_argument("--force", action="store_true", help="write into --out even if it is not empty")
+    p.add_argument("--device", help="device to merge on (default: cpu)")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser(
+        "preview", help="show data stats and samples, trained tokens highlighted (no model weights)",
+        epilog=_PREVIEW_EPILOG, formatter_class=fmt,
+        description="Preview the training data as the model will see it (phitune.preview).",
+    )
+    p.add_argument("config", metavar="CONFIG", help="YAML config file (as for `phitune train`)")
+    p.add_argument("-n", "--num-samples", type=_positive_int, default=3, metavar="N",
+                   help="samples to print (default: 3)")
+    color = p.add_mutually_exclusive_group()
+    color.add_argument("--color", dest="color", action="store_true", default=None,
+                       help="highlight trained tokens with terminal colours (default: when stdout is a terminal)")
+    color.add_argument("--no-color", dest="color", action="store_false",
+                       help="mark trained tokens with [[ ]] instead of colours")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[], type=_override,
+                   help=_SET_HELP)
+    p.set_defaults(func=_cmd_preview)
+
+    p = sub.add_parser(
+        "demo", help="fine-tune the bundled tiny model on the bundled data (offline, CPU)", epilog=_DEMO_EPILOG,
+        formatter_class=fmt, description="The embedded demo (phitune.demo).",
+    )
+    p.add_argument("--out", metavar="DIR", help="output folder (default: a temporary folder)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+# --- commands: each one calls the public function and prints its result ---------------------------------------------
+
+
+def _cmd_train(args) -> int:
+    if args.help_config:
+        from .run import config_help
+
+        print(config_help())
+        return 0
+    if args.config is None:
+        raise _Usage("train: the CONFIG argument is required (a YAML file; see `phitune train --help`)")
+    from .config import load_config
+    from .train import finetune
+
+    config = load_config(args.config, args.overrides)
+    result = finetune(config)
+    print(f"\nrun saved to {result.output_dir}")
+    if getattr(result, "metrics", None):
+        print(_format_metrics(result.metrics))
+    print(f"next: phitune eval {result.output_dir}  |  phitune chat {result.output_dir}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .run import evaluate
+
+    metrics = evaluate(args.run_dir, data=args.data, batch_size=args.batch_size, max_samples=args.max_samples,
+                       device=args.device, verbose=not args.json)
+    print(json.dumps(metrics) if args.json else _format_metrics(metrics))
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from .run import chat
+
+    chat(args.run_dir, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+         temperature=args.temperature, top_p=args.top_p, greedy=args.greedy, seed=args.seed, device=args.device)
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from .run import merge
+
+    merge(args.run_dir, args.out, dtype=args.dtype, force=args.force, device=args.device)
+    return 0
+
+
+def _cmd_preview(args) -> int:
+    from .run import preview
+
+    preview(args.config, n=args.num_samples, color=args.color, overrides=args.overrides)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import demo
+
+    kwargs = {}
+    if args.out is not None:
+        kwargs["output_dir"] = args.out
+    demo(**kwargs)
+    return 0
+
+
+def _format_metrics(metrics: dict) -> str:
+    parts = []
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            parts.append(f"{key}: {value:.4g}")
+        else:
+            parts.append(f"{key}: {value}")
+    return "  ".join(parts)
+
+
+class _Usage(PhituneError):
+    """A command-line usage error found after parsing."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help/--version (0) or a usage error (2)
+        return int(exc.code or 0)
+    try:
+        return int(args.func(args) or 0)
+    except PhituneError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # a bug or an environment problem: keep the traceback so it can be reported
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

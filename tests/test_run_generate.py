@@ -1,0 +1,124 @@
+"""phitune.generate: prompt ids, stop ids, streamed decoding, greedy replies (tiny random Phi-3, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from phitune.errors import ConfigError
+from phitune.generate import (
+    GenerationSettings,
+    IncrementalDecoder,
+    build_prompt_ids,
+    generate_reply,
+    stop_token_ids,
+)
+from phitune.tokenizer import build_phi3_style_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_phi3_style_tokenizer(vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, intermediate_size=64, max_position_embeddings=256,
+                     pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    return Phi3ForCausalLM(cfg).eval()
+
+
+def test_prompt_ends_with_assistant_header(tok):
+    ids = build_prompt_ids(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assistant = tok.convert_tokens_to_ids("<|assistant|>")
+    assert ids[-1] == assistant
+    assert tok.decode(ids) == "<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>"
+
+
+def test_prompt_without_template_is_a_clear_error(tok):
+    import copy
+
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    with pytest.raises(ConfigError, match="chat template"):
+        build_prompt_ids(plain, [{"role": "user", "content": "Hi"}])
+
+
+def test_stop_ids_read_every_end_of_turn_id(tok, tmp_path):
+    eot = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eot}))
+    assert stop_token_ids(tmp_path, tok) == eot
+    # No file: eos plus <|end|> (Phi-3's turn end, which is not its eos).
+    assert stop_token_ids(tmp_path / "nothing", tok) == [eot[0], eot[2]]
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="generation_config.json"):
+        stop_token_ids(tmp_path, tok)
+
+
+def test_incremental_decoder_matches_full_decode(tok):
+    text = "Hello there, héllo wörld! 42 times."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    dec = IncrementalDecoder(tok)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)  # split UTF-8 characters are held back, never printed broken
+
+
+def test_incremental_decoder_skips_stop_ids(tok):
+    end = tok.convert_tokens_to_ids("<|end|>")
+    dec = IncrementalDecoder(tok, skip_ids=[end])
+    ids = tok("ok", add_special_tokens=False)["input_ids"]
+    out = "".join(dec.push(i) for i in ids + [end])
+    assert out == "ok"
+
+
+def test_greedy_reply_matches_manual_argmax_and_streams(tok, model):
+    messages = [{"role": "user", "content": "Hello there"}]
+    stops = stop_token_ids(None, tok)
+    pieces: list[str] = []
+    answer = generate_reply(model, tok, messages, GenerationSettings(greedy=True, max_new_tokens=12),
+                            stop_ids=stops, on_text=pieces.append)
+    # Reference: plain argmax loop without cache.
+    ids = build_prompt_ids(tok, messages)
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(12):
+            logits = model(torch.tensor([ids + new])).logits[0, -1]
+            nxt = int(logits.argmax())
+            if nxt in stops:
+                break
+            new.append(nxt)
+    assert answer == tok.decode(new, skip_special_tokens=True).strip()
+    assert "".join(pieces).strip() == answer
+
+
+def test_generation_stops_on_an_end_of_turn_id(tok, model):
+    messages = [{"role": "user", "content": "Hello there"}]
+    # Declaring the first greedy token a stop id gives an empty answer.
+    ids = build_prompt_ids(tok, messages)
+    with torch.no_grad():
+        top = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+    assert generate_reply(model, tok, messages, GenerationSettings(greedy=True, max_new_tokens=8),
+                          stop_ids=[top]) == ""
+
+
+def test_sampling_is_reproducible_with_a_seed(tok, model):
+    messages = [{"role": "user", "content": "Hi"}]
+    s = GenerationSettings(temperature=1.0, top_p=0.95, seed=3, max_new_tokens=8)
+    assert generate_reply(model, tok, messages, s) == generate_reply(model, tok, messages, s)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+])
+def test_settings_are_checked(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        GenerationSettings(**kwargs)
