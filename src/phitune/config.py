@@ -1,0 +1,482 @@
+"""The run configuration: one YAML file (or Python dicts) with four sections.
+
+    model:            ModelConfig     which base model and tokenizer, dtype, attention implementation
+    data:             DataConfig      (phitune.data) chat data sources, template rendering, max_seq_length, packing
+    training_config:  TrainingConfig  transformers TrainingArguments key names (the cookbook's legacy keys accepted)
+    peft_config:      LoraConfig      (phitune.adapt) PEFT LoraConfig key names
+
+``load_config(path_or_dict, overrides=["training_config.learning_rate=1e-4"]) -> RunConfig`` checks every key and
+type before any slow work starts. Errors name the key and, for a YAML file, the file and line.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+from ._typed import field, from_dict, suggest
+from .errors import ConfigError
+
+SECTIONS = ("model", "data", "training_config", "peft_config")
+
+
+def _notes():
+    # Not a config key: one-line notes about accepted keys that have no effect (printed when training starts).
+    return dataclasses.field(default_factory=list, init=False, repr=False, compare=False)
+
+
+# --- model ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The ``model:`` section. A bare string (``model: microsoft/Phi-3-mini-4k-instruct``) sets ``name_or_path``."""
+
+    name_or_path: str | None = field(None, doc="Hugging Face Hub id or local folder of the base model (required)")
+    tokenizer: str | None = field(None, doc="Hub id or folder of the tokenizer; default: the model's")
+    revision: str | None = field(None, doc="Hub branch, tag or commit of the model (and tokenizer)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
+        "auto", doc="dtype of the base weights; auto: bfloat16 on a CUDA GPU that supports it, else float32")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = field(
+        "auto", doc="attention kernel; auto: flash_attention_2 when installed on a supporting GPU, else sdpa")
+    trust_remote_code: bool = field(False, doc="run the model repo's own Python code (Phi-3 needs none); warns")
+    model_max_length: int | None = field(None, doc="tokenizer's model_max_length; default: the tokenizer's")
+    notes: list = _notes()
+
+    def __post_init__(self):
+        if self.model_max_length is not None and self.model_max_length < 1:
+            raise ConfigError(f"model.model_max_length must be >= 1, got {self.model_max_length}")
+
+
+_MODEL_ALIASES = {"torch_dtype": "dtype", "model_name_or_path": "name_or_path", "pretrained_model_name_or_path":
+                  "name_or_path", "tokenizer_name_or_path": "tokenizer"}
+_MODEL_INERT = {
+    "use_cache": "has no effect: training always runs with use_cache=False (chat turns the cache back on)",
+}
+
+
+# --- training_config --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingConfig:
+    """The ``training_config:`` section: transformers TrainingArguments names, on one device."""
+
+    output_dir: str = field("phitune-output", doc="run folder: adapter, tokenizer, config, metrics, checkpoints/")
+    overwrite_output_dir: bool = field(
+        False, doc="start over in an output_dir that holds an earlier run (else refuse unless resuming)")
+    per_device_train_batch_size: int = field(8, doc="micro-batch size (sequences, or packed rows)")
+    per_device_eval_batch_size: int = field(8, doc="evaluation batch size")
+    gradient_accumulation_steps: int = field(1, doc="micro-batches per optimizer step")
+    num_train_epochs: float = field(3.0, doc="passes over the training data (fractions allowed); max_steps wins")
+    max_steps: int = field(-1, doc="optimizer steps to run; -1: from num_train_epochs")
+    learning_rate: float = field(2e-4, doc="peak learning rate (LoRA-typical; full fine-tuning uses ~5e-5)")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = field(
+        "linear", doc="decay after warmup: linear or cosine to 0, or constant")
+    warmup_steps: float = field(0, doc="linear warmup steps (a value < 1 is a fraction of all steps)")
+    warmup_ratio: float = field(0.0, doc="warmup as a fraction of all steps (used when warmup_steps is 0)")
+    optim: Literal["adamw_torch", "adamw_torch_fused"] = field(
+        "adamw_torch", doc="AdamW; the fused kernel is used on CUDA either way")
+    weight_decay: float = field(0.0, doc="AdamW decoupled weight decay")
+    adam_beta1: float = field(0.9, doc="AdamW beta1")
+    adam_beta2: float = field(0.999, doc="AdamW beta2")
+    adam_epsilon: float = field(1e-8, doc="AdamW epsilon")
+    max_grad_norm: float = field(1.0, doc="clip the gradient norm to this (0: no clipping)")
+    seed: int = field(42, doc="seed of LoRA init and dropout (data.seed orders the batches)")
+    bf16: bool = field(False, doc="bfloat16 autocast (mixed precision) for forward passes")
+    fp16: bool = field(False, doc="float16 autocast with loss scaling (CUDA only)")
+    tf32: bool | None = field(None, doc="allow TF32 matmuls on Ampere+ GPUs (None: PyTorch's default)")
+    gradient_checkpointing: bool = field(False, doc="recompute activations in backward to save memory")
+    gradient_checkpointing_kwargs: dict | None = field(
+        None, doc="options of gradient checkpointing; default {use_reentrant: false}")
+    logging_strategy: Literal["steps", "epoch", "no"] = field("steps", doc="when to log train metrics")
+    logging_steps: int = field(10, doc="log the train loss every this many optimizer steps")
+    logging_first_step: bool = field(False, doc="also log the first step")
+    log_level: Literal["passive", "debug", "info", "warning", "error", "critical"] = field(
+        "passive", doc="verbosity of phitune's messages (passive: info)")
+    disable_tqdm: bool = field(False, doc="no progress bar")
+    eval_strategy: Literal["no", "steps", "epoch"] = field(
+        "no", doc="evaluate during training; the final evaluation runs whenever there is eval data")
+    eval_steps: int | None = field(None, doc="evaluate every this many steps (eval_strategy: steps); default: "
+                                                "logging_steps")
+    eval_on_start: bool = field(False, doc="evaluate once before the first step")
+    save_strategy: Literal["no", "steps", "epoch"] = field("steps", doc="when to write checkpoints")
+    save_steps: int = field(500, doc="write a checkpoint every this many optimizer steps")
+    save_total_limit: int | None = field(None, doc="keep at most this many checkpoints (the newest always kept)")
+    resume_from_checkpoint: str | bool | None = field(
+        None, doc="auto: continue from the latest checkpoint if any; true: it must exist; or a checkpoint folder")
+    report_to: str | list = field("none", doc="none, all, or any of tensorboard, wandb, mlflow")
+    run_name: str | None = field(None, doc="run name for wandb/mlflow; default: the output_dir's name")
+    use_cpu: bool = field(False, doc="train on the CPU even when a GPU is available")
+    torch_compile: bool = field(False, doc="torch.compile the model (phitune.fast)")
+    use_liger_kernel: bool = field(False, doc="Liger kernels when installed (phitune.fast)")
+    notes: list = _notes()
+
+    def __post_init__(self):
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "logging_steps", "save_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"training_config.{key} must be >= 1, got {getattr(self, key)}")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise ConfigError(f"training_config.eval_steps must be >= 1, got {self.eval_steps}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"training_config.learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"training_config.max_steps must be -1 (use num_train_epochs) or >= 1, "
+                              f"got {self.max_steps}")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            raise ConfigError(f"training_config.num_train_epochs must be > 0, got {self.num_train_epochs}")
+        if self.warmup_steps < 0 or not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError("training_config.warmup_steps must be >= 0 and warmup_ratio in [0, 1], got "
+                              f"{self.warmup_steps} and {self.warmup_ratio}")
+        if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
+            raise ConfigError(f"training_config.warmup_steps: a whole number of steps, or a fraction < 1, "
+                              f"got {self.warmup_steps}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError(f"training_config.save_total_limit must be >= 1 or null, got {self.save_total_limit}")
+        if self.bf16 and self.fp16:
+            raise ConfigError("training_config: bf16 and fp16 are both true; choose one")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"training_config.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        self.report_to = _report_to(self.report_to)
+        if isinstance(self.resume_from_checkpoint, str) and self.resume_from_checkpoint.lower() in ("", "none",
+                                                                                                    "false"):
+            self.resume_from_checkpoint = None
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        """Warmup length in optimizer steps for a run of ``total_steps``."""
+        if self.warmup_steps >= 1:
+            return int(self.warmup_steps)
+        ratio = self.warmup_steps if self.warmup_steps > 0 else self.warmup_ratio
+        return int(-(-ratio * total_steps // 1))  # ceil, as transformers does for warmup_ratio
+
+
+REPORT_BACKENDS = ("tensorboard", "wandb", "mlflow")
+
+
+def _report_to(value) -> list[str]:
+    names = [value] if isinstance(value, str) else list(value)
+    names = [str(n).lower() for n in names]
+    if names in ([], ["none"]):
+        return []
+    if names == ["all"]:
+        return ["all"]
+    for n in names:
+        if n not in REPORT_BACKENDS:
+            raise ConfigError(f"training_config.report_to: unknown backend '{n}'{suggest(n, REPORT_BACKENDS)}; "
+                              f"use none, all, or any of {', '.join(REPORT_BACKENDS)}")
+    return names
+
+
+_TRAINING_ALIASES = {"evaluation_strategy": "eval_strategy"}  # renamed in transformers 4.46
+_TRAINING_INERT = {
+    "do_train": "has no effect: phitune.finetune always trains",
+    "do_eval": "has no effect: evaluation runs at the end whenever there is eval data (eval_strategy: during "
+               "training)",
+    "do_predict": "has no effect: use `phitune eval` or `phitune chat` on the output folder",
+    "remove_unused_columns": "has no effect: phitune.data builds the model inputs itself",
+    "use_cache": "has no effect: training always runs with use_cache=False",
+    "push_to_hub": "has no effect: phitune does not upload; the output folder is ready for `hf upload`",
+}
+
+
+def _training_key_note(key: str, value: Any) -> str | None:
+    """A note for a real TrainingArguments key phitune does not implement, if its value asks for nothing;
+    a ConfigError if it asks for a behaviour phitune would silently skip. None for keys TrainingArguments lacks."""
+    try:
+        from transformers import TrainingArguments
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
+    if key not in defaults:
+        return None
+    default = defaults[key]
+    if value == default or value in (None, False, [], {}, "", "no", "none"):
+        return f"training_config.{key}: has no effect here (a TrainingArguments option phitune does not implement)"
+    raise ConfigError(
+        f"training_config.{key}: {value!r} asks for a TrainingArguments feature phitune does not implement "
+        f"(it trains on one device with its own loop); remove the key or set it to {default!r}"
+    )
+
+
+# --- the whole run ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    """The four sections of a run. ``data`` is a phitune.data.DataConfig, ``peft_config`` a phitune.adapt.LoraConfig."""
+
+    model: ModelConfig
+    data: Any
+    training_config: TrainingConfig
+    peft_config: Any
+    source: str | None = dataclasses.field(default=None, compare=False)  # the YAML file, for messages
+
+    @property
+    def notes(self) -> list[str]:
+        """One line per accepted key that has no effect, from every section."""
+        out: list[str] = []
+        for name in SECTIONS:
+            out.extend(getattr(getattr(self, name), "notes", []) or [])
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (every default filled in), as written to phitune_config.yaml."""
+        return {name: _section_dict(getattr(self, name)) for name in SECTIONS}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def _section_dict(obj) -> Any:
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            if not f.init or f.name == "notes":
+                continue
+            out[f.name] = _plain(getattr(obj, f.name))
+        return out
+    if hasattr(obj, "to_dict"):
+        return _plain(obj.to_dict())
+    return _plain(obj)
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return _section_dict(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _remap(section: str, data: Mapping, aliases: Mapping[str, str], inert: Mapping[str, str]):
+    """Apply renamed keys and drop inert ones; returns (dict, notes)."""
+    out: dict[str, Any] = {}
+    notes: list[str] = []
+    for key, value in data.items():
+        if key in aliases:
+            new = aliases[key]
+            if new in data:
+                raise ConfigError(f"{section}: both '{key}' and '{new}' are set; '{key}' is the old name of "
+                                  f"'{new}', keep one")
+            out[new] = value
+        elif key in inert:
+            notes.append(f"{section}.{key}: {inert[key]}")
+        else:
+            out[key] = value
+    return out, notes
+
+
+def build_model_config(data: Any) -> ModelConfig:
+    if isinstance(data, ModelConfig):
+        return data
+    if isinstance(data, (str, Path)):
+        data = {"name_or_path": str(data)}
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"model: expected a Hub id, a folder, or a mapping of keys, got {type(data).__name__}")
+    data, notes = _remap("model", data, _MODEL_ALIASES, _MODEL_INERT)
+    if "dtype" in data and data["dtype"] in ("bf16", "fp16", "fp32", "float", "half"):
+        data["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(data["dtype"], "float32")
+    cfg = from_dict(ModelConfig, data, "model")
+    if not cfg.name_or_path:
+        raise ConfigError("model.name_or_path is required: a Hugging Face Hub id (e.g. "
+                          "microsoft/Phi-3-mini-4k-instruct) or a local model folder")
+    cfg.notes.extend(notes)
+    return cfg
+
+
+def build_training_config(data: Any) -> TrainingConfig:
+    if isinstance(data, TrainingConfig):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"training_config: expected a mapping of keys to values, got {type(data).__name__}")
+    data, notes = _remap("training_config", data, _TRAINING_ALIASES, _TRAINING_INERT)
+    known = {f.name for f in dataclasses.fields(TrainingConfig) if f.init}
+    kept = {}
+    for key, value in data.items():
+        note = None if key in known else _training_key_note(key, value)
+        if note:
+            notes.append(note)
+        else:
+            kept[key] = value
+    cfg = from_dict(TrainingConfig, kept, "training_config")
+    cfg.notes.extend(notes)
+    return cfg
+
+
+def build_run_config(sections: Mapping[str, Any], source: str | None = None) -> RunConfig:
+    """A RunConfig from a dict with the four sections (each a dict, a section object, or a shorthand)."""
+    for key in sections:
+        if key not in SECTIONS:
+            raise ConfigError(f"unknown config section '{key}'{suggest(key, SECTIONS)}; the sections are "
+                              f"{', '.join(SECTIONS)}")
+    from .adapt import parse_lora_config
+
+    try:
+        from .data import DataConfig
+    except ImportError:  # phitune.data still being assembled
+        from .data.config import DataConfig
+
+    model = build_model_config(sections.get("model"))
+    training = build_training_config(sections.get("training_config"))
+    data = _build_data_config(DataConfig, sections.get("data"))
+    peft = parse_lora_config(sections.get("peft_config"), "peft_config")
+    return RunConfig(model=model, data=data, training_config=training, peft_config=peft, source=source)
+
+
+def _build_data_config(DataConfig, value):
+    if isinstance(value, DataConfig):
+        return value
+    if value is None:
+        raise ConfigError("data: the section is required (at least data.train: a file, folder or Hub dataset)")
+    if hasattr(DataConfig, "from_any"):
+        return DataConfig.from_any(value)
+    if isinstance(value, (str, Path)):
+        value = {"train": str(value)}
+    if value is None:
+        raise ConfigError("data: the section is required (at least data.train: a file, folder or Hub dataset)")
+    return from_dict(DataConfig, value, "data")
+
+
+# --- YAML, overrides --------------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
+    """(data, {dotted key path: line}) of a YAML config file; YAML errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {exc.problem or exc}"
+                          f"{' ' + exc.context if exc.context else ''}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: expected a mapping with sections {', '.join(SECTIONS)}, "
+                          f"got {type(data).__name__}")
+    return data, _key_lines(node)
+
+
+def _key_lines(node, prefix: tuple = ()) -> dict[str, int]:
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            path = prefix + (str(k.value),)
+            out[".".join(path)] = k.start_mark.line + 1
+            out.update(_key_lines(v, path))
+    return out
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``section.key=value`` overrides (value parsed as a YAML scalar/flow value) to a copy of ``data``."""
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. training_config.learning_rate=1e-4")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override '{item}': empty key")
+        if parts[0] not in SECTIONS:
+            raise ConfigError(f"override '{item}': unknown section '{parts[0]}'{suggest(parts[0], SECTIONS)}; "
+                              f"the sections are {', '.join(SECTIONS)}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({exc})") from None
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            child = node.get(p)
+            if isinstance(child, (str, Path)) and i == 0 and p == "model":
+                child = {"name_or_path": str(child)}
+            elif isinstance(child, (str, Path)) and i == 0 and p == "data":
+                child = {"train": str(child)}
+            elif child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{'.'.join(parts[:i + 1])}' is {child!r}, not a mapping")
+            node[p] = child
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(source: str | Path | Mapping[str, Any] | RunConfig, overrides: Sequence[str] | None = None
+                ) -> RunConfig:
+    """Load and check a run config from a YAML file or a dict of sections; ``overrides``: ``["a.b=c", ...]``."""
+    if isinstance(source, RunConfig):
+        if not overrides:
+            return source
+        source = source.to_dict()
+    lines: dict[str, int] = {}
+    name = None
+    if isinstance(source, (str, Path)):
+        name = str(source)
+        data, lines = read_yaml(source)
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        raise ConfigError(f"load_config: expected a YAML path or a dict of sections, got {type(source).__name__}")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return build_run_config(data, source=name)
+    except ConfigError as exc:
+        if name is None:
+            raise
+        raise ConfigError(_with_line(str(exc), name, lines)) from None
+
+
+def _with_line(message: str, path: str, lines: Mapping[str, int]) -> str:
+    """Prefix ``message`` with ``path:line`` of the key it names (``section.key: ...`` or ``unknown key 'k'``)."""
+    import re
+
+    head = message.split(":", 1)[0].strip()
+    m = re.search(r"unknown key '([^']+)'", message)
+    candidates = []
+    if m:
+        candidates.append(f"{head}.{m.group(1)}")
+    m2 = re.search(r"unknown config section '([^']+)'", message)
+    if m2:
+        candidates.append(m2.group(1))
+    candidates += [head, head.split(".")[0]]
+    for c in candidates:
+        if c in lines:
+            return f"{path}:{lines[c]}: {message}"
+    return f"{path}: {message}"
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) as YAML."""
+    Path(path).write_text(config.to_yaml(), encoding="utf-8")
+
+
+def config_fields(cls) -> list[tuple[str, Any, str]]:
+    """(key, default, doc) of every key of a section class, for --help-config and the README."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name == "notes":
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        rows.append((f.name, default, f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,169 @@
+"""Load the base model and its tokenizer for training: Hub id or local folder, safetensors only.
+
+Decisions made here (each logged once): the device, the dtype (``auto``: bfloat16 on a CUDA GPU that supports it,
+else float32), the attention kernel (``auto``: flash_attention_2 when the package is installed and the GPU is Ampere
+or newer, else sdpa), and the pad token (../shared/specs/phi3.md: the cookbook pads with ``<unk>``, not eos, so
+that masking padding never masks the real end of a turn; right padding for training).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from .config import ModelConfig
+from .errors import ConfigError
+
+log = logging.getLogger("phitune")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(use_cpu: bool = False) -> torch.device:
+    """cuda:0 when a GPU is there (and use_cpu is false), else cpu."""
+    if not use_cpu and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The base weights' dtype for ``model.dtype``."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("model.dtype: bfloat16 is not supported by this GPU (pre-Ampere); use float16 or float32")
+    return _DTYPES[name]
+
+
+def flash_attention_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """flash-attn 2 needs the package, an Ampere+ CUDA GPU, and half-precision weights."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_attn_implementation(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The ``attn_implementation`` passed to transformers."""
+    if name == "auto":
+        return "flash_attention_2" if flash_attention_available(device, dtype) else "sdpa"
+    if name == "flash_attention_2" and not flash_attention_available(device, dtype):
+        raise ConfigError(
+            "model.attn_implementation: flash_attention_2 needs the flash-attn package, an Ampere or newer CUDA GPU "
+            f"and bfloat16/float16 weights (here: {device.type}, {str(dtype).replace('torch.', '')}); "
+            "use auto or sdpa"
+        )
+    return name
+
+
+def set_pad_token(tokenizer) -> None:
+    """pad = unk when the tokenizer has one and pad is missing or equals eos; right padding for training."""
+    if tokenizer.unk_token is not None and (tokenizer.pad_token is None
+                                            or tokenizer.pad_token_id == tokenizer.eos_token_id):
+        tokenizer.pad_token = tokenizer.unk_token
+    elif tokenizer.pad_token is None:
+        # No unk: eos is the only safe choice; labels come from the data pipeline, so no real eos is masked.
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("tokenizer has no pad or unk token: padding with eos (%s)", tokenizer.eos_token)
+    tokenizer.padding_side = "right"
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    """The tokenizer of ``model_cfg`` with the pad token set for training."""
+    from transformers import AutoTokenizer
+
+    source = model_cfg.tokenizer or model_cfg.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=model_cfg.revision,
+                                                  trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.{'tokenizer' if model_cfg.tokenizer else 'name_or_path'}: cannot load a tokenizer "
+                          f"from '{source}': {exc}") from exc
+    if model_cfg.model_max_length is not None:
+        tokenizer.model_max_length = model_cfg.model_max_length
+    set_pad_token(tokenizer)
+    return tokenizer
+
+
+def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | str | None = None):
+    """(model, tokenizer) for training: safetensors weights, use_cache off, dtype and attention resolved."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(model_cfg, (str, dict)):
+        from .config import build_model_config
+
+        model_cfg = build_model_config(model_cfg)
+    device = torch.device(device) if device is not None else resolve_device()
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    attn = resolve_attn_implementation(model_cfg.attn_implementation, device, dtype)
+    if model_cfg.trust_remote_code:
+        log.warning("model.trust_remote_code is true: the Python code in '%s' will run on this machine. "
+                    "Phi-3 needs none in transformers 5.", model_cfg.name_or_path)
+    log.info("model %s: %s, %s, attention %s", model_cfg.name_or_path, device,
+             str(dtype).replace("torch.", ""), attn)
+
+    tokenizer = load_tokenizer(model_cfg)
+    kwargs = dict(revision=model_cfg.revision, dtype=dtype, attn_implementation=attn, use_safetensors=True,
+                  trust_remote_code=model_cfg.trust_remote_code)
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": str(device)}  # load straight onto the GPU, no full copy in host memory
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = ""
+        if "safetensors" in str(exc).lower():
+            hint = (" phitune loads weights only from .safetensors files (a pickled .bin can run code); convert the "
+                    "checkpoint with `model.save_pretrained(dir, safe_serialization=True)`.")
+        raise ConfigError(f"model.name_or_path: cannot load '{model_cfg.name_or_path}': {exc}.{hint}") from exc
+    if device.type != "cuda":
+        model.to(device)
+    model.config.use_cache = False
+
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ConfigError(f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens but the model's embedding has "
+                          f"{rows} rows; use the model's own tokenizer")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Every id that ends an assistant turn: eos, ``<|end|>``, ``<|assistant|>``, ``<|endoftext|>`` when present,
+    plus the model's own generation_config eos ids (Phi-3: 32000, 32001, 32007)."""
+    ids: list[int] = []
+
+    def add(value):
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and v >= 0 and v not in ids:
+                ids.append(v)
+
+    gen = getattr(model, "generation_config", None) if model is not None else None
+    if gen is not None and gen.eos_token_id is not None:
+        add(gen.eos_token_id)
+    if tokenizer.eos_token_id is not None:
+        add(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    for token in ("<|endoftext|>", "<|assistant|>", "<|end|>"):
+        if token in vocab:
+            add(vocab[token])
+    return sorted(ids)
+
+
+def generation_config_for(model, tokenizer):
+    """The model's generation config, stopping on every end-of-turn id, padding with the tokenizer's pad."""
+    from transformers import GenerationConfig
+
+    gen = getattr(model, "generation_config", None)
+    gen = GenerationConfig.from_dict(gen.to_dict()) if gen is not None else GenerationConfig()
+    gen.eos_token_id = stop_token_ids(tokenizer, model)
+    gen.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.bos_token_id is not None:
+        gen.bos_token_id = tokenizer.bos_token_id
+    return gen
