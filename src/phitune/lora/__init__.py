@@ -1,0 +1,11 @@
+"""loralib-compatible LoRA layers: ``import phitune.lora as lora`` runs loralib's README unchanged.
+
+Beyond loralib: explicit ``merge()``/``unmerge()``/``delta_weight()``, ``from_linear(...)`` wrappers,
+``MergedLinear(out_splits=...)`` for unequal groups, ``use_rslora`` and ``lora_dtype`` on every layer.
+"""
+
+from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from .utils import lora_state_dict, mark_only_lora_as_trainable
+
+__all__ = ["LoRALayer", "Linear", "Embedding", "MergedLinear", "Conv1d", "Conv2d", "Conv3d",
+           "mark_only_lora_as_trainable", "lora_state_dict"]

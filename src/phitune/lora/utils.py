@@ -1,0 +1,64 @@
+"""loralib's two helpers: freeze all but LoRA (and optionally biases), and the LoRA-only state dict."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .layers import LoRALayer
+
+__all__ = ["mark_only_lora_as_trainable", "lora_state_dict"]
+
+_BIAS_MODES = ("none", "all", "lora_only")
+
+
+def _check_bias(bias):
+    if bias not in _BIAS_MODES:
+        raise ValueError(f"bias must be one of 'none', 'all', 'lora_only', got {bias!r}")
+
+
+def _lora_layers(model: nn.Module):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
+
+
+def _lora_param_names(name: str, layer: nn.Module):
+    prefix = f"{name}." if name else ""
+    return [prefix + n for n, _ in layer.named_parameters(recurse=False) if n.startswith("lora_")]
+
+
+def _is_bias(name: str) -> bool:
+    # The parameter's own name, not its module path: 'flora_head.weight' is no LoRA, 'bias_proj.weight' no bias.
+    return "bias" in name.rsplit(".", 1)[-1]
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
+    """Freeze every parameter except the LoRA ones (and biases: 'all' every bias, 'lora_only' LoRA layers' biases).
+
+    LoRA parameters are found by layer type (``lora_*`` parameters of LoRA layers) and set trainable.
+    """
+    _check_bias(bias)
+    trainable = set()
+    for name, layer in _lora_layers(model):
+        trainable.update(_lora_param_names(name, layer))
+        if bias == "lora_only" and getattr(layer, "bias", None) is not None:
+            trainable.add(f"{name}.bias" if name else "bias")
+    named = list(model.named_parameters(remove_duplicate=False))
+    keep = {id(p) for name, p in named if name in trainable or (bias == "all" and _is_bias(name))}
+    for _, p in named:  # by identity, so a parameter shared under two names gets one answer
+        p.requires_grad = id(p) in keep
+
+
+def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
+    """The LoRA parameters of ``model.state_dict()`` (sharing storage), plus biases as in mark_only_lora_as_trainable.
+
+    Only parameters are returned, never buffers.
+    """
+    _check_bias(bias)
+    keep = set()
+    for name, layer in _lora_layers(model):
+        keep.update(_lora_param_names(name, layer))
+        if bias == "lora_only" and getattr(layer, "bias", None) is not None:
+            keep.add(f"{name}.bias" if name else "bias")
+    if bias == "all":
+        keep.update(n for n, _ in model.named_parameters(remove_duplicate=False) if _is_bias(n))
+    return {k: v for k, v in model.state_dict().items() if k in keep}
