@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from typing import Sequence
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt, description="Chat with a fine-tuned run (phitune.chat).",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `phitune train` (or one of its checkpoints)")
-    p.add_argument("--prompt", help="answer this one message, print the answer and exit")
+    p.add_argument("--prompt", metavar="TEXT", help="answer this one message, print the answer and exit")
     p.add_argument("--system", metavar="TEXT", help="system prompt put before the conversation")
     p.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
                    help="longest answer in tokens (default: 256)")
@@ -195,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `phitune train` (or one of its checkpoints)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the merged model to")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="dtype of the saved weights (default: auto = the base model's dtype as loaded for training)")
+                   help="dtype of the saved weights (default: auto = the dtype the base model was published in, e.g. "
+                   "bfloat16 for Phi-3; float32 if it says nothing)")
     p.add_argument("--force", action="store_true", help="write into --out even if it is not empty")
     p.add_argument("--device", help="device to merge on (default: cpu)")
     p.set_defaults(func=_cmd_merge)
@@ -231,16 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args) -> int:
     if args.help_config:
-        from .run import config_help
-
         print(config_help())
         return 0
     if args.config is None:
         raise _Usage("train: the CONFIG argument is required (a YAML file; see `phitune train --help`)")
     from .config import load_config
+
+    config = load_config(args.config, args.overrides)  # config errors before importing torch-heavy modules
     from .train import finetune
 
-    config = load_config(args.config, args.overrides)
     result = finetune(config)
     print(f"\nrun saved to {result.output_dir}")
     if getattr(result, "metrics", None):
@@ -290,6 +291,37 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def config_help() -> str:
+    """Every config key of every section with its default and one-line doc (``phitune train --help-config``)."""
+    import dataclasses
+    import importlib
+
+    sections = [("model", "phitune.config", "ModelConfig"), ("data", "phitune.data", "DataConfig"),
+                ("training_config", "phitune.config", "TrainingConfig"), ("peft_config", "phitune.adapt", "LoraConfig")]
+    lines = []
+    for section, module, name in sections:
+        lines.append(f"{section}:")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+            fields = [f for f in dataclasses.fields(cls) if f.init and f.name != "notes"]
+        except (ImportError, AttributeError, TypeError):
+            lines += ["  (not available in this installation)", ""]
+            continue
+        width = max((len(f.name) for f in fields), default=0)
+        for f in fields:
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = "(required)"
+            shown = json.dumps(default) if isinstance(default, (str, bool, type(None), list, dict)) else repr(default)
+            doc = f.metadata.get("doc", "")
+            lines.append(f"  {f.name:<{width}}  {doc} [default: {shown}]")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
 def _format_metrics(metrics: dict) -> str:
     parts = []
     for key, value in metrics.items():
@@ -316,6 +348,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PhituneError as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `phitune ... | head`: the reader left; stay quiet
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130

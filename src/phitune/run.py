@@ -1,0 +1,498 @@
+"""An output folder of ``phitune train`` ("run dir") reopened: evaluate, chat, merge; and preview a config's data.
+
+A run dir describes itself (docs/architecture.md, "Output folder"): the adapter, the resolved config naming the base
+model, the tokenizer with its chat template and the generation config. Every function here needs nothing else::
+
+    import phitune
+    metrics = phitune.evaluate("runs/phi3-lora")                       # {"eval_loss": ..., "eval_perplexity": ...}
+    answer = phitune.chat("runs/phi3-lora", prompt="Hello!", greedy=True)
+    phitune.merge("runs/phi3-lora", "runs/phi3-merged")                # a plain Hugging Face model folder
+    phitune.preview("config.yaml", n=3)                                # data stats and samples, no model weights
+
+A checkpoint folder (``RUN/checkpoints/checkpoint-STEP``) works wherever a run dir does: its adapter is used with
+the run's config and tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import ConfigError, PhituneError
+
+CONFIG_FILE = "phitune_config.yaml"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+# --- the run folder -------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunFolder:
+    """Where a run's pieces are: ``root`` holds the config, tokenizer and generation config; ``adapter_dir`` the
+    adapter (``root`` itself, or one of its checkpoints)."""
+
+    root: Path
+    adapter_dir: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_FILE
+
+
+def open_run(run_dir: str | os.PathLike) -> RunFolder:
+    """Check that ``run_dir`` is a run folder (or a checkpoint of one) before anything slow is loaded."""
+    path = Path(run_dir).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"run folder '{path}' does not exist: pass the training_config.output_dir of a `phitune train` run "
+            f"(a folder holding {CONFIG_FILE} and {ADAPTER_FILES[0]})"
+        )
+    if not path.is_dir():
+        raise ConfigError(f"'{path}' is a file, not a run folder: pass the folder `phitune train` wrote")
+    root = path
+    # A checkpoint: RUN/checkpoints/checkpoint-STEP (adapter only; config and tokenizer live in RUN).
+    if not (path / CONFIG_FILE).is_file() and path.parent.name == "checkpoints":
+        root = path.parent.parent
+    if not (root / CONFIG_FILE).is_file():
+        raise ConfigError(f"'{path}' is not a phitune run folder: {CONFIG_FILE} is missing. {_hint(path)}")
+    missing = [name for name in ADAPTER_FILES if not (path / name).is_file()]
+    if missing:
+        hint = ""
+        ckpts = _checkpoints(root)
+        if ckpts:
+            hint = f" The run has checkpoints; the latest is '{ckpts[-1]}' (pass it instead, or resume training)."
+        else:
+            hint = " Training may not have finished: rerun it with training_config.resume_from_checkpoint=auto."
+        raise ConfigError(f"run folder '{path}' has no final adapter ({', '.join(missing)} missing).{hint}")
+    return RunFolder(root=root, adapter_dir=path)
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    folder = root / "checkpoints"
+    if not folder.is_dir():
+        return []
+
+    def step(p: Path) -> int:
+        try:
+            return int(p.name.rsplit("-", 1)[-1])
+        except ValueError:
+            return -1
+
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint-") and step(p) >= 0]
+    return sorted(found, key=step)
+
+
+def _hint(path: Path) -> str:
+    if (path / "config.json").is_file():
+        return "It looks like a full model folder (config.json); load it with AutoModelForCausalLM instead."
+    return f"Pass the output folder of `phitune train` (it holds {CONFIG_FILE}, the adapter and the tokenizer)."
+
+
+def load_run_config(run_dir: str | os.PathLike):
+    """The resolved :class:`phitune.config.RunConfig` a run was trained with."""
+    from .config import load_config
+
+    run = open_run(run_dir)
+    return load_config(str(run.config_path))
+
+
+def _device(device: str | None) -> "torch.device":
+    import torch
+
+    if device:
+        try:
+            return torch.device(device)
+        except RuntimeError as exc:
+            raise ConfigError(f"--device: {exc}; use cpu, cuda, cuda:N or mps") from None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def load_run_tokenizer(run_dir: str | os.PathLike, config=None):
+    """The tokenizer saved in the run folder (with its chat template); the base model's if the run saved none."""
+    from .model import load_tokenizer, set_pad_token
+
+    run = open_run(run_dir)
+    if (run.root / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(run.root))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{run.root}: the saved tokenizer cannot be loaded ({exc})") from exc
+        set_pad_token(tokenizer)
+        return tokenizer
+    config = config if config is not None else load_run_config(run.root)
+    return load_tokenizer(config.model)
+
+
+def load_run_model(run_dir: str | os.PathLike, *, device: str | None = None, dtype: str | None = None):
+    """A run's base model with its adapter (eval mode, use_cache on), the run's tokenizer and its config:
+    ``(model, tokenizer, config)``. ``dtype``: "auto", "float32", "bfloat16", "float16" (None: the run's)."""
+    from .adapt import load_adapter
+    from .model import load_model_and_tokenizer
+
+    run = open_run(run_dir)
+    config = load_run_config(run.root)
+    tokenizer = load_run_tokenizer(run.root, config)
+    model_cfg = config.model if dtype is None else dataclasses.replace(config.model, dtype=dtype)
+    model, _ = load_model_and_tokenizer(model_cfg, device=_device(device))
+    load_adapter(model, run.adapter_dir)
+    model.config.use_cache = True  # training turned it off; generation wants it
+    model.eval()
+    return model, tokenizer, config
+
+
+# --- evaluate -------------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    run_dir: str | os.PathLike,
+    data: Any = None,
+    *,
+    batch_size: int | None = None,
+    max_samples: int | None = None,
+    device: str | None = None,
+    verbose: bool = True,
+) -> dict[str, float]:
+    """Loss, perplexity and token accuracy of a run's adapter model.
+
+    ``data``: None uses the run's eval data (``data.eval`` or the ``data.eval_split`` held out of train); otherwise a
+    source as ``data.train`` accepts (file, folder, Hub name, list of records), prepared with the run's data settings
+    (chat template, max_seq_length, train_on, packing). Only trained tokens count (assistant turns by default).
+    Returns ``{"eval_loss", "eval_perplexity", "eval_token_accuracy", "eval_tokens", "eval_samples"}``.
+    """
+    run = open_run(run_dir)  # before any slow import or load
+    config = load_run_config(run.root)
+    data_cfg = config.data
+    if data is not None:
+        data_cfg = dataclasses.replace(data_cfg, train=data, eval=None, eval_split=None)
+    elif data_cfg.eval is None and not data_cfg.eval_split:
+        raise ConfigError(
+            f"run '{run.root}' has no eval data (its config sets neither data.eval nor data.eval_split): "
+            "pass a data source, e.g. `phitune eval RUN_DIR --data eval.jsonl` or evaluate(run_dir, data=...)"
+        )
+    from .data import prepare_data
+
+    tokenizer = load_run_tokenizer(run.root, config)
+    prepared = prepare_data(data_cfg, tokenizer)
+    samples = list(prepared.train if data is not None else prepared.eval)
+    if max_samples is not None:
+        samples = samples[:max_samples]
+    if not samples:
+        from .errors import DataError
+
+        raise DataError(f"no samples to evaluate on ({'the given data' if data is not None else 'the eval data'} "
+                        "is empty after preparation)")
+    batch_size = batch_size or config.training_config.per_device_eval_batch_size
+
+    model, _, _ = load_run_model(run.adapter_dir, device=device)
+    metrics = evaluate_model(model, samples, batch_size=batch_size, max_seq_length=data_cfg.max_seq_length,
+                             packing=data_cfg.packing, seed=data_cfg.seed, progress=verbose)
+    return metrics
+
+
+def evaluate_model(model, samples: Sequence[Any], *, batch_size: int, max_seq_length: int, packing: bool,
+                   seed: int = 0, progress: bool = False) -> dict[str, float]:
+    """Loss (mean over supervised tokens), perplexity and next-token accuracy of ``model`` on prepared samples."""
+    import torch
+
+    from .data import batch_plan, collate
+    from .loss import forward_loss
+
+    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    plan = batch_plan(samples, batch_size, max_seq_length, packing, seed, 0)
+    device = next(model.parameters()).device
+    loss_sum, n_tokens, n_correct = 0.0, 0, 0
+    iterator = plan
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(plan, desc="eval", unit="batch", leave=False, file=sys.stderr)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for entry in iterator:
+                batch = collate(samples, entry, max_seq_length, packing, attn)
+                batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+                out = forward_loss(model, batch, with_accuracy=True)
+                loss_sum += float(out.loss_sum)
+                n_tokens += int(out.n_tokens)
+                n_correct += int(out.n_correct) if out.n_correct is not None else 0
+    finally:
+        model.train(was_training)
+    if n_tokens == 0:
+        from .errors import DataError
+
+        raise DataError("the evaluation data has no trained tokens (every label is -100); check data.train_on")
+    loss = loss_sum / n_tokens
+    return {
+        "eval_loss": loss,
+        "eval_perplexity": math.exp(min(loss, 700.0)),
+        "eval_token_accuracy": n_correct / n_tokens,
+        "eval_tokens": n_tokens,
+        "eval_samples": len(samples),
+    }
+
+
+# --- chat -----------------------------------------------------------------------------------------------------------
+
+_CHAT_HELP = "/reset forgets the conversation, /system TEXT sets the system prompt, /exit (or Ctrl-D) quits"
+
+
+def chat(
+    run_dir: str | os.PathLike,
+    prompt: str | None = None,
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    greedy: bool = False,
+    seed: int | None = None,
+    device: str | None = None,
+    stream: bool = True,
+    input_fn: Callable[[str], str] = input,
+    output=None,
+):
+    """Chat with a run's adapter model.
+
+    With ``prompt``: answer it once (streamed to ``output``, default stdout, unless ``stream=False``) and return the
+    answer. Without: an interactive loop reading lines with ``input_fn`` that keeps the conversation as context
+    (oldest turns dropped when it outgrows the context window) and returns the conversation (list of messages).
+    Generation stops on every end-of-turn id of the run's ``generation_config.json``.
+    """
+    from .generate import GenerationSettings, generate_reply, stop_token_ids
+
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  greedy=greedy, seed=seed)
+    run = open_run(run_dir)
+    out = output if output is not None else sys.stdout
+    model, tokenizer, config = load_run_model(run.adapter_dir, device=device)
+    stops = stop_token_ids(run.root, tokenizer)
+    limit = _context_limit(model, tokenizer)
+
+    def reply(messages: list[dict]) -> str:
+        messages = _fit_context(tokenizer, messages, limit - settings.max_new_tokens)
+        on_text = None
+        if stream:
+            def on_text(piece: str) -> None:
+                out.write(piece)
+                out.flush()
+        answer = generate_reply(model, tokenizer, messages, settings, stop_ids=stops, on_text=on_text)
+        if stream:
+            out.write("\n")
+            out.flush()
+        return answer
+
+    head = [{"role": "system", "content": system}] if system else []
+    if prompt is not None:
+        return reply(head + [{"role": "user", "content": prompt}])
+
+    print(f"chatting with {run.adapter_dir} (base {config.model.name_or_path}); {_CHAT_HELP}", file=out)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input_fn("\nyou> ")
+        except EOFError:
+            print(file=out)
+            break
+        except KeyboardInterrupt:
+            print(file=out)
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = []
+            print("(conversation cleared)", file=out)
+            continue
+        if text.startswith("/system"):
+            new = text[len("/system"):].strip()
+            head = [{"role": "system", "content": new}] if new else []
+            history = []
+            print(f"(system prompt {'set' if new else 'removed'}; conversation cleared)", file=out)
+            continue
+        if text.startswith("/") and text.split()[0] in ("/help", "/?"):
+            print(_CHAT_HELP, file=out)
+            continue
+        history.append({"role": "user", "content": line})
+        out.write("assistant> ")
+        out.flush()
+        try:
+            answer = reply(head + history)
+        except KeyboardInterrupt:
+            out.write("\n(interrupted; the message was dropped)\n")
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": answer})
+    return head + history
+
+
+def _context_limit(model, tokenizer) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None) or 4096
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < limit:
+        limit = tok_limit
+    return limit
+
+
+def _fit_context(tokenizer, messages: list[dict], budget: int) -> list[dict]:
+    """Drop the oldest turns (never the system prompt or the last user message) until the prompt fits ``budget``."""
+    from .generate import build_prompt_ids
+
+    messages = list(messages)
+    head = 1 if messages and messages[0]["role"] == "system" else 0
+    while len(messages) - head > 1 and len(build_prompt_ids(tokenizer, messages)) > budget:
+        del messages[head]
+        # keep the conversation starting with a user turn
+        while len(messages) - head > 1 and messages[head]["role"] != "user":
+            del messages[head]
+    if len(build_prompt_ids(tokenizer, messages)) > budget:
+        raise ConfigError(f"the message is longer than the context window ({budget} tokens left after "
+                          "max_new_tokens); shorten it or lower max_new_tokens")
+    return messages
+
+
+# --- merge ----------------------------------------------------------------------------------------------------------
+
+_SAMPLE_CHAT = [{"role": "user", "content": "Hello! Explain in one sentence what a low-rank adapter is."}]
+
+
+def merge(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "auto",
+    force: bool = False,
+    device: str | None = None,
+    verbose: bool = True,
+) -> Path:
+    """Fold a run's adapter into its base model and save a plain Hugging Face model folder; returns it.
+
+    ``out_dir`` gets safetensors weights, config.json, the tokenizer with its chat template and the run's
+    generation_config.json (every end-of-turn id), loadable with ``AutoModelForCausalLM.from_pretrained`` without
+    phitune. ``dtype``: "auto" (as the run loads the base), "float32", "bfloat16" or "float16"; the merge itself is
+    float32 math with one cast. Refuses a non-empty ``out_dir`` unless ``force``. Prints (and writes to
+    ``phitune_merge.json``) the largest logit difference between the merged and the adapter model on a sample input.
+    """
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"merge: dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    run = open_run(run_dir)
+    out = Path(out_dir).expanduser()
+    if out.resolve() in (run.root.resolve(), run.adapter_dir.resolve()):
+        raise ConfigError(f"merge: --out '{out}' is the run folder itself; choose a new folder for the merged model")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"merge: --out '{out}' is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"merge: --out '{out}' is not empty; choose an empty or new folder, or pass --force "
+                          "(force=True) to overwrite the model files in it")
+
+    import torch
+
+    from .adapt import merge_lora_checked
+    from .generate import build_prompt_ids
+
+    started = time.time()
+    config = load_run_config(run.root)
+    dtype = _merge_dtype(config, dtype)
+    model, tokenizer, config = load_run_model(run.adapter_dir, device=device or "cpu", dtype=dtype)
+    ids = build_prompt_ids(tokenizer, _SAMPLE_CHAT)[:64] if getattr(tokenizer, "chat_template", None) else \
+        tokenizer("Hello! Explain what a low-rank adapter is.")["input_ids"][:64]
+    input_ids = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+    model, max_diff = merge_lora_checked(model, input_ids)
+
+    from transformers import GenerationConfig
+
+    if (run.root / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(run.root))
+    model.config.use_cache = True
+    weights_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+
+    # Write next to the target, then move in: a crash mid-save never leaves a half-written model in ``out``.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.phitune-merge-tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        info = {
+            "source_run": str(run.root.resolve()),
+            "adapter": str(run.adapter_dir.resolve()),
+            "base_model": config.model.name_or_path,
+            "dtype": weights_dtype,
+            "max_abs_logit_diff_vs_adapter": max_diff,
+            "sample_input_tokens": len(ids),
+        }
+        (staging / "phitune_merge.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        out.mkdir(parents=True, exist_ok=True)
+        written = {p.name for p in staging.iterdir()}
+        for stale in out.glob("model*.safetensors*"):  # shards of an earlier merge would mix with the new ones
+            if stale.name not in written:
+                stale.unlink()
+        for p in staging.iterdir():
+            target = out / p.name
+            if target.is_dir() and not p.is_dir():
+                shutil.rmtree(target)
+            os.replace(p, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if verbose:
+        print(f"merged {run.adapter_dir} into {config.model.name_or_path} -> {out} ({weights_dtype}, "
+              f"{time.time() - started:.1f}s)")
+        print(f"max |logit difference| merged vs adapter model on a {len(ids)}-token sample: {max_diff:.3g}")
+    return out
+
+
+def _merge_dtype(config, dtype: str) -> str:
+    """``auto``: the dtype the base model was published in (config.json), so a bf16 base stays bf16 (Phi-3-mini:
+    7.6 GB instead of 15 GB); float32 when it says nothing or something else."""
+    if dtype != "auto":
+        return dtype
+    try:
+        from transformers import AutoConfig
+
+        base = AutoConfig.from_pretrained(config.model.name_or_path, revision=config.model.revision,
+                                          trust_remote_code=config.model.trust_remote_code)
+    except (OSError, ValueError):
+        return "float32"
+    saved = getattr(base, "dtype", None) or getattr(base, "torch_dtype", None)
+    saved = str(saved).replace("torch.", "") if saved is not None else ""
+    return saved if saved in ("bfloat16", "float16") else "float32"
+
+
+# --- preview --------------------------------------------------------------------------------------------------------
+
+
+def preview(config: Any, n: int = 3, color: bool | None = None, *, overrides: Sequence[str] | None = None,
+            output=None):
+    """Prepare a config's data as training would (tokenizer only, no model weights) and print the stats and ``n``
+    samples with the trained tokens highlighted (``color``: None = when the output is a terminal). Returns the
+    prepared data."""
+    from .config import load_config
+    from .data import format_stats, prepare_data, preview_text
+    from .model import load_tokenizer
+
+    out = output if output is not None else sys.stdout
+    run_config = load_config(config, overrides)
+    if color is None:
+        color = bool(getattr(out, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
+    tokenizer = load_tokenizer(run_config.model)
+    prepared = prepare_data(run_config.data, tokenizer)
+    print(format_stats(prepared.stats), file=out)
+    print(file=out)
+    print(preview_text(prepared, tokenizer, n, color), file=out)
+    return prepared
