@@ -125,14 +125,19 @@ class LoRALayer:
         return f"{text}, r={self.r}, lora_alpha={self.lora_alpha}" if self.r > 0 else text
 
 
-def _add_low_rank(result, x, A, B, scaling):
-    """result + scaling · x Aᵀ Bᵀ without forming B·A; x is cast to the LoRA dtype and the branch back."""
-    h = F.linear(x.to(A.dtype), A) * scaling  # scaling the (N, r) tensor is cheaper than the (N, out) one
-    if result.dtype == B.dtype and result.is_contiguous():
-        # Accumulating into the base output saves an (N, out) temporary and a pass over it.
-        result.view(-1, B.shape[0]).addmm_(h.reshape(-1, B.shape[1]), B.t())
-        return result
-    return result + F.linear(h, B).to(result.dtype)
+def _lora_linear(x, weight, bias, x_lora, A, B, scaling):
+    """x Wᵀ + b + scaling · x_lora Aᵀ Bᵀ, never forming B·A; the LoRA branch runs in A's dtype."""
+    shape = x.shape[:-1]
+    x, x_lora = x.reshape(-1, x.shape[-1]), x_lora.reshape(-1, x.shape[-1])
+    result = F.linear(x, weight, bias)
+    h = F.linear(x_lora.to(A.dtype), A) * scaling  # scaling the (N, r) tensor is cheaper than the (N, out) one
+    if result.dtype == B.dtype:
+        # Accumulating in place into the 2-D base output (not a view of it, which autograd would copy)
+        # saves an (N, out) temporary and a pass over it, forward and backward.
+        result.addmm_(h, B.t())
+    else:
+        result = result + F.linear(h, B).to(result.dtype)
+    return result.view(*shape, result.shape[-1])
 
 
 def _linear_shape(weight, fan_in_fan_out):
@@ -204,10 +209,9 @@ class Linear(LoRALayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.t() if self.fan_in_fan_out else self.weight
-        result = F.linear(x, weight, self.bias)
         if self.merged or not self._has_lora():
-            return result
-        return _add_low_rank(result, self.lora_dropout(x), self.lora_A, self.lora_B, self.scaling)
+            return F.linear(x, weight, self.bias)
+        return _lora_linear(x, weight, self.bias, self.lora_dropout(x), self.lora_A, self.lora_B, self.scaling)
 
 
 class MergedLinear(LoRALayer, nn.Linear):
@@ -319,10 +323,9 @@ class MergedLinear(LoRALayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.t() if self.fan_in_fan_out else self.weight
-        result = F.linear(x, weight, self.bias)
         if self.merged or not self._has_lora():
-            return result
-        return _add_low_rank(result, self.lora_dropout(x), self.lora_A, self._expanded_B(), self.scaling)
+            return F.linear(x, weight, self.bias)
+        return _lora_linear(x, weight, self.bias, self.lora_dropout(x), self.lora_A, self._expanded_B(), self.scaling)
 
 
 class Embedding(LoRALayer, nn.Embedding):
