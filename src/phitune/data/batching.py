@@ -1,0 +1,183 @@
+"""Micro-batches: which samples go together (batch_plan) and the tensors the model gets (collate).
+
+Packing puts several samples in one row. Position ids restart at each sample, and with ``sdpa``/``eager`` the
+attention mask is 4-D (B, 1, T, T) block-diagonal causal: transformers 5 passes a 4-D mask to the attention kernel
+unchanged (``masking_utils._preprocess_mask_arguments`` returns early), so no token sees another sample. ``sdpa``
+gets a bool mask (True = may attend); ``eager`` adds the mask to the attention scores, so it gets an additive float
+mask (0 / dtype min). ``flash_attention_*`` and ``flex_attention`` get no mask: transformers derives the sample
+boundaries from the restarting position ids (FA2 varlen; flex only when the forward runs with ``use_cache=False``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+_OPEN_BINS = 128  # best-fit looks at this many open rows; more barely improves the fill (measured: <0.5%)
+
+
+def _lengths(samples) -> np.ndarray:
+    if hasattr(samples, "lengths"):
+        return np.asarray(samples.lengths, dtype=np.int64)
+    return np.array([len(s["input_ids"]) for s in samples], dtype=np.int64)
+
+
+def _arrays(samples, i: int) -> tuple[np.ndarray, np.ndarray]:
+    if hasattr(samples, "arrays"):
+        return samples.arrays(i)
+    s = samples[i]
+    return np.asarray(s["input_ids"], dtype=np.int64), np.asarray(s["labels"], dtype=np.int64)
+
+
+def pack_rows(lengths: Sequence[int], max_seq_length: int) -> list[list[int]]:
+    """Next-fit: positions (into ``lengths``) grouped into rows of at most max_seq_length tokens, in order."""
+    rows: list[list[int]] = []
+    used = max_seq_length + 1
+    for k, n in enumerate(lengths):
+        if n > max_seq_length:
+            raise DataError(f"a sample has {n} tokens, more than max_seq_length={max_seq_length}. Fix: prepare the "
+                            "data with the same data.max_seq_length the batches use")
+        if used + n > max_seq_length:
+            rows.append([])
+            used = 0
+        rows[-1].append(k)
+        used += n
+    return rows
+
+
+def pack_bins(order: np.ndarray, lengths: np.ndarray, max_seq_length: int) -> list[list[int]]:
+    """Best-fit packing of samples (in ``order``) into rows, looking at the most recent open rows."""
+    bins: list[list[int]] = []
+    free = np.zeros(0, dtype=np.int64)
+    ids: list[int] = []  # bins index of each open slot
+    for i in order:
+        n = int(lengths[i])
+        if len(free):
+            fits = np.flatnonzero(free >= n)
+            if len(fits):
+                j = fits[np.argmin(free[fits])]
+                bins[ids[j]].append(int(i))
+                free[j] -= n
+                continue
+        bins.append([int(i)])
+        if len(free) >= _OPEN_BINS:  # close the fullest open row
+            j = int(np.argmin(free))
+            free = np.delete(free, j)
+            del ids[j]
+        free = np.append(free, max_seq_length - n)
+        ids.append(len(bins) - 1)
+    return bins
+
+
+def batch_plan(samples, batch_size: int, max_seq_length: int, packing: bool = True, seed: int = 0,
+               epoch: int = 0) -> list[list[int]]:
+    """Sample indices of each micro-batch, deterministic in (seed, epoch). With packing, one entry fills at most
+    ``batch_size`` rows of ``max_seq_length`` tokens when :func:`collate` packs it (next-fit, in entry order)."""
+    n = len(samples)
+    if n == 0:
+        return []
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
+    if not packing:
+        return [order[k:k + batch_size].tolist() for k in range(0, n, batch_size)]
+    lengths = _lengths(samples)
+    bins = pack_bins(order, lengths, max_seq_length)
+    for b in bins:  # longest first: next-fit in collate then reproduces the rows
+        b.sort(key=lambda i: -lengths[i])
+    plan = []
+    for k in range(0, len(bins), batch_size):
+        entry = [i for b in bins[k:k + batch_size] for i in b]
+        rows = pack_rows(lengths[entry], max_seq_length)
+        if len(rows) <= batch_size:
+            plan.append(entry)
+        else:  # rare: next-fit merged differently; split so every entry still fits
+            for r in range(0, len(rows), batch_size):
+                plan.append([entry[p] for row in rows[r:r + batch_size] for p in row])
+    perm = rng.permutation(len(plan))
+    return [plan[p] for p in perm]
+
+
+def packing_efficiency(samples, max_seq_length: int, seed: int = 0) -> dict:
+    """Rows used by packing and the share of their tokens that are real (not padding)."""
+    lengths = _lengths(samples)
+    if len(lengths) == 0:
+        return {"rows": 0, "efficiency": 0.0}
+    order = np.random.default_rng([seed, 0]).permutation(len(lengths))
+    rows = len(pack_bins(order, lengths, max_seq_length))
+    return {"rows": rows, "efficiency": float(lengths.sum() / (rows * max_seq_length))}
+
+
+def _uses_4d_mask(attn_implementation: str | None) -> bool:
+    impl = (attn_implementation or "sdpa").lower()
+    return not ("flash" in impl or "flex" in impl)
+
+
+def collate(samples, plan_entry: Sequence[int], max_seq_length: int, packing: bool = True,
+            attn_implementation: str | None = "sdpa", *, pad_token_id: int | None = None,
+            mask_dtype: torch.dtype = torch.float32, sliding_window: int | None = None) -> dict[str, Any]:
+    """Tensors for one micro-batch: input_ids, labels (unshifted, -100 = no loss), position_ids, attention_mask.
+
+    Packed: rows of samples (next-fit in entry order), position ids restarting per sample, the first token of each
+    sample unlabelled, and a (B, 1, T, T) block-diagonal causal mask for sdpa (bool) / eager (additive, in
+    ``mask_dtype``; pass the model's dtype), None for flash/flex attention. ``sliding_window`` (Phi-3-mini: 2047)
+    adds the model's sliding window to the 4-D mask, which transformers would otherwise skip for custom masks.
+    Not packed: right padding to the longest sample, a (B, T) padding mask.
+    """
+    if pad_token_id is None:
+        pad_token_id = getattr(samples, "pad_token_id", 0) or 0
+    arrays = [_arrays(samples, int(i)) for i in plan_entry]
+    if not arrays:
+        raise DataError("collate: empty plan entry")
+    if packing:
+        rows = pack_rows([len(a[0]) for a in arrays], max_seq_length)
+    else:
+        for ids, _ in arrays:
+            if len(ids) > max_seq_length:
+                raise DataError(f"a sample has {len(ids)} tokens, more than max_seq_length={max_seq_length}")
+        rows = [[k] for k in range(len(arrays))]
+    B = len(rows)
+    T = max(sum(len(arrays[k][0]) for k in row) for row in rows)
+    input_ids = np.full((B, T), pad_token_id, dtype=np.int64)
+    labels = np.full((B, T), -100, dtype=np.int64)
+    position_ids = np.zeros((B, T), dtype=np.int64)
+    segment = np.full((B, T), -1, dtype=np.int64)
+    for b, row in enumerate(rows):
+        t = 0
+        for s, k in enumerate(row):
+            ids, lab = arrays[k]
+            n = len(ids)
+            input_ids[b, t:t + n] = ids
+            labels[b, t:t + n] = lab
+            labels[b, t] = -100  # no label crosses a sample boundary
+            position_ids[b, t:t + n] = np.arange(n)
+            segment[b, t:t + n] = s
+            t += n
+        position_ids[b, t:] = np.arange(T - t)  # padding: its own segment, so no row of the mask is empty
+    out = {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(position_ids),
+    }
+    if not packing:
+        out["attention_mask"] = torch.from_numpy((segment >= 0).astype(np.int64))
+        return out
+    if not _uses_4d_mask(attn_implementation):
+        out["attention_mask"] = None
+        return out
+    seg = torch.from_numpy(segment)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril()
+    if sliding_window is not None:
+        q = torch.arange(T)
+        allowed &= (q[None, :] > q[:, None] - sliding_window)
+    allowed = allowed[:, None, :, :]
+    if (attn_implementation or "sdpa").lower() == "eager":
+        mask = torch.zeros(allowed.shape, dtype=mask_dtype)
+        mask.masked_fill_(~allowed, torch.finfo(mask_dtype).min)
+        out["attention_mask"] = mask
+    else:
+        out["attention_mask"] = allowed
+    return out

@@ -1,0 +1,301 @@
+"""prepare_data: sources -> validated records -> tokens and labels on disk (cached) -> PreparedData."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+from .batching import packing_efficiency
+from .config import DataConfig
+from .formats import detect_format, normalize
+from .render import Renderer
+from .sources import Problem, open_source
+from .store import SampleWriter, TokenizedSamples
+
+PIPELINE_VERSION = 1  # bump when tokenization/masking changes, to invalidate caches
+CHUNK = 512  # records per encode_batch call: big enough for the Rust tokenizer's threads, small for flat memory
+# DataConfig fields that do not change the tokens (batching/caching only)
+_NOT_IN_KEY = {"packing", "cache", "cache_dir", "max_errors_shown"}
+
+
+@dataclass
+class PreparedData:
+    """Tokenized train and eval samples and the statistics of how they were made."""
+
+    train: TokenizedSamples
+    eval: TokenizedSamples | None
+    stats: dict
+    tokenizer: Any = None
+    config: DataConfig | None = None
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("PHITUNE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "phitune", "data")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
+    h.update(repr(sorted((getattr(tokenizer, "special_tokens_map", {}) or {}).items())).encode())
+    h.update(repr(getattr(tokenizer, "chat_template", None)).encode())
+    return h.hexdigest()
+
+
+def _cache_key(cfg: DataConfig, tokenizer, sources: dict) -> str:
+    opts = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in _NOT_IN_KEY | {"train", "eval"}}
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([PIPELINE_VERSION, opts, tokenizer_fingerprint(tokenizer),
+                         {k: s.fingerprint() for k, s in sources.items()}], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+class _Collector:
+    """Bad-record bookkeeping: counts by reason and the first N messages."""
+
+    def __init__(self, n_shown: int):
+        self.n_shown = n_shown
+        self.by_reason: Counter = Counter()
+        self.shown: list[str] = []
+
+    def add(self, where: str, p: Problem) -> None:
+        self.by_reason[p.reason] += 1
+        if len(self.shown) < self.n_shown:
+            self.shown.append(p.message(where))
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+
+def _validate(source, cfg: DataConfig, fmt: str | None, require_alternation: bool, role: str):
+    """Pass 1: parse and validate every record (no tokenizing). Returns (format, ok flags, collector)."""
+    bad = _Collector(cfg.max_errors_shown)
+    ok = bytearray()
+    for where, rec in source:
+        if fmt is None and not isinstance(rec, Problem):
+            fmt = detect_format(rec, cfg, where)
+        if fmt is None:  # a parse problem before any record told us the format
+            p = rec
+        else:
+            p = normalize(rec, fmt, cfg, require_alternation=require_alternation)
+        if isinstance(p, Problem):
+            bad.add(where, p)
+            ok.append(0)
+        else:
+            ok.append(1)
+    if not ok:
+        raise DataError(f"{source.name}: no records (the file/dataset is empty). Fix: point data.{role} at data "
+                        "with at least one record")
+    if fmt is None:
+        fmt = "messages"
+    return fmt, np.frombuffer(bytes(ok), dtype=np.uint8).astype(bool), bad
+
+
+def _raise_bad(name: str, bad: _Collector, n: int) -> None:
+    reasons = ", ".join(f"{r}: {c}" for r, c in bad.by_reason.most_common())
+    more = f"\n  ... and {bad.total - len(bad.shown)} more" if bad.total > len(bad.shown) else ""
+    raise DataError(
+        f"{name}: {bad.total} bad record(s) of {n} (first {len(bad.shown)} shown):\n  " + "\n  ".join(bad.shown)
+        + more + f"\nBy reason: {reasons}\nFix the records, or set data.on_bad_record: skip to drop them "
+        "(the count and reasons are then reported)."
+    )
+
+
+def _tokenize(source, ok: np.ndarray, renderer: Renderer, cfg: DataConfig, writers: dict, route: np.ndarray | None):
+    """Pass 2: normalize, render, tokenize, mask, truncate; stream into the writers. Returns per-split stats."""
+    st = {k: Counter() for k in writers}
+    lengths = {k: [] for k in writers}
+    buf, wheres, dest = [], [], []
+
+    def flush():
+        for e, d in zip(renderer.encode_chunk(buf, wheres), dest):
+            c = st[d]
+            if e is None:
+                c["dropped_no_supervised"] += 1
+                continue
+            if e.turns_dropped or e.prompt_tokens_cut or e.answer_tokens_cut:
+                c["truncated"] += 1
+                c["turns_dropped"] += e.turns_dropped
+                c["prompt_tokens_cut"] += e.prompt_tokens_cut
+                c["answer_tokens_cut"] += e.answer_tokens_cut
+                c["answer_truncated"] += bool(e.answer_tokens_cut)
+            writers[d].add(e.ids, e.trained)
+            lengths[d].append(len(e.ids))
+        buf.clear()
+        wheres.clear()
+        dest.clear()
+
+    k = 0
+    for where, rec in source:
+        good = ok[k]
+        d = "eval" if route is not None and route[k] else "train"
+        k += 1
+        if not good:
+            continue
+        buf.append(normalize(rec, renderer.fmt, cfg, require_alternation=renderer.require_alternation))
+        wheres.append(where)
+        dest.append(d)
+        if len(buf) >= CHUNK:
+            flush()
+    if buf:
+        flush()
+    return st, lengths
+
+
+def _split_stats(n_records, bad: _Collector, counters: Counter, lengths: list, samples: TokenizedSamples, fmt: str,
+                 cfg: DataConfig) -> dict:
+    arr = np.asarray(lengths, dtype=np.int64)
+    pct = {f"p{q}": int(np.percentile(arr, q)) for q in (5, 50, 90, 95, 99)} if len(arr) else {}
+    if len(arr):
+        pct["max"] = int(arr.max())
+        pct["mean"] = float(arr.mean())
+    out = {
+        "format": fmt,
+        "records": int(n_records),
+        "bad_records": bad.total if bad else 0,
+        "bad_by_reason": dict(bad.by_reason) if bad else {},
+        "bad_examples": list(bad.shown) if bad else [],
+        "samples": len(samples),
+        "tokens": int(samples.num_tokens),
+        "supervised_tokens": int(samples.num_trained_tokens),
+        "supervised_share": float(samples.num_trained_tokens / samples.num_tokens) if samples.num_tokens else 0.0,
+        "length_percentiles": pct,
+        "truncated": int(counters["truncated"]),
+        "turns_dropped": int(counters["turns_dropped"]),
+        "prompt_tokens_cut": int(counters["prompt_tokens_cut"]),
+        "answer_truncated": int(counters["answer_truncated"]),
+        "answer_tokens_cut": int(counters["answer_tokens_cut"]),
+        "dropped_no_supervised": int(counters["dropped_no_supervised"]),
+    }
+    if cfg.packing and len(samples):
+        pk = packing_efficiency(samples, cfg.max_seq_length, cfg.seed)
+        out["packing"] = {"max_seq_length": cfg.max_seq_length, **pk}
+    return out
+
+
+def _eval_route(ok: np.ndarray, eval_split, seed: int) -> np.ndarray:
+    """Which records go to eval: a deterministic (seeded) choice among the valid ones."""
+    valid = np.flatnonzero(ok)
+    n = len(valid)
+    k = int(round(eval_split * n)) if isinstance(eval_split, float) else int(eval_split)
+    if k < 1 or k >= n:
+        raise DataError(f"data.eval_split={eval_split} leaves {k} of {n} valid records for eval. Fix: choose a "
+                        "fraction/count that leaves at least one record on each side")
+    route = np.zeros(len(ok), dtype=bool)
+    route[valid[np.random.default_rng(seed).permutation(n)[:k]]] = True
+    return route
+
+
+def prepare_data(cfg: DataConfig | dict | Any, tokenizer) -> PreparedData:
+    """Load, validate, render, tokenize, mask and truncate train (and eval) data, cached on disk.
+
+    Every record is validated before any tokenizing. With ``on_bad_record: error`` a DataError lists the bad
+    records (file:line, problem, fix); with ``skip`` they are dropped and counted in ``stats``.
+    """
+    cfg = DataConfig.from_any(cfg)
+    if cfg.train is None:
+        raise DataError("data.train: no training data given. Fix: set data.train to a file, folder or Hub dataset")
+    sources = {"train": open_source(cfg.train, split=cfg.hub_train_split, hub_config=cfg.hub_config, role="train")}
+    if cfg.eval is not None:
+        sources["eval"] = open_source(cfg.eval, split=cfg.hub_eval_split or cfg.hub_train_split,
+                                      hub_config=cfg.hub_config, role="eval")
+    key = _cache_key(cfg, tokenizer, sources)
+    root = cfg.cache_dir or default_cache_dir()
+    folder = os.path.join(root, key)
+    if cfg.cache and os.path.exists(os.path.join(folder, "stats.json")):
+        return _load(folder, cfg, tokenizer, hit=True)
+
+    fmt = None if cfg.format == "auto" else cfg.format
+    # A renderer for template checks (alternation) before validation; its format is fixed after detection.
+    need_alt = False
+    if fmt != "text":
+        try:
+            need_alt = Renderer(tokenizer, cfg, fmt or "messages").require_alternation
+        except DataError:  # no chat template: fine for text data; reported once the format is known
+            pass
+    checked = {}
+    for name, src in sources.items():
+        f2, ok, bad = _validate(src, cfg, fmt, need_alt, name)
+        checked[name] = (f2, ok, bad)
+    if cfg.on_bad_record == "error":
+        for name, (f2, ok, bad) in checked.items():
+            if bad.total:
+                _raise_bad(sources[name].name, bad, len(ok))
+    for name, (f2, ok, bad) in checked.items():
+        if not ok.any():
+            raise DataError(f"{sources[name].name}: all {len(ok)} records are bad ({dict(bad.by_reason)}); "
+                            "nothing left to train on")
+
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
+    try:
+        stats: dict = {"cache": {"key": key}}
+        f_train, ok_train, bad_train = checked["train"]
+        renderer = Renderer(tokenizer, cfg, f_train)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        if "eval" in sources:
+            w = {"train": SampleWriter(os.path.join(tmp, "train"))}
+            st, lens = _tokenize(sources["train"], ok_train, renderer, cfg, w, None)
+            f_eval, ok_eval, bad_eval = checked["eval"]
+            r_eval = renderer if f_eval == f_train else Renderer(tokenizer, cfg, f_eval)
+            we = {"eval": SampleWriter(os.path.join(tmp, "eval"))}
+            st_e, lens_e = _tokenize(sources["eval"], ok_eval, r_eval, cfg, we, None)
+            w.update(we)
+            st.update(st_e)
+            lens.update(lens_e)
+            n_rec = {"train": len(ok_train), "eval": len(ok_eval)}
+            bads = {"train": bad_train, "eval": bad_eval}
+            fmts = {"train": f_train, "eval": f_eval}
+        else:
+            route = _eval_route(ok_train, cfg.eval_split, cfg.seed) if cfg.eval_split is not None else None
+            w = {"train": SampleWriter(os.path.join(tmp, "train"))}
+            if route is not None:
+                w["eval"] = SampleWriter(os.path.join(tmp, "eval"))
+            st, lens = _tokenize(sources["train"], ok_train, renderer, cfg, w, route)
+            if route is not None:
+                n_rec = {"train": int((~route).sum()), "eval": int(route.sum())}
+            else:
+                n_rec = {"train": len(ok_train)}
+            bads = {"train": bad_train, "eval": None}
+            fmts = {"train": f_train, "eval": f_train}
+        for name, wr in w.items():
+            wr.close(pad_token_id=pad)
+            s = TokenizedSamples(os.path.join(tmp, name))
+            stats[name] = _split_stats(n_rec[name], bads[name], st[name], lens[name], s, fmts[name], cfg)
+            if len(s) == 0:
+                raise DataError(f"data.{name}: no sample has a supervised token left "
+                                f"({st[name]['dropped_no_supervised']} dropped). Fix: raise data.max_seq_length, "
+                                "or check data.train_on")
+        stats["options"] = {"max_seq_length": cfg.max_seq_length, "train_on": cfg.train_on,
+                            "packing": cfg.packing, "on_bad_record": cfg.on_bad_record,
+                            "bos": renderer.bos_id is not None, "require_alternation": renderer.require_alternation}
+        with open(os.path.join(tmp, "stats.json"), "w") as f:
+            json.dump(stats, f, indent=1)
+        if cfg.cache:
+            if os.path.exists(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+            return _load(folder, cfg, tokenizer, hit=False)
+        return _load(tmp, cfg, tokenizer, hit=False)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load(folder: str, cfg: DataConfig, tokenizer, hit: bool) -> PreparedData:
+    with open(os.path.join(folder, "stats.json")) as f:
+        stats = json.load(f)
+    stats["cache"] = {"key": stats.get("cache", {}).get("key"), "path": folder, "hit": hit}
+    train = TokenizedSamples(os.path.join(folder, "train"))
+    ev = TokenizedSamples(os.path.join(folder, "eval")) if os.path.exists(os.path.join(folder, "eval")) else None
+    return PreparedData(train=train, eval=ev, stats=stats, tokenizer=tokenizer, config=cfg)

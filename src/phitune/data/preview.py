@@ -1,0 +1,102 @@
+"""What the model will see: samples with their trained tokens highlighted, and the data statistics."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+
+import numpy as np
+
+
+def _runs(labels: np.ndarray):
+    """(start, end, trained) runs of consecutive tokens with the same trained status."""
+    trained = labels != -100
+    start = 0
+    for i in range(1, len(trained) + 1):
+        if i == len(trained) or trained[i] != trained[start]:
+            yield start, i, bool(trained[start])
+            start = i
+
+
+def _want_color(color: bool | None) -> bool:
+    if color is not None:
+        return color
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def preview_text(prepared, tokenizer=None, n: int = 3, color: bool | None = None, split: str = "train",
+                 max_tokens: int = 400) -> str:
+    """N samples as text and as tokens; trained tokens are green (color) or wrapped in [[...]] (plain text)."""
+    tokenizer = tokenizer or prepared.tokenizer
+    samples = prepared.train if split == "train" else prepared.eval
+    color = _want_color(color)
+    if color:
+        from rich.console import Console
+        from rich.text import Text
+
+        buf = io.StringIO()
+        console = Console(file=buf, force_terminal=True, color_system="standard", width=120, soft_wrap=True)
+    parts = []
+    for i in range(min(n, len(samples))):
+        ids, labels = samples.arrays(i)
+        n_tr = int((labels != -100).sum())
+        head = f"=== {split} sample {i}: {len(ids)} tokens, {n_tr} trained ==="
+        pieces = [(tokenizer.decode(ids[a:b].tolist(), skip_special_tokens=False), tr) for a, b, tr in _runs(labels)]
+        shown = ids[:max_tokens]
+        toks = tokenizer.convert_ids_to_tokens(shown.tolist())
+        tok_items = [(f"{t}({int(d)})", labels[k] != -100) for k, (t, d) in enumerate(zip(toks, shown))]
+        more = f" ... (+{len(ids) - max_tokens} tokens)" if len(ids) > max_tokens else ""
+        if color:
+            console.print(Text(head, style="bold"))
+            txt = Text()
+            for s, tr in pieces:
+                txt.append(s, style="bold green" if tr else "dim")
+            console.print(txt)
+            console.print(Text("--- tokens ---", style="bold"))
+            tt = Text()
+            for s, tr in tok_items:
+                tt.append(s + " ", style="bold green" if tr else "dim")
+            tt.append(more)
+            console.print(tt)
+            console.print()
+        else:
+            text = "".join(f"[[{s}]]" if tr else s for s, tr in pieces)
+            tokens = " ".join(f"[[{s}]]" if tr else s for s, tr in tok_items) + more
+            parts.append(f"{head}\n{text}\n--- tokens ---\n{tokens}\n")
+    if color:
+        return buf.getvalue()
+    legend = "(trained tokens are shown as [[...]])\n"
+    return legend + "\n".join(parts)
+
+
+def format_stats(stats: dict) -> str:
+    """The data statistics as a short human-readable report."""
+    lines = []
+    for split in ("train", "eval"):
+        s = stats.get(split)
+        if not s:
+            continue
+        lines.append(f"{split}: {s['records']} records ({s['format']}), {s['samples']} samples, "
+                     f"{s['tokens']} tokens")
+        if s.get("bad_records"):
+            reasons = ", ".join(f"{r}: {c}" for r, c in sorted(s["bad_by_reason"].items(), key=lambda x: -x[1]))
+            lines.append(f"  bad records skipped: {s['bad_records']} ({reasons})")
+            for m in s.get("bad_examples", [])[:5]:
+                lines.append(f"    {m}")
+        lines.append(f"  supervised tokens: {s['supervised_tokens']} ({100 * s['supervised_share']:.1f}%)")
+        p = s.get("length_percentiles") or {}
+        if p:
+            lines.append("  tokens per sample: " + ", ".join(
+                f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in p.items()))
+        lines.append(f"  truncated: {s['truncated']} (turns dropped {s['turns_dropped']}, prompt tokens cut "
+                     f"{s['prompt_tokens_cut']}, answers cut {s['answer_truncated']})")
+        lines.append(f"  dropped (no supervised token left): {s['dropped_no_supervised']}")
+        if s.get("packing"):
+            pk = s["packing"]
+            lines.append(f"  packing: {pk['rows']} rows of {pk['max_seq_length']} tokens, "
+                         f"{100 * pk['efficiency']:.1f}% filled")
+    c = stats.get("cache") or {}
+    if c:
+        lines.append(f"cache: {'reused' if c.get('hit') else 'written'} {c.get('path', '')}")
+    return "\n".join(lines)

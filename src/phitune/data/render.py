@@ -1,0 +1,244 @@
+"""Messages -> token ids and a trained-token mask, through the tokenizer's own chat template.
+
+How the mask is derived (no marker strings, no pad ids): the conversation is rendered once in full, and, for every
+trained assistant turn i, the template is rendered again for ``messages[:i]`` with the generation prompt (where turn
+i's reply starts) and for ``messages[:i+1]`` (where it ends: the longest common prefix with the full rendering, so the
+turn's closing ``<|end|>`` is included, and the final eos when i is the last message). Both renderings must be
+prefixes of the full one, or the template is rejected. Those character spans are mapped onto tokens with the fast
+tokenizer's offsets, for a whole chunk of conversations in one batched ``encode_batch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+from .config import DataConfig
+from .formats import alternation_problem
+
+
+def _lcp(a: str, b: str) -> int:
+    """Length of the longest common prefix (binary search on C-level slice comparisons)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@dataclass
+class Encoded:
+    """One tokenized sample: ids, which tokens are trained, and what truncation did to it."""
+
+    ids: np.ndarray
+    trained: np.ndarray
+    turns_dropped: int = 0
+    prompt_tokens_cut: int = 0
+    answer_tokens_cut: int = 0
+    original_length: int = 0
+
+
+@dataclass
+class ChunkResult:
+    samples: list = field(default_factory=list)  # Encoded, or None when dropped (no supervised tokens)
+
+
+class Renderer:
+    """Renders and tokenizes conversations for one tokenizer and DataConfig."""
+
+    def __init__(self, tokenizer, cfg: DataConfig, fmt: str):
+        self.tok = tokenizer
+        self.cfg = cfg
+        self.fmt = fmt
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        if self.backend is None or not getattr(tokenizer, "is_fast", True):
+            raise DataError(f"data: the tokenizer ({type(tokenizer).__name__}) is not a fast (Rust) tokenizer; "
+                            "phitune needs its offset mappings to place the loss mask. Fix: load it with "
+                            "AutoTokenizer.from_pretrained(..., use_fast=True)")
+        template = cfg.chat_template
+        if template == "phi3":
+            from ..tokenizer import PHI3_CHAT_TEMPLATE
+
+            template = PHI3_CHAT_TEMPLATE
+        template = template or getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):
+            template = template.get("default")
+        self.template_str = template
+        self.compiled = None
+        if fmt != "text":
+            if not template:
+                raise DataError(
+                    f"data: the tokenizer has no chat template, and the data (format '{fmt}') needs one to turn "
+                    "conversations into text. Fix: use the instruct model's tokenizer, set data.chat_template "
+                    "(e.g. 'phi3' for Phi-3's), or use format 'text'")
+            self.compiled = self._compile(template)
+        self.kwargs = dict(getattr(tokenizer, "special_tokens_map", {}) or {})
+        self.bos_id = tokenizer.bos_token_id if cfg.add_bos is not False else None
+        if cfg.add_bos is True and self.bos_id is None:
+            raise DataError("data.add_bos: true, but the tokenizer has no bos_token. Fix: set data.add_bos: null")
+        self.eos_id = tokenizer.eos_token_id
+        self.max_len = cfg.max_seq_length
+        self.require_alternation = bool(cfg.require_alternation)
+        if cfg.require_alternation is None and self.compiled is not None:
+            self.require_alternation = self._template_demands_alternation()
+
+    # -- template ------------------------------------------------------------------------------------------------
+    def _compile(self, template: str):
+        try:  # transformers' own compiled environment, so rendering matches apply_chat_template exactly
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            return _compile_jinja_template(template)
+        except ImportError:  # pragma: no cover - older/newer transformers: fall back to the public API
+            return None
+
+    def render(self, messages: list, add_generation_prompt: bool = False) -> str:
+        if self.compiled is not None:
+            return self.compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        tools=None, documents=None, **self.kwargs)
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                            chat_template=self.template_str)
+
+    def _template_demands_alternation(self) -> bool:
+        probe = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                 {"role": "assistant", "content": "c"}]
+        try:
+            self.render(probe)
+        except Exception:
+            return True
+        return False
+
+    # -- spans ---------------------------------------------------------------------------------------------------
+    def spans(self, messages: list, where: str = "") -> tuple[str, list[tuple[int, int, int]]]:
+        """The full rendering and the spans that get a loss, as (start, end, limit) character positions: a token is
+        trained when it starts in [start, end) and ends by ``limit``. ``end`` leaves out the whitespace after a
+        turn (the next turn's); ``limit`` is where the rendering of ``messages[:i+1]`` stops agreeing with the
+        full one, so a token that reaches into the next turn (``<|user|>``) is never trained, while an end-of-turn
+        token that absorbs the newline after it (Phi-3's rstrip added tokens) is."""
+        try:
+            full = self.render(messages)
+        except Exception as e:
+            raise DataError(f"{where}: the chat template failed on this record: {e}. Fix: correct the record "
+                            "(roles/order the template expects) or set data.on_bad_record: skip") from None
+        mode = self.cfg.train_on
+        if mode == "all":
+            return full, [(0, len(full), len(full))]
+        idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if mode == "last_assistant":
+            idx = idx[-1:]
+        spans = []
+        last = len(messages) - 1
+        for i in idx:
+            start_text = self.render(messages[:i], add_generation_prompt=True)
+            if not full.startswith(start_text):
+                raise DataError(f"{where}: the chat template does not render conversations prefix-stably (the "
+                                "prompt before an assistant turn is not a prefix of the whole conversation), so the "
+                                "loss mask cannot be placed safely. Fix: use data.train_on: all or another template")
+            start = len(start_text)
+            if i == last:
+                end = limit = len(full)
+            else:
+                end = limit = _lcp(self.render(messages[: i + 1]), full)
+                while end > start and full[end - 1].isspace():
+                    end -= 1
+            if end > start:
+                spans.append((start, end, limit))
+        return full, spans
+
+    # -- tokenize ------------------------------------------------------------------------------------------------
+    def _finish(self, ids: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.bos_id is not None:
+            n_bos = 0
+            while n_bos < len(ids) and ids[n_bos] == self.bos_id:
+                n_bos += 1
+            if n_bos != 1:  # exactly one BOS, whether the template wrote none, one or several
+                ids = np.concatenate([np.array([self.bos_id], dtype=np.int32), ids[n_bos:]])
+                trained = np.concatenate([np.zeros(1, dtype=bool), trained[n_bos:]])
+        if len(trained):
+            trained[0] = False  # the first token is never a target
+        return ids, trained
+
+    @staticmethod
+    def _mask(offsets, spans) -> np.ndarray:
+        if not spans or not offsets:
+            return np.zeros(len(offsets), dtype=bool)
+        off = np.array(offsets, dtype=np.int64).reshape(-1, 2)
+        sp = np.array(spans, dtype=np.int64).reshape(-1, 3)
+        k = np.searchsorted(sp[:, 0], off[:, 0], side="right") - 1
+        kk = np.maximum(k, 0)
+        return (k >= 0) & (off[:, 0] < sp[kk, 1]) & (off[:, 1] <= sp[kk, 2])
+
+    def encode_chunk(self, items: list, wheres: list) -> list:
+        """Tokenize a chunk of normalized records (message lists or texts): a list of Encoded or None (dropped)."""
+        if self.fmt == "text":
+            texts = items
+            spans = [[(0, len(t), len(t))] for t in texts]
+        else:
+            texts, spans = [], []
+            for msgs, where in zip(items, wheres):
+                t, s = self.spans(msgs, where)
+                texts.append(t)
+                spans.append(s)
+        encs = self.backend.encode_batch(texts, add_special_tokens=False)
+        out = []
+        for k, enc in enumerate(encs):
+            ids = np.array(enc.ids, dtype=np.int32)
+            trained = self._mask(enc.offsets, spans[k])
+            if self.fmt == "text" and self.eos_id is not None:
+                ids = np.append(ids, np.int32(self.eos_id))
+                trained = np.append(trained, True)
+            ids, trained = self._finish(ids, trained)
+            e = Encoded(ids, trained, original_length=len(ids))
+            if len(ids) > self.max_len:
+                e = self._truncate(items[k], wheres[k], e)
+            out.append(e if e.trained.any() else None)
+        return out
+
+    def _encode_one(self, msgs: list, where: str) -> tuple[np.ndarray, np.ndarray]:
+        text, spans = self.spans(msgs, where)
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return self._finish(np.array(enc.ids, dtype=np.int32), self._mask(enc.offsets, spans))
+
+    def _truncate(self, item: Any, where: str, e: Encoded) -> Encoded:
+        """Fit max_seq_length: drop the oldest turns (keeping a system message), then cut prompt tokens from the
+        left, and only then cut the end of the answer."""
+        L = self.max_len
+        ids, trained = e.ids, e.trained
+        dropped = 0
+        if self.fmt != "text":
+            msgs = item
+            head = msgs[:1] if msgs[0]["role"] == "system" else []
+            body = msgs[len(head):]
+            while len(ids) > L:
+                # the next round starts at the next user message; keep at least the last assistant reply
+                nxt = next((j for j in range(1, len(body)) if body[j]["role"] == "user"), None)
+                if nxt is None or not any(m["role"] == "assistant" for m in body[nxt:]):
+                    break
+                dropped += sum(1 for m in body[:nxt])
+                body = body[nxt:]
+                new = head + body
+                if self.require_alternation and alternation_problem(new):
+                    break
+                ids, trained = self._encode_one(new, where)
+        prompt_cut = answer_cut = 0
+        if len(ids) > L:
+            first = int(np.argmax(trained)) if trained.any() else len(ids)
+            keep_head = 1 if self.bos_id is not None else 0
+            cut = max(0, min(len(ids) - L, first - keep_head))
+            if cut:
+                ids = np.concatenate([ids[:keep_head], ids[keep_head + cut:]])
+                trained = np.concatenate([trained[:keep_head], trained[keep_head + cut:]])
+                prompt_cut = cut
+            if len(ids) > L:
+                answer_cut = len(ids) - L
+                ids, trained = ids[:L], trained[:L]
+        if len(trained):
+            trained[0] = False
+        return Encoded(ids, trained, dropped, prompt_cut, answer_cut, e.original_length)

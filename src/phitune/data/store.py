@@ -1,0 +1,88 @@
+"""Tokenized samples on disk: flat int32 token ids, a uint8 trained mask and int64 offsets, memory-mapped, so a
+200k-conversation data set costs no RAM beyond the pages in use."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+class SampleWriter:
+    """Appends samples to ``folder`` in chunks; ``close()`` writes meta.json."""
+
+    def __init__(self, folder: str):
+        os.makedirs(folder, exist_ok=True)
+        self.folder = folder
+        self._ids = open(os.path.join(folder, "input_ids.bin"), "wb")
+        self._mask = open(os.path.join(folder, "trained.bin"), "wb")
+        self.lengths: list[int] = []
+        self.n_tokens = 0
+        self.n_trained = 0
+
+    def add(self, ids: np.ndarray, trained: np.ndarray) -> None:
+        self._ids.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+        self._mask.write(np.ascontiguousarray(trained, dtype=np.uint8).tobytes())
+        self.lengths.append(len(ids))
+        self.n_tokens += len(ids)
+        self.n_trained += int(trained.sum())
+
+    def close(self, pad_token_id: int = 0) -> None:
+        self._ids.close()
+        self._mask.close()
+        offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(np.asarray(self.lengths, dtype=np.int64), out=offsets[1:])
+        offsets.tofile(os.path.join(self.folder, "offsets.bin"))
+        with open(os.path.join(self.folder, "meta.json"), "w") as f:
+            json.dump({"samples": len(self.lengths), "tokens": self.n_tokens, "trained_tokens": self.n_trained,
+                       "pad_token_id": pad_token_id}, f)
+
+
+class TokenizedSamples:
+    """A read-only sequence of samples; ``samples[i]`` is ``{"input_ids": [...], "labels": [...]}`` with labels
+    -100 where no loss is taken. ``lengths`` (numpy) lets batch planning run without touching the tokens."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+        self.pad_token_id = meta.get("pad_token_id", 0)
+        self.num_tokens = meta["tokens"]
+        self.num_trained_tokens = meta["trained_tokens"]
+        n = meta["samples"]
+        self.offsets = np.fromfile(os.path.join(folder, "offsets.bin"), dtype=np.int64, count=n + 1)
+        self.lengths = np.diff(self.offsets)
+        if self.num_tokens:
+            self._ids = np.memmap(os.path.join(folder, "input_ids.bin"), dtype=np.int32, mode="r")
+            self._trained = np.memmap(os.path.join(folder, "trained.bin"), dtype=np.uint8, mode="r")
+        else:
+            self._ids = np.zeros(0, np.int32)
+            self._trained = np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def arrays(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids int32, labels int64 with -100 where untrained) of sample i, as numpy arrays."""
+        if i < 0:
+            i += len(self)
+        a, b = self.offsets[i], self.offsets[i + 1]
+        ids = np.asarray(self._ids[a:b])
+        labels = np.where(self._trained[a:b] != 0, ids, -100).astype(np.int64)
+        return ids, labels
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        ids, labels = self.arrays(i)
+        return {"input_ids": ids.tolist(), "labels": labels.tolist()}
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return f"TokenizedSamples({len(self)} samples, {self.num_tokens} tokens, {self.folder})"
