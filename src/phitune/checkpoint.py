@@ -1,0 +1,286 @@
+"""Checkpoints that survive a kill at any moment, and exact resume.
+
+A checkpoint is a folder ``OUTPUT_DIR/checkpoints/checkpoint-STEP/`` holding
+
+    adapter_config.json, adapter_model.safetensors   the adapter at that step (PEFT layout; `phitune eval` reads it)
+    trainable.safetensors                            every trainable parameter under its model name (for resume)
+    training_state.pt                                optimizer, scheduler, grad scaler, RNG states, data position
+    meta.json                                        step, config hash and the hashed settings, written last
+
+It is written into ``checkpoints/.tmp-checkpoint-STEP-PID/``, every file fsynced, then renamed into place
+(``os.replace``, atomic on POSIX), and the parent directory fsynced. A folder named ``checkpoint-STEP`` is therefore
+always complete: a SIGKILL leaves at worst a ``.tmp-*`` folder, which the next save or resume deletes.
+
+``training_state.pt`` holds only tensors and plain Python values, so it loads with ``torch.load(weights_only=True)``
+(no pickled code); weights go through safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "checkpoint-"
+STATE_NAME = "training_state.pt"
+TRAINABLE_NAME = "trainable.safetensors"
+META_NAME = "meta.json"
+# Settings that must match for a resumed run to continue the same run (changing epochs/max_steps is allowed).
+RESUME_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "seed")
+# Save-window hook for the kill test: sleep this many seconds after the files are written, before the rename.
+_SLOW_SAVE_ENV = "PHITUNE_TEST_SLOW_SAVE"
+
+
+# --- what must match --------------------------------------------------------------------------------------------------
+
+
+def resume_settings(config) -> dict[str, Any]:
+    """The parts of a RunConfig a checkpoint depends on: model, data, peft_config, batch/accumulation/seed."""
+    run = config.to_dict()
+    training = run["training_config"]
+    model = {k: run["model"][k] for k in ("name_or_path", "revision", "tokenizer")}
+    return {
+        "model": model,
+        "data": run["data"],
+        "peft_config": run["peft_config"],
+        "training_config": {k: training[k] for k in RESUME_KEYS},
+    }
+
+
+def config_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def check_compatible(checkpoint: Path, settings: dict[str, Any]) -> None:
+    """Raise CheckpointError naming every setting that differs from the checkpoint's."""
+    meta = read_meta(checkpoint)
+    if meta.get("config_hash") == config_hash(settings):
+        return
+    diffs = _differences(meta.get("settings", {}), settings)
+    # Cache/report-only data keys never change the samples; ignore them if they are the only differences.
+    diffs = [d for d in diffs if not d.startswith(("data.cache", "data.max_errors_shown"))]
+    if not diffs:
+        return
+    raise CheckpointError(
+        f"cannot resume from {checkpoint}: it was written with a different config ("
+        + "; ".join(diffs[:8]) + ("; ..." if len(diffs) > 8 else "")
+        + "). Resume with the original settings, or start a fresh run (another output_dir, or "
+          "overwrite_output_dir: true without resume_from_checkpoint)."
+    )
+
+
+# --- RNG states as plain data (weights_only-safe) ---------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- write ------------------------------------------------------------------------------------------------------------
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def save_checkpoint(output_dir, step: int, *, model, optimizer, scheduler, data_position: dict, settings: dict,
+                    base_model_name_or_path: str | None = None, scaler=None, extra: dict | None = None) -> Path:
+    """Write ``checkpoints/checkpoint-STEP`` atomically and return its path."""
+    from .adapt import save_adapter
+
+    root = checkpoints_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_temp_folders(root)
+    final = root / f"{PREFIX}{step}"
+    tmp = root / f".tmp-{PREFIX}{step}-{os.getpid()}"
+    tmp.mkdir()
+
+    save_adapter(model, tmp, base_model_name_or_path=base_model_name_or_path)
+    trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / TRAINABLE_NAME))
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "rng": rng_state(),
+        "data_position": dict(data_position),
+        "extra": extra or {},
+    }
+    torch.save(state, tmp / STATE_NAME)
+    meta = {"step": step, "config_hash": config_hash(settings), "settings": settings,
+            "data_position": dict(data_position), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (tmp / META_NAME).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+    for f in tmp.iterdir():
+        _fsync_file(f)
+    _fsync_dir(tmp)
+
+    delay = float(os.environ.get(_SLOW_SAVE_ENV, "0") or 0)
+    if delay:
+        time.sleep(delay)  # test hook: widens the window in which a kill lands mid-save
+
+    if final.exists():  # re-saving a step after resuming from an older checkpoint
+        old = root / f".tmp-old-{PREFIX}{step}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    return final
+
+
+def _remove_temp_folders(root: Path) -> None:
+    for p in root.glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def list_checkpoints(output_dir) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit() and (p / META_NAME).is_file():
+            found.append((int(p.name[len(PREFIX):]), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def rotate_checkpoints(output_dir, save_total_limit: int | None, keep: Path | None = None) -> list[Path]:
+    """Delete the oldest checkpoints beyond ``save_total_limit``; never the newest, nor ``keep``. Returns deleted."""
+    if not save_total_limit:
+        return []
+    ckpts = list_checkpoints(output_dir)
+    deletable = [p for p in ckpts[:-1] if keep is None or p.resolve() != Path(keep).resolve()]
+    excess = len(ckpts) - save_total_limit
+    deleted = []
+    for p in deletable[:max(excess, 0)]:
+        # Rename first so that a kill mid-delete never leaves a half-deleted folder that looks complete.
+        trash = p.parent / f".tmp-deleting-{p.name}"
+        os.replace(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        deleted.append(p)
+    return deleted
+
+
+# --- read -------------------------------------------------------------------------------------------------------------
+
+
+def read_meta(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    path = Path(checkpoint) / META_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{checkpoint}: not a phitune checkpoint (cannot read {META_NAME}: {exc})") from exc
+
+
+def resolve_resume(resume_from_checkpoint, output_dir) -> Path | None:
+    """The checkpoint to resume from: ``auto`` (latest, or none), ``true`` (latest, must exist), or a path."""
+    value = resume_from_checkpoint
+    if value is None or value is False:
+        return None
+    if value is True or (isinstance(value, str) and value.lower() in ("auto", "true", "latest")):
+        found = latest_checkpoint(output_dir)
+        if found is None and not (isinstance(value, str) and value.lower() == "auto"):
+            raise CheckpointError(f"resume_from_checkpoint: no checkpoint in {checkpoints_dir(output_dir)}; "
+                                  "use auto to start fresh when there is none")
+        return found
+    path = Path(value)
+    if (path / META_NAME).is_file():
+        return path
+    found = latest_checkpoint(path)  # a run folder
+    if found is None:
+        raise CheckpointError(f"resume_from_checkpoint: {path} is neither a checkpoint folder (with {META_NAME}) "
+                              f"nor a run folder with checkpoints/")
+    return found
+
+
+def load_checkpoint(checkpoint: str | os.PathLike, *, model, optimizer, scheduler, scaler=None) -> dict[str, Any]:
+    """Restore trainable weights, optimizer, scheduler, scaler and RNG states; return the training state dict."""
+    checkpoint = Path(checkpoint)
+    try:
+        tensors = load_file(str(checkpoint / TRAINABLE_NAME))
+        state = torch.load(checkpoint / STATE_NAME, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file means a broken checkpoint
+        raise CheckpointError(f"{checkpoint}: cannot read the checkpoint ({exc})") from exc
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(tensors):
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        raise CheckpointError(f"{checkpoint}: trainable parameters differ from the model's (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}); was it written with another peft_config?")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(p.device, p.dtype))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return state
