@@ -135,7 +135,9 @@ def test_folder_that_is_not_a_run_exits_2(tmp_path, capsys):
 def test_run_without_final_adapter_points_at_the_latest_checkpoint(tmp_path, capsys):
     (tmp_path / "phitune_config.yaml").write_text("model: x\n")
     for step in (5, 10):
-        (tmp_path / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        ckpt = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "meta.json").write_text("{}")
     code, _, err = run_main(["chat", str(tmp_path), "--prompt", "hi"], capsys)
     assert code == 2
     assert "no final adapter" in err and "checkpoint-10" in err

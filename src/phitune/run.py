@@ -76,18 +76,9 @@ def open_run(run_dir: str | os.PathLike) -> RunFolder:
 
 
 def _checkpoints(root: Path) -> list[Path]:
-    folder = root / "checkpoints"
-    if not folder.is_dir():
-        return []
+    from .checkpoint import list_checkpoints
 
-    def step(p: Path) -> int:
-        try:
-            return int(p.name.rsplit("-", 1)[-1])
-        except ValueError:
-            return -1
-
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint-") and step(p) >= 0]
-    return sorted(found, key=step)
+    return list_checkpoints(root)
 
 
 def _hint(path: Path) -> str:
@@ -195,54 +186,17 @@ def evaluate(
                         "is empty after preparation)")
     batch_size = batch_size or config.training_config.per_device_eval_batch_size
 
-    model, _, _ = load_run_model(run.adapter_dir, device=device)
-    metrics = evaluate_model(model, samples, batch_size=batch_size, max_seq_length=data_cfg.max_seq_length,
-                             packing=data_cfg.packing, seed=data_cfg.seed, progress=verbose)
+    from .train import autocast_context, evaluate_samples
+
+    model, tokenizer, _ = load_run_model(run.adapter_dir, device=device)
+    device_ = next(model.parameters()).device
+    if verbose:
+        print(f"evaluating {run.adapter_dir} on {len(samples)} samples "
+              f"({'given data' if data is not None else 'the run eval data'})", file=sys.stderr)
+    with autocast_context(config.training_config, device_):  # the precision training evaluated with
+        metrics = evaluate_samples(model, samples, data_cfg, batch_size, tokenizer=tokenizer)
+    metrics["eval_samples"] = len(samples)
     return metrics
-
-
-def evaluate_model(model, samples: Sequence[Any], *, batch_size: int, max_seq_length: int, packing: bool,
-                   seed: int = 0, progress: bool = False) -> dict[str, float]:
-    """Loss (mean over supervised tokens), perplexity and next-token accuracy of ``model`` on prepared samples."""
-    import torch
-
-    from .data import batch_plan, collate
-    from .loss import forward_loss
-
-    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    plan = batch_plan(samples, batch_size, max_seq_length, packing, seed, 0)
-    device = next(model.parameters()).device
-    loss_sum, n_tokens, n_correct = 0.0, 0, 0
-    iterator = plan
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(plan, desc="eval", unit="batch", leave=False, file=sys.stderr)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for entry in iterator:
-                batch = collate(samples, entry, max_seq_length, packing, attn)
-                batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-                out = forward_loss(model, batch, with_accuracy=True)
-                loss_sum += float(out.loss_sum)
-                n_tokens += int(out.n_tokens)
-                n_correct += int(out.n_correct) if out.n_correct is not None else 0
-    finally:
-        model.train(was_training)
-    if n_tokens == 0:
-        from .errors import DataError
-
-        raise DataError("the evaluation data has no trained tokens (every label is -100); check data.train_on")
-    loss = loss_sum / n_tokens
-    return {
-        "eval_loss": loss,
-        "eval_perplexity": math.exp(min(loss, 700.0)),
-        "eval_token_accuracy": n_correct / n_tokens,
-        "eval_tokens": n_tokens,
-        "eval_samples": len(samples),
-    }
 
 
 # --- chat -----------------------------------------------------------------------------------------------------------

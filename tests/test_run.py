@@ -1,0 +1,267 @@
+"""phitune.run on a hand-built run folder: tiny random Phi-3 base + Phi-3-style tokenizer + a random adapter.
+
+The folder has what docs/architecture.md says `phitune train` writes (adapter, tokenizer, generation_config.json,
+phitune_config.yaml), so these tests do not depend on training; tests/test_e2e.py covers the real thing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from phitune.errors import ConfigError
+
+CHATS = [
+    [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+    for a in range(3) for b in range(4)
+]
+
+
+def _tiny_model(tokenizer):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, intermediate_size=64, max_position_embeddings=256,
+                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                     eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    return Phi3ForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from phitune.adapt import add_lora, save_adapter
+    from phitune.config import load_config
+    from phitune.tokenizer import build_phi3_style_tokenizer
+
+    root = tmp_path_factory.mktemp("run")
+    tok = build_phi3_style_tokenizer(vocab_size=300)
+    base = root / "base"
+    model = _tiny_model(tok)
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+
+    data = root / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS))
+
+    run = root / "out"
+    config = load_config({
+        "model": {"name_or_path": str(base)},
+        "data": {"train": str(data), "eval_split": 4, "max_seq_length": 64, "cache_dir": str(root / "cache")},
+        "training_config": {"output_dir": str(run), "per_device_eval_batch_size": 2},
+        "peft_config": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+    })
+    run.mkdir()
+    (run / "phitune_config.yaml").write_text(config.to_yaml())
+    tok.save_pretrained(run)
+    eot = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
+    (run / "generation_config.json").write_text(json.dumps({"eos_token_id": eot, "pad_token_id": tok.pad_token_id}))
+    add_lora(model, {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})
+    with torch.no_grad():  # a non-zero adapter, so merged != base
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    save_adapter(model, run, base_model_name_or_path=str(base))
+    model.eval()
+    return {"run": run, "base": base, "model": model, "tokenizer": tok, "data": data, "root": root}
+
+
+def test_open_run_accepts_a_run_and_its_checkpoints(run_dir, tmp_path):
+    from phitune.run import open_run
+
+    r = open_run(run_dir["run"])
+    assert r.root == r.adapter_dir == run_dir["run"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        open_run(tmp_path / "missing")
+
+
+def test_chat_prompt_is_the_adapter_models_greedy_answer(run_dir):
+    from phitune.generate import GenerationSettings, generate_reply, stop_token_ids
+    from phitune.run import chat
+
+    out = io.StringIO()
+    answer = chat(run_dir["run"], prompt="What is 1 plus 2?", greedy=True, max_new_tokens=10, output=out)
+    tok = run_dir["tokenizer"]
+    expected = generate_reply(run_dir["model"], tok, [{"role": "user", "content": "What is 1 plus 2?"}],
+                              GenerationSettings(greedy=True, max_new_tokens=10),
+                              stop_ids=stop_token_ids(run_dir["run"], tok))
+    assert answer == expected
+    assert out.getvalue().strip() == answer  # streamed, then a newline
+
+
+def test_chat_interactive_keeps_history_and_commands(run_dir):
+    from phitune.run import chat
+
+    lines = iter(["hello", "", "/reset", "/system Be brief.", "What is 2 plus 2?", "and 3?", "/exit"])
+    prompts = []
+
+    def fake_input(prompt):
+        prompts.append(prompt)
+        return next(lines)
+
+    out = io.StringIO()
+    convo = chat(run_dir["run"], greedy=True, max_new_tokens=4, input_fn=fake_input, output=out)
+    assert [m["role"] for m in convo] == ["system", "user", "assistant", "user", "assistant"]
+    assert convo[0]["content"] == "Be brief." and convo[1]["content"] == "What is 2 plus 2?"
+    text = out.getvalue()
+    assert "conversation cleared" in text and "/exit" in text
+    assert len(prompts) == 7
+
+
+def test_chat_ends_on_eof(run_dir):
+    from phitune.run import chat
+
+    def eof(prompt):
+        raise EOFError
+
+    assert chat(run_dir["run"], greedy=True, input_fn=eof, output=io.StringIO()) == []
+
+
+def test_chat_checks_settings_before_loading(run_dir):
+    from phitune.run import chat
+
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        chat(run_dir["run"], prompt="hi", max_new_tokens=0)
+
+
+def test_fit_context_drops_oldest_turns_keeps_system(run_dir):
+    from phitune.generate import build_prompt_ids
+    from phitune.run import _fit_context
+
+    tok = run_dir["tokenizer"]
+    msgs = [{"role": "system", "content": "S"}]
+    for i in range(6):
+        msgs += [{"role": "user", "content": f"question number {i} " * 3}, {"role": "assistant", "content": "ok"}]
+    msgs.append({"role": "user", "content": "last"})
+    budget = len(build_prompt_ids(tok, [msgs[0]] + msgs[-3:]))
+    fitted = _fit_context(tok, msgs, budget)
+    assert fitted[0] == msgs[0] and fitted[-1] == msgs[-1]
+    assert fitted[1]["role"] == "user" and len(fitted) < len(msgs)
+    assert len(build_prompt_ids(tok, fitted)) <= budget
+
+
+def test_merge_writes_a_plain_model_equal_to_the_adapter_model(run_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from phitune.run import merge
+
+    out = merge(run_dir["run"], tmp_path / "merged", verbose=False)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json",
+            "phitune_merge.json"} <= names
+    assert not any(n.endswith(".bin") for n in names) and "adapter_config.json" not in names
+    info = json.loads((out / "phitune_merge.json").read_text())
+    assert info["max_abs_logit_diff_vs_adapter"] < 1e-4 and info["dtype"] == "float32"
+
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, run_dir["model"](ids).logits, atol=1e-4, rtol=1e-4)
+    assert set(merged.generation_config.eos_token_id) == set(
+        json.loads((run_dir["run"] / "generation_config.json").read_text())["eos_token_id"])
+    assert AutoTokenizer.from_pretrained(out).chat_template == run_dir["tokenizer"].chat_template
+
+
+def test_merge_refuses_a_non_empty_folder_unless_forced(run_dir, tmp_path):
+    from phitune.run import merge
+
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        merge(run_dir["run"], out)
+    merge(run_dir["run"], out, force=True, dtype="bfloat16", verbose=False)
+    assert (out / "notes.txt").read_text() == "mine"  # only model files are replaced
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(ConfigError, match="run folder itself"):
+        merge(run_dir["run"], run_dir["run"], force=True)
+
+
+def test_evaluate_on_given_data_and_on_the_runs_eval_split(run_dir):
+    from phitune.run import evaluate
+
+    m = evaluate(run_dir["run"], data=str(run_dir["data"]), verbose=False)
+    assert m["eval_samples"] == len(CHATS)
+    assert m["eval_tokens"] > 0 and 0.0 <= m["eval_token_accuracy"] <= 1.0
+    assert m["eval_perplexity"] == pytest.approx(torch.tensor(m["eval_loss"]).exp().item(), rel=1e-6)
+    m2 = evaluate(run_dir["run"], verbose=False)
+    assert m2["eval_samples"] == 4
+
+
+def test_evaluate_loss_matches_a_plain_forward(run_dir):
+    """Mean next-token cross-entropy over the trained (assistant) tokens, computed with model(...).logits."""
+    from phitune.config import load_config
+    from phitune.data import prepare_data
+    from phitune.run import evaluate
+
+    cfg = load_config(str(run_dir["run"] / "phitune_config.yaml"))
+    import dataclasses
+
+    prepared = prepare_data(dataclasses.replace(cfg.data, eval_split=None), run_dir["tokenizer"])
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(prepared.train)):
+            s = prepared.train[i]
+            ids = torch.tensor([list(s["input_ids"])])
+            labels = torch.tensor([list(s["labels"])])
+            logits = run_dir["model"](ids).logits[0, :-1]
+            target = labels[0, 1:]
+            keep = target != -100
+            total += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+            count += int(keep.sum())
+    m = evaluate(run_dir["run"], data=str(run_dir["data"]), batch_size=3, verbose=False)
+    assert m["eval_tokens"] == count
+    assert m["eval_loss"] == pytest.approx(total / count, rel=1e-4)
+
+
+def test_evaluate_without_eval_data_says_how_to_give_some(run_dir, tmp_path):
+    import shutil
+
+    from phitune.run import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir["run"], run)
+    text = (run / "phitune_config.yaml").read_text().replace("eval_split: 4", "eval_split: null")
+    (run / "phitune_config.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="--data"):
+        evaluate(run)
+
+
+def test_preview_needs_no_model_weights(run_dir, tmp_path):
+    import shutil
+
+    from phitune.run import preview
+
+    tok_only = tmp_path / "tok-only"
+    shutil.copytree(run_dir["base"], tok_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tok_only}\ndata:\n  train: {run_dir['data']}\n  max_seq_length: 64\n"
+                   f"  cache_dir: {tmp_path / 'cache'}\npeft_config: {{target_modules: all-linear}}\n")
+    out = io.StringIO()
+    prepared = preview(str(cfg), n=2, color=False, output=out)
+    assert len(prepared.train) == len(CHATS)
+    text = out.getvalue()
+    assert "plus" in text  # samples are printed
+    assert "\x1b[" not in text  # no colours when asked for none
+
+
+def test_checkpoint_folder_works_as_a_run_dir(run_dir, tmp_path):
+    import shutil
+
+    from phitune.run import chat, open_run
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir["run"], run)
+    ckpt = run / "checkpoints" / "checkpoint-3"
+    ckpt.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(run / name, ckpt / name)
+    (ckpt / "meta.json").write_text("{}")
+    r = open_run(ckpt)
+    assert r.root == run and r.adapter_dir == ckpt
+    a = chat(ckpt, prompt="What is 1 plus 1?", greedy=True, max_new_tokens=5, stream=False)
+    b = chat(run, prompt="What is 1 plus 1?", greedy=True, max_new_tokens=5, stream=False)
+    assert a == b
