@@ -54,6 +54,7 @@ CASES = {
         alpha_pattern={"layers.1.self_attn.qkv_proj": 3}, modules_to_save=["lm_head"])),
     "qwen2-bias-embed": (qwen2, dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
                                      bias="lora_only", modules_to_save=["embed_tokens"], use_rslora=True)),
+    "phi3-embedding-target": (phi3, dict(r=2, lora_alpha=4, target_modules=["embed_tokens", "o_proj"])),
 }
 
 
@@ -89,7 +90,7 @@ def test_loss_and_gradients_match_peft(case):
     loss_ours.backward(), loss_theirs.backward()
     torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-5, atol=1e-6)
     their_grads = {k.replace(".default", "").replace("base_model.model.", "").replace("modules_to_save.", "")
-                   .replace("base_layer.", ""): p.grad for k, p in theirs.named_parameters() if p.requires_grad}
+                   .replace("base_layer.", "").replace("lora_embedding_", "lora_"): p.grad for k, p in theirs.named_parameters() if p.requires_grad}
     our_grads = {k: p.grad for k, p in ours.named_parameters() if p.requires_grad}
     assert {k.replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B") for k in their_grads} == set(our_grads)
     for k, g in their_grads.items():
@@ -108,6 +109,7 @@ def test_per_slice_adapter_saves_as_fused_lora_that_peft_loads(use_rslora, tmp_p
     assert "model.layers.0.self_attn.qkv_proj[q_proj,v_proj]" in report.modules
     assert "model.layers.0.mlp.gate_up_proj[up_proj]" in report.modules
     expected = logits(model)
+    assert (expected - logits(phi3(gqa=True))).abs().max() > 1e-3  # the adapter matters
     save_adapter(model, tmp_path, base_model_name_or_path="tiny-phi3")
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert "model.layers.0.self_attn.qkv_proj" in written["target_modules"]
@@ -147,7 +149,7 @@ def test_per_slice_trains_exactly_the_named_rows():
     assert qkv.weight.grad is None and gate_up.weight.grad is None
 
 
-@pytest.mark.parametrize("case", ["phi3-mini-all-linear", "qwen2-bias-embed"])
+@pytest.mark.parametrize("case", ["phi3-mini-all-linear", "qwen2-bias-embed", "phi3-embedding-target"])
 def test_peft_trained_adapter_loads_with_peft_logits(case, tmp_path):
     make, cfg = CASES[case]
     theirs = peft_model(make(), {**cfg, "init_lora_weights": False})
@@ -159,6 +161,7 @@ def test_peft_trained_adapter_loads_with_peft_logits(case, tmp_path):
     ours = make()
     report = load_adapter(ours, tmp_path / "st")
     assert report.trainable_params == 0
+    assert (logits(theirs) - logits(make())).abs().max() > 1e-3  # the adapter matters
     torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
     # an older peft folder: adapter_model.bin, read with torch.load(weights_only=True)
     legacy = tmp_path / "bin"
@@ -184,16 +187,16 @@ def _adapted(**extra):
     return model
 
 
-@pytest.mark.parametrize("slices", [False, True])
-def test_merge_gives_plain_model_with_same_logits(slices, tmp_path):
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj", "down_proj"], ["embed_tokens", "qkv_proj"]])
+def test_merge_gives_plain_model_with_same_logits(targets, tmp_path):
     model = phi3(gqa=True)
-    add_lora(model, {"r": 2, "lora_alpha": 4, "init_lora_weights": False,
-                     "target_modules": ["q_proj", "v_proj", "down_proj"] if slices else "all-linear"})
+    add_lora(model, {"r": 2, "lora_alpha": 4, "init_lora_weights": False, "target_modules": targets})
     expected = logits(model)
+    assert (expected - logits(phi3(gqa=True))).abs().max() > 1e-3  # the adapter matters
     merged, diff = merge_lora_checked(model, IDS)
     assert merged is model and diff < 1e-4, diff
-    assert not [m for m in model.modules() if isinstance(m, (lora.Linear, lora.MergedLinear))]
-    assert type(model.model.layers[0].self_attn.qkv_proj) is nn.Linear
+    assert not [m for m in model.modules() if isinstance(m, (lora.Linear, lora.MergedLinear, lora.Embedding))]
+    assert type(model.model.layers[0].self_attn.qkv_proj) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     max_diff = (logits(reloaded) - expected).abs().max().item()
@@ -326,7 +329,7 @@ def test_strict_load_errors(tmp_path):
 
     save_adapter(_adapted(), tmp_path)
     _rewrite(tmp_path, lambda t: t.update({key: torch.zeros(3, 64)}))
-    with pytest.raises(AdapterError, match=r"'model\.layers\.1\.self_attn\.o_proj': lora_A has shape \(3, 64\) in the "
+    with pytest.raises(AdapterError, match=r"'model\.layers\.1\.self_attn\.o_proj': lora_A\.weight has shape \(3, 64\) in the "
                                            r"adapter but \(2, 64\) in the model \(a different LoRA rank\)"):
         load_adapter(phi3(), tmp_path)
 

@@ -458,6 +458,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         key = PEFT_PREFIX + name
         if isinstance(m, lora.Embedding):
             out[key + ".lora_embedding_A"], out[key + ".lora_embedding_B"] = m.lora_A.detach(), m.lora_B.detach()
+            # peft saves a targeted embedding's base weight too (save_embedding_layers="auto"), for resized vocabularies
+            out[key + ".base_layer.weight"] = m.weight.detach()
         elif name in state.slices:
             out[key + ".lora_A.weight"] = m.lora_A.detach()
             out[key + ".lora_B.weight"] = _expand_b(m, *state.slices[name], name.rsplit(".", 1)[-1])
@@ -478,6 +480,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+_SUFFIX = re.compile(r"\.(lora_[AB]\.weight|lora_embedding_[AB]|base_layer\.(weight|bias)|[^.]+)$")
+
+
 def _normalise_key(key: str) -> str:
     # Older peft versions kept the adapter name and the modules_to_save wrapper in the saved keys.
     key = re.sub(r"\.modules_to_save(\.default)?\.", ".", key)
@@ -490,19 +495,22 @@ def load_adapter_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor
     state = _state(model)
     expected = adapter_state_dict(model)
     given = {_normalise_key(k): v for k, v in tensors.items()}
-    module_of = lambda k: k[len(PEFT_PREFIX):].rsplit(".", 2 if ".lora_" in k and k.endswith(".weight") else 1)[0]  # noqa: E731
+    module_of = lambda k: _SUFFIX.sub("", k.removeprefix(PEFT_PREFIX))  # noqa: E731
+    tensor_of = lambda k: _SUFFIX.search(k).group(0)[1:]  # noqa: E731
     for key in given:
         if key not in expected:
             raise AdapterError(f"{source}: has weights for '{module_of(key)}' ({key}), which this model has no "
                                f"LoRA/saved module for; adapted here: {', '.join(sorted({module_of(k) for k in expected}))}")
     for key in expected:
+        if key not in given and key.endswith(".base_layer.weight"):  # peft's save_embedding_layers=False
+            continue
         if key not in given:
             raise AdapterError(f"{source}: no weights for module '{module_of(key)}' ({key} is missing); the adapter does "
                                "not fit this model or its adapter_config.json")
         want, got = tuple(expected[key].shape), tuple(given[key].shape)
         if want != got:
             rank = " (a different LoRA rank)" if ".lora_" in key and (want[0] != got[0] or want[-1] != got[-1]) else ""
-            raise AdapterError(f"{source}: module '{module_of(key)}': {key.rsplit('.', 2)[-2] if '.lora_' in key else key} has "
+            raise AdapterError(f"{source}: module '{module_of(key)}': {tensor_of(key)} has "
                                f"shape {got} in the adapter but {want} in the model{rank}")
     lora_layers = dict(_lora_modules(model))
     params = dict(model.named_parameters())
