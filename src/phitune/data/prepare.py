@@ -111,7 +111,8 @@ def _raise_bad(name: str, bad: _Collector, n: int) -> None:
     )
 
 
-def _tokenize(source, ok: np.ndarray, renderer: Renderer, cfg: DataConfig, writers: dict, route: np.ndarray | None):
+def _tokenize(source, ok: np.ndarray, renderer: Renderer, cfg: DataConfig, writers: dict, route: np.ndarray | None,
+              name: str = "train"):
     """Pass 2: normalize, render, tokenize, mask, truncate; stream into the writers. Returns per-split stats."""
     st = {k: Counter() for k in writers}
     lengths = {k: [] for k in writers}
@@ -138,7 +139,7 @@ def _tokenize(source, ok: np.ndarray, renderer: Renderer, cfg: DataConfig, write
     k = 0
     for where, rec in source:
         good = ok[k]
-        d = "eval" if route is not None and route[k] else "train"
+        d = "eval" if route is not None and route[k] else name
         k += 1
         if not good:
             continue
@@ -249,7 +250,7 @@ def prepare_data(cfg: DataConfig | dict | Any, tokenizer) -> PreparedData:
             f_eval, ok_eval, bad_eval = checked["eval"]
             r_eval = renderer if f_eval == f_train else Renderer(tokenizer, cfg, f_eval)
             we = {"eval": SampleWriter(os.path.join(tmp, "eval"))}
-            st_e, lens_e = _tokenize(sources["eval"], ok_eval, r_eval, cfg, we, None)
+            st_e, lens_e = _tokenize(sources["eval"], ok_eval, r_eval, cfg, we, None, "eval")
             w.update(we)
             st.update(st_e)
             lens.update(lens_e)
