@@ -3,6 +3,7 @@
 Pieces (each keeps the plain path's loss and LoRA gradients within the dtype's tolerance, each can be turned off):
   cross_entropy  chunked lm_head + cross-entropy with gradients formed per chunk; only labelled positions
                  (always on inside ``forward_loss``; ``fused_loss=False`` turns it off)
+  fused          LoRA linear, SwiGLU+down (with LoRA) and RMSNorm as single autograd functions (fused.py)
   attention      dense packed masks dropped when position_ids say the same; on CUDA flash-attention varlen or
                  flex attention for packed batches
 See ``apply`` for the switches it reads from the training config.
@@ -32,7 +33,7 @@ def apply(model, training_config=None) -> list[str]:
 
     Reads ``fast_path`` ("auto" or "off"; default auto) from ``training_config`` when present.
     """
-    from . import attention
+    from . import attention, fused
 
     notes: list[str] = []
     mode = _get(training_config, "fast_path", "auto")
@@ -41,6 +42,11 @@ def apply(model, training_config=None) -> list[str]:
         return notes
     device = _device_of(model)
     notes.append("loss: chunked lm_head cross-entropy over labelled positions only (no full logits)")
+
+    counts = fused.install(model, lora_layers=_get(training_config, "fast_lora", True),
+                           mlp=_get(training_config, "fast_mlp", True), norms=_get(training_config, "fast_norm", True))
+    if any(counts.values()):
+        notes.append("fused autograd functions: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
 
     wanted = attention.choose(model, device)
     if wanted and attention.implementation(model) != wanted and attention.switch(model, wanted):

@@ -1,0 +1,173 @@
+"""phitune.fast: fused LoRA/SwiGLU/RMSNorm functions and apply_fast_path keep the plain path's loss and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Phi3Config, Phi3ForCausalLM
+
+from phitune import lora
+from phitune.adapt import adapter_state_dict, add_lora
+from phitune.fast import fused
+from phitune.loss import apply_fast_path, forward_loss
+
+torch.set_num_threads(1)
+
+
+def model_with_lora(dropout=0.0, target="all-linear", vocab=101, **kw):
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, use_cache=False, **kw)
+    model = Phi3ForCausalLM._from_config(cfg, attn_implementation="sdpa")
+    add_lora(model, {"r": 4, "lora_alpha": 8, "lora_dropout": dropout, "target_modules": target})
+    for n, p in model.named_parameters():  # non-zero B so every LoRA path carries gradient
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def batch(B=2, T=10, vocab=101):
+    ids = torch.randint(1, vocab, (B, T), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def loss_and_grads(model, b, **kw):
+    model.zero_grad(set_to_none=True)
+    out = forward_loss(model, b, **kw)
+    out.loss_sum.backward()
+    return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+class FixedMask:
+    """Replaces the dropout mask generator with a fixed pattern, so dropout paths can be compared and grad-checked."""
+
+    def __init__(self, monkeypatch):
+        monkeypatch.setattr(fused, "_dropout_mask", self)
+
+    def __call__(self, x, p):
+        if p <= 0:
+            return None
+        g = torch.Generator().manual_seed(x.shape[-1])
+        return (torch.rand(x.shape, generator=g) >= p).to(x.device)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_linear_gradcheck(monkeypatch, p):
+    FixedMask(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(7, 6, dtype=torch.float64, generator=g)
+    b = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
+    A = torch.randn(3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    fn = lambda x, b, A, B: fused.LoRALinearFn.apply(x, W, b, A, B, 1.5, p)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, b, A, B))
+    mask = fused._dropout_mask(x, p)
+    xd = x if mask is None else x * mask / (1 - p)
+    ref = F.linear(x, W, b) + 1.5 * (xd @ A.t()) @ B.t()
+    torch.testing.assert_close(fn(x, b, A, B), ref)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_swiglu_down_gradcheck(monkeypatch, p):
+    FixedMask(monkeypatch)
+    g = torch.Generator().manual_seed(1)
+    gu = torch.randn(5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(6, 4, dtype=torch.float64, generator=g)
+    A = torch.randn(2, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(6, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    fn = lambda gu, A, B: fused.SwiGLUDownFn.apply(gu, W, None, A, B, 2.0, p)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (gu, A, B))
+    gate, up = gu.chunk(2, -1)
+    h = F.silu(gate) * up
+    mask = fused._dropout_mask(h, p)
+    hd = h if mask is None else h * mask / (1 - p)
+    torch.testing.assert_close(fn(gu, A, B), F.linear(h, W) + 2.0 * (hd @ A.t()) @ B.t())
+
+
+def test_rms_norm_gradcheck():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: fused.RMSNormFn.apply(x, w, 1e-6), (x, w))
+
+
+@pytest.mark.parametrize("target", ["all-linear", ["q_proj", "v_proj", "down_proj"]])
+def test_fast_path_equals_plain(target):
+    model = model_with_lora(target=target)
+    b = batch()
+    ref_loss, ref = loss_and_grads(model, b, fused_loss=False)
+    names = sorted(n for n, _ in model.named_parameters())
+    keys = sorted(adapter_state_dict(model))
+    notes = apply_fast_path(model, None)
+    assert any("fused" in n for n in notes), notes
+    assert any(type(m) is fused.FusedLoRALinear or type(m) is fused.FusedLoRAMergedLinear for m in model.modules())
+    assert all(isinstance(m, (lora.Linear, lora.MergedLinear)) for m in model.modules() if "Fused" in type(m).__name__
+               and "LoRA" in type(m).__name__)
+    assert sorted(n for n, _ in model.named_parameters()) == names and sorted(adapter_state_dict(model)) == keys
+    loss, got = loss_and_grads(model, b)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert got.keys() == ref.keys() and ref
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert fused.uninstall(model) > 0
+    assert not any("Fused" in type(m).__name__ for m in model.modules())
+
+
+def test_fast_path_dropout_same_as_plain_with_same_mask(monkeypatch):
+    """With dropout, the fused layers match the layers' own forward fed the same masked input."""
+    FixedMask(monkeypatch)
+    model = model_with_lora(dropout=0.2)
+    model.train()
+    b = batch()
+    fused.install(model)
+    loss, got = loss_and_grads(model, b)
+
+    def masked_dropout(mod, inp):  # the plain path with the same fixed mask
+        (x,) = inp
+        m = fused._dropout_mask(x, 0.2)
+        return x * m / 0.8
+
+    fused.uninstall(model)
+    for m in model.modules():
+        if isinstance(m, (lora.Linear, lora.MergedLinear)):
+            m.lora_dropout.forward = lambda x, _m=m: masked_dropout(_m, (x,))
+    ref_loss, ref = loss_and_grads(model, b)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_eval_and_merged_layers_fall_back():
+    model = model_with_lora(dropout=0.1)
+    fused.install(model)
+    model.eval()
+    b = batch()
+    with torch.no_grad():
+        a = forward_loss(model, b).loss_sum
+        for m in model.modules():
+            if isinstance(m, (lora.Linear, lora.MergedLinear)):
+                m.merge()
+        merged = forward_loss(model, b).loss_sum
+    torch.testing.assert_close(a, merged, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_autocast_close_to_plain():
+    model = model_with_lora()
+    b = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, ref = loss_and_grads(model, b, fused_loss=False)
+    apply_fast_path(model, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, got = loss_and_grads(model, b)
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
+    for n in ref:
+        assert got[n].dtype == ref[n].dtype, n
+        torch.testing.assert_close(got[n], ref[n], rtol=5e-2, atol=5e-2 * ref[n].abs().max().item(), msg=n)
+
+
+def test_fast_path_off():
+    model = model_with_lora()
+    assert apply_fast_path(model, {"fast_path": "off"}) == []
+    assert not any("Fused" in type(m).__name__ for m in model.modules())
