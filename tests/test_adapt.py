@@ -1,6 +1,5 @@
 """phitune.adapt against peft on tiny random models: same parameters, same loss/gradients, adapters in both directions."""
 
-import copy
 import json
 
 import pytest

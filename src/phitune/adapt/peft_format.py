@@ -1,0 +1,230 @@
+"""The PEFT adapter format: adapter_config.json + adapter_model.safetensors, as peft writes and reads them.
+
+Conversion is two pure functions over state dicts (:func:`adapter_state_dict`, :func:`load_adapter_state_dict`);
+per-slice adapters on a fused module are written as ONE LoRA on that module (concatenated A, block-structured B,
+rank r*n), with rank_pattern/alpha_pattern entries so peft computes the same scaling.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .. import lora
+from ..errors import AdapterError, ConfigError
+from .config import LoraConfig, parse_lora_config
+from .inject import FUSED_SLICES, LoraReport, _lora_modules, _set_trainable, _state, add_lora, lora_report
+
+PEFT_PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+
+
+def _expand_b(module: lora.MergedLinear, enabled: list[str], splits: list[int], fused_leaf: str) -> torch.Tensor:
+    """The compact per-slice lora_B (rows of the enabled slices, r columns each) as one fused LoRA's B (out, r*n)."""
+    r, names = module.r, FUSED_SLICES[fused_leaf]
+    B = module.lora_B.detach()
+    full = B.new_zeros(sum(splits), r * len(enabled))
+    row, k = 0, 0
+    for s_name, size, start in zip(names, splits, _offsets(splits)):
+        if s_name in enabled:
+            full[start:start + size, k * r:(k + 1) * r] = B[row:row + size]
+            row, k = row + size, k + 1
+    return full
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    return [sum(sizes[:i]) for i in range(len(sizes))]
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT key names (what :func:`save_adapter` writes); detached, not copied."""
+    state = _state(model)
+    out: dict[str, torch.Tensor] = {}
+    lora_layers = dict(_lora_modules(model))
+    for name, m in lora_layers.items():
+        key = PEFT_PREFIX + name
+        if isinstance(m, lora.Embedding):
+            out[key + ".lora_embedding_A"], out[key + ".lora_embedding_B"] = m.lora_A.detach(), m.lora_B.detach()
+            # peft saves a targeted embedding's base weight too (save_embedding_layers="auto"), for resized vocabularies
+            out[key + ".base_layer.weight"] = m.weight.detach()
+        elif name in state.slices:
+            out[key + ".lora_A.weight"] = m.lora_A.detach()
+            out[key + ".lora_B.weight"] = _expand_b(m, *state.slices[name], name.rsplit(".", 1)[-1])
+        else:
+            out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = m.lora_A.detach(), m.lora_B.detach()
+    if state.config.bias != "none":
+        for n, p in model.named_parameters():
+            owner, _, leaf = n.rpartition(".")
+            if leaf != "bias" or any(owner == k or owner.startswith(k + ".") for k in state.modules_to_save):
+                continue
+            if owner in lora_layers:  # peft keeps the wrapped layer's parameters under base_layer
+                out[f"{PEFT_PREFIX}{owner}.base_layer.bias"] = p.detach()
+            elif state.config.bias == "all":
+                out[PEFT_PREFIX + n] = p.detach()
+    for name in state.modules_to_save:
+        for pname, p in model.get_submodule(name).named_parameters():
+            out[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach()
+    return out
+
+
+_SUFFIX = re.compile(r"\.(lora_[AB]\.weight|lora_embedding_[AB]|base_layer\.(weight|bias)|[^.]+)$")
+
+
+def _normalise_key(key: str) -> str:
+    # Older peft versions kept the adapter name and the modules_to_save wrapper in the saved keys.
+    key = re.sub(r"\.modules_to_save(\.default)?\.", ".", key)
+    return re.sub(r"\.(lora_A|lora_B)\.default\.", r".\1.", key)
+
+
+@torch.no_grad()
+def load_adapter_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str = "the adapter") -> None:
+    """Copy PEFT-named tensors into the model's LoRA layers, strictly (every tensor used, every shape equal)."""
+    state = _state(model)
+    expected = adapter_state_dict(model)
+    given = {_normalise_key(k): v for k, v in tensors.items()}
+    module_of = lambda k: _SUFFIX.sub("", k.removeprefix(PEFT_PREFIX))  # noqa: E731
+    tensor_of = lambda k: _SUFFIX.search(k).group(0)[1:]  # noqa: E731
+    for key in given:
+        if key not in expected:
+            raise AdapterError(f"{source}: has weights for '{module_of(key)}' ({key}), which this model has no "
+                               f"LoRA/saved module for; adapted here: {', '.join(sorted({module_of(k) for k in expected}))}")
+    for key in expected:
+        if key not in given and key.endswith(".base_layer.weight"):  # peft's save_embedding_layers=False
+            continue
+        if key not in given:
+            raise AdapterError(f"{source}: no weights for module '{module_of(key)}' ({key} is missing); the adapter does "
+                               "not fit this model or its adapter_config.json")
+        want, got = tuple(expected[key].shape), tuple(given[key].shape)
+        if want != got:
+            rank = " (a different LoRA rank)" if ".lora_" in key and (want[0] != got[0] or want[-1] != got[-1]) else ""
+            raise AdapterError(f"{source}: module '{module_of(key)}': {tensor_of(key)} has "
+                               f"shape {got} in the adapter but {want} in the model{rank}")
+    lora_layers = dict(_lora_modules(model))
+    params = dict(model.named_parameters())
+    for key, value in given.items():
+        name = key[len(PEFT_PREFIX):]
+        owner, _, leaf = name.rpartition(".")
+        if leaf == "weight" and owner.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
+            mod_name, which = owner.rsplit(".", 1)
+            m = lora_layers[mod_name]
+            if which == "lora_B" and mod_name in state.slices:
+                value = _compact_b(value, mod_name, m, *state.slices[mod_name], source)
+            getattr(m, which).copy_(value)
+        elif leaf in ("lora_embedding_A", "lora_embedding_B"):
+            getattr(lora_layers[owner], "lora_" + leaf[-1]).copy_(value)
+        else:
+            params[name.replace(".base_layer.", ".")].copy_(value)
+
+
+def _compact_b(full: torch.Tensor, name: str, m: lora.MergedLinear, enabled, splits, source) -> torch.Tensor:
+    names, r = FUSED_SLICES[name.rsplit(".", 1)[-1]], m.r
+    blocks, check = [], full.clone()
+    k = 0
+    for s_name, size, start in zip(names, splits, _offsets(splits)):
+        if s_name in enabled:
+            blocks.append(full[start:start + size, k * r:(k + 1) * r])
+            check[start:start + size, k * r:(k + 1) * r] = 0
+            k += 1
+    if check.abs().max() > 0:
+        raise AdapterError(f"{source}: module '{name}': lora_B is not block-structured per slice ({', '.join(enabled)}), "
+                           "so it cannot load into per-slice LoRA layers; load it onto a fresh model instead")
+    return torch.cat(blocks)
+
+
+def _adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> dict[str, Any]:
+    """adapter_config.json: peft's keys, with the adapted modules named exactly and per-module r/alpha spelt out."""
+    state = _state(model)
+    cfg = state.config
+    ranks, alphas = {}, {}
+    for name, m in _lora_modules(model):
+        n = len(state.slices[name][0]) if name in state.slices else 1
+        # A fused module with n per-slice adapters of rank r is one LoRA of rank r*n; peft's scaling alpha/(r*n)
+        # (alpha/sqrt(r*n) with rsLoRA) equals ours when alpha is scaled by n (sqrt(n)).
+        r, alpha = m.r * n, m.lora_alpha * (math.sqrt(n) if cfg.use_rslora else n)
+        if r != cfg.r:
+            ranks[name] = r
+        if alpha != cfg.lora_alpha:
+            alphas[name] = alpha
+    return {
+        "peft_type": "LORA", "task_type": cfg.task_type, "base_model_name_or_path": base_model_name_or_path,
+        "revision": None, "inference_mode": True, "r": cfg.r, "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout, "bias": cfg.bias, "target_modules": sorted(n for n, _ in _lora_modules(model)),
+        "exclude_modules": None, "modules_to_save": list(state.modules_to_save) or None, "rank_pattern": ranks,
+        "alpha_pattern": alphas, "use_rslora": cfg.use_rslora, "init_lora_weights": cfg.init_lora_weights,
+        "fan_in_fan_out": False, "layers_to_transform": None, "layers_pattern": None, "use_dora": False, "lora_bias": False,
+    }
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (PEFT layout) to ``directory``; returns it."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    # Clone: safetensors refuses tensors sharing storage (tied weights) and non-contiguous views.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
+    for name, write in [(WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+                        (CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(_adapter_config(model, base_model_name_or_path), indent=2) + "\n"))]:
+        tmp = directory / (name + ".tmp")
+        write(str(tmp))
+        os.replace(tmp, directory / name)
+    return directory
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor], Path]:
+    """The config and tensors of a PEFT adapter folder (safetensors, or a legacy .bin read with weights_only)."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterError(f"{config_path}: not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        data = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{config_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    try:
+        cfg = parse_lora_config(data, section=str(config_path))
+    except ConfigError as e:
+        raise AdapterError(str(e)) from None
+    if (directory / WEIGHTS_NAME).is_file():
+        from safetensors.torch import load_file
+
+        path = directory / WEIGHTS_NAME
+        tensors = load_file(str(path))
+    elif (directory / LEGACY_WEIGHTS_NAME).is_file():
+        path = directory / LEGACY_WEIGHTS_NAME
+        try:  # weights_only: a pickle may run code; only plain tensors are accepted
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise AdapterError(f"{path}: not a plain tensor file ({type(e).__name__}: {e}); phitune never unpickles code") from None
+    else:
+        raise AdapterError(f"{directory}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) next to {CONFIG_NAME}")
+    return cfg, tensors, path
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, *, trainable: bool = False,
+                 lora_dtype: torch.dtype | None = None) -> LoraReport:
+    """Load a PEFT adapter folder (phitune's or peft's) onto ``model``, strictly; frozen unless ``trainable``.
+
+    A model without LoRA gets the layers the folder's adapter_config.json describes; a model that already has
+    phitune LoRA layers (e.g. from add_lora with the run's config, to resume training) keeps them.
+    """
+    cfg, tensors, path = read_adapter(directory)
+    if not _lora_modules(model):
+        try:
+            add_lora(model, cfg, lora_dtype=lora_dtype)
+        except ConfigError as e:
+            raise AdapterError(f"{Path(directory) / CONFIG_NAME}: does not fit this model: {e}") from None
+    load_adapter_state_dict(model, tensors, source=str(path))
+    _set_trainable(model, trainable)
+    return lora_report(model)
