@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -354,6 +355,25 @@ def _build_data_config(DataConfig, value):
 # --- YAML, overrides --------------------------------------------------------------------------------------------------
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``; everyone writes ``1e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
     """(data, {dotted key path: line}) of a YAML config file; YAML errors name the file and line."""
     path = Path(path)
@@ -361,8 +381,8 @@ def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
         raise ConfigError(f"{path}: no such config file")
     text = path.read_text(encoding="utf-8")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        data = _yaml_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -402,7 +422,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             raise ConfigError(f"override '{item}': unknown section '{parts[0]}'{suggest(parts[0], SECTIONS)}; "
                               f"the sections are {', '.join(SECTIONS)}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override '{item}': the value is not valid YAML ({exc})") from None
         node = data
@@ -449,8 +469,6 @@ def load_config(source: str | Path | Mapping[str, Any] | RunConfig, overrides: S
 
 def _with_line(message: str, path: str, lines: Mapping[str, int]) -> str:
     """Prefix ``message`` with ``path:line`` of the key it names (``section.key: ...`` or ``unknown key 'k'``)."""
-    import re
-
     head = message.split(":", 1)[0].strip()
     m = re.search(r"unknown key '([^']+)'", message)
     candidates = []
