@@ -128,6 +128,16 @@ def test_per_slice_adapter_saves_as_fused_lora_that_peft_loads(use_rslora, tmp_p
     torch.testing.assert_close(logits(fused), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_per_slice_only_config_needs_no_patterns(tmp_path):
+    model = phi3(gqa=True)
+    add_lora(model, {"r": 2, "lora_alpha": 5, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False})
+    save_adapter(model, tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (written["r"], written["lora_alpha"], written["rank_pattern"], written["alpha_pattern"]) == (4, 10, {}, {})
+    theirs = peft.PeftModel.from_pretrained(phi3(gqa=True), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs), logits(model), rtol=1e-5, atol=1e-5)
+
+
 def test_per_slice_trains_exactly_the_named_rows():
     model = phi3(gqa=True)  # q/k/v = 64/32/32 rows
     add_lora(model, {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj", "gate_proj"]})

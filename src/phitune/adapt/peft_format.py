@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -144,19 +145,21 @@ def _adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> di
     """adapter_config.json: peft's keys, with the adapted modules named exactly and per-module r/alpha spelt out."""
     state = _state(model)
     cfg = state.config
-    ranks, alphas = {}, {}
+    effective = {}
     for name, m in _lora_modules(model):
         n = len(state.slices[name][0]) if name in state.slices else 1
         # A fused module with n per-slice adapters of rank r is one LoRA of rank r*n; peft's scaling alpha/(r*n)
         # (alpha/sqrt(r*n) with rsLoRA) equals ours when alpha is scaled by n (sqrt(n)).
-        r, alpha = m.r * n, m.lora_alpha * (math.sqrt(n) if cfg.use_rslora else n)
-        if r != cfg.r:
-            ranks[name] = r
-        if alpha != cfg.lora_alpha:
-            alphas[name] = alpha
+        effective[name] = (m.r * n, m.lora_alpha * (math.sqrt(n) if cfg.use_rslora else n))
+    # The most common (r, alpha) becomes the global pair, so the usual configs need no patterns at all (some
+    # loaders, e.g. older vLLM, read only r and lora_alpha); the rest are exact per-module entries.
+    counts = Counter(effective.values())
+    r, alpha = max(counts, key=lambda ra: (counts[ra], ra == (cfg.r, cfg.lora_alpha)))
+    ranks = {name: ra[0] for name, ra in effective.items() if ra[0] != r}
+    alphas = {name: ra[1] for name, ra in effective.items() if ra[1] != alpha}
     return {
         "peft_type": "LORA", "task_type": cfg.task_type, "base_model_name_or_path": base_model_name_or_path,
-        "revision": None, "inference_mode": True, "r": cfg.r, "lora_alpha": cfg.lora_alpha,
+        "revision": None, "inference_mode": True, "r": r, "lora_alpha": alpha,
         "lora_dropout": cfg.lora_dropout, "bias": cfg.bias, "target_modules": sorted(n for n, _ in _lora_modules(model)),
         "exclude_modules": None, "modules_to_save": list(state.modules_to_save) or None, "rank_pattern": ranks,
         "alpha_pattern": alphas, "use_rslora": cfg.use_rslora, "init_lora_weights": cfg.init_lora_weights,
