@@ -21,6 +21,8 @@ _EXPORTS = {
     "save_adapter": "adapt",
     "load_adapter": "adapt",
     "merge_lora": "adapt",
+    "merge_lora_checked": "adapt",
+    "adapter_state_dict": "adapt",
     "LoraConfig": "adapt",
     "LoraReport": "adapt",
     # data.py: chat data pipeline
