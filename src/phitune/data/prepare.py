@@ -115,7 +115,7 @@ def _tokenize(source, ok: np.ndarray, renderer: Renderer, cfg: DataConfig, write
               name: str = "train"):
     """Pass 2: normalize, render, tokenize, mask, truncate; stream into the writers. Returns per-split stats."""
     st = {k: Counter() for k in writers}
-    lengths = {k: [] for k in writers}
+    lengths = {k: writers[k].lengths for k in writers}
     buf, wheres, dest = [], [], []
 
     def flush():
@@ -131,7 +131,6 @@ def _tokenize(source, ok: np.ndarray, renderer: Renderer, cfg: DataConfig, write
                 c["answer_tokens_cut"] += e.answer_tokens_cut
                 c["answer_truncated"] += bool(e.answer_tokens_cut)
             writers[d].add(e.ids, e.trained)
-            lengths[d].append(len(e.ids))
         buf.clear()
         wheres.clear()
         dest.clear()
@@ -155,7 +154,7 @@ def _tokenize(source, ok: np.ndarray, renderer: Renderer, cfg: DataConfig, write
 
 def _split_stats(n_records, bad: _Collector, counters: Counter, lengths: list, samples: TokenizedSamples, fmt: str,
                  cfg: DataConfig) -> dict:
-    arr = np.asarray(lengths, dtype=np.int64)
+    arr = np.asarray(samples.lengths, dtype=np.int64)
     pct = {f"p{q}": int(np.percentile(arr, q)) for q in (5, 50, 90, 95, 99)} if len(arr) else {}
     if len(arr):
         pct["max"] = int(arr.max())

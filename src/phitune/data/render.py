@@ -11,6 +11,7 @@ tokenizer's offsets, for a whole chunk of conversations in one batched ``encode_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -169,7 +170,7 @@ class Renderer:
     def _mask(offsets, spans) -> np.ndarray:
         if not spans or not offsets:
             return np.zeros(len(offsets), dtype=bool)
-        off = np.array(offsets, dtype=np.int64).reshape(-1, 2)
+        off = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets)).reshape(-1, 2)
         sp = np.array(spans, dtype=np.int64).reshape(-1, 3)
         k = np.searchsorted(sp[:, 0], off[:, 0], side="right") - 1
         kk = np.maximum(k, 0)
@@ -189,7 +190,7 @@ class Renderer:
         encs = self.backend.encode_batch(texts, add_special_tokens=False)
         out = []
         for k, enc in enumerate(encs):
-            ids = np.array(enc.ids, dtype=np.int32)
+            ids = np.fromiter(enc.ids, dtype=np.int32, count=len(enc.ids))
             trained = self._mask(enc.offsets, spans[k])
             if self.fmt == "text" and self.eos_id is not None:
                 ids = np.append(ids, np.int32(self.eos_id))

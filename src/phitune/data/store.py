@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from array import array
 
 import numpy as np
 
@@ -17,7 +18,7 @@ class SampleWriter:
         self.folder = folder
         self._ids = open(os.path.join(folder, "input_ids.bin"), "wb")
         self._mask = open(os.path.join(folder, "trained.bin"), "wb")
-        self.lengths: list[int] = []
+        self.lengths = array("q")  # 8 bytes a sample, not a Python int object each
         self.n_tokens = 0
         self.n_trained = 0
 
@@ -32,7 +33,7 @@ class SampleWriter:
         self._ids.close()
         self._mask.close()
         offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
-        np.cumsum(np.asarray(self.lengths, dtype=np.int64), out=offsets[1:])
+        np.cumsum(np.frombuffer(self.lengths, dtype=np.int64), out=offsets[1:])
         offsets.tofile(os.path.join(self.folder, "offsets.bin"))
         with open(os.path.join(self.folder, "meta.json"), "w") as f:
             json.dump({"samples": len(self.lengths), "tokens": self.n_tokens, "trained_tokens": self.n_trained,
