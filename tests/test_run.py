@@ -265,3 +265,31 @@ def test_checkpoint_folder_works_as_a_run_dir(run_dir, tmp_path):
     a = chat(ckpt, prompt="What is 1 plus 1?", greedy=True, max_new_tokens=5, stream=False)
     b = chat(run, prompt="What is 1 plus 1?", greedy=True, max_new_tokens=5, stream=False)
     assert a == b
+
+
+def test_relative_paths_of_the_training_folder_work_from_anywhere(run_dir, tmp_path, monkeypatch):
+    """A config trained in /proj with `model: base` and `output_dir: runs/x` is reopened from another folder."""
+    import shutil
+
+    import yaml
+
+    from phitune.run import chat, load_run_config
+
+    proj = tmp_path / "proj"
+    shutil.copytree(run_dir["base"], proj / "base")
+    shutil.copy(run_dir["data"], proj / "chats.jsonl")
+    run = proj / "runs" / "x"
+    shutil.copytree(run_dir["run"], run)
+    cfg = yaml.safe_load((run / "phitune_config.yaml").read_text())
+    cfg["model"]["name_or_path"] = "base"
+    cfg["data"]["train"] = "chats.jsonl"
+    cfg["training_config"]["output_dir"] = "runs/x"
+    (run / "phitune_config.yaml").write_text(yaml.safe_dump(cfg))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_run_config(run)
+    assert loaded.model.name_or_path == str(proj / "base")
+    assert loaded.data.train == str(proj / "chats.jsonl")
+    assert chat(run, prompt="hi", greedy=True, max_new_tokens=3, stream=False) == \
+        chat(run_dir["run"], prompt="hi", greedy=True, max_new_tokens=3, stream=False)

@@ -245,6 +245,7 @@ def _cmd_train(args) -> int:
     result = finetune(config)
     print(f"\nrun saved to {result.output_dir}")
     if getattr(result, "metrics", None):
+        print("final metrics:")
         print(_format_metrics(result.metrics))
     print(f"next: phitune eval {result.output_dir}  |  phitune chat {result.output_dir}")
     return 0
@@ -323,13 +324,12 @@ def config_help() -> str:
 
 
 def _format_metrics(metrics: dict) -> str:
-    parts = []
+    width = max((len(k) for k in metrics), default=0)
+    lines = []
     for key, value in metrics.items():
-        if isinstance(value, float):
-            parts.append(f"{key}: {value:.4g}")
-        else:
-            parts.append(f"{key}: {value}")
-    return "  ".join(parts)
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        lines.append(f"  {key:<{width}}  {shown}")
+    return "\n".join(lines)
 
 
 class _Usage(PhituneError):

@@ -92,7 +92,43 @@ def load_run_config(run_dir: str | os.PathLike):
     from .config import load_config
 
     run = open_run(run_dir)
-    return load_config(str(run.config_path))
+    config = load_config(str(run.config_path))
+    return _rebase_paths(config, run)
+
+
+def _training_cwd(config, run: RunFolder) -> Path | None:
+    """The folder training ran in, recovered from a relative ``output_dir`` (``runs/x`` in /home/me/proj -> proj)."""
+    out = Path(config.training_config.output_dir)
+    if out.is_absolute():
+        return None
+    root = run.root.resolve()
+    parts = [p for p in out.parts if p not in (".", "")]
+    if ".." in parts or not parts or list(root.parts[-len(parts):]) != parts:
+        return None
+    return Path(*root.parts[: len(root.parts) - len(parts)])
+
+
+def _rebase_paths(config, run: RunFolder):
+    """Relative local paths in the saved config (base model, tokenizer, data files) were relative to the folder
+    training ran in; make them work from anywhere."""
+    origin = _training_cwd(config, run)
+    if origin is None or origin.resolve() == Path.cwd().resolve():
+        return config
+
+    def fix(value):
+        if not isinstance(value, str) or not value or Path(value).is_absolute() or Path(value).exists():
+            return value
+        candidate = origin / value
+        return str(candidate) if candidate.exists() else value
+
+    model = dataclasses.replace(config.model, name_or_path=fix(config.model.name_or_path),
+                                tokenizer=fix(config.model.tokenizer))
+    data = config.data
+    changes = {k: fix(getattr(data, k)) for k in ("train", "eval", "cache_dir") if hasattr(data, k)}
+    if changes.get("cache_dir") is not None and not Path(changes["cache_dir"]).is_absolute():
+        changes["cache_dir"] = str(origin / changes["cache_dir"])
+    data = dataclasses.replace(data, **changes)
+    return dataclasses.replace(config, model=model, data=data)
 
 
 def _device(device: str | None) -> "torch.device":
@@ -343,15 +379,15 @@ def merge(
     ``phitune_merge.json``) the largest logit difference between the merged and the adapter model on a sample input.
     """
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"merge: dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+        raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     run = open_run(run_dir)
     out = Path(out_dir).expanduser()
     if out.resolve() in (run.root.resolve(), run.adapter_dir.resolve()):
-        raise ConfigError(f"merge: --out '{out}' is the run folder itself; choose a new folder for the merged model")
+        raise ConfigError(f"the output folder '{out}' is the run folder itself; choose a new folder for the merged model")
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"merge: --out '{out}' is a file; choose a folder")
+        raise ConfigError(f"the output folder '{out}' is a file; choose a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise ConfigError(f"merge: --out '{out}' is not empty; choose an empty or new folder, or pass --force "
+        raise ConfigError(f"the output folder '{out}' is not empty; choose an empty or new folder, or pass --force "
                           "(force=True) to overwrite the model files in it")
 
     import torch
