@@ -127,7 +127,7 @@ def test_gradient_checkpointing_still_gives_lora_gradients(tiny_model_dir, chat_
     plain, _ = _grads_after_one_step(model, [batch], cfg.training_config)
     enable_gradient_checkpointing(model, build_training_config({"gradient_checkpointing": True}))
     model.train()
-    assert model.is_gradient_checkpointing
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     checkpointed, _ = _grads_after_one_step(model, [batch], cfg.training_config)
     for a, b in zip(plain, checkpointed):
         assert float(b.abs().sum()) > 0

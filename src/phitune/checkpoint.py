@@ -39,7 +39,7 @@ TRAINABLE_NAME = "trainable.safetensors"
 META_NAME = "meta.json"
 # Settings that must match for a resumed run to continue the same run (changing epochs/max_steps is allowed).
 RESUME_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "seed")
-# Save-window hook for the kill test: sleep this many seconds after the files are written, before the rename.
+# Kill-test hook (see _test_slow_save): sleep after the files are written, before the rename.
 _SLOW_SAVE_ENV = "PHITUNE_TEST_SLOW_SAVE"
 
 
@@ -176,9 +176,7 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, scheduler, data_
         _fsync_file(f)
     _fsync_dir(tmp)
 
-    delay = float(os.environ.get(_SLOW_SAVE_ENV, "0") or 0)
-    if delay:
-        time.sleep(delay)  # test hook: widens the window in which a kill lands mid-save
+    _test_slow_save(step)
 
     if final.exists():  # re-saving a step after resuming from an older checkpoint
         old = root / f".tmp-old-{PREFIX}{step}-{os.getpid()}"
@@ -189,6 +187,16 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, scheduler, data_
         os.replace(tmp, final)
     _fsync_dir(root)
     return final
+
+
+def _test_slow_save(step: int) -> None:
+    """Kill-test hook: PHITUNE_TEST_SLOW_SAVE="SECONDS" or "STEP:SECONDS" sleeps between writing and renaming."""
+    value = os.environ.get(_SLOW_SAVE_ENV)
+    if not value:
+        return
+    at, _, seconds = value.rpartition(":")
+    if not at or int(at) == step:
+        time.sleep(float(seconds))
 
 
 def _remove_temp_folders(root: Path) -> None:

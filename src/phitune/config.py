@@ -174,7 +174,11 @@ def _report_to(value) -> list[str]:
     return names
 
 
-_TRAINING_ALIASES = {"evaluation_strategy": "eval_strategy"}  # renamed in transformers 4.46
+_TRAINING_ALIASES = {
+    "evaluation_strategy": "eval_strategy",  # renamed in transformers 4.46
+    "activation_checkpointing": "gradient_checkpointing",  # transformers 5's new names
+    "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
+}
 _TRAINING_INERT = {
     "do_train": "has no effect: phitune.finetune always trains",
     "do_eval": "has no effect: evaluation runs at the end whenever there is eval data (eval_strategy: during "

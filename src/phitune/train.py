@@ -218,6 +218,7 @@ def _prepare_output_dir(out: Path, tc: TrainingConfig, settings: dict) -> Path |
     resume_from = ckpt.resolve_resume(tc.resume_from_checkpoint, out)
     if resume_from is not None:
         ckpt.check_compatible(resume_from, settings)
+        out.mkdir(parents=True, exist_ok=True)
         return resume_from
     earlier = ckpt.list_checkpoints(out) or (out / "adapter_model.safetensors").exists()
     if earlier:
@@ -365,7 +366,10 @@ def enable_gradient_checkpointing(model, tc: TrainingConfig) -> None:
     if not tc.gradient_checkpointing:
         return
     kwargs = {"use_reentrant": False, **(tc.gradient_checkpointing_kwargs or {})}
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if kwargs["use_reentrant"]:
         # Reentrant checkpointing only backpropagates into a block whose inputs require grad.
         model.enable_input_require_grads()
