@@ -283,11 +283,17 @@ def _cmd_preview(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    import inspect
+
     from .demo import demo
 
     kwargs = {}
     if args.out is not None:
-        kwargs["output_dir"] = args.out
+        params = inspect.signature(demo).parameters
+        name = next((n for n in ("output_dir", "out_dir", "out") if n in params), None)
+        if name is None:
+            raise _Usage("demo: this version of phitune.demo takes no output folder; run `phitune demo` without --out")
+        kwargs[name] = args.out
     demo(**kwargs)
     return 0
 

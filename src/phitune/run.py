@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import ConfigError, PhituneError
+from .errors import ConfigError, DataError
 
 CONFIG_FILE = "phitune_config.yaml"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -212,12 +211,10 @@ def evaluate(
 
     tokenizer = load_run_tokenizer(run.root, config)
     prepared = prepare_data(data_cfg, tokenizer)
-    samples = list(prepared.train if data is not None else prepared.eval)
-    if max_samples is not None:
+    samples = prepared.train if data is not None else prepared.eval
+    if samples is not None and max_samples is not None and max_samples < len(samples):
         samples = samples[:max_samples]
-    if not samples:
-        from .errors import DataError
-
+    if samples is None or len(samples) == 0:
         raise DataError(f"no samples to evaluate on ({'the given data' if data is not None else 'the eval data'} "
                         "is empty after preparation)")
     batch_size = batch_size or config.training_config.per_device_eval_batch_size
@@ -289,6 +286,11 @@ def chat(
     if prompt is not None:
         return reply(head + [{"role": "user", "content": prompt}])
 
+    if input_fn is input and sys.stdin.isatty():
+        try:  # line editing and history (up arrow) for input(); absent on some platforms
+            import readline  # noqa: F401
+        except ImportError:
+            pass
     print(f"chatting with {run.adapter_dir} (base {config.model.name_or_path}); {_CHAT_HELP}", file=out)
     history: list[dict] = []
     while True:
