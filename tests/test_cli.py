@@ -172,3 +172,11 @@ def test_python_dash_m_and_entry_point_agree():
                          text=True, timeout=60)
     assert res.returncode == 2
     assert "does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_every_command_is_a_public_python_function():
+    from phitune import run
+
+    assert phitune.evaluate is run.evaluate and phitune.chat is run.chat
+    assert phitune.merge is run.merge and phitune.preview is run.preview
+    assert callable(phitune.finetune)
