@@ -114,8 +114,10 @@ class TrainingConfig:
     report_to: str | list = field("none", doc="none, all, or any of tensorboard, wandb, mlflow")
     run_name: str | None = field(None, doc="run name for wandb/mlflow; default: the output_dir's name")
     use_cpu: bool = field(False, doc="train on the CPU even when a GPU is available")
-    torch_compile: bool = field(False, doc="torch.compile the model (phitune.fast)")
-    use_liger_kernel: bool = field(False, doc="Liger kernels when installed (phitune.fast)")
+    torch_compile: bool = field(False, doc="torch.compile each decoder layer (parameter names unchanged)")
+    use_liger_kernel: bool = field(False, doc="accepted; phitune.fast's own fused kernels are used instead")
+    fast_path: Literal["auto", "off"] = field("auto", doc="phitune.fast speed-ups (chunked loss, fused LoRA "
+                                                          "kernels, packed attention); off: plain transformers path")
     notes: list = _notes()
 
     def __post_init__(self):
@@ -258,9 +260,9 @@ def _plain(value):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
         return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)  # e.g. a datasets.Dataset passed as data.train: named, not serialised
 
 
 def _remap(section: str, data: Mapping, aliases: Mapping[str, str], inert: Mapping[str, str]):

@@ -102,6 +102,7 @@ class MetricsLog:
     def log(self, record: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        log.info("%s", format_record(record))
         step = record.get("step", 0)
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self._tb is not None:
@@ -119,6 +120,18 @@ class MetricsLog:
             self._wandb.finish()
         if self._mlflow is not None:
             self._mlflow.end_run()
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """``step 20 (epoch 0.31): loss 1.234  lr 2.00e-04  grad_norm 0.51  tokens_per_s 2048``."""
+    parts = []
+    for k, v in record.items():
+        if k in ("step", "epoch"):
+            continue
+        if isinstance(v, float):
+            v = f"{v:.2e}" if k == "lr" else f"{v:.4g}"
+        parts.append(f"{k} {v}")
+    return f"step {record.get('step')} (epoch {record.get('epoch', 0):.2f}): " + "  ".join(parts)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

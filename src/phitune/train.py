@@ -86,6 +86,7 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
     enable_gradient_checkpointing(model, tc)
     for note in apply_fast_path(model, tc):
         log.info("fast path: %s", note)
+    compile_layers(model, tc)
 
     # data
     prepare_data, batch_plan, collate = data_api()
@@ -204,12 +205,14 @@ def _run_config(config, sections: dict, output_dir, overrides) -> RunConfig:
 
 
 def _as_plain_sections(sections: dict) -> dict:
-    """Section objects (dataclasses) back to dicts so that overrides can apply to them."""
-    from .config import _section_dict
+    """Section objects (dataclasses) back to dicts, values untouched (a Dataset stays one), so overrides apply."""
+    import dataclasses
 
     out = {}
     for name, value in sections.items():
-        out[name] = _section_dict(value) if hasattr(value, "__dataclass_fields__") else value
+        if dataclasses.is_dataclass(value):
+            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init and f.name != "notes"}
+        out[name] = value
     return out
 
 
@@ -374,6 +377,18 @@ def enable_gradient_checkpointing(model, tc: TrainingConfig) -> None:
         # Reentrant checkpointing only backpropagates into a block whose inputs require grad.
         model.enable_input_require_grads()
     model.config.use_cache = False
+
+
+def compile_layers(model, tc: TrainingConfig) -> None:
+    """torch.compile each decoder layer in place, so parameter names (and checkpoints) stay as they are."""
+    if tc.use_liger_kernel:
+        log.info("training_config.use_liger_kernel: has no effect; phitune.fast's fused kernels are used instead")
+    if not tc.torch_compile:
+        return
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile()
+    log.info("torch_compile: %d decoder layers compiled (the first steps are slow while they compile)", len(layers))
 
 
 # --- one optimizer step -----------------------------------------------------------------------------------------------
