@@ -171,3 +171,70 @@ def test_fast_path_off():
     model = model_with_lora()
     assert apply_fast_path(model, {"fast_path": "off"}) == []
     assert not any("Fused" in type(m).__name__ for m in model.modules())
+
+
+def packed_batch(vocab=101):
+    """Two rows: [5, 3, 4 (pad)] and [7, 5] tokens, collated by phitune.data as for sdpa (4-D mask)."""
+    from phitune.data import collate
+
+    g = torch.Generator().manual_seed(5)
+    samples = []
+    for n in (5, 3, 7, 5):
+        ids = torch.randint(1, vocab, (n,), generator=g).tolist()
+        samples.append({"input_ids": ids, "labels": [-100] + ids[1:]})
+    return collate(samples, [0, 1, 2, 3], 12, True, "sdpa", mask_dtype=torch.float32)
+
+
+def test_varlen_attention_equals_dense_mask():
+    from phitune.fast import attention, varlen
+
+    model = model_with_lora()
+    b = packed_batch()
+    assert b["attention_mask"].dim() == 4
+    ref_loss, ref = loss_and_grads(model, b, fused_loss=False)
+    varlen.register()
+    assert attention.switch(model, varlen.NAME)
+    inputs = attention.model_inputs(model, b)
+    assert "attention_mask" not in inputs and inputs["cu_seq_lens_q"].tolist() == [0, 5, 8, 12, 19, 24]
+    loss, got = loss_and_grads(model, b)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_torch_compile_note_only_when_asked():
+    model = model_with_lora()
+    assert not any("compile" in n for n in apply_fast_path(model, {}))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_fast_path_bf16_equals_plain():
+    """On CUDA in bf16: varlen attention + fused functions + chunked loss against the plain sdpa/dense-mask path."""
+    model = model_with_lora().to("cuda", torch.bfloat16)
+    b = {k: v.cuda() for k, v in packed_batch().items()}
+    ref_loss, ref = loss_and_grads(model, b, fused_loss=False)
+    notes = apply_fast_path(model, {})
+    assert any("varlen" in n for n in notes), notes
+    loss, got = loss_and_grads(model, b)
+    torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=2e-2, atol=2e-2)
+    for n in ref:
+        scale = ref[n].float().abs().max().item()
+        torch.testing.assert_close(got[n].float(), ref[n].float(), rtol=5e-2, atol=5e-2 * scale, msg=n)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_varlen_kernel_matches_sdpa():
+    from phitune.fast import varlen
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 24, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]], device="cuda")
+    out, _ = varlen.attention(None, q, k, v, None, scaling=0.125, position_ids=pos)
+    cu, _ = varlen.boundaries(pos)
+    ref = varlen._per_sample_sdpa(*(t.transpose(1, 2).reshape(24, 4, 64) for t in (q, k, v)), cu.cpu(), 0.125, None)
+    torch.testing.assert_close(out.reshape(24, 4, 64), ref, rtol=2e-2, atol=2e-2)

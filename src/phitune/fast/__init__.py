@@ -48,8 +48,42 @@ def apply(model, training_config=None) -> list[str]:
     if any(counts.values()):
         notes.append("fused autograd functions: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
 
+    if _get(training_config, "use_liger_kernel", False):
+        if device.type == "cuda" and fused.liger_available():
+            n = fused.use_liger(model)
+            notes.append(f"liger: Triton RMSNorm in {n} norms")
+        else:
+            notes.append("liger: skipped (needs CUDA and the liger-kernel package); phitune's own fused norms used")
+
     wanted = attention.choose(model, device)
-    if wanted and attention.implementation(model) != wanted and attention.switch(model, wanted):
-        notes.append(f"attention: {wanted} for packed batches (sample boundaries from position_ids)")
-    notes.append("attention: dense 4-D packed masks replaced by position_ids where equivalent")
+    # Only replace the default kernel: an explicit eager/flash choice is the user's.
+    if wanted and attention.implementation(model) == "sdpa" and attention.switch(model, wanted):
+        notes.append(f"attention: {wanted} over packed samples (boundaries from position_ids, no dense mask)")
+    else:
+        notes.append("attention: dense 4-D packed masks replaced by position_ids where equivalent")
+
+    if _get(training_config, "torch_compile", False):
+        n = compile_layers(model)
+        notes.append(f"torch.compile: {n} decoder layers")
     return notes
+
+
+def decoder_layers(model) -> list:
+    """The repeated blocks of a Hugging Face decoder (``model.model.layers`` for Phi-3), or []."""
+    from .cross_entropy import decoder_of
+
+    body = decoder_of(model) or model
+    layers = getattr(body, "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+
+
+def compile_layers(model) -> int:
+    """torch.compile each decoder layer in place (nn.Module.compile): same parameters and names, fused kernels.
+
+    Per layer rather than the whole model so the graph is small, compiled once and reused by every layer, and the
+    loss's data-dependent sizes stay outside it.
+    """
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=None)
+    return len(layers)

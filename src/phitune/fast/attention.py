@@ -17,8 +17,10 @@ import importlib.util
 
 import torch
 
+from . import varlen
+
 # Implementations whose transformers mask builder (or kernel) derives sample boundaries from position_ids.
-_POSITION_AWARE = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+_POSITION_AWARE = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", "phitune_varlen")
 
 
 def implementation(model) -> str | None:
@@ -57,6 +59,12 @@ def model_inputs(model, batch: dict) -> dict:
             mask = None
     if mask is not None and mask.dim() == 2 and bool(mask.all()):
         mask = None  # no padding: let sdpa take its causal path
+    if implementation(model) == varlen.NAME and position_ids is not None:
+        if mask is not None and mask.dim() == 2:
+            mask = None  # right padding restarts position_ids, so padding is a sample of its own
+        if mask is None:
+            cu, longest = varlen.boundaries(position_ids)
+            inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     if mask is not None:
         inputs["attention_mask"] = mask
     return inputs
@@ -77,17 +85,21 @@ def flex_attention_available() -> bool:
 def choose(model, device: torch.device) -> str | None:
     """The packed-aware attention implementation to switch to on ``device``, or None to keep the current one.
 
-    On CUDA: flash_attention_2 (varlen) when flash-attn is installed and the dtype is half precision, else flex
-    attention (block-sparse over samples). On CPU sdpa stays: its flash kernel already takes the causal path once the
-    dense mask is dropped, and flex attention on CPU needs a C++ compile for no measured gain.
+    On CUDA with half precision: PyTorch's own FlashAttention varlen (``varlen.NAME``, torch >= 2.9), else
+    flash_attention_2 when flash-attn is installed; otherwise sdpa stays (flex attention would need a compile per
+    shape; pass it as attn_implementation to use it). On CPU sdpa stays: its flash kernel takes the causal path once
+    the dense mask is dropped.
     """
     if device.type != "cuda":
         return None
     dtype = next(model.parameters()).dtype
-    if dtype in (torch.float16, torch.bfloat16) and flash_attn_available():
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if varlen.available(device):
+        varlen.register()
+        return varlen.NAME
+    if flash_attn_available():
         return "flash_attention_2"
-    if flex_attention_available():
-        return "flex_attention"
     return None
 
 

@@ -250,7 +250,29 @@ def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     eps = getattr(norm, "variance_epsilon", None)
     if eps is None:
         eps = norm.eps
+    if getattr(norm, "_phitune_liger", False) and x.is_cuda:
+        from liger_kernel.transformers.functional import liger_rms_norm
+
+        return liger_rms_norm(x, norm.weight, eps, offset=0.0, casting_mode="llama", in_place=False)
     return RMSNormFn.apply(x, norm.weight, eps)
+
+
+def liger_available() -> bool:
+    try:
+        from liger_kernel.transformers.functional import liger_rms_norm  # noqa: F401
+    except Exception:  # ImportError, or triton failing to load without a GPU
+        return False
+    return True
+
+
+def use_liger(model) -> int:
+    """Route the fused RMSNorm modules through Liger's Triton kernel (same math, casting_mode "llama")."""
+    n = 0
+    for module in model.modules():
+        if getattr(type(module), "_phitune_original_class", None) is not None and type(module).forward is _norm_forward:
+            module._phitune_liger = True
+            n += 1
+    return n
 
 
 # Norm classes known to compute weight * (x / rms(x)) exactly as RMSNormFn does (not Gemma's (1 + weight)).

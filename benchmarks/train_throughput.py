@@ -1,0 +1,285 @@
+"""Training throughput: phitune's normal training path against the peer (Trainer + peft), in one invocation.
+
+Each run is its own child process (the peer: ../shared/bench/peer_baseline.py; phitune: this file with --child), so
+peak memory is measured per run: RSS on CPU (os.wait4's ru_maxrss), torch.cuda.max_memory_allocated on GPU. Prints
+one JSON line per run, then one ratio line per phitune variant against the first peer variant.
+
+phitune's path is train.py's: add_lora (fp32 adapters) -> gradient checkpointing -> apply_fast_path -> batch_plan /
+collate (packing) -> build_optimizer -> train_step(forward_loss). Variants turn fast-path pieces off one at a time:
+  fast         apply_fast_path as train.py calls it (everything that helps on this device)
+  plain        fast_path off and the loss from model(...).logits: the same loop with no fast path
+  no_loss      fast path without the chunked lm_head cross-entropy
+  no_lora      ... without the fused LoRA-linear function          no_mlp   ... without the fused SwiGLU+down
+  no_norm      ... without the fused RMSNorm                       dense    ... keeping the dense 4-D packed mask
+  compile      fast + torch_compile (decoder layers)               liger    fast + use_liger_kernel (CUDA)
+Append "+ckpt" to a variant for gradient checkpointing (e.g. fast+ckpt).
+
+  python benchmarks/train_throughput.py --size small --seq 512 --batch 2 --steps 3 --variants fast,plain
+  python benchmarks/train_throughput.py --size mini --device cuda --batch 4 --seq 2048 --data chat \
+      --variants fast --peer base,liger
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def peer_script() -> Path:
+    env = os.environ.get("PHITUNE_PEER_DIR")
+    for d in ([Path(env)] if env else []) + [ROOT.parent / "shared" / "bench", ROOT / "shared" / "bench"]:
+        if (d / "peer_baseline.py").exists():
+            return d / "peer_baseline.py"
+    raise SystemExit("peer_baseline.py not found: set PHITUNE_PEER_DIR to the folder holding it")
+
+
+def model_config(size: str):
+    from transformers import Phi3Config
+
+    if size == "mini":
+        return Phi3Config()  # Phi-3-mini-4k shape, 3.8B (as peer_baseline.py)
+    if size == "small":
+        return Phi3Config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                          num_attention_heads=16, num_key_value_heads=16)
+    return Phi3Config(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=8)
+
+
+def flops_per_token(cfg, attn_len: float) -> float:
+    """Forward FLOPs per token: 2 x linear weights (layers + lm_head) + attention (as peer_baseline.py counts)."""
+    H, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    hd = H // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * hd
+    lin = L * (H * (H + 2 * kv) + H * H + H * 2 * I + I * H) + H * V
+    return 2 * lin + 4 * attn_len * H * L
+
+
+def chat_lengths(n: int, seq: int):
+    """The same draws as peer_baseline.ChatLengths (seed 0; log-normal, median 300, capped at seq; 40% prompt)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    lens = torch.exp(torch.randn(n, generator=g) * 0.8 + math.log(300)).clamp(32, seq).long()
+    return lens, g
+
+
+def make_samples(a, vocab: int, n_rows: int):
+    """Tokenized samples (input_ids, labels lists) for phitune's data pipeline."""
+    import torch
+
+    if a.data == "blocks":
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, vocab, (n_rows, a.seq), generator=g)
+        return [{"input_ids": r.tolist(), "labels": r.tolist()} for r in x]
+    n = max(64, int(n_rows * a.seq / 250))  # enough samples to fill n_rows packed rows
+    lens, g = chat_lengths(n, a.seq)
+    out = []
+    for length in lens.tolist():
+        x = torch.randint(0, vocab, (length,), generator=g)
+        y = x.clone()
+        y[: int(length * 0.4)] = -100
+        out.append({"input_ids": x.tolist(), "labels": y.tolist()})
+    return out
+
+
+def matmul_rate(device: str) -> float:
+    """Measured matmul FLOP/s of this device (fp32 1024^3 on CPU, bf16 8192^3 on GPU)."""
+    import torch
+
+    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    reps = 10 if device == "cuda" else 4
+    for _ in range(2):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+# --- one phitune run (child process) ---------------------------------------------------------------------------------
+
+
+def child(a) -> dict:
+    import torch
+
+    from phitune.adapt import add_lora
+    from phitune.config import TrainingConfig
+    from phitune.data import batch_plan, collate
+    from phitune.loss import apply_fast_path, forward_loss
+    from phitune.train import (autocast_context, batch_maker, build_optimizer, build_scheduler,
+                               enable_gradient_checkpointing, train_step)
+
+    variant = a.child
+    base, _, extra = variant.partition("+")
+    torch.manual_seed(0)
+    dev = torch.device(a.device)
+    cfg = model_config(a.size)
+    cfg.use_cache = False
+    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
+    from transformers import Phi3ForCausalLM
+
+    with dev:
+        model = Phi3ForCausalLM._from_config(cfg, attn_implementation=a.attn, dtype=dtype)
+    steps = a.warmup + a.steps
+    tc = TrainingConfig(output_dir="/tmp/phitune_bench", per_device_train_batch_size=a.batch, max_steps=steps,
+                        learning_rate=2e-4, gradient_checkpointing="ckpt" in extra, use_cpu=a.device == "cpu",
+                        torch_compile=base == "compile", use_liger_kernel=base == "liger")
+    fast = {"fast_path": "off" if base == "plain" else "auto", "fast_lora": base != "no_lora",
+            "fast_mlp": base != "no_mlp", "fast_norm": base != "no_norm",
+            "torch_compile": base == "compile", "use_liger_kernel": base == "liger"}
+    add_lora(model, {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
+             lora_dtype=torch.float32)
+    enable_gradient_checkpointing(model, tc)
+    notes = apply_fast_path(model, fast)
+    if base == "dense":
+        model._phitune_drop_dense_mask = False
+    model.train()
+    loss_fn = forward_loss
+    if base in ("plain", "no_loss"):
+        def loss_fn(m, b, **kw):
+            return forward_loss(m, b, fused_loss=False, **kw)
+
+    samples = make_samples(a, cfg.vocab_size, steps * a.batch * 2)
+    plan = batch_plan(samples, a.batch, a.seq, packing=True, seed=0, epoch=0)
+    if a.data == "blocks":
+        plan.sort()  # sequential, as the peer's sampler
+    make = batch_maker(model, None, argparse.Namespace(max_seq_length=a.seq, packing=True), collate)
+    batches = [make(samples, plan[i]) for i in range(steps)]
+    optimizer = build_optimizer(model, tc, dev)
+    scheduler = build_scheduler(optimizer, tc, steps)
+    scaler = torch.amp.GradScaler(dev.type, enabled=False)
+    autocast = autocast_context(tc, dev)
+
+    def sync():
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+
+    tokens = supervised = 0
+    for i, b in enumerate(batches):
+        if i == a.warmup:
+            sync()
+            if a.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+        r = train_step(model, [b], optimizer, scheduler, scaler, tc, dev, autocast, loss_fn)
+        if i >= a.warmup:
+            tokens += sum(len(samples[k]["input_ids"]) for k in plan[i])  # real tokens, padding not counted
+            supervised += r["tokens"]
+    sync()
+    dt = time.perf_counter() - t0
+    if a.data == "blocks":
+        supervised = a.steps * a.batch * a.seq  # the peer counts every token as supervised on blocks
+    out = {"run": "phitune", "variant": variant, "tokens_per_s": round(tokens / dt, 1),
+           "supervised_tokens_per_s": round(supervised / dt, 1), "last_loss": round(r["loss"], 4),
+           "fast_path": notes, "fused_modules": sum("Fused" in type(m).__name__ for m in model.modules()),
+           "attn": model.config._attn_implementation}
+    if a.device == "cuda":
+        out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
+
+
+# --- the parent: runs, memory, ratios ----------------------------------------------------------------------------------
+
+
+def _json(line: str) -> dict:
+    try:
+        return json.loads(line)
+    except ValueError:  # the Trainer prints Python dicts too
+        return {}
+
+
+def run_measured(cmd: list[str], env: dict) -> tuple[list[dict], float, str]:
+    """Run ``cmd``; return its JSON lines, its peak RSS in GiB, and stderr's tail."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        lines = [_json(x) for x in out.read().splitlines() if x.startswith("{")]
+        tail = err.read()[-2000:]
+    return lines, usage.ru_maxrss / 2**20, tail  # ru_maxrss is KiB on Linux
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="small", choices=["tiny", "small", "mini"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--attn", default="sdpa")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--data", default="blocks", choices=["blocks", "chat"])
+    p.add_argument("--variants", default="fast,plain", help="phitune variants (see the module docstring)")
+    p.add_argument("--peer", default="base", help="peer_baseline.py variants (base, ckpt, liger, ...); '' for none")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        try:
+            print(json.dumps(child(a)), flush=True)
+        except Exception as e:  # one failing variant must not hide the others
+            print(json.dumps({"run": "phitune", "variant": a.child, "error": repr(e)[:400]}), flush=True)
+            raise
+        return
+
+    import torch
+
+    cfg = model_config(a.size)
+    common = ["--size", a.size, "--device", a.device, "--attn", a.attn, "--batch", str(a.batch), "--seq", str(a.seq),
+              "--warmup", str(a.warmup), "--steps", str(a.steps), "--data", a.data]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    rate = matmul_rate(a.device)
+    attn_len = a.seq if a.data == "blocks" else float(chat_lengths(4096, a.seq)[0].float().mean())
+    fpt = flops_per_token(cfg, attn_len)
+    print(json.dumps({"device": a.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "matmul_tflops": round(rate / 1e12, 3), "forward_gflop_per_token": round(fpt / 1e9, 3),
+                      "size": a.size, "batch": a.batch, "seq": a.seq, "data": a.data, "steps": a.steps}), flush=True)
+    results = []
+    jobs = [("peer", v, [sys.executable, str(peer_script()), *common, "--variants", v])
+            for v in a.peer.split(",") if v]
+    jobs += [("phitune", v, [sys.executable, __file__, *common, "--child", v]) for v in a.variants.split(",") if v]
+    for kind, v, cmd in jobs:
+        lines, rss, err = run_measured(cmd, env)
+        row = next((x for x in lines if "tokens_per_s" in x or "error" in x), None)
+        if row is None:
+            row = {"run": kind, "variant": v, "error": err[-400:]}
+        row.setdefault("run", kind)
+        if a.device != "cuda":
+            row["peak_rss_gib"] = round(rss, 3)
+        if "tokens_per_s" in row:
+            mult = 3 if "ckpt" in v else 2  # forward + activation gradients (+ recompute), as peer_baseline.py
+            row["mfu"] = round(row["tokens_per_s"] * fpt * mult / rate, 4)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    peers = [r for r in results if r["run"] == "peer" and "tokens_per_s" in r]
+    mem = "peak_mem_gib" if a.device == "cuda" else "peak_rss_gib"
+    for r in results:
+        if r["run"] == "phitune" and "tokens_per_s" in r and peers:
+            ref = peers[0]
+            print(json.dumps({"ratio": f"phitune {r['variant']} / peer {ref['variant']}",
+                              "tokens_per_s": round(r["tokens_per_s"] / ref["tokens_per_s"], 3),
+                              "supervised_tokens_per_s": round(r["supervised_tokens_per_s"]
+                                                               / ref["supervised_tokens_per_s"], 3),
+                              "peak_memory": round(r.get(mem, 0) / ref[mem], 3) if ref.get(mem) else None}),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
