@@ -191,3 +191,18 @@ def test_missing_report_backend_is_a_clear_error_before_loading(tiny_model_dir, 
     cfg = tiny_config(tiny_model_dir, chat_files, tmp_path / "run", report_to="wandb")
     with pytest.raises(ConfigError, match=r"report_to: wandb is not installed; `pip install phitune\[wandb\]`"):
         finetune(cfg)
+
+
+def test_bf16_base_keeps_float32_adapters_and_overwrite_starts_over(tiny_model_dir, chat_files, tmp_path):  # noqa: F811
+    cfg = tiny_config(tiny_model_dir, chat_files, tmp_path / "run", max_steps=3, save_steps=1)
+    cfg["model"]["dtype"] = "bfloat16"
+    result = finetune(cfg)
+    assert result.model.dtype == torch.bfloat16
+    assert {p.dtype for p in result.model.parameters() if p.requires_grad} == {torch.float32}
+    assert math.isfinite(result.metrics["eval_loss"])
+    assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 3
+
+    cfg["training_config"].update(overwrite_output_dir=True, max_steps=1, save_steps=1000)
+    finetune(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # the earlier run's checkpoints are gone
+    assert len(losses(tmp_path / "run")) == 1
