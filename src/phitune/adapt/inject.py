@@ -17,6 +17,8 @@ from torch import nn
 
 from .. import lora
 from .._typed import suggest
+from ..lora import quantized as qlora
+from ..quant import MERGE_4BIT_MESSAGE, is_4bit_linear, is_8bit_linear
 from ..errors import AdapterError, ConfigError
 from .config import LoraConfig, parse_lora_config
 
@@ -201,7 +203,10 @@ class _State:
 
 
 def _lora_modules(model: nn.Module):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (lora.Linear, lora.MergedLinear, lora.Embedding))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)]
+
+
+LORA_LAYERS = (lora.Linear, lora.MergedLinear, lora.Embedding, qlora.Linear4bit)
 
 
 def add_lora(model: nn.Module, peft_config: Mapping[str, Any] | LoraConfig, *, lora_dtype: torch.dtype | None = None) -> LoraReport:
@@ -213,6 +218,7 @@ def add_lora(model: nn.Module, peft_config: Mapping[str, Any] | LoraConfig, *, l
     if _lora_modules(model):
         raise AdapterError("the model already has LoRA layers; call merge_lora(model) first or start from a fresh model")
     targets, keep = _select_targets(model, cfg)
+    _check_quantized_targets(model, targets, keep)
     if cfg.fan_in_fan_out:
         warnings.warn("peft_config.fan_in_fan_out=True has no meaning for nn.Linear weights (out, in); ignored, as peft does")
     slices = {}
@@ -225,16 +231,28 @@ def add_lora(model: nn.Module, peft_config: Mapping[str, Any] | LoraConfig, *, l
             new = _wrap_embedding(base, **kw)
         elif t.slices:
             enable = [s in t.slices for s in FUSED_SLICES[t.name.rsplit(".", 1)[-1]]]
-            new = lora.MergedLinear.from_linear(base, enable_lora=enable, out_splits=t.splits, **kw)
+            cls = qlora.MergedLinear4bit if is_4bit_linear(base) else lora.MergedLinear
+            new = cls.from_linear(base, enable_lora=enable, out_splits=t.splits, **kw)
             slices[t.name] = (t.slices, t.splits)
-        else:
-            new = lora.Linear.from_linear(base, **kw)
+        else:  # 4-bit bases (QLoRA) keep their quantized weight; the LoRA factors default to float32
+            new = (qlora.Linear4bit if is_4bit_linear(base) else lora.Linear).from_linear(base, **kw)
         _init_lora(new, cfg.init_lora_weights)
         model.set_submodule(t.name, new)
     _untie(model, keep)
     model._phitune_lora = _State(cfg, slices, keep)
     _set_trainable(model, True)
     return lora_report(model)
+
+
+def _check_quantized_targets(model: nn.Module, targets: list[_Target], keep: list[str]) -> None:
+    for t in targets:
+        if is_8bit_linear(model.get_submodule(t.name)):
+            raise ConfigError(f"peft_config.target_modules: '{t.name}' is a bitsandbytes 8-bit layer; phitune trains LoRA "
+                              "on 16/32-bit or 4-bit bases only (set model.load_in_4bit: true for QLoRA)")
+    for name in keep:
+        if any(is_4bit_linear(m) or is_8bit_linear(m) for m in model.get_submodule(name).modules()):
+            raise ConfigError(f"peft_config.modules_to_save: '{name}' holds quantized weights, which cannot be trained "
+                              "in full; target it with LoRA instead, or load the base without load_in_4bit")
 
 
 def _wrap_embedding(base: nn.Embedding, r, lora_alpha, use_rslora, lora_dtype, merge_weights) -> lora.Embedding:
@@ -306,7 +324,12 @@ def lora_report(model: nn.Module) -> LoraReport:
     names = [f"{n}[{','.join(state.slices[n][0])}]" if n in state.slices else n for n, _ in _lora_modules(model)]
     params = list(model.parameters())
     return LoraReport(names, list(state.modules_to_save), sum(p.numel() for p in params if p.requires_grad),
-                      sum(p.numel() for p in params), sum(t.numel() * t.element_size() for t in adapter_state_dict(model).values()))
+                      sum(_param_count(p) for p in params), sum(t.numel() * t.element_size() for t in adapter_state_dict(model).values()))
+
+
+def _param_count(p: torch.Tensor) -> int:
+    # A bitsandbytes Params4bit packs two 4-bit values per byte of its storage dtype.
+    return p.numel() * p.element_size() * 2 if type(p).__name__ == "Params4bit" else p.numel()
 
 
 def _state(model: nn.Module) -> _State:
@@ -325,7 +348,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (float32 math, one cast) and leave plain nn.Linear / nn.Embedding.
 
     Safe to call on a model that is already merged or has no LoRA (no-op). Returns the same model object.
+    Refuses (AdapterError) a model whose LoRA sits on 4-bit weights: see phitune.quant.merge_checked.
     """
+    _refuse_4bit(model)
     for name, m in _lora_modules(model):
         if m.merged:
             m.unmerge()  # restores the base weight bit-exactly, then fold again in float32 below
@@ -345,9 +370,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def _refuse_4bit(model: nn.Module) -> None:
+    quantized = [n for n, m in _lora_modules(model) if isinstance(m, qlora.Linear4bit)]
+    if quantized:
+        raise AdapterError(f"{quantized[0]}: {MERGE_4BIT_MESSAGE}")
+
+
 @torch.no_grad()
 def merge_lora_checked(model: nn.Module, input_ids: torch.Tensor) -> tuple[nn.Module, float]:
     """:func:`merge_lora`, plus the max absolute logit difference before vs after on ``input_ids``."""
+    _refuse_4bit(model)
     was_training = model.training
     model.eval()
     before = model(input_ids=input_ids).logits.float()
