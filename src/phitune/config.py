@@ -22,6 +22,7 @@ import yaml
 
 from ._typed import field, from_dict, suggest
 from .errors import ConfigError
+from .quant import QuantizationConfig, build_quantization_config, quantization_note
 
 SECTIONS = ("model", "data", "training_config", "peft_config")
 
@@ -47,11 +48,16 @@ class ModelConfig:
         "auto", doc="attention kernel; auto: flash_attention_2 when installed on a supporting GPU, else sdpa")
     trust_remote_code: bool = field(False, doc="run the model repo's own Python code (Phi-3 needs none); warns")
     model_max_length: int | None = field(None, doc="tokenizer's model_max_length; default: the tokenizer's")
+    load_in_4bit: bool = field(False, doc="QLoRA: quantize the base to 4-bit with bitsandbytes (pip install phitune[qlora])")
+    quantization: QuantizationConfig | dict = field(
+        default_factory=QuantizationConfig, doc="4-bit settings: type (nf4|fp4), double_quant, compute_dtype")
     notes: list = _notes()
 
     def __post_init__(self):
         if self.model_max_length is not None and self.model_max_length < 1:
             raise ConfigError(f"model.model_max_length must be >= 1, got {self.model_max_length}")
+        self.quantization = build_quantization_config(self.quantization)  # phitune.quant
+        self.notes.extend(filter(None, [quantization_note(self.load_in_4bit, self.quantization)]))
 
 
 _MODEL_ALIASES = {"torch_dtype": "dtype", "model_name_or_path": "name_or_path", "pretrained_model_name_or_path":
