@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from . import quant
 from .config import ModelConfig
 from .errors import ConfigError
 
@@ -101,6 +102,7 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | s
     device = torch.device(device) if device is not None else resolve_device()
     dtype = resolve_dtype(model_cfg.dtype, device)
     attn = resolve_attn_implementation(model_cfg.attn_implementation, device, dtype)
+    qlora_kwargs = quant.load_kwargs(model_cfg, device, dtype)  # {} unless model.load_in_4bit; refuses bad combos
     if model_cfg.trust_remote_code:
         log.warning("model.trust_remote_code is true: the Python code in '%s' will run on this machine. "
                     "Phi-3 needs none in transformers 5.", model_cfg.name_or_path)
@@ -110,6 +112,7 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | s
     tokenizer = load_tokenizer(model_cfg)
     kwargs = dict(revision=model_cfg.revision, dtype=dtype, attn_implementation=attn, use_safetensors=True,
                   trust_remote_code=model_cfg.trust_remote_code)
+    kwargs.update(qlora_kwargs)
     if device.type == "cuda":
         kwargs["device_map"] = {"": str(device)}  # load straight onto the GPU, no full copy in host memory
     try:
@@ -123,6 +126,8 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | s
     if device.type != "cuda":
         model.to(device)
     model.config.use_cache = False
+    if qlora_kwargs:
+        quant.prepare_kbit_training(model)
 
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
