@@ -5,6 +5,7 @@ Beyond loralib: explicit ``merge()``/``unmerge()``/``delta_weight()``, ``from_li
 """
 
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from .quantized import Linear4bit, MergedLinear4bit  # LoRA on a bitsandbytes 4-bit base (QLoRA); bnb imported lazily
 from .utils import lora_state_dict, mark_only_lora_as_trainable
 
 __all__ = ["LoRALayer", "Linear", "Embedding", "MergedLinear", "Conv1d", "Conv2d", "Conv3d",
