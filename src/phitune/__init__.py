@@ -30,6 +30,9 @@ _EXPORTS = {
     "DataConfig": "data",
     # train.py: the training story
     "finetune": "train",
+    "FinetuneResult": "train",
+    "load_config": "config",
+    "RunConfig": "config",
     "evaluate": "run",
     "chat": "run",
     "merge": "run",
