@@ -69,7 +69,8 @@ def test_parsing_of_each_command():
     a = p.parse_args(["preview", "c.yaml", "-n", "5", "--no-color", "--set", "data.packing=false"])
     assert (a.config, a.num_samples, a.color, a.overrides) == ("c.yaml", 5, False, ["data.packing=false"])
     assert p.parse_args(["preview", "c.yaml"]).color is None
-    assert p.parse_args(["demo", "--out", "d"]).out == "d"
+    a = p.parse_args(["demo", "--out", "d", "--max-steps", "5", "--set", "peft_config.r=4"])
+    assert (a.out, a.max_steps, a.overrides) == ("d", 5, ["peft_config.r=4"])
 
 
 @pytest.mark.parametrize("argv, message", [

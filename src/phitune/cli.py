@@ -101,6 +101,7 @@ enough, about 3 minutes on 2 cores), then prints the held-out metric and answers
 examples:
   phitune demo
   phitune demo --out runs/demo
+  phitune demo --max-steps 50 --set training_config.learning_rate=3e-3
 """
 
 
@@ -223,7 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="fine-tune the bundled tiny model on the bundled data (offline, CPU)", epilog=_DEMO_EPILOG,
         formatter_class=fmt, description="The embedded demo (phitune.demo).",
     )
-    p.add_argument("--out", metavar="DIR", help="output folder (default: a temporary folder)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: ./phitune-demo; an earlier demo there is "
+                   "replaced)")
+    p.add_argument("--max-steps", type=_positive_int, metavar="N", help="train fewer steps (a quicker, weaker demo)")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[], type=_override,
+                   help=_SET_HELP + " (applied to the demo's config)")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -283,18 +288,9 @@ def _cmd_preview(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    import inspect
-
     from .demo import demo
 
-    kwargs = {}
-    if args.out is not None:
-        params = inspect.signature(demo).parameters
-        name = next((n for n in ("output_dir", "out_dir", "out") if n in params), None)
-        if name is None:
-            raise _Usage("demo: this version of phitune.demo takes no output folder; run `phitune demo` without --out")
-        kwargs[name] = args.out
-    demo(**kwargs)
+    demo(args.out, max_steps=args.max_steps, overrides=args.overrides)
     return 0
 
 

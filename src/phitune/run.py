@@ -377,7 +377,8 @@ def merge(
     ``out_dir`` gets safetensors weights, config.json, the tokenizer with its chat template and the run's
     generation_config.json (every end-of-turn id), loadable with ``AutoModelForCausalLM.from_pretrained`` without
     phitune. ``dtype``: "auto" (as the run loads the base), "float32", "bfloat16" or "float16"; the merge itself is
-    float32 math with one cast. Refuses a non-empty ``out_dir`` unless ``force``. Prints (and writes to
+    float32 math with one cast. A QLoRA run's 4-bit base is dequantized to ``dtype`` (on a GPU) and merged there.
+    Refuses a non-empty ``out_dir`` unless ``force``. Prints (and writes to
     ``phitune_merge.json``) the largest logit difference between the merged and the adapter model on a sample input.
     """
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -400,11 +401,19 @@ def merge(
     started = time.time()
     config = load_run_config(run.root)
     dtype = _merge_dtype(config, dtype)
-    model, tokenizer, config = load_run_model(run.adapter_dir, device=device or "cpu", dtype=dtype)
+    quantized = bool(getattr(config.model, "load_in_4bit", False))
+    if device is None:  # a 4-bit (QLoRA) base loads only on a GPU; a 16/32-bit merge is fine on the CPU
+        device = "cuda" if quantized else "cpu"
+    model, tokenizer, config = load_run_model(run.adapter_dir, device=device, dtype=dtype)
     ids = build_prompt_ids(tokenizer, _SAMPLE_CHAT)[:64] if getattr(tokenizer, "chat_template", None) else \
         tokenizer("Hello! Explain what a low-rank adapter is.")["input_ids"][:64]
     input_ids = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
-    model, max_diff = merge_lora_checked(model, input_ids)
+    if quantized:  # QLoRA: dequantize the 4-bit base to ``dtype`` and merge there (phitune.quant)
+        from .quant import merge_checked
+
+        model, max_diff = merge_checked(model, config.model, input_ids, dtype=dtype)
+    else:
+        model, max_diff = merge_lora_checked(model, input_ids)
 
     from transformers import GenerationConfig
 
@@ -428,6 +437,7 @@ def merge(
             "dtype": weights_dtype,
             "max_abs_logit_diff_vs_adapter": max_diff,
             "sample_input_tokens": len(ids),
+            "quantized_base": quantized,
         }
         (staging / "phitune_merge.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         out.mkdir(parents=True, exist_ok=True)
