@@ -15,8 +15,9 @@ torch.set_num_threads(1)
 
 def model_with_lora(dropout=0.0, target="all-linear", vocab=101, **kw):
     torch.manual_seed(0)
+    kw = {"num_key_value_heads": 4, **kw}
     cfg = Phi3Config(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, use_cache=False, **kw)
+                     num_attention_heads=4, pad_token_id=0, use_cache=False, **kw)
     model = Phi3ForCausalLM._from_config(cfg, attn_implementation="sdpa")
     add_lora(model, {"r": 4, "lora_alpha": 8, "lora_dropout": dropout, "target_modules": target})
     for n, p in model.named_parameters():  # non-zero B so every LoRA path carries gradient
@@ -86,6 +87,23 @@ def test_swiglu_down_gradcheck(monkeypatch, p):
     torch.testing.assert_close(fn(gu, A, B), F.linear(h, W) + 2.0 * (hd @ A.t()) @ B.t())
 
 
+@pytest.mark.parametrize("rotary", [8, 4])
+def test_qkv_rope_gradcheck(rotary):
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 3, (2 + 2 * 1) * 8, dtype=torch.float64, generator=g, requires_grad=True)
+    cos, sin = torch.randn(2, 3, rotary, dtype=torch.float64, generator=g), torch.randn(2, 3, rotary,
+                                                                                       dtype=torch.float64, generator=g)
+    assert torch.autograd.gradcheck(lambda t: fused.QKVRopeFn.apply(t, cos, sin, 2, 1, 8), (qkv,))
+    q, k, v = fused.QKVRopeFn.apply(qkv, cos, sin, 2, 1, 8)
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
+    qr = qkv[..., :16].view(2, 3, 2, 8).transpose(1, 2)
+    kr = qkv[..., 16:24].view(2, 3, 1, 8).transpose(1, 2)
+    q_ref, k_ref = apply_rotary_pos_emb(qr, kr, cos, sin)
+    torch.testing.assert_close(q, q_ref)
+    torch.testing.assert_close(k, k_ref)
+    torch.testing.assert_close(v, qkv[..., 24:].view(2, 3, 1, 8).transpose(1, 2))
+
+
 def test_rms_norm_gradcheck():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 6, dtype=torch.float64, generator=g, requires_grad=True)
@@ -93,15 +111,16 @@ def test_rms_norm_gradcheck():
     assert torch.autograd.gradcheck(lambda x, w: fused.RMSNormFn.apply(x, w, 1e-6), (x, w))
 
 
-@pytest.mark.parametrize("target", ["all-linear", ["q_proj", "v_proj", "down_proj"]])
-def test_fast_path_equals_plain(target):
-    model = model_with_lora(target=target)
+@pytest.mark.parametrize("target,kw", [("all-linear", {}), (["q_proj", "v_proj", "down_proj"], {}),
+                                       ("all-linear", {"num_key_value_heads": 2, "partial_rotary_factor": 0.5})])
+def test_fast_path_equals_plain(target, kw):
+    model = model_with_lora(target=target, **kw)
     b = batch()
     ref_loss, ref = loss_and_grads(model, b, fused_loss=False)
     names = sorted(n for n, _ in model.named_parameters())
     keys = sorted(adapter_state_dict(model))
     notes = apply_fast_path(model, None)
-    assert any("fused" in n for n in notes), notes
+    assert any("fused" in n and "qkv_rope" in n and "swiglu_mlp" in n for n in notes), notes
     assert any(type(m) is fused.FusedLoRALinear or type(m) is fused.FusedLoRAMergedLinear for m in model.modules())
     assert all(isinstance(m, (lora.Linear, lora.MergedLinear)) for m in model.modules() if "Fused" in type(m).__name__
                and "LoRA" in type(m).__name__)

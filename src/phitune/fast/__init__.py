@@ -44,7 +44,8 @@ def apply(model, training_config=None) -> list[str]:
     notes.append("loss: chunked lm_head cross-entropy over labelled positions only (no full logits)")
 
     counts = fused.install(model, lora_layers=_get(training_config, "fast_lora", True),
-                           mlp=_get(training_config, "fast_mlp", True), norms=_get(training_config, "fast_norm", True))
+                           mlp=_get(training_config, "fast_mlp", True), norms=_get(training_config, "fast_norm", True),
+                           attention=_get(training_config, "fast_rope", True))
     if any(counts.values()):
         notes.append("fused autograd functions: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
 

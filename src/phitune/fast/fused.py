@@ -10,6 +10,8 @@ shape here). These functions do the same arithmetic with fewer passes over memor
   swiglu_down   y = down(silu(gate)·up) with down's LoRA, from the gate_up output. Saves gate_up and a 1-byte
                 dropout mask; silu(gate)·up is recomputed in backward instead of being stored.
   rms_norm      Phi-3/Llama RMSNorm with a hand-written backward: saves x and one float per row.
+  qkv_rope      split of the fused qkv projection + rotary embedding, straight into (B, H, T, D) tensors; backward
+                writes one gradient tensor (no zero-filled slice gradients, no rotate_half copies). Saves cos, sin.
 
 Arithmetic runs in the compute dtype (the autocast dtype when autocast is on, else the input's); LoRA weights kept
 in float32 are cast to it once per call (r x in elements), and their gradients are returned in float32.
@@ -181,6 +183,84 @@ class RMSNormFn(torch.autograd.Function):
         return gx, gw, None
 
 
+def _rope_into(out, x, cos, sin):
+    """out = x·cos + rotate_half(x)·sin on the first cos.shape[-1] features, x copied beyond; no temporaries
+    of x's size (rotate_half, cat) are made."""
+    R = cos.shape[-1]
+    h = R // 2
+    x1, x2 = x[..., :h], x[..., h:R]
+    o1, o2 = out[..., :h], out[..., h:R]
+    torch.mul(x1, cos[..., :h], out=o1)
+    o1.addcmul_(x2, sin[..., :h], value=-1.0)
+    torch.mul(x2, cos[..., h:], out=o2)
+    o2.addcmul_(x1, sin[..., h:])
+    if R < x.shape[-1]:
+        out[..., R:].copy_(x[..., R:])
+
+
+def _rope_back_into(out, g, cos, sin):
+    """The transpose of _rope_into: out = d/dx of <g, rope(x)>."""
+    R = cos.shape[-1]
+    h = R // 2
+    g1, g2 = g[..., :h], g[..., h:R]
+    o1, o2 = out[..., :h], out[..., h:R]
+    torch.mul(g1, cos[..., :h], out=o1)
+    o1.addcmul_(g2, sin[..., h:])
+    torch.mul(g2, cos[..., h:], out=o2)
+    o2.addcmul_(g1, sin[..., :h], value=-1.0)
+    if R < g.shape[-1]:
+        out[..., R:].copy_(g[..., R:])
+
+
+class QKVRopeFn(torch.autograd.Function):
+    """Split a fused (B, T, (Hq + 2·Hkv)·D) projection into q, k, v as (B, H, T, D) and rotate q and k.
+
+    Replaces slicing + view + transpose + rotate_half (neg, cat) + two multiplies and an add per tensor, whose
+    backward zero-fills a (B, T, F) gradient once per slice; here backward writes each part of one gradient tensor
+    once. Saves only cos and sin. Works in the promoted dtype of qkv and cos, like the unfused code.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_q: int, n_kv: int, head_dim: int):
+        B, T, _ = qkv.shape
+        D = head_dim
+        dtype = torch.result_type(qkv, cos)
+        c, s_ = cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
+        views = _qkv_views(qkv, n_q, n_kv, D)
+        q = torch.empty(B, n_q, T, D, dtype=dtype, device=qkv.device)
+        k = torch.empty(B, n_kv, T, D, dtype=dtype, device=qkv.device)
+        v = torch.empty(B, n_kv, T, D, dtype=qkv.dtype, device=qkv.device)
+        _rope_into(q, views[0], c, s_)
+        _rope_into(k, views[1], c, s_)
+        v.copy_(views[2])
+        ctx.save_for_backward(c, s_)
+        ctx.meta = (n_q, n_kv, D, qkv.shape, qkv.dtype)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        c, s_ = ctx.saved_tensors
+        n_q, n_kv, D, shape, dtype = ctx.meta
+        g = torch.empty(shape, dtype=dtype, device=c.device)
+        views = _qkv_views(g, n_q, n_kv, D)
+        for view, grad, rotate in zip(views, (gq, gk, gv), (True, True, False)):
+            if grad is None:
+                view.zero_()
+            elif rotate:
+                _rope_back_into(view, grad.to(dtype) if grad.dtype != c.dtype else grad, c, s_)
+            else:
+                view.copy_(grad)
+        return g, None, None, None, None, None
+
+
+def _qkv_views(t, n_q, n_kv, D):
+    B, T, _ = t.shape
+    q = t[..., : n_q * D].view(B, T, n_q, D).transpose(1, 2)
+    k = t[..., n_q * D: (n_q + n_kv) * D].view(B, T, n_kv, D).transpose(1, 2)
+    v = t[..., (n_q + n_kv) * D:].view(B, T, n_kv, D).transpose(1, 2)
+    return q, k, v
+
+
 # --- module forwards (installed by changing an instance's class) ------------------------------------------------------
 
 
@@ -301,9 +381,43 @@ def _norm_forward(self, x):
     return rms_norm(self, x)
 
 
-def install(model, *, lora_layers: bool = True, mlp: bool = True, norms: bool = True) -> dict[str, int]:
+def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+    """Phi-3 attention with QKVRopeFn; anything unusual (a cache, eager attention, dropout) takes the original."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    impl = self.config._attn_implementation
+    dropout = self.attention_dropout if self.training else 0.0
+    if cache is not None or position_embeddings is None or dropout or impl not in ALL_ATTENTION_FUNCTIONS:
+        original = type(self)._phitune_original_class.forward
+        return original(self, hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                        **kwargs)
+    kwargs.pop("cache", None)
+    kwargs.pop("past_key_values", None)
+    cos, sin = position_embeddings
+    qkv = self.qkv_proj(hidden_states)
+    q, k, v = QKVRopeFn.apply(qkv, cos, sin, self.config.num_attention_heads, self.num_key_value_heads, self.head_dim)
+    out, weights = ALL_ATTENTION_FUNCTIONS[impl](self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling,
+                                                 sliding_window=getattr(self.config, "sliding_window", None),
+                                                 **kwargs)
+    out = out.reshape(*hidden_states.shape[:-1], -1)
+    return self.o_proj(out), weights
+
+
+def _rope_attention(module) -> bool:
+    cfg = getattr(module, "config", None)
+    return (hasattr(module, "qkv_proj") and hasattr(module, "o_proj") and cfg is not None
+            and getattr(module, "head_dim", None) and getattr(module, "num_key_value_heads", None))
+
+
+# Attention classes whose forward is qkv_proj -> split q, k, v -> RoPE (rotate_half, partial rotary) -> kernel -> o_proj.
+_QKV_ROPE_ATTENTIONS = ("Phi3Attention",)
+
+
+def install(model, *, lora_layers: bool = True, mlp: bool = True, norms: bool = True,
+            attention: bool = True) -> dict[str, int]:
     """Switch matching module instances of ``model`` to their fused subclasses; returns counts per kind."""
-    counts = {"lora_linear": 0, "swiglu_mlp": 0, "rms_norm": 0}
+    counts = {"lora_linear": 0, "swiglu_mlp": 0, "rms_norm": 0, "qkv_rope": 0}
     for module in model.modules():
         cls = type(module)
         if getattr(cls, "_phitune_original_class", None) is not None:
@@ -317,6 +431,9 @@ def install(model, *, lora_layers: bool = True, mlp: bool = True, norms: bool = 
         elif mlp and cls.__name__ in _FUSED_GATE_UP_MLPS and _silu_mlp(module):
             module.__class__ = _fused_subclass(cls, _mlp_forward, "mlp")
             counts["swiglu_mlp"] += 1
+        elif attention and cls.__name__ in _QKV_ROPE_ATTENTIONS and _rope_attention(module):
+            module.__class__ = _fused_subclass(cls, _attention_forward, "attention")
+            counts["qkv_rope"] += 1
         elif norms and cls.__name__ in _RMSNORM_NAMES and isinstance(getattr(module, "weight", None), torch.Tensor):
             module.__class__ = _fused_subclass(cls, _norm_forward, "norm")
             counts["rms_norm"] += 1
