@@ -371,13 +371,15 @@ def merge(
     force: bool = False,
     device: str | None = None,
     verbose: bool = True,
+    dequantize: bool = True,
 ) -> Path:
     """Fold a run's adapter into its base model and save a plain Hugging Face model folder; returns it.
 
     ``out_dir`` gets safetensors weights, config.json, the tokenizer with its chat template and the run's
     generation_config.json (every end-of-turn id), loadable with ``AutoModelForCausalLM.from_pretrained`` without
     phitune. ``dtype``: "auto" (as the run loads the base), "float32", "bfloat16" or "float16"; the merge itself is
-    float32 math with one cast. A QLoRA run's 4-bit base is dequantized to ``dtype`` (on a GPU) and merged there.
+    float32 math with one cast. A QLoRA run's 4-bit base is dequantized to ``dtype`` and merged there (the model that
+    was trained), or with ``dequantize=False`` reloaded from its original weights; never merged into 4-bit weights.
     Refuses a non-empty ``out_dir`` unless ``force``. Prints (and writes to
     ``phitune_merge.json``) the largest logit difference between the merged and the adapter model on a sample input.
     """
@@ -402,8 +404,8 @@ def merge(
     config = load_run_config(run.root)
     dtype = _merge_dtype(config, dtype)
     quantized = bool(getattr(config.model, "load_in_4bit", False))
-    if device is None:  # a 4-bit (QLoRA) base loads only on a GPU; a 16/32-bit merge is fine on the CPU
-        device = "cuda" if quantized else "cpu"
+    if device is None:  # a 4-bit (QLoRA) base is fastest on a GPU; bitsandbytes >= 0.45 also runs it on the CPU
+        device = "cuda" if quantized and torch.cuda.is_available() else "cpu"
     model, tokenizer, config = load_run_model(run.adapter_dir, device=device, dtype=dtype)
     ids = build_prompt_ids(tokenizer, _SAMPLE_CHAT)[:64] if getattr(tokenizer, "chat_template", None) else \
         tokenizer("Hello! Explain what a low-rank adapter is.")["input_ids"][:64]
@@ -411,7 +413,7 @@ def merge(
     if quantized:  # QLoRA: dequantize the 4-bit base to ``dtype`` and merge there (phitune.quant)
         from .quant import merge_checked
 
-        model, max_diff = merge_checked(model, config.model, input_ids, dtype=dtype)
+        model, max_diff = merge_checked(model, config.model, input_ids, dtype=dtype, dequantize=dequantize)
     else:
         model, max_diff = merge_lora_checked(model, input_ids)
 
