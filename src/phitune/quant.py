@@ -169,7 +169,10 @@ def prepare_kbit_training(model, *, gradient_checkpointing: bool = False,
                 p.data = p.data.float()
     if gradient_checkpointing:
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if kwargs["use_reentrant"]:
             model.enable_input_require_grads()
     if getattr(model, "config", None) is not None:

@@ -1,0 +1,300 @@
+"""QLoRA on CPU: LoRA on a bitsandbytes 4-bit base trains, saves/loads in the PEFT format (peft agrees), merges into
+a 16/32-bit model with the reported logit parity, and refuses clearly what cannot work."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+from test_train_helpers import chat_files, losses, tiny_config, tiny_model_dir  # noqa: E402,F401 - fixtures
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
+
+from phitune import lora, quant  # noqa: E402
+from phitune.adapt import add_lora, load_adapter, merge_lora, merge_lora_checked, save_adapter  # noqa: E402
+from phitune.config import build_model_config, load_config  # noqa: E402
+from phitune.errors import AdapterError, ConfigError  # noqa: E402
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+Q4 = {"compute_dtype": "float32"}  # float32 compute on CPU: exact comparisons against dense references
+
+
+def load_4bit(folder, quant_type="nf4", double_quant=True, dtype=torch.float32):
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                             bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=cfg, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def logits(model, ids=IDS):
+    return model(input_ids=ids).logits.float()
+
+
+def quantized_linear(in_f=64, out_f=96, bias=True, quant_type="nf4", seed=0):
+    torch.manual_seed(seed)
+    dense = nn.Linear(in_f, out_f, bias=bias)
+    q = bnb.nn.Linear4bit(in_f, out_f, bias=bias, compute_dtype=torch.float32, quant_type=quant_type)
+    q.load_state_dict(dense.state_dict())
+    return q.to("cpu")  # .to(device) quantizes
+
+
+def dense_copy(q) -> nn.Linear:
+    d = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+    with torch.no_grad():
+        d.weight.copy_(quant.dequantize_weight(q))
+        if q.bias is not None:
+            d.bias.copy_(q.bias)
+    return d
+
+
+# --- layers -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_linear4bit_is_the_dense_lora_layer_on_the_dequantized_weight(quant_type):
+    q = quantized_linear(quant_type=quant_type)
+    ours = lora.Linear4bit.from_linear(q, r=4, lora_alpha=8)
+    ref = lora.Linear.from_linear(dense_copy(q), r=4, lora_alpha=8, lora_dtype=torch.float32)
+    with torch.no_grad():
+        ours.lora_B.normal_()
+        ref.lora_A.copy_(ours.lora_A), ref.lora_B.copy_(ours.lora_B)
+    assert ours.weight is q.weight and ours.lora_A.dtype == torch.float32 and not ours.weight.requires_grad
+    assert [n for n, _ in ours.named_parameters()] == ["weight", "bias", "lora_A", "lora_B"]  # base names kept
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.testing.assert_close(ours(x), ref(x2), rtol=1e-5, atol=1e-5)
+    ours(x).square().sum().backward()
+    ref(x2).square().sum().backward()
+    for a, b in [(ours.lora_A, ref.lora_A), (ours.lora_B, ref.lora_B), (x, x2)]:
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.delta_weight(), ref.delta_weight())
+
+
+def test_merged_linear4bit_per_slice_matches_the_dense_merged_linear():
+    q = quantized_linear(64, 64 + 32 + 32, bias=False)
+    kw = dict(r=2, lora_alpha=4, enable_lora=[True, False, True], out_splits=[64, 32, 32])
+    ours = lora.MergedLinear4bit.from_linear(q, **kw)
+    ref = lora.MergedLinear.from_linear(dense_copy(q), lora_dtype=torch.float32, **kw)
+    assert ours.lora_A.shape == ref.lora_A.shape == (4, 64) and ours.lora_B.shape == ref.lora_B.shape == (96, 2)
+    with torch.no_grad():
+        ours.lora_B.normal_()
+        ref.lora_A.copy_(ours.lora_A), ref.lora_B.copy_(ours.lora_B)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    delta = ours.delta_weight()
+    assert delta[64:96].abs().max() == 0 and delta[:64].abs().max() > 0  # the k slice is not adapted
+    dense = ours.to_dense(dense_copy(q))
+    assert isinstance(dense, lora.MergedLinear) and dense.lora_A is ours.lora_A
+    torch.testing.assert_close(dense(x), ref(x))
+
+
+def test_lora_on_4bit_runs_under_bf16_autocast_with_float32_factors():
+    q = quantized_linear()
+    layer = lora.Linear4bit.from_linear(q, r=4, lora_alpha=8, lora_dropout=0.1)
+    layer.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(4, 64))
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad is not None
+
+
+def test_merging_into_4bit_weights_is_refused_with_a_clear_message():
+    layer = lora.Linear4bit.from_linear(quantized_linear(), r=4)
+    with pytest.raises(RuntimeError, match="cannot merge LoRA into 4-bit weights.*phitune.merge"):
+        layer.merge()
+    with pytest.raises(ValueError, match="merge_weights=True would merge on eval"):
+        lora.Linear4bit.from_linear(quantized_linear(), r=4, merge_weights=True)
+    with pytest.raises(ValueError, match="needs a quantized bitsandbytes Linear4bit"):
+        lora.Linear4bit.from_linear(nn.Linear(4, 4), r=2)
+
+
+# --- adapt on a 4-bit model: peft agrees ------------------------------------------------------------------------------
+
+CASES = {
+    "all-linear": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+    "per-slice": dict(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "o_proj"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_adapter_on_a_4bit_base_loads_in_peft_with_the_same_logits(case, tiny_model_dir, tmp_path):
+    cfg = {**CASES[case], "init_lora_weights": False}  # nonzero B so the adapter changes the logits
+    ours = load_4bit(tiny_model_dir)
+    torch.manual_seed(0)
+    report = add_lora(ours, cfg)
+    kinds = {type(ours.get_submodule(n.split("[")[0])).__name__ for n in report.modules}
+    assert kinds <= {"Linear4bit", "MergedLinear4bit"} and kinds
+    assert all(p.dtype == torch.float32 for n, p in ours.named_parameters() if "lora_" in n)
+    save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(load_4bit(tiny_model_dir), tmp_path / "ours").eval()
+    assert (logits(ours) - logits(theirs)).abs().max() < 1e-5
+    assert (logits(ours) - logits(load_4bit(tiny_model_dir))).abs().max() > 1e-3  # the adapter matters
+
+    # and back: peft's adapter saved from a 4-bit base loads into ours
+    theirs.save_pretrained(tmp_path / "peft")
+    again = load_4bit(tiny_model_dir)
+    load_adapter(again, tmp_path / "peft")
+    assert (logits(again) - logits(theirs)).abs().max() < 1e-5
+
+
+def test_trainable_parameters_match_peft_on_a_4bit_base(tiny_model_dir):
+    cfg = CASES["all-linear"]
+    ours = load_4bit(tiny_model_dir)
+    report = add_lora(ours, cfg)
+    theirs = peft.get_peft_model(load_4bit(tiny_model_dir), peft.LoraConfig(**cfg))
+    trainable, total = theirs.get_nb_trainable_parameters()
+    assert (report.trainable_params, report.total_params) == (trainable, total)
+
+
+def test_merge_lora_refuses_a_4bit_model_before_any_work(tiny_model_dir):
+    model = load_4bit(tiny_model_dir)
+    add_lora(model, CASES["all-linear"])
+    for fn in (merge_lora, lambda m: merge_lora_checked(m, IDS)):
+        with pytest.raises(AdapterError, match="cannot merge LoRA into 4-bit weights.*16/32-bit base"):
+            fn(model)
+    assert any(isinstance(m, lora.Linear4bit) for m in model.modules())  # untouched
+
+
+def test_dequantize_model_then_merge_gives_the_same_logits(tiny_model_dir):
+    model = load_4bit(tiny_model_dir)
+    torch.manual_seed(0)
+    add_lora(model, {**CASES["per-slice"], "init_lora_weights": False})
+    before = logits(model)
+    merged, diff = quant.merge_checked(model, build_model_config({"name_or_path": "x", "load_in_4bit": True}), IDS,
+                                       dtype="float32")
+    assert diff < 1e-4 and (logits(merged) - before).abs().max() <= diff + 1e-6
+    assert not any(quant.is_4bit_linear(m) or isinstance(m, lora.Linear4bit) for m in merged.modules())
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    assert getattr(merged.config, "quantization_config", None) is None
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_kbit_preparation_gives_lora_gradients_with_checkpointing(tiny_model_dir, reentrant):
+    model = load_4bit(tiny_model_dir, dtype=torch.float16)
+    quant.prepare_kbit_training(model, gradient_checkpointing=True,
+                                gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert model.model.norm.weight.dtype == torch.float32  # fp16 norms upcast
+    assert not any(p.requires_grad for p in model.parameters())
+    add_lora(model, CASES["all-linear"], lora_dtype=torch.float32)
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]  # B = 0 at init: A's gradient is 0
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_quantized_modules_cannot_be_saved_in_full_or_8bit_targeted(tiny_model_dir):
+    model = load_4bit(tiny_model_dir)
+    with pytest.raises(ConfigError, match="modules_to_save: 'model.layers.0.mlp' holds quantized weights"):
+        add_lora(model, {"target_modules": ["o_proj"], "modules_to_save": ["layers.0.mlp"]})
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False)
+
+    with pytest.raises(ConfigError, match="8-bit layer.*load_in_4bit: true"):
+        add_lora(Tiny(), {"target_modules": ["proj"]})
+
+
+# --- config, loading, errors ------------------------------------------------------------------------------------------
+
+
+def test_quantization_config_keys():
+    cfg = build_model_config({"name_or_path": "m", "load_in_4bit": True,
+                              "quantization": {"bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False,
+                                               "bnb_4bit_compute_dtype": "float16"}})
+    assert (cfg.quantization.type, cfg.quantization.double_quant, cfg.quantization.compute_dtype) == \
+        ("fp4", False, "float16")
+    default = build_model_config({"name_or_path": "m", "load_in_4bit": True}).quantization
+    assert (default.type, default.double_quant, default.compute_dtype) == ("nf4", True, "auto")
+    with pytest.raises(ConfigError, match="model.quantization: unknown key 'dobule_quant' .did you mean 'double_quant'"):
+        build_model_config({"name_or_path": "m", "quantization": {"dobule_quant": True}})
+    with pytest.raises(ConfigError, match="model.quantization.type: expected 'nf4' | 'fp4'"):
+        build_model_config({"name_or_path": "m", "quantization": {"type": "int4"}})
+    note = build_model_config({"name_or_path": "m", "quantization": {"type": "fp4"}}).notes
+    assert note == ["model.quantization: has no effect without model.load_in_4bit: true"]
+
+
+def test_loading_4bit_without_bitsandbytes_says_how_to_install(tiny_model_dir, monkeypatch):
+    from phitune.model import load_model_and_tokenizer
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    with pytest.raises(ConfigError, match=r"model.load_in_4bit: true needs the bitsandbytes package.*"
+                                          r"pip install phitune\[qlora\]"):
+        load_model_and_tokenizer({"name_or_path": str(tiny_model_dir), "load_in_4bit": True}, device="cpu")
+    model, _ = load_model_and_tokenizer({"name_or_path": str(tiny_model_dir)}, device="cpu")  # 16/32-bit still fine
+    assert not quant.is_quantized(model)
+
+
+def test_4bit_on_an_unsupported_device_is_refused(tiny_model_dir):
+    from phitune.model import load_model_and_tokenizer
+
+    with pytest.raises(ConfigError, match="model.load_in_4bit: bitsandbytes 4-bit layers run on CUDA, XPU or the CPU"):
+        load_model_and_tokenizer({"name_or_path": str(tiny_model_dir), "load_in_4bit": True}, device="meta")
+
+
+def test_example_qlora_yaml_loads_and_is_the_cookbook_setup():
+    cfg = load_config(ROOT / "examples" / "phi3-mini-qlora.yaml")
+    assert cfg.model.name_or_path == "microsoft/Phi-3-mini-4k-instruct" and cfg.model.load_in_4bit
+    q = cfg.model.quantization
+    assert (q.type, q.double_quant, q.compute_dtype) == ("nf4", True, "bfloat16")
+    assert cfg.training_config.bf16 and cfg.training_config.gradient_checkpointing
+    assert cfg.peft_config.r == 16 and cfg.peft_config.lora_alpha == 16 and cfg.peft_config.lora_dropout == 0.05
+    assert set(cfg.peft_config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"}
+    assert load_config(cfg.to_dict()).model == cfg.model  # the resolved config round-trips
+
+
+# --- the whole story: finetune -> peft -> merge -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tiny_model_dir, chat_files, tmp_path_factory):
+    from phitune.train import finetune
+
+    out = tmp_path_factory.mktemp("qlora") / "run"
+    cfg = tiny_config(tiny_model_dir, chat_files, out, max_steps=8, eval_strategy="no")
+    cfg["model"].update(load_in_4bit=True, quantization=Q4)
+    cfg["peft_config"]["target_modules"] = ["q_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
+    return finetune(cfg)
+
+
+def test_finetune_on_a_4bit_base_learns(qlora_run):
+    curve = [loss for _, loss in losses(qlora_run.output_dir)]
+    assert len(curve) == 8 and curve[-1] < curve[0] - 0.2
+    model = qlora_run.model
+    assert quant.is_quantized(model) and any(isinstance(m, lora.MergedLinear4bit) for m in model.modules())
+    saved = load_config(qlora_run.output_dir / "phitune_config.yaml").model
+    assert saved.load_in_4bit and saved.quantization.compute_dtype == "float32"
+
+
+def test_trained_adapter_loads_in_peft_on_the_4bit_base(qlora_run, tiny_model_dir):
+    model = qlora_run.model.eval()
+    theirs = peft.PeftModel.from_pretrained(load_4bit(tiny_model_dir), qlora_run.output_dir).eval()
+    assert (logits(model) - logits(theirs)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dequantize", [True, False])
+def test_merge_after_qlora_gives_a_plain_model_within_the_reported_tolerance(qlora_run, tmp_path, dequantize):
+    from phitune.run import load_run_model, merge
+
+    out = merge(qlora_run.output_dir, tmp_path / "merged", dtype="float32", dequantize=dequantize, verbose=False)
+    info = json.loads((out / "phitune_merge.json").read_text())
+    reported = info["max_abs_logit_diff_vs_adapter"]
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert not quant.is_quantized(merged) and merged.dtype == torch.float32
+    adapter_4bit, _, _ = load_run_model(qlora_run.output_dir, device="cpu", dtype="float32")
+    assert quant.is_quantized(adapter_4bit)
+    diff = (logits(merged) - logits(adapter_4bit)).abs().max().item()
+    if dequantize:  # the merged model computes what was trained
+        assert reported < 1e-4 and diff < 1e-4
+    else:  # the original weights: the quantization error shows, and is reported
+        assert reported > 1e-3 and diff > 1e-3
