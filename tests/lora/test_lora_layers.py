@@ -477,8 +477,9 @@ def test_bad_from_linear_arguments_leave_the_base_untouched():
 
 
 def test_public_surface():
-    assert set(lora.__all__) == {"LoRALayer", "Linear", "Embedding", "MergedLinear", "Conv1d", "Conv2d", "Conv3d",
-                                 "mark_only_lora_as_trainable", "lora_state_dict"}
+    assert {"LoRALayer", "Linear", "Embedding", "MergedLinear", "Conv1d", "Conv2d", "Conv3d",
+            "mark_only_lora_as_trainable", "lora_state_dict"} <= set(lora.__all__)
+    assert all(hasattr(lora, name) for name in lora.__all__)
     assert not hasattr(lora, "torch") and not hasattr(lora, "nn")
     for cls in (lora.Linear, lora.MergedLinear, lora.Embedding, lora.Conv1d, lora.Conv2d, lora.Conv3d):
         assert issubclass(cls, lora.LoRALayer)
