@@ -72,7 +72,7 @@ _MODEL_INERT = {
 
 @dataclass
 class TrainingConfig:
-    """The ``training_config:`` section: transformers TrainingArguments names, on one device."""
+    """The ``training_config:`` section: transformers TrainingArguments names (one process, or many under torchrun)."""
 
     output_dir: str = field("phitune-output", doc="run folder: adapter, tokenizer, config, metrics, checkpoints/")
     overwrite_output_dir: bool = field(
@@ -124,6 +124,16 @@ class TrainingConfig:
     use_liger_kernel: bool = field(False, doc="accepted; phitune.fast's own fused kernels are used instead")
     fast_path: Literal["auto", "off"] = field("auto", doc="phitune.fast speed-ups (chunked loss, fused LoRA "
                                                           "kernels, packed attention); off: plain transformers path")
+    ddp_backend: str | None = field(None, doc="torch.distributed backend under torchrun: nccl (default on CUDA), "
+                                              "gloo (default on CPU) or mpi")
+    ddp_timeout: int = field(1800, doc="seconds a process waits for the others in a collective before failing")
+    ddp_find_unused_parameters: bool | None = field(
+        None, doc="accepted; phitune all-reduces the trainable gradients itself, so unused ones never stall a step")
+    fsdp: str | list | bool | None = field(
+        None, doc="shard the frozen base across processes (FSDP2): full_shard, shard_grad_op, offload, auto_wrap")
+    fsdp_config: dict | None = field(
+        None, doc="FSDP options: transformer_layer_cls_to_wrap, reshard_after_forward, offload_params, "
+                  "activation_checkpointing")
     notes: list = _notes()
 
     def __post_init__(self):
@@ -153,6 +163,17 @@ class TrainingConfig:
         if self.max_grad_norm < 0:
             raise ConfigError(f"training_config.max_grad_norm must be >= 0, got {self.max_grad_norm}")
         self.report_to = _report_to(self.report_to)
+        if self.ddp_backend is not None and self.ddp_backend not in DDP_BACKENDS:
+            raise ConfigError(f"training_config.ddp_backend: unknown backend '{self.ddp_backend}'"
+                              f"{suggest(self.ddp_backend, DDP_BACKENDS)}; use one of {', '.join(DDP_BACKENDS)} "
+                              "(or leave it unset: nccl on CUDA, gloo on CPU)")
+        if self.ddp_timeout < 1:
+            raise ConfigError(f"training_config.ddp_timeout must be >= 1 second, got {self.ddp_timeout}")
+        self.fsdp = _fsdp_options(self.fsdp)
+        self.fsdp_config, fsdp_notes = _fsdp_config(self.fsdp_config, self.fsdp)
+        self.notes.extend(fsdp_notes)
+        if self.fsdp_config.get("activation_checkpointing"):
+            self.gradient_checkpointing = True
         if isinstance(self.resume_from_checkpoint, str) and self.resume_from_checkpoint.lower() in ("", "none",
                                                                                                     "false"):
             self.resume_from_checkpoint = None
@@ -166,6 +187,63 @@ class TrainingConfig:
 
 
 REPORT_BACKENDS = ("tensorboard", "wandb", "mlflow")
+DDP_BACKENDS = ("nccl", "gloo", "mpi")
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
+# fsdp_config keys phitune reads (TrainingArguments' names, with or without their "fsdp_" prefix), and the
+# FSDP1/accelerate knobs that FSDP2 has no use for (accepted with a note).
+FSDP_CONFIG_KEYS = ("transformer_layer_cls_to_wrap", "reshard_after_forward", "offload_params",
+                    "activation_checkpointing", "version")
+_FSDP_CONFIG_INERT = ("min_num_params", "backward_prefetch", "forward_prefetch", "limit_all_gathers",
+                      "use_orig_params", "sync_module_states", "cpu_ram_efficient_loading", "state_dict_type",
+                      "auto_wrap_policy", "sharding_strategy", "xla", "xla_fsdp_v2", "xla_fsdp_grad_ckpt")
+
+
+def _fsdp_options(value) -> list[str]:
+    """``fsdp`` as a list of options: TrainingArguments takes a space-separated string, a list, or a bool."""
+    if value in (None, False, "", []):
+        return []
+    if value is True:
+        return ["full_shard"]
+    names = value.split() if isinstance(value, str) else [str(v) for v in value]
+    names = [n.lower() for n in names]
+    for n in names:
+        if n == "hybrid_shard" or n == "hybrid_shard_zero2":
+            raise ConfigError(f"training_config.fsdp: {n} (shard within a node, replicate across nodes) is not "
+                              "supported; use full_shard, which shards across every process of every node")
+        if n not in FSDP_OPTIONS:
+            raise ConfigError(f"training_config.fsdp: unknown option '{n}'{suggest(n, FSDP_OPTIONS)}; use any of "
+                              f"{', '.join(FSDP_OPTIONS)} (e.g. fsdp: full_shard), or leave it unset for DDP")
+    if "full_shard" in names and "shard_grad_op" in names:
+        raise ConfigError("training_config.fsdp: full_shard and shard_grad_op are both set; choose one")
+    if not {"full_shard", "shard_grad_op"} & set(names):
+        names.insert(0, "full_shard")  # "offload" or "auto_wrap" alone: TrainingArguments shards fully too
+    return names
+
+
+def _fsdp_config(value, fsdp: list[str]) -> tuple[dict, list[str]]:
+    """``fsdp_config`` with its keys checked ("fsdp_" prefixes dropped) and the notes for inert keys."""
+    if value is None:
+        return {}, []
+    out, notes = {}, []
+    for key, v in dict(value).items():
+        name = key[len("fsdp_"):] if key.startswith("fsdp_") else key
+        if name in _FSDP_CONFIG_INERT:
+            notes.append(f"training_config.fsdp_config.{key}: has no effect with FSDP2 (fully_shard)")
+        elif name not in FSDP_CONFIG_KEYS:
+            raise ConfigError(f"training_config.fsdp_config: unknown key '{key}'"
+                              f"{suggest(name, FSDP_CONFIG_KEYS + _FSDP_CONFIG_INERT)}; "
+                              f"phitune reads {', '.join(FSDP_CONFIG_KEYS)}")
+        else:
+            out[name] = v
+    if out.get("version", 2) not in (2, "2"):
+        raise ConfigError(f"training_config.fsdp_config.version: {out['version']!r}; phitune uses FSDP2 "
+                          "(torch.distributed.fsdp.fully_shard) only; set version: 2 or remove the key")
+    layer_cls = out.get("transformer_layer_cls_to_wrap")
+    if isinstance(layer_cls, str):
+        out["transformer_layer_cls_to_wrap"] = [c.strip() for c in layer_cls.split(",") if c.strip()]
+    if out and not fsdp:
+        notes.append("training_config.fsdp_config: has no effect without training_config.fsdp (e.g. full_shard)")
+    return out, notes
 
 
 def _report_to(value) -> list[str]:
@@ -213,7 +291,7 @@ def _training_key_note(key: str, value: Any) -> str | None:
         return f"training_config.{key}: has no effect here (a TrainingArguments option phitune does not implement)"
     raise ConfigError(
         f"training_config.{key}: {value!r} asks for a TrainingArguments feature phitune does not implement "
-        f"(it trains on one device with its own loop); remove the key or set it to {default!r}"
+        f"(its own training loop has no such option); remove the key or set it to {default!r}"
     )
 
 
