@@ -91,8 +91,13 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tokenizer
 
 
-def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | str | None = None):
-    """(model, tokenizer) for training: safetensors weights, use_cache off, dtype and attention resolved."""
+def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | str | None = None,
+                             host_load: bool = False):
+    """(model, tokenizer) for training: safetensors weights, use_cache off, dtype and attention resolved.
+
+    ``host_load``: dtype and attention are chosen for ``device`` but the weights stay in host memory (FSDP then
+    shards them onto the device: a base that does not fit one GPU is never placed whole on one).
+    """
     from transformers import AutoModelForCausalLM
 
     if isinstance(model_cfg, (str, dict)):
@@ -113,7 +118,7 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | s
     kwargs = dict(revision=model_cfg.revision, dtype=dtype, attn_implementation=attn, use_safetensors=True,
                   trust_remote_code=model_cfg.trust_remote_code)
     kwargs.update(qlora_kwargs)
-    if device.type == "cuda":
+    if device.type == "cuda" and not host_load:
         kwargs["device_map"] = {"": str(device)}  # load straight onto the GPU, no full copy in host memory
     try:
         model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
