@@ -4,12 +4,17 @@ A checkpoint is a folder ``OUTPUT_DIR/checkpoints/checkpoint-STEP/`` holding
 
     adapter_config.json, adapter_model.safetensors   the adapter at that step (PEFT layout; `phitune eval` reads it)
     trainable.safetensors                            every trainable parameter under its model name (for resume)
-    training_state.pt                                optimizer, scheduler, grad scaler, RNG states, data position
+    training_state.pt                                optimizer, scheduler, grad scaler, RNG states (one per
+                                                     process under torchrun), data position (global)
     meta.json                                        step, config hash and the hashed settings, written last
 
 It is written into ``checkpoints/.tmp-checkpoint-STEP-PID/``, every file fsynced, then renamed into place
 (``os.replace``, atomic on POSIX), and the parent directory fsynced. A folder named ``checkpoint-STEP`` is therefore
 always complete: a SIGKILL leaves at worst a ``.tmp-*`` folder, which the next save or resume deletes.
+
+Under torchrun only rank 0 writes (phitune.train calls this through ``distributed.on_main``). The data position
+counts micro-batches of the global plan (per-device batch x processes), so a run resumes on any number of processes
+with the same per-device batch x processes.
 
 ``training_state.pt`` holds only tensors and plain Python values, so it loads with ``torch.load(weights_only=True)``
 (no pickled code); weights go through safetensors.
@@ -46,17 +51,28 @@ _SLOW_SAVE_ENV = "PHITUNE_TEST_SLOW_SAVE"
 # --- what must match --------------------------------------------------------------------------------------------------
 
 
-def resume_settings(config) -> dict[str, Any]:
-    """The parts of a RunConfig a checkpoint depends on: model, data, peft_config, batch/accumulation/seed."""
+def resume_settings(config, world_size: int = 1) -> dict[str, Any]:
+    """The parts of a RunConfig a checkpoint depends on: model, data, peft_config, batch/accumulation/seed (and the
+    number of processes, when more than one: what must match is per-device batch x processes)."""
     run = config.to_dict()
     training = run["training_config"]
     model = {k: run["model"][k] for k in ("name_or_path", "revision", "tokenizer")}
+    training = {k: training[k] for k in RESUME_KEYS}
+    if world_size > 1:
+        training["world_size"] = world_size
     return {
         "model": model,
         "data": run["data"],
         "peft_config": run["peft_config"],
-        "training_config": {k: training[k] for k in RESUME_KEYS},
+        "training_config": training,
     }
+
+
+def _global_batch(settings: dict[str, Any]) -> int | None:
+    training = settings.get("training_config", {})
+    if "per_device_train_batch_size" not in training:
+        return None
+    return training["per_device_train_batch_size"] * training.get("world_size", 1)
 
 
 def config_hash(settings: dict[str, Any]) -> str:
@@ -80,12 +96,21 @@ def check_compatible(checkpoint: Path, settings: dict[str, Any]) -> None:
     diffs = _differences(meta.get("settings", {}), settings)
     # Cache/report-only data keys never change the samples; ignore them if they are the only differences.
     diffs = [d for d in diffs if not d.startswith(("data.cache", "data.max_errors_shown"))]
+    old_batch, new_batch = _global_batch(meta.get("settings", {})), _global_batch(settings)
+    if old_batch == new_batch:  # other process count, same micro-batches: the same run
+        diffs = [d for d in diffs if not d.startswith(("training_config.per_device_train_batch_size",
+                                                       "training_config.world_size"))]
     if not diffs:
         return
+    hint = ""
+    if any(d.startswith(("training_config.per_device_train_batch_size", "training_config.world_size"))
+           for d in diffs) and old_batch is not None:
+        hint = (f" (per_device_train_batch_size x processes was {old_batch}, is {new_batch}; any process count "
+                "keeping that product resumes)")
     raise CheckpointError(
         f"cannot resume from {checkpoint}: it was written with a different config ("
         + "; ".join(diffs[:8]) + ("; ..." if len(diffs) > 8 else "")
-        + "). Resume with the original settings, or start a fresh run (another output_dir, or "
+        + f"){hint}. Resume with the original settings, or start a fresh run (another output_dir, or "
           "overwrite_output_dir: true without resume_from_checkpoint)."
     )
 
@@ -145,8 +170,10 @@ def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(output_dir, step: int, *, model, optimizer, scheduler, data_position: dict, settings: dict,
-                    base_model_name_or_path: str | None = None, scaler=None, extra: dict | None = None) -> Path:
-    """Write ``checkpoints/checkpoint-STEP`` atomically and return its path."""
+                    base_model_name_or_path: str | None = None, scaler=None, extra: dict | None = None,
+                    rng_per_process: list | None = None) -> Path:
+    """Write ``checkpoints/checkpoint-STEP`` atomically and return its path (``rng_per_process``: every process's
+    ``rng_state()`` under torchrun, so each resumes its own dropout stream)."""
     from .adapt import save_adapter
 
     root = checkpoints_dir(output_dir)
@@ -168,6 +195,8 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, scheduler, data_
         "data_position": dict(data_position),
         "extra": extra or {},
     }
+    if rng_per_process is not None:
+        state["rng_per_process"] = list(rng_per_process)
     torch.save(state, tmp / STATE_NAME)
     meta = {"step": step, "config_hash": config_hash(settings), "settings": settings,
             "data_position": dict(data_position), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -270,8 +299,13 @@ def resolve_resume(resume_from_checkpoint, output_dir) -> Path | None:
     return found
 
 
-def load_checkpoint(checkpoint: str | os.PathLike, *, model, optimizer, scheduler, scaler=None) -> dict[str, Any]:
-    """Restore trainable weights, optimizer, scheduler, scaler and RNG states; return the training state dict."""
+def load_checkpoint(checkpoint: str | os.PathLike, *, model, optimizer, scheduler, scaler=None, rank: int = 0,
+                    world_size: int = 1) -> dict[str, Any]:
+    """Restore trainable weights, optimizer, scheduler, scaler and RNG states; return the training state dict.
+
+    Under torchrun (``world_size`` > 1) process ``rank`` takes its own saved RNG state when the checkpoint has one
+    per process for the same count; otherwise a seed derived from the step and the rank (reproducible, not equal).
+    """
     checkpoint = Path(checkpoint)
     try:
         tensors = load_file(str(checkpoint / TRAINABLE_NAME))
@@ -291,4 +325,10 @@ def load_checkpoint(checkpoint: str | os.PathLike, *, model, optimizer, schedule
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
+    if world_size > 1:
+        per_process = state.get("rng_per_process") or []
+        if len(per_process) == world_size:
+            set_rng_state(per_process[rank])
+        else:
+            torch.manual_seed(int(state["step"]) * 1_000_003 + rank)
     return state

@@ -58,17 +58,21 @@ def resolve_backends(report_to: list[str]) -> list[str]:
 
 
 class MetricsLog:
-    """metrics.jsonl plus the report_to backends."""
+    """metrics.jsonl plus the report_to backends. ``write=False`` (processes other than rank 0): logs nothing."""
 
     def __init__(self, output_dir: str | Path, report_to: list[str], *, run_name: str, config: dict,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, write: bool = True):
         self.path = Path(output_dir) / METRICS_NAME
+        self.write = write
+        self._tb = self._wandb = self._mlflow = None
+        if not write:
+            self.backends = []
+            return
         if resume_step is None:
             self.path.write_text("", encoding="utf-8")
         else:
             self._truncate_after(resume_step)
         self.backends = resolve_backends(report_to)
-        self._tb = self._wandb = self._mlflow = None
         if "tensorboard" in self.backends:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -100,6 +104,8 @@ class MetricsLog:
         self.path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.write:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         log.info("%s", format_record(record))

@@ -8,6 +8,9 @@ The loss of an optimizer step is the sum of token cross-entropies over all its m
 supervised tokens in the whole step, so gradient accumulation gives the same update as one large batch (dividing
 each micro-batch by its own token count would over-weight micro-batches with few trained tokens).
 Logging, evaluation and checkpointing are named helpers below; the loop itself is in ``finetune``.
+
+Under torchrun every process runs this same loop on its part of each micro-batch (phitune.distributed): the token
+count of a step and the trainable gradients are summed over processes, and rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from ._typed import suggest
 from .config import SECTIONS, RunConfig, TrainingConfig, load_config, read_yaml, save_config
 from .errors import ConfigError, PhituneError
@@ -62,14 +66,17 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
     cfg = _run_config(config, dict(model=model, data=data, training_config=training_config, peft_config=peft_config),
                       output_dir, overrides)
     tc = cfg.training_config
-    setup_logging(tc.log_level)
-    for note in cfg.notes:
+    created_group = distributed.init(tc)  # under torchrun: join the other processes (nothing in one process)
+    main = distributed.is_main()
+    setup_logging(tc.log_level if main else "warning")
+    for note in cfg.notes + distributed.check_supported(cfg):
         log.info(note)
 
     # Everything that can refuse does so before the slow work: output folder, checkpoint, report_to packages.
     out = Path(tc.output_dir)
-    settings = ckpt.resume_settings(cfg)
-    resume_from = _prepare_output_dir(out, tc, settings)
+    world = distributed.world_size()
+    settings = ckpt.resume_settings(cfg, world_size=world)
+    resume_from = distributed.on_main(_prepare_output_dir, out, tc, settings)
     resolve_backends(tc.report_to)
 
     # seed -> model -> LoRA
@@ -78,28 +85,33 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
     from .loss import apply_fast_path, forward_loss
     from .model import load_model_and_tokenizer, resolve_device
 
-    device = resolve_device(tc.use_cpu)
+    device = resolve_device(tc.use_cpu)  # under torchrun: this process's GPU (LOCAL_RANK)
     _set_tf32(tc.tf32, device)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, host_load=distributed.fsdp_enabled(tc))
     report = add_lora(model, cfg.peft_config, lora_dtype=torch.float32)  # fp32 adapters even on a bf16 base
     log.info("%s", report)
+    for note in distributed.prepare_model(model, tc, device):  # same LoRA start everywhere; FSDP2 if asked
+        log.info("%s", note)
     enable_gradient_checkpointing(model, tc)
     for note in apply_fast_path(model, tc):
         log.info("fast path: %s", note)
     compile_layers(model, tc)
+    distributed.seed_per_process(tc.seed)  # dropout masks differ between processes
 
-    # data
+    # data: one plan on every process, micro-batches of bs x processes; each process trains on its part
     prepare_data, batch_plan, collate = data_api()
-    prepared = prepare_data(cfg.data, tokenizer)
+    with distributed.local_main_first():  # one process per node writes the data cache, the others read it
+        prepared = prepare_data(cfg.data, tokenizer)
     dc = cfg.data
     make_batch = batch_maker(model, tokenizer, dc, collate)
+    my_part = distributed.sharder(prepared.train, dc)
     bs, accum = tc.per_device_train_batch_size, tc.gradient_accumulation_steps
     plans: dict[int, list] = {}
 
     def plan(epoch: int) -> list:
         if epoch not in plans:
             plans.clear()
-            plans[epoch] = batch_plan(prepared.train, bs, dc.max_seq_length, dc.packing, dc.seed, epoch)
+            plans[epoch] = batch_plan(prepared.train, bs * world, dc.max_seq_length, dc.packing, dc.seed, epoch)
         return plans[epoch]
 
     steps_per_epoch = math.ceil(len(plan(0)) / accum)
@@ -116,14 +128,15 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
     state = TrainState()
     if resume_from is not None:
         saved = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
-                                     scaler=scaler)
+                                     scaler=scaler, rank=distributed.rank(), world_size=world)
         state = TrainState.from_dict(saved["extra"]["train_state"])
         log.info("resumed from %s (step %d of %d)", resume_from, state.step, total_steps)
 
     metrics_log = MetricsLog(out, tc.report_to, run_name=tc.run_name or out.resolve().name, config=cfg.to_dict(),
-                             resume_step=state.step if resume_from is not None else None)
-    log.info("training %d steps (%d per epoch; %d sequences x %d accumulation), %d train samples, %d eval samples",
-             total_steps, steps_per_epoch, bs, accum, len(prepared.train), len(prepared.eval or []))
+                             resume_step=state.step if resume_from is not None else None, write=main)
+    log.info("training %d steps (%d per epoch; %d sequences x %d accumulation%s), %d train samples, %d eval samples",
+             total_steps, steps_per_epoch, bs, accum, f" x {world} processes" if world > 1 else "",
+             len(prepared.train), len(prepared.eval or []))
 
     def run_eval() -> dict[str, float]:
         with autocast:
@@ -131,13 +144,13 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
 
     # the loop
     model.train()
-    bar = progress_bar(total_steps, state.step, tc.disable_tqdm)
+    bar = progress_bar(total_steps, state.step, tc.disable_tqdm or not main)
     started = time.perf_counter()
     if tc.eval_on_start and state.step == 0 and prepared.eval:
         metrics_log.log({"step": 0, "epoch": 0.0, **run_eval()})
     while state.step < total_steps:
         entries = plan(state.epoch)[state.micro:state.micro + accum]
-        batches = [make_batch(prepared.train, e) for e in entries]
+        batches = [process_batch(make_batch, prepared.train, e, my_part) for e in entries]
         step = train_step(model, batches, optimizer, scheduler, scaler, tc, device, autocast, forward_loss)
         if not math.isfinite(step["loss"]) or not math.isfinite(step["grad_norm"]):
             stop_on_nonfinite(out, state, step, batches)
@@ -160,24 +173,42 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
         if prepared.eval and should_eval(tc, state.step, epoch_done, last):
             metrics_log.log({"step": state.step, "epoch": round(epoch_f, 4), **run_eval()})
         if should_save(tc, state.step, epoch_done):
-            saved = ckpt.save_checkpoint(out, state.step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                         data_position={"epoch": state.epoch, "micro_batch": state.micro},
-                                         settings=settings, base_model_name_or_path=cfg.model.name_or_path,
-                                         scaler=scaler, extra={"train_state": state.to_dict()})
-            ckpt.rotate_checkpoints(out, tc.save_total_limit, keep=saved)
+            save_checkpoint(out, state, model, optimizer, scheduler, scaler, settings, cfg)
     bar.close()
 
     # save
     final = {"train_loss": state.mean_loss(), "train_steps": state.step, "train_tokens": state.total_tokens,
              "train_runtime_s": round(time.perf_counter() - started, 2)}
     if prepared.eval:
-        records = read_metrics(metrics_log.path)
-        last_eval = next((r for r in reversed(records) if "eval_loss" in r and r["step"] == state.step), None)
+        last_eval = distributed.on_main(_logged_eval, metrics_log.path, state.step)
         final.update({k: v for k, v in (last_eval or run_eval()).items() if k.startswith("eval_")})
     metrics_log.close()
-    save_run(out, cfg, model, tokenizer, prepared.stats, final, report)
+    distributed.on_main(save_run, out, cfg, model, tokenizer, prepared.stats, final, report)
     log.info("saved to %s", out)
+    distributed.finish(created_group)
     return FinetuneResult(output_dir=out, metrics=final, model=model, tokenizer=tokenizer)
+
+
+def _logged_eval(metrics_path: Path, step: int) -> dict | None:
+    """The evaluation already logged at ``step`` (the loop's last one), if any."""
+    records = read_metrics(metrics_path)
+    return next((r for r in reversed(records) if "eval_loss" in r and r["step"] == step), None)
+
+
+def save_checkpoint(out: Path, state: "TrainState", model, optimizer, scheduler, scaler, settings: dict,
+                    cfg: RunConfig) -> None:
+    """Write checkpoint-STEP and apply save_total_limit, on rank 0 (with every process's RNG state)."""
+    rng_per_process = distributed.gather_objects(ckpt.rng_state())  # None in one process
+
+    def write():
+        saved = ckpt.save_checkpoint(out, state.step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     data_position={"epoch": state.epoch, "micro_batch": state.micro},
+                                     settings=settings, base_model_name_or_path=cfg.model.name_or_path,
+                                     scaler=scaler, extra={"train_state": state.to_dict()},
+                                     rng_per_process=rng_per_process)
+        ckpt.rotate_checkpoints(out, cfg.training_config.save_total_limit, keep=saved)
+
+    distributed.on_main(write)
 
 
 # --- config and output folder -----------------------------------------------------------------------------------------
@@ -414,7 +445,8 @@ def train_step(model, batches: list[dict], optimizer, scheduler, scaler, tc: Tra
                forward_loss) -> dict[str, float]:
     """Forward/backward every micro-batch, clip, step. Each micro-batch's summed loss is divided by the supervised
     tokens of the WHOLE step, so the accumulated gradient equals that of one batch holding all of them."""
-    n_tokens = sum(supervised_tokens(b) for b in batches)
+    n_tokens, input_tokens = distributed.sum_ints(sum(supervised_tokens(b) for b in batches),
+                                                  sum(_input_tokens(b) for b in batches))  # over all processes
     divisor = max(n_tokens, 1)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     for batch in batches:
@@ -424,8 +456,10 @@ def train_step(model, batches: list[dict], optimizer, scheduler, scaler, tc: Tra
         scaler.scale(out.loss_sum.float() / divisor).backward()
         loss_sum += out.loss_sum.detach().float()
 
-    scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    distributed.sum_gradients(params)  # one all-reduce after accumulation (nothing in one process)
+    distributed.sum_(loss_sum)
+    scaler.unscale_(optimizer)
     max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     lr = optimizer.param_groups[0]["lr"]
@@ -439,15 +473,29 @@ def train_step(model, batches: list[dict], optimizer, scheduler, scaler, tc: Tra
     if scaler.is_enabled() and not math.isfinite(grad_norm):
         grad_norm = 0.0  # an fp16 overflow that the scaler handled, not a divergence
     return {"loss": loss, "loss_sum": float(loss_sum), "tokens": n_tokens, "grad_norm": grad_norm, "lr": lr,
-            "input_tokens": sum(_input_tokens(b) for b in batches)}
+            "input_tokens": input_tokens}
+
+
+def process_batch(make_batch, samples, entry: list[int], part=list) -> dict:
+    """This process's micro-batch of plan ``entry`` (``part``: phitune.distributed.sharder). An empty part (end of
+    an epoch, more processes than rows) becomes a batch without labels: no loss, but the process still takes part
+    in the step's collectives."""
+    mine = part(entry)
+    return make_batch(samples, mine) if mine else _without_labels(make_batch(samples, entry[:1]))
+
+
+def _without_labels(batch: dict) -> dict:
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    return batch
 
 
 def stop_on_nonfinite(out: Path, state: "TrainState", step: dict, batches: list[dict]) -> None:
     """Save the offending batch and stop with a message that says what to try."""
-    out.mkdir(parents=True, exist_ok=True)
     path = out / NONFINITE_DUMP
-    torch.save({"step": state.step + 1, "loss": step["loss"], "grad_norm": step["grad_norm"], "lr": step["lr"],
-                "batches": [{k: v.cpu() for k, v in b.items() if torch.is_tensor(v)} for b in batches]}, path)
+    if distributed.is_main():  # every process stops here (the loss is global); rank 0's micro-batches are saved
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"step": state.step + 1, "loss": step["loss"], "grad_norm": step["grad_norm"], "lr": step["lr"],
+                    "batches": [{k: v.cpu() for k, v in b.items() if torch.is_tensor(v)} for b in batches]}, path)
     what = "loss" if not math.isfinite(step["loss"]) else "gradient norm"
     raise PhituneError(
         f"step {state.step + 1}: the {what} is not finite (loss {step['loss']}, grad norm {step['grad_norm']}, "
@@ -579,12 +627,16 @@ def evaluate_samples(model, samples, data_cfg, batch_size: int, *, tokenizer=Non
     was_training = model.training
     model.eval()
     loss_sum, n_tokens, n_correct = 0.0, 0, 0
-    for entry in batch_plan(samples, batch_size, data_cfg.max_seq_length, data_cfg.packing, data_cfg.seed, 0):
-        batch = _to_device(make_batch(samples, entry), device)
-        out = forward_loss(model, batch, with_accuracy=True)
+    plan = batch_plan(samples, batch_size, data_cfg.max_seq_length, data_cfg.packing, data_cfg.seed, 0)
+    for entry in distributed.striped(plan):  # under torchrun: every world_size-th entry; None keeps in step
+        batch = make_batch(samples, entry) if entry is not None else _without_labels(make_batch(samples, plan[0]))
+        out = forward_loss(model, _to_device(batch, device), with_accuracy=True)
         loss_sum += float(out.loss_sum)
         n_tokens += int(out.n_tokens)
         n_correct += int(out.n_correct)
+    if distributed.active():
+        loss_sum, n_tokens, n_correct = distributed.sum_floats(loss_sum, n_tokens, n_correct)
+        n_tokens, n_correct = int(n_tokens), int(n_correct)
     model.train(was_training)
     loss = loss_sum / max(n_tokens, 1)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
