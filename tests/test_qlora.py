@@ -298,3 +298,13 @@ def test_merge_after_qlora_gives_a_plain_model_within_the_reported_tolerance(qlo
         assert reported < 1e-4 and diff < 1e-4
     else:  # the original weights: the quantization error shows, and is reported
         assert reported > 1e-3 and diff > 1e-3
+
+
+def test_chat_and_evaluate_on_a_qlora_run(qlora_run):
+    from phitune.run import chat, evaluate
+
+    answer = chat(qlora_run.output_dir, prompt="Reverse: apple", greedy=True, max_new_tokens=4, stream=False,
+                  device="cpu")
+    assert isinstance(answer, str)
+    metrics = evaluate(qlora_run.output_dir, device="cpu", verbose=False)
+    assert metrics["eval_loss"] > 0 and metrics["eval_tokens"] > 0
