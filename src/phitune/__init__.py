@@ -28,6 +28,10 @@ _EXPORTS = {
     # data.py: chat data pipeline
     "preview": "run",
     "DataConfig": "data",
+    "prepare_data": "data",
+    "preview_text": "data",
+    "format_stats": "data",
+    "build_phi3_style_tokenizer": "tokenizer",
     # train.py: the training story
     "finetune": "train",
     "FinetuneResult": "train",
