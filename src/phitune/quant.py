@@ -52,8 +52,10 @@ def build_quantization_config(data: Any) -> QuantizationConfig:
         raise ConfigError(f"model.quantization: expected a mapping like {{type: nf4, double_quant: true, compute_dtype: "
                           f"bfloat16}}, got {data!r}")
     data = dict(data)
-    if data.pop("load_in_4bit", True) is not True:
-        raise ConfigError("model.quantization.load_in_4bit: set model.load_in_4bit instead (phitune quantizes to 4-bit only)")
+    for key in ("load_in_4bit", "load_in_8bit"):
+        if key in data:
+            raise ConfigError(f"model.quantization.{key}: not a key of this section; set model.load_in_4bit: true one "
+                              "level up (phitune quantizes to 4-bit only)")
     for old, new in _BNB_ALIASES.items():
         if old in data:
             if new in data:
