@@ -60,19 +60,20 @@ class LoRALinearFn(torch.autograd.Function):
         bc = None if bias is None else bias.to(cdt)
         Ac, Bc = A.to(cdt), B.to(cdt)
         mask = _dropout_mask(x, p)
-        xd = _apply_mask(x, mask, p)
+        xd = x if mask is None else x * mask  # dropout's 1/(1-p) is folded into s below: one pass, not two
+        s = scaling / (1.0 - p) if mask is not None else scaling
         y = F.linear(x, Wc, bc)
         xa = torch.mm(xd, Ac.t())  # (N, r)
-        y.addmm_(xa, Bc.t(), alpha=scaling)
+        y.addmm_(xa, Bc.t(), alpha=s)
         ctx.save_for_backward(Wc, Ac, Bc, xd, xa, mask)
-        ctx.scaling, ctx.p = scaling, p
+        ctx.scaling = s
         ctx.dtypes = (W.dtype, None if bias is None else bias.dtype, A.dtype, B.dtype)
         return y
 
     @staticmethod
     def backward(ctx, g):
         Wc, Ac, Bc, xd, xa, mask = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.p
+        s = ctx.scaling  # includes dropout's 1/(1-p)
         g = g.to(xd.dtype)
         need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         gx = gW = gb_ = gA = gB = None
@@ -82,7 +83,7 @@ class LoRALinearFn(torch.autograd.Function):
             if mask is None:
                 gx.addmm_(gbr, Ac, alpha=s)
             else:
-                gx.add_(torch.mm(gbr, Ac).mul_(mask), alpha=s / (1.0 - p))
+                gx.add_(torch.mm(gbr, Ac).mul_(mask), alpha=s)
         if need_A:
             gA = torch.mm(gbr.t(), xd).mul_(s).to(ctx.dtypes[2])
         if need_B:
