@@ -10,7 +10,8 @@ collate (packing) -> build_optimizer -> train_step(forward_loss). Variants turn 
   plain        fast_path off and the loss from model(...).logits: the same loop with no fast path
   no_loss      fast path without the chunked lm_head cross-entropy
   no_lora      ... without the fused LoRA-linear function          no_mlp   ... without the fused SwiGLU+down
-  no_norm      ... without the fused RMSNorm                       dense    ... keeping the dense 4-D packed mask
+  no_norm      ... without the fused RMSNorm                       no_rope  ... without the fused qkv split + RoPE
+  dense        ... keeping sdpa and the dense 4-D packed mask (no varlen attention)
   compile      fast + torch_compile (decoder layers)               liger    fast + use_liger_kernel (CUDA)
 Append "+ckpt" to a variant for gradient checkpointing (e.g. fast+ckpt).
 
@@ -138,9 +139,10 @@ def child(a) -> dict:
     tc = TrainingConfig(output_dir="/tmp/phitune_bench", per_device_train_batch_size=a.batch, max_steps=steps,
                         learning_rate=2e-4, gradient_checkpointing="ckpt" in extra, use_cpu=a.device == "cpu",
                         torch_compile=base == "compile", use_liger_kernel=base == "liger")
-    fast = {"fast_path": "off" if base == "plain" else "auto", "fast_lora": base != "no_lora",
-            "fast_mlp": base != "no_mlp", "fast_norm": base != "no_norm",
-            "torch_compile": base == "compile", "use_liger_kernel": base == "liger"}
+    fast = {"fast_path": "off" if base == "plain" else "auto", "fast_loss": base != "no_loss",
+            "fast_lora": base != "no_lora",
+            "fast_mlp": base != "no_mlp", "fast_norm": base != "no_norm", "fast_rope": base != "no_rope",
+            "fast_attention": base != "dense", "torch_compile": base == "compile", "use_liger_kernel": base == "liger"}
     add_lora(model, {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
              lora_dtype=torch.float32)
     enable_gradient_checkpointing(model, tc)
@@ -148,11 +150,6 @@ def child(a) -> dict:
     if base == "dense":
         model._phitune_drop_dense_mask = False
     model.train()
-    loss_fn = forward_loss
-    if base in ("plain", "no_loss"):
-        def loss_fn(m, b, **kw):
-            return forward_loss(m, b, fused_loss=False, **kw)
-
     samples = make_samples(a, cfg.vocab_size, steps * a.batch * 2)
     plan = batch_plan(samples, a.batch, a.seq, packing=True, seed=0, epoch=0)
     if a.data == "blocks":
@@ -175,7 +172,7 @@ def child(a) -> dict:
             if a.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-        r = train_step(model, [b], optimizer, scheduler, scaler, tc, dev, autocast, loss_fn)
+        r = train_step(model, [b], optimizer, scheduler, scaler, tc, dev, autocast, forward_loss)
         if i >= a.warmup:
             tokens += sum(len(samples[k]["input_ids"]) for k in plan[i])  # real tokens, padding not counted
             supervised += r["tokens"]

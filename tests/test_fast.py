@@ -190,6 +190,10 @@ def test_fast_path_off():
     model = model_with_lora()
     assert apply_fast_path(model, {"fast_path": "off"}) == []
     assert not any("Fused" in type(m).__name__ for m in model.modules())
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    forward_loss(model, batch())
+    assert calls  # the plain path: model(...).logits
 
 
 def packed_batch(vocab=101):

@@ -33,13 +33,16 @@ class LossOutput:
 
 
 def forward_loss(model, batch: dict, with_accuracy: bool = False, *, chunk_tokens: int | None = None,
-                 fused_loss: bool = True) -> LossOutput:
+                 fused_loss: bool | None = None) -> LossOutput:
     """Run ``model`` on ``batch`` and return the summed next-token cross-entropy over supervised tokens.
 
     ``batch`` holds ``input_ids`` and ``labels`` (B, T), and optionally ``position_ids`` and ``attention_mask``
     (as ``phitune.data.collate`` builds them). ``fused_loss=False`` forces the plain ``model(...).logits`` path
-    (the reference the tests compare against). ``chunk_tokens`` overrides the number of positions per lm_head chunk.
+    (the reference the tests compare against); None follows ``apply_fast_path`` (on unless it was turned off).
+    ``chunk_tokens`` overrides the number of positions per lm_head chunk.
     """
+    if fused_loss is None:
+        fused_loss = getattr(model, "_phitune_fused_loss", True)
     from .fast import attention, cross_entropy
 
     labels = batch["labels"]

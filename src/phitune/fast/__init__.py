@@ -1,12 +1,16 @@
 """phitune's training fast path: what ``phitune.loss.apply_fast_path`` turns on, and why.
 
-Pieces (each keeps the plain path's loss and LoRA gradients within the dtype's tolerance, each can be turned off):
-  cross_entropy  chunked lm_head + cross-entropy with gradients formed per chunk; only labelled positions
-                 (always on inside ``forward_loss``; ``fused_loss=False`` turns it off)
-  fused          LoRA linear, SwiGLU+down (with LoRA) and RMSNorm as single autograd functions (fused.py)
-  attention      dense packed masks dropped when position_ids say the same; on CUDA flash-attention varlen or
-                 flex attention for packed batches
-See ``apply`` for the switches it reads from the training config.
+Pieces (each keeps the plain path's loss and LoRA gradients within the dtype's tolerance; each has a switch, read
+from the training config as an attribute or dict key; all default on):
+  cross_entropy.py  lm_head + cross-entropy in chunks, gradients formed per chunk, labelled positions only
+                    (inside ``forward_loss``; ``fast_loss``)
+  fused.py          single autograd functions: LoRA linear (``fast_lora``), SwiGLU + down_proj with its LoRA
+                    (``fast_mlp``), RMSNorm (``fast_norm``), Phi-3's qkv split + RoPE (``fast_rope``)
+  attention.py      dense 4-D packed masks dropped when position_ids say the same; on CUDA in half precision,
+  varlen.py         attention over packed samples with PyTorch's FlashAttention varlen (``fast_attention``)
+  (optional)        ``use_liger_kernel``: Liger's Triton RMSNorm (CUDA, liger-kernel installed);
+                    ``torch_compile``: torch.compile of each decoder layer
+``fast_path: off`` turns everything off (the plain path: ``model(...).logits`` and the modules as they were).
 """
 
 from __future__ import annotations
@@ -39,9 +43,12 @@ def apply(model, training_config=None) -> list[str]:
     mode = _get(training_config, "fast_path", "auto")
     if mode in (False, "off", "none"):
         model._phitune_drop_dense_mask = False
+        model._phitune_fused_loss = False
         return notes
     device = _device_of(model)
-    notes.append("loss: chunked lm_head cross-entropy over labelled positions only (no full logits)")
+    model._phitune_fused_loss = bool(_get(training_config, "fast_loss", True))
+    if model._phitune_fused_loss:
+        notes.append("loss: chunked lm_head cross-entropy over labelled positions only (no full logits)")
 
     counts = fused.install(model, lora_layers=_get(training_config, "fast_lora", True),
                            mlp=_get(training_config, "fast_mlp", True), norms=_get(training_config, "fast_norm", True),
@@ -56,7 +63,7 @@ def apply(model, training_config=None) -> list[str]:
         else:
             notes.append("liger: skipped (needs CUDA and the liger-kernel package); phitune's own fused norms used")
 
-    wanted = attention.choose(model, device)
+    wanted = attention.choose(model, device) if _get(training_config, "fast_attention", True) else None
     # Only replace the default kernel: an explicit eager/flash choice is the user's.
     if wanted and attention.implementation(model) == "sdpa" and attention.switch(model, wanted):
         notes.append(f"attention: {wanted} over packed samples (boundaries from position_ids, no dense mask)")
