@@ -129,8 +129,8 @@ def two_process_run(tiny_model_dir, chat_files, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_the_doubled_batch(two_process_run, tiny_model_dir, chat_files,  # noqa: F811
-                                                               tmp_path):
+def test_two_processes_equal_one_process_with_the_doubled_batch(two_process_run, tiny_model_dir,  # noqa: F811
+                                                               chat_files, tmp_path):  # noqa: F811
     out2, text = two_process_run
     out1 = tmp_path / "single"
     finetune(_config(tiny_model_dir, chat_files, out1, per_device_train_batch_size=2 * PER_DEVICE))
