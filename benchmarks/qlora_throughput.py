@@ -10,7 +10,8 @@ Same LoRA (r=16, alpha=32, dropout 0.05, all-linear), same random blocks (batch 
 number of timed steps after warm-up. Peak memory: torch.cuda.max_memory_allocated on GPU, the child's peak RSS on
 CPU. Prints one JSON line per run and a ratio line (phitune / peer).
 
-  python benchmarks/qlora_throughput.py --size tiny --seq 256 --batch 2 --steps 3              # CPU
+  OMP_NUM_THREADS=1 python benchmarks/qlora_throughput.py --size tiny --seq 256 --batch 2 --steps 3 --repeat 2  # CPU
+(one thread on a shared CPU: with more threads than free cores, oversubscription swings tokens/s by 2-3x per run)
   python benchmarks/qlora_throughput.py --size mini --device cuda --batch 1 --seq 2048 --steps 5 --ckpt
 """
 
