@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "bfloat16 for Phi-3; float32 if it says nothing)")
     p.add_argument("--force", action="store_true", help="write into --out even if it is not empty")
     p.add_argument("--device", help="device to merge on (default: cpu)")
+    p.add_argument("--no-dequantize", dest="dequantize", action="store_false",
+                   help="QLoRA runs: merge into the original 16/32-bit base weights instead of the dequantized 4-bit "
+                   "ones the adapter was trained against (default: dequantize, so the merged model matches training)")
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser(
@@ -276,7 +279,7 @@ def _cmd_chat(args) -> int:
 def _cmd_merge(args) -> int:
     from .run import merge
 
-    merge(args.run_dir, args.out, dtype=args.dtype, force=args.force, device=args.device)
+    merge(args.run_dir, args.out, dtype=args.dtype, force=args.force, device=args.device, dequantize=args.dequantize)
     return 0
 
 
