@@ -243,6 +243,33 @@ def test_split_evenly_is_disjoint_ordered_and_balanced():
     assert distributed.split_evenly([0], 1, 2) == []
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_the_parts_of_a_micro_batch_are_its_rows(packing):
+    """What 2 processes train on is exactly the micro-batch of 1 process with the doubled batch, row for row."""
+    from types import SimpleNamespace
+
+    from phitune.data import batch_plan, collate
+
+    rng = __import__("random").Random(0)
+    samples = []
+    for _ in range(40):
+        n = rng.randint(3, 20)
+        samples.append({"input_ids": [rng.randint(5, 99) for _ in range(n)], "labels": list(range(n))})
+    cfg = SimpleNamespace(packing=packing, max_seq_length=32)
+
+    def rows(entry):
+        batch = collate(samples, entry, 32, packing)
+        return [tuple(r[r != 0].tolist()) for r in batch["input_ids"]], int((batch["labels"][:, 1:] != -100).sum())
+
+    for entry in batch_plan(samples, 2 * 3, 32, packing, seed=1):
+        parts = [distributed.sharder(samples, cfg, r, 2)(entry) for r in range(2)]
+        assert sorted(parts[0] + parts[1]) == sorted(entry)
+        got = [rows(p) for p in parts if p]
+        assert [r for g in got for r in g[0]] == rows(entry)[0]
+        assert sum(g[1] for g in got) == rows(entry)[1]  # the supervised tokens of the step, too
+        assert all(len(rows(p)[0]) <= 3 for p in parts if p)  # at most the per-device batch each
+
+
 def test_one_process_helpers_do_nothing():
     assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
     assert distributed.sum_ints(3, 4) == [3, 4]
