@@ -251,6 +251,8 @@ def _cmd_train(args) -> int:
     from .train import finetune
 
     result = finetune(config)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
+        return 0
     print(f"\nrun saved to {result.output_dir}")
     if getattr(result, "metrics", None):
         print("final metrics:")
