@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -23,6 +24,8 @@ from .store import SampleWriter, TokenizedSamples
 
 PIPELINE_VERSION = 1  # bump when tokenization/masking changes, to invalidate caches
 CHUNK = 512  # records per encode_batch call: big enough for the Rust tokenizer's threads, small for flat memory
+WORKER_CHUNK = 1024  # records per task of a worker process (it tokenizes single-threaded)
+PARALLEL_MIN_RECORDS = 20_000  # fewer valid records: tokenize in this process (a pool's start is not worth it)
 # DataConfig fields that do not change the tokens (batching/caching only)
 _NOT_IN_KEY = {"packing", "cache", "cache_dir", "max_errors_shown"}
 
@@ -111,44 +114,151 @@ def _raise_bad(name: str, bad: _Collector, n: int) -> None:
     )
 
 
+def _tasks(source, ok: np.ndarray, route: np.ndarray | None, size: int):
+    """Pass 2's work list: the valid records, read again in order, in tasks of ``size`` records:
+    ``(decode, units, to_eval)`` (see Source.units; to_eval: a flag per record, True where it goes to eval)."""
+    n = len(ok)
+    k = 0
+    cur, units, dests = None, [], []
+    for decode, unit in source.units():
+        if k >= n:
+            raise DataError(f"{source.name}: more records than when it was validated; the data changed while "
+                            "being prepared. Fix: run again once it stops changing")
+        good = ok[k]
+        d = bool(route[k]) if route is not None else False
+        k += 1
+        if not good:
+            continue
+        if units and (decode is not cur or len(units) >= size):
+            yield cur, units, dests
+            units, dests = [], []
+        cur = decode
+        units.append(unit)
+        dests.append(d)
+    if units:
+        yield cur, units, dests
+
+
+def _encode_task(renderer: Renderer, cfg: DataConfig, task) -> tuple:
+    """Normalize, render, tokenize, mask and truncate one task's records (in this process or a worker). Returns
+    ``(ids, trained, lengths, to_eval, counters)``: the kept samples concatenated (int32 ids, uint8 trained flags),
+    their lengths and destinations, and the truncation/drop counters by destination."""
+    decode, units, dests = task
+    pairs = units if decode is None else decode(units)
+    items = [normalize(rec, renderer.fmt, cfg, require_alternation=renderer.require_alternation)
+             for _, rec in pairs]
+    wheres = [w for w, _ in pairs]
+    del pairs, units
+    counters: dict = {}
+    ids, trained, lens, to_eval = [], [], [], []
+    for e, d in zip(renderer.encode_chunk(items, wheres), dests):
+        c = counters.get(d)
+        if c is None:
+            c = counters[d] = Counter()
+        if e is None:
+            c["dropped_no_supervised"] += 1
+            continue
+        if e.turns_dropped or e.prompt_tokens_cut or e.answer_tokens_cut:
+            c["truncated"] += 1
+            c["turns_dropped"] += e.turns_dropped
+            c["prompt_tokens_cut"] += e.prompt_tokens_cut
+            c["answer_tokens_cut"] += e.answer_tokens_cut
+            c["answer_truncated"] += bool(e.answer_tokens_cut)
+        ids.append(e.ids)
+        trained.append(e.trained)
+        lens.append(len(e.ids))
+        to_eval.append(d)
+    if ids:
+        ids_a = np.concatenate(ids).astype(np.int32, copy=False)
+        tr_a = np.concatenate(trained).astype(np.uint8, copy=False)
+    else:
+        ids_a, tr_a = np.zeros(0, np.int32), np.zeros(0, np.uint8)
+    return ids_a, tr_a, np.array(lens, dtype=np.int64), np.array(to_eval, dtype=bool), counters
+
+
+# -- worker processes ------------------------------------------------------------------------------------------------
+_WORKER_STATE = None  # (renderer, cfg), set before the pool forks; each worker holds its own copy (and tokenizer)
+
+
+def _worker_run(task) -> tuple:
+    renderer, cfg = _WORKER_STATE
+    return _encode_task(renderer, cfg, task)
+
+
+def num_workers(n_records: int) -> int:
+    """Worker processes for pass 2: $PHITUNE_DATA_WORKERS when set (0 or 1: none), else one per available core
+    (at most 8) once there are PARALLEL_MIN_RECORDS valid records; 0 where fork is unavailable."""
+    env = os.environ.get("PHITUNE_DATA_WORKERS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise DataError(f"PHITUNE_DATA_WORKERS={env!r}: not an integer. Fix: set it to a worker count "
+                            "(0 = tokenize in the main process)") from None
+    elif n_records < PARALLEL_MIN_RECORDS:
+        return 0
+    else:
+        n = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 8)
+    if n < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return 0
+    return n
+
+
+def _results(tasks, renderer: Renderer, cfg: DataConfig, workers: int):
+    """Results of the tasks, in task order: here, or from ``workers`` forked processes with a bounded number of
+    tasks in flight (memory stays flat however many records there are)."""
+    global _WORKER_STATE
+    if not workers:
+        for t in tasks:
+            yield _encode_task(renderer, cfg, t)
+        return
+    _WORKER_STATE = (renderer, cfg)
+    # Each worker tokenizes single-threaded (the workers are the parallelism). Set while forking, so the children
+    # inherit it and `tokenizers` does not warn about forking after its thread pool was used; restored after.
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = multiprocessing.get_context("fork").Pool(workers)
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+    try:
+        pending: deque = deque()
+        for t in tasks:
+            pending.append(pool.apply_async(_worker_run, (t,)))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+        _WORKER_STATE = None
+
+
 def _tokenize(source, ok: np.ndarray, renderer: Renderer, cfg: DataConfig, writers: dict, route: np.ndarray | None,
               name: str = "train"):
     """Pass 2: normalize, render, tokenize, mask, truncate; stream into the writers. Returns per-split stats."""
     st = {k: Counter() for k in writers}
     lengths = {k: writers[k].lengths for k in writers}
-    buf, wheres, dest = [], [], []
-
-    def flush():
-        for e, d in zip(renderer.encode_chunk(buf, wheres), dest):
-            c = st[d]
-            if e is None:
-                c["dropped_no_supervised"] += 1
-                continue
-            if e.turns_dropped or e.prompt_tokens_cut or e.answer_tokens_cut:
-                c["truncated"] += 1
-                c["turns_dropped"] += e.turns_dropped
-                c["prompt_tokens_cut"] += e.prompt_tokens_cut
-                c["answer_tokens_cut"] += e.answer_tokens_cut
-                c["answer_truncated"] += bool(e.answer_tokens_cut)
-            writers[d].add(e.ids, e.trained)
-        buf.clear()
-        wheres.clear()
-        dest.clear()
-
-    k = 0
-    for where, rec in source:
-        good = ok[k]
-        d = "eval" if route is not None and route[k] else name
-        k += 1
-        if not good:
-            continue
-        buf.append(normalize(rec, renderer.fmt, cfg, require_alternation=renderer.require_alternation))
-        wheres.append(where)
-        dest.append(d)
-        if len(buf) >= CHUNK:
-            flush()
-    if buf:
-        flush()
+    workers = num_workers(int(ok.sum()))
+    tasks = _tasks(source, ok, route, WORKER_CHUNK if workers else CHUNK)
+    for ids, trained, lens, to_eval, counters in _results(tasks, renderer, cfg, workers):
+        for d, c in counters.items():
+            st["eval" if d else name].update(c)
+        if not to_eval.any():
+            writers[name].add_many(ids, trained, lens)
+        elif to_eval.all():
+            writers["eval"].add_many(ids, trained, lens)
+        else:
+            tok_eval = np.repeat(to_eval, lens)
+            writers[name].add_many(ids[~tok_eval], trained[~tok_eval], lens[~to_eval])
+            writers["eval"].add_many(ids[tok_eval], trained[tok_eval], lens[to_eval])
     return st, lengths
 
 

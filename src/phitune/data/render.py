@@ -6,11 +6,17 @@ i's reply starts) and for ``messages[:i+1]`` (where it ends: the longest common 
 turn's closing ``<|end|>`` is included, and the final eos when i is the last message). Both renderings must be
 prefixes of the full one, or the template is rejected. Those character spans are mapped onto tokens with the fast
 tokenizer's offsets, for a whole chunk of conversations in one batched ``encode_batch``.
+
+Speed (the same output, checked against the reference path by tests/test_data_fast.py): renders go through the
+compiled template with a prebuilt context (Jinja's ``Template.render`` rebuilds a dict of the environment's globals
+from a ChainMap on every call); the offsets of a whole chunk become one numpy array, and the mask of the whole chunk
+is one ``searchsorted`` (the spans of each conversation shifted by the characters of the ones before it).
+``Renderer.fast = False`` selects the reference path (per-sample masks, ``Template.render``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
@@ -47,13 +53,10 @@ class Encoded:
     original_length: int = 0
 
 
-@dataclass
-class ChunkResult:
-    samples: list = field(default_factory=list)  # Encoded, or None when dropped (no supervised tokens)
-
-
 class Renderer:
     """Renders and tokenizes conversations for one tokenizer and DataConfig."""
+
+    fast = True  # False: the reference path (slower, same output)
 
     def __init__(self, tokenizer, cfg: DataConfig, fmt: str):
         self.tok = tokenizer
@@ -82,6 +85,7 @@ class Renderer:
                     "(e.g. 'phi3' for Phi-3's), or use format 'text'")
             self.compiled = self._compile(template)
         self.kwargs = dict(getattr(tokenizer, "special_tokens_map", {}) or {})
+        self._quick = self._quick_renderer() if self.compiled is not None else None
         self.bos_id = tokenizer.bos_token_id if cfg.add_bos is not False else None
         if cfg.add_bos is True and self.bos_id is None:
             raise DataError("data.add_bos: true, but the tokenizer has no bos_token. Fix: set data.add_bos: null")
@@ -100,7 +104,50 @@ class Renderer:
         except ImportError:  # pragma: no cover - older/newer transformers: fall back to the public API
             return None
 
+    def _quick_renderer(self):
+        """``render`` without Jinja's per-call rebuild of the globals (a ChainMap copied twice per call): the same
+        Context the template would get (parent = globals updated by the variables, globals_keys = the globals'
+        names), built from a plain-dict snapshot. Checked against ``Template.render`` on probes; None when it
+        differs or the Jinja internals are not as expected."""
+        c = self.compiled
+        try:
+            env = c.environment
+            if getattr(env, "is_async", False):
+                return None
+            snapshot = dict(c.globals)
+            base = dict(tools=None, documents=None, **self.kwargs)
+            concat, context_class, root, name, blocks = env.concat, env.context_class, c.root_render_func, c.name, \
+                c.blocks
+
+            def quick(messages, add_generation_prompt):
+                parent = dict(snapshot)
+                parent.update(base)
+                parent["messages"] = messages
+                parent["add_generation_prompt"] = add_generation_prompt
+                return concat(root(context_class(env, parent, name, blocks, globals=snapshot)))
+
+            probes = [[{"role": "system", "content": "s"}, {"role": "user", "content": " u \n"},
+                       {"role": "assistant", "content": "a\u00e9"}],
+                      [{"role": "user", "content": "x"}]]
+            for m in probes:
+                for gen in (False, True):
+                    try:
+                        want = c.render(messages=m, add_generation_prompt=gen, tools=None, documents=None,
+                                        **self.kwargs)
+                    except Exception:
+                        continue
+                    if quick(m, gen) != want:
+                        return None
+            return quick
+        except Exception:  # pragma: no cover - unexpected Jinja internals: use the public API
+            return None
+
     def render(self, messages: list, add_generation_prompt: bool = False) -> str:
+        if self._quick is not None and self.fast:
+            try:
+                return self._quick(messages, add_generation_prompt)
+            except Exception:  # render again through the public API, for its exception (and traceback)
+                pass
         if self.compiled is not None:
             return self.compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         tools=None, documents=None, **self.kwargs)
@@ -188,10 +235,14 @@ class Renderer:
                 texts.append(t)
                 spans.append(s)
         encs = self.backend.encode_batch(texts, add_special_tokens=False)
+        if self.fast:
+            pairs = self._chunk_masks(texts, spans, encs)
+        else:
+            pairs = [(np.fromiter(enc.ids, dtype=np.int32, count=len(enc.ids)), self._mask(enc.offsets, spans[k]))
+                     for k, enc in enumerate(encs)]
+        del encs
         out = []
-        for k, enc in enumerate(encs):
-            ids = np.fromiter(enc.ids, dtype=np.int32, count=len(enc.ids))
-            trained = self._mask(enc.offsets, spans[k])
+        for k, (ids, trained) in enumerate(pairs):
             if self.fmt == "text" and self.eos_id is not None:
                 ids = np.append(ids, np.int32(self.eos_id))
                 trained = np.append(trained, True)
@@ -201,6 +252,36 @@ class Renderer:
                 e = self._truncate(items[k], wheres[k], e)
             out.append(e if e.trained.any() else None)
         return out
+
+    def _chunk_masks(self, texts: list, spans: list, encs: list) -> list:
+        """(ids, trained) of every encoding, as _mask computes them one by one, in one pass over the chunk: the
+        character offsets of text k and its spans are shifted by the lengths (+1) of texts 0..k-1, so a token of text
+        k can only fall into a span of text k (an earlier text's spans end before the shift, a later text's start
+        after text k's last character), and one searchsorted serves all."""
+        lens = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+        total = int(lens.sum())
+        bounds = np.zeros(len(encs) + 1, dtype=np.int64)
+        np.cumsum(lens, out=bounds[1:])
+        ids = np.fromiter(chain.from_iterable(e.ids for e in encs), dtype=np.int32, count=total)
+        off = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encs)), dtype=np.int64,
+                          count=2 * total).reshape(-1, 2)
+        shift = np.zeros(len(texts), dtype=np.int64)
+        # one character of gap between texts: a zero-width token at the very end of text k stays below text k+1
+        np.cumsum(np.fromiter((len(t) + 1 for t in texts), dtype=np.int64, count=len(texts))[:-1], out=shift[1:])
+        n_sp = np.fromiter((len(s) for s in spans), dtype=np.int64, count=len(spans))
+        sp = np.array(list(chain.from_iterable(spans)), dtype=np.int64).reshape(-1, 3)
+        sp += np.repeat(shift, n_sp)[:, None]
+        if len(sp) and not (np.diff(sp[:, 0]) >= 0).all():  # unsorted starts (odd template): one by one
+            return [(ids[bounds[k]:bounds[k + 1]], self._mask(e.offsets, spans[k])) for k, e in enumerate(encs)]
+        if len(sp) and total:
+            start = off[:, 0] + np.repeat(shift, lens)
+            end = off[:, 1] + np.repeat(shift, lens)
+            j = np.searchsorted(sp[:, 0], start, side="right") - 1
+            jj = np.maximum(j, 0)
+            trained = (j >= 0) & (start < sp[jj, 1]) & (end <= sp[jj, 2])
+        else:
+            trained = np.zeros(total, dtype=bool)
+        return [(ids[bounds[k]:bounds[k + 1]], trained[bounds[k]:bounds[k + 1]]) for k in range(len(encs))]
 
     def _encode_one(self, msgs: list, where: str) -> tuple[np.ndarray, np.ndarray]:
         text, spans = self.spans(msgs, where)

@@ -9,7 +9,8 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from functools import partial
+from typing import Any, Callable, Iterator
 
 from ..errors import DataError
 
@@ -40,6 +41,14 @@ class Source:
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         raise NotImplementedError
 
+    def units(self) -> Iterator[tuple[Callable | None, Any]]:
+        """The records again, in the order ``__iter__`` yields them, each as ``(decode, unit)``: ``decode(units)``
+        turns a list of units into ``(location, record)`` pairs (``decode`` None: the unit is that pair already).
+        A source whose records are cheaper to ship as raw bytes (JSON Lines) yields those, and the decoding runs
+        where the tokenizing does (a worker process)."""
+        for pair in self:
+            yield None, pair
+
 
 def _hash(*parts: Any) -> str:
     h = hashlib.blake2b(digest_size=16)
@@ -47,6 +56,34 @@ def _hash(*parts: Any) -> str:
         h.update(repr(p).encode())
         h.update(b"\0")
     return h.hexdigest()
+
+
+def parse_jsonl_line(raw: bytes, loc: str) -> Any:
+    """One JSON Lines line -> a record, or the Problem (not UTF-8, invalid JSON) that makes it unreadable."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Problem("not UTF-8", f"byte 0x{raw[e.start]:02x} at column {e.start + 1} is not valid UTF-8",
+                       "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        truncated = not raw.endswith(b"\n")
+        return Problem(
+            "invalid JSON",
+            f"{e.msg} at column {e.colno}" + (" (the last line looks cut off)" if truncated else ""),
+            "write one complete JSON object per line" + (
+                "; the file may have been truncated while writing, re-create it" if truncated else ""),
+        )
+
+
+def decode_jsonl_units(name: str, units: list) -> list:
+    """``(lineno, raw line)`` units of a JSON Lines file -> ``(location, record)`` pairs."""
+    out = []
+    for lineno, raw in units:
+        loc = f"{name}:{lineno}"
+        out.append((loc, parse_jsonl_line(raw, loc)))
+    return out
 
 
 class FileSource(Source):
@@ -69,33 +106,26 @@ class FileSource(Source):
     def __iter__(self):
         return getattr(self, "_iter_" + self.kind)()
 
-    def _iter_jsonl(self):
+    def _raw_lines(self):
         with open(self.path, "rb") as f:
             lineno = 0
             for raw in f:
                 lineno += 1
-                if not raw.strip():
-                    continue
-                loc = f"{self.name}:{lineno}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield loc, Problem("not UTF-8", f"byte 0x{raw[e.start]:02x} at column {e.start + 1} is not "
-                                       "valid UTF-8", "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    truncated = not raw.endswith(b"\n")
-                    problem = Problem(
-                        "invalid JSON",
-                        f"{e.msg} at column {e.colno}" + (" (the last line looks cut off)" if truncated else ""),
-                        "write one complete JSON object per line" + (
-                            "; the file may have been truncated while writing, re-create it" if truncated else ""),
-                    )
-                    yield loc, problem
-                    continue
-                yield loc, rec
+                if raw.strip():
+                    yield lineno, raw
+
+    def _iter_jsonl(self):
+        for lineno, raw in self._raw_lines():
+            loc = f"{self.name}:{lineno}"
+            yield loc, parse_jsonl_line(raw, loc)
+
+    def units(self):
+        if self.kind != "jsonl":
+            yield from super().units()
+            return
+        decode = partial(decode_jsonl_units, self.name)
+        for unit in self._raw_lines():
+            yield decode, unit
 
     def _iter_json(self):
         with open(self.path, "rb") as f:
@@ -256,6 +286,10 @@ class ChainSource(Source):
     def __iter__(self):
         for s in self.sources:
             yield from s
+
+    def units(self):
+        for s in self.sources:
+            yield from s.units()
 
 
 def _disk_source(path: str, split: str) -> Source:

@@ -29,6 +29,16 @@ class SampleWriter:
         self.n_tokens += len(ids)
         self.n_trained += int(trained.sum())
 
+    def add_many(self, ids: np.ndarray, trained: np.ndarray, lengths: np.ndarray) -> None:
+        """Append several samples at once: their ids and trained flags concatenated, and their lengths."""
+        if not len(lengths):
+            return
+        self._ids.write(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+        self._mask.write(np.ascontiguousarray(trained, dtype=np.uint8).tobytes())
+        self.lengths.frombytes(np.ascontiguousarray(lengths, dtype=np.int64).tobytes())
+        self.n_tokens += int(len(ids))
+        self.n_trained += int(np.count_nonzero(trained))
+
     def close(self, pad_token_id: int = 0) -> None:
         self._ids.close()
         self._mask.close()
