@@ -148,6 +148,7 @@ def test_two_processes_equal_one_process_with_the_doubled_batch(two_process_run,
     records = [json.loads(line) for line in (out2 / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]  # logged once, not once per process
     assert text.count("phitune: step 6 (epoch") == 2  # the train and the eval line, from rank 0 only
+    assert text.count("run saved to") == 1
     state = torch.load(out2 / "checkpoints" / "checkpoint-6" / "training_state.pt", weights_only=True)
     assert len(state["rng_per_process"]) == 2
 
