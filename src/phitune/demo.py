@@ -1,0 +1,259 @@
+"""The embedded default: ``phitune demo`` fine-tunes a tiny bundled Phi-3 on bundled chat data, offline, on the CPU.
+
+Everything it needs ships inside the package (``phitune/assets/demo/``, built by ``scripts/build_demo_assets.py``):
+
+- ``model/``: a 4-layer ``Phi3ForCausalLM`` (about a million parameters) with a tokenizer that has Phi-3's special
+  tokens and chat template. It was pretrained on plain prose about a few hundred invented people (home town, job,
+  favourite colour), never on a chat turn.
+- ``train.jsonl`` / ``eval.jsonl``: chat conversations (some with a system prompt, some multi-turn) asking about
+  some of those people.
+- ``held_out.jsonl``: questions about the *other* people, with the expected answers.
+- ``demo.yaml``: the run settings (the same as ``examples/demo.yaml``).
+
+The demo asks the held-out questions to the base model, fine-tunes it with LoRA through :func:`phitune.finetune`
+(the path ``phitune train`` takes), and asks again. The base model cannot answer: it has never seen ``<|user|>``,
+``<|assistant|>`` or ``<|end|>``. The tuned one answers questions about people it was never fine-tuned on, with facts
+it can only have read in pretraining: LoRA taught it the chat format and how to retrieve what it knew.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "demo"
+MODEL_DIR = ASSETS / "model"
+CONFIG_FILE = ASSETS / "demo.yaml"
+TRAIN_FILE = ASSETS / "train.jsonl"
+EVAL_FILE = ASSETS / "eval.jsonl"
+HELD_OUT_FILE = ASSETS / "held_out.jsonl"
+DEFAULT_OUTPUT_DIR = "phitune-demo"
+
+
+@dataclass
+class DemoResult:
+    """What :func:`demo` measured. ``before``/``after``: exact-match accuracy on the held-out questions."""
+
+    output_dir: Path
+    before: float
+    after: float
+    n_questions: int
+    wall_s: float
+    peak_rss_mb: float
+    base_prose_recall: float = 0.0
+    answers: list[dict] = field(default_factory=list, repr=False)
+    train_metrics: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def demo(output_dir: str | os.PathLike | None = None, *, max_steps: int | None = None,
+         max_questions: int | None = None, show: int = 5, overrides: Sequence[str] | None = None,
+         out=None) -> DemoResult:
+    """Fine-tune the bundled tiny Phi-3 on the bundled chat data and print held-out answers before and after.
+
+    ``output_dir``: the run folder (default ``./phitune-demo``; an earlier demo run there is replaced).
+    ``max_steps`` shortens training and ``max_questions`` the evaluation (tests use both); ``overrides`` are
+    ``section.key=value`` strings as for ``phitune train --set``. Returns a :class:`DemoResult`.
+    """
+    started = time.perf_counter()
+    out = out or sys.stdout
+    say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a network
+    _check_assets()
+
+    import torch
+
+    from .config import load_config
+    from .model import load_model_and_tokenizer
+    from .train import finetune
+
+    output_dir = Path(output_dir if output_dir is not None else DEFAULT_OUTPUT_DIR)
+    settings = [f"model.name_or_path={MODEL_DIR}", f"data.train={TRAIN_FILE}", f"data.eval={EVAL_FILE}",
+                f"training_config.output_dir={output_dir}"]
+    if max_steps is not None:
+        settings.append(f"training_config.max_steps={max_steps}")
+    config = load_config(CONFIG_FILE, settings + list(overrides or []))
+    questions = read_held_out(HELD_OUT_FILE)[:max_questions]
+
+    model, tokenizer = load_model_and_tokenizer(config.model, device="cpu")
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = _count_lines(TRAIN_FILE)
+    mc = model.config
+    say("phitune demo: LoRA fine-tuning of a tiny Phi-3 on the CPU, offline, with everything bundled in the package.")
+    say(f"  base model  {mc.num_hidden_layers}-layer Phi3ForCausalLM (hidden {mc.hidden_size}, "
+        f"{n_params / 1e6:.1f}M parameters, vocabulary {len(tokenizer)}), pretrained by "
+        "scripts/build_demo_assets.py on prose about invented people; it has never seen a chat turn")
+    say(f"  chat data   {n_train} conversations about some of those people; {len(questions)} held-out questions "
+        "about the others")
+    pc = config.peft_config
+    tc = config.training_config
+    say(f"  LoRA        r={pc.r}, lora_alpha={pc.lora_alpha}, target_modules={pc.target_modules}; "
+        f"lr {tc.learning_rate:g}, {tc.num_train_epochs:g} epochs" if tc.max_steps < 0 else
+        f"  LoRA        r={pc.r}, lora_alpha={pc.lora_alpha}, target_modules={pc.target_modules}; "
+        f"lr {tc.learning_rate:g}, {tc.max_steps} steps")
+    say("")
+
+    t = time.perf_counter()
+    say(f"[1/3] the base model answers the {len(questions)} held-out questions")
+    before = answer_questions(model, tokenizer, questions)
+    knows = prose_recall(model, tokenizer, questions)
+    del model
+    timings = {"base_answers_s": time.perf_counter() - t}
+    t = time.perf_counter()
+    say(f"[2/3] LoRA fine-tuning with phitune.finetune (settings: examples/demo.yaml) -> {output_dir}")
+    result = finetune(config)
+    timings["finetune_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    say("[3/3] the fine-tuned model answers the same questions")
+    after = answer_questions(result.model, tokenizer, questions)
+    timings["tuned_answers_s"] = time.perf_counter() - t
+
+    rows = [{"question": q["messages"][-1]["content"], "expected": q["answer"], "base": b, "tuned": a}
+            for q, b, a in zip(questions, before, after)]
+    em_before = exact_match(before, [q["answer"] for q in questions])
+    em_after = exact_match(after, [q["answer"] for q in questions])
+    wall = time.perf_counter() - started
+    peak = peak_rss_mb()
+    demo_result = DemoResult(output_dir=result.output_dir, before=em_before, after=em_after,
+                             n_questions=len(questions), wall_s=wall, peak_rss_mb=peak, base_prose_recall=knows,
+                             answers=rows,
+                             train_metrics=dict(result.metrics))
+    (Path(result.output_dir) / "demo_answers.json").write_text(
+        json.dumps({"exact_match_before": em_before, "exact_match_after": em_after, "base_prose_recall": knows,
+                    "wall_s": round(wall, 1), **{k: round(v, 1) for k, v in timings.items()},
+                    "peak_rss_mb": round(peak), "answers": rows}, indent=1), encoding="utf-8")
+
+    say("")
+    for row in rows[:show]:
+        say(f"  Q: {row['question']}")
+        say(f"     base model : {_clip(row['base'])!s:<60} {'ok' if row['base'] == row['expected'] else 'wrong'}")
+        say(f"     fine-tuned : {_clip(row['tuned'])!s:<60} {'ok' if row['tuned'] == row['expected'] else 'wrong'}")
+    say("")
+    say(f"exact match on {len(questions)} held-out questions (people never seen in the chat data): "
+        f"base {em_before:.0%} -> fine-tuned {em_after:.0%}")
+    say(f"(the base model did know the facts: as plain text, e.g. '{questions[0]['prefix']} ...', it completes "
+        f"{knows:.0%} of them; it could not answer a chat question)")
+    if "eval_loss" in result.metrics:
+        say(f"eval loss {result.metrics['eval_loss']:.3f}, token accuracy {result.metrics['eval_token_accuracy']:.1%}")
+    say(f"wall time {wall:.0f} s (base answers {timings['base_answers_s']:.0f} s, fine-tuning "
+        f"{timings['finetune_s']:.0f} s, tuned answers {timings['tuned_answers_s']:.0f} s), peak memory {peak:.0f} MB "
+        f"(RSS), {torch.get_num_threads()} CPU threads")
+    say(f"run folder: {result.output_dir}   (next: phitune chat {result.output_dir})")
+    return demo_result
+
+
+# --- held-out questions ---------------------------------------------------------------------------------------------
+
+
+def read_held_out(path: str | os.PathLike = HELD_OUT_FILE) -> list[dict]:
+    """The held-out questions: ``{"messages": [...], "answer": str}`` per line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def answer_questions(model, tokenizer, questions: Sequence[dict], *, max_new_tokens: int = 32,
+                     batch_size: int = 64) -> list[str]:
+    """Greedy answers to each question's messages, cut at the first end-of-turn token (``<|end|>`` and co).
+
+    An answer that never ends its turn within ``max_new_tokens`` is returned with a trailing `` ...``, so it cannot
+    count as an exact match: a chat model that does not stop is not answering.
+    """
+    import torch
+
+    from .model import stop_token_ids
+
+    stops = stop_token_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id
+    answers: list[str] = []
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(questions), batch_size):
+            chunk = questions[start:start + batch_size]
+            prompts = [prompt_ids(tokenizer, q["messages"]) for q in chunk]
+            width = max(len(p) for p in prompts)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding for generation
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=stops, pad_token_id=pad, use_cache=True)
+            for row in gen[:, width:].tolist():
+                cut = next((i for i, t in enumerate(row) if t in stops), None)
+                text = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+                answers.append(text if cut is not None else text + " ...")
+    model.train(was_training)
+    return answers
+
+
+def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """``<s>`` + the chat template with the assistant header: exactly what training saw before an answer
+    (phitune.data prepends one bos to the rendered conversation)."""
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    ids = list(ids)
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def prose_recall(model, tokenizer, questions: Sequence[dict]) -> float:
+    """Fraction of held-out facts the model completes as plain text: ``prefix`` -> greedy ``completion``
+    (e.g. "The home of X is in" -> " Ironbrook."). One forward pass per question, no chat format."""
+    import torch
+
+    ok = 0
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for q in questions:
+            ids = tokenizer(q["prefix"])["input_ids"]  # with <s>, as in pretraining
+            target = tokenizer(q["completion"], add_special_tokens=False)["input_ids"]
+            logits = model(input_ids=torch.tensor([ids + target])).logits[0, len(ids) - 1:-1]
+            ok += logits.argmax(-1).tolist() == target
+    model.train(was_training)
+    return ok / max(len(questions), 1)
+
+
+def exact_match(answers: Sequence[str], expected: Sequence[str]) -> float:
+    """Fraction of answers equal to the expected text (after stripping surrounding whitespace)."""
+    if not expected:
+        return 0.0
+    return sum(a.strip() == e.strip() for a, e in zip(answers, expected)) / len(expected)
+
+
+# --- helpers ----------------------------------------------------------------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _check_assets() -> None:
+    from .errors import PhituneError
+
+    missing = [p for p in (MODEL_DIR / "config.json", MODEL_DIR / "model.safetensors", CONFIG_FILE, TRAIN_FILE,
+                           EVAL_FILE, HELD_OUT_FILE) if not p.exists()]
+    if missing:
+        raise PhituneError(f"the demo assets are missing ({', '.join(str(p) for p in missing)}): reinstall phitune, "
+                           "or rebuild them with `python scripts/build_demo_assets.py` in a source checkout")
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _clip(text: str, width: int = 58) -> str:
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 3] + "..."
