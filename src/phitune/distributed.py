@@ -15,7 +15,7 @@ What a process does differently from a single one is here, as small helpers that
   lm_head itself (``phitune.loss.forward_loss``), not the wrapper's forward, which DDP needs to arm its reducer; and
   LoRA gradients are a few MB, so DDP's bucketed overlap buys little over one all-reduce per step. Unused
   parameters need no ``find_unused_parameters``: a parameter no process gave a gradient keeps none.
-- The loss of a step is divided by the supervised tokens of the whole step over every process (``sum_``), and the
+- The loss of a step is divided by the supervised tokens of the whole step over every process (``sum_ints``), and the
   gradients are summed, not averaged, so the update equals that of one process with all the data.
 - Rank 0 alone writes: logging, metrics.jsonl, checkpoints, the final folder. ``on_main`` runs a function there
   and gives every process its result or its exception (so it is also the barrier).
