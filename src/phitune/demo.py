@@ -74,7 +74,9 @@ def demo(output_dir: str | os.PathLike | None = None, *, max_steps: int | None =
 
     output_dir = Path(output_dir if output_dir is not None else DEFAULT_OUTPUT_DIR)
     settings = [f"model.name_or_path={MODEL_DIR}", f"data.train={TRAIN_FILE}", f"data.eval={EVAL_FILE}",
-                f"training_config.output_dir={output_dir}"]
+                f"training_config.output_dir={output_dir}",
+                # phitune.data's scratch space inside the run folder, so the demo leaves nothing in ~/.cache
+                f"data.cache_dir={output_dir / 'data_cache'}"]
     if max_steps is not None:
         settings.append(f"training_config.max_steps={max_steps}")
     config = load_config(CONFIG_FILE, settings + list(overrides or []))

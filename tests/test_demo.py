@@ -1,0 +1,142 @@
+"""The embedded demo: its shipped assets, its config, and a shortened run through the real training path.
+
+The full demo (about a minute of CPU time) runs only with PHITUNE_FULL_DEMO=1; it checks the claim the demo prints:
+the base model fails the held-out questions and the fine-tuned one passes them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pytest
+
+from phitune import demo as demo_mod
+from phitune.demo import (CONFIG_FILE, EVAL_FILE, HELD_OUT_FILE, MODEL_DIR, TRAIN_FILE, answer_questions, demo,
+                          exact_match, prompt_ids, prose_recall, read_held_out)
+from phitune.tokenizer import CHAT_SPECIAL_TOKENS, PHI3_CHAT_TEMPLATE
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def base():
+    from phitune.model import load_model_and_tokenizer
+
+    return load_model_and_tokenizer({"name_or_path": str(MODEL_DIR)}, device="cpu")
+
+
+def _jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_model_is_a_small_phi3():
+    cfg = json.loads((MODEL_DIR / "config.json").read_text())
+    assert cfg["model_type"] == "phi3" and cfg["architectures"] == ["Phi3ForCausalLM"]
+    assert cfg["tie_word_embeddings"] is False
+    assert (MODEL_DIR / "model.safetensors").stat().st_size < 10 * 2**20  # "a few MB"
+    assert not list(MODEL_DIR.glob("*.bin"))  # safetensors only
+
+
+def test_tokenizer_has_phi3_special_tokens_and_template(base):
+    model, tok = base
+    vocab = tok.get_vocab()
+    ids = [vocab[t] for t in CHAT_SPECIAL_TOKENS]
+    assert ids == list(range(ids[0], ids[0] + len(CHAT_SPECIAL_TOKENS)))  # Phi-3's order
+    assert (tok.unk_token, tok.bos_token, tok.eos_token, tok.pad_token) == ("<unk>", "<s>", "<|endoftext|>", "<unk>")
+    assert tok.chat_template == PHI3_CHAT_TEMPLATE
+    assert len(tok) <= model.get_input_embeddings().weight.shape[0]
+    msgs = [{"role": "user", "content": "Where does Tiltou Nerdale live?"}]
+    text = tok.decode(prompt_ids(tok, msgs))
+    assert text == "<s><|user|>Where does Tiltou Nerdale live?<|end|><|assistant|>"  # chat tokens absorb the "\n"
+
+
+def test_data_goes_through_the_pipeline(base):
+    from phitune.data import DataConfig, prepare_data
+
+    _, tok = base
+    prepared = prepare_data(DataConfig(train=str(TRAIN_FILE), eval=str(EVAL_FILE), max_seq_length=256, cache=False,
+                                       cache_dir=None), tok)
+    assert len(prepared.train) == len(_jsonl(TRAIN_FILE)) >= 300
+    assert len(prepared.eval) == len(_jsonl(EVAL_FILE))
+    assert prepared.stats["train"]["bad_records"] == 0 and prepared.stats["train"]["truncated"] == 0
+    end = tok.convert_tokens_to_ids("<|end|>")
+    sample = prepared.train[0]
+    trained = [i for i, lab in zip(sample["input_ids"], sample["labels"]) if lab != -100]
+    assert end in trained  # every answer is trained to end its turn
+
+
+def test_data_variety_and_no_leak():
+    train = _jsonl(TRAIN_FILE)
+    assert any(r["messages"][0]["role"] == "system" for r in train)
+    assert any(sum(m["role"] == "assistant" for m in r["messages"]) > 1 for r in train)
+    held = read_held_out(HELD_OUT_FILE)
+    assert len(held) >= 50
+    train_text = TRAIN_FILE.read_text()
+    # held-out people never appear in the training conversations (only in pretraining prose)
+    assert not [q["person"] for q in held if q["person"] in train_text]
+    assert all(q["answer"] == q["prefix"] + q["completion"] for q in held)
+
+
+def test_base_model_knows_facts_but_fails_the_questions(base):
+    model, tok = base
+    questions = read_held_out(HELD_OUT_FILE)[:16]
+    answers = answer_questions(model, tok, questions, max_new_tokens=20)
+    assert exact_match(answers, [q["answer"] for q in questions]) == 0.0
+    assert prose_recall(model, tok, questions) >= 0.9  # pretraining stored the facts
+
+
+def test_exact_match():
+    assert exact_match(["a ", "b"], ["a", "c"]) == 0.5
+    assert exact_match([], []) == 0.0
+
+
+def test_examples_demo_yaml_loads_and_is_the_shipped_one():
+    from phitune.config import load_config
+
+    example = os.path.join(REPO, "examples", "demo.yaml")
+    with open(example, encoding="utf-8") as f:
+        assert f.read() == CONFIG_FILE.read_text(encoding="utf-8")
+    cfg = load_config(example)
+    assert cfg.peft_config.target_modules == "all-linear"
+    assert os.path.normpath(os.path.join(REPO, cfg.model.name_or_path)) == str(MODEL_DIR)
+    assert os.path.normpath(os.path.join(REPO, cfg.data.train)) == str(TRAIN_FILE)
+    assert cfg.training_config.use_cpu
+
+
+def test_short_demo_run_writes_a_run_folder(tmp_path):
+    out = io.StringIO()
+    result = demo(tmp_path / "run", max_steps=2, max_questions=4, show=2, out=out)
+    text = out.getvalue()
+    assert "exact match on 4 held-out questions" in text and "base model" in text
+    assert result.before == 0.0 and result.n_questions == 4
+    run = result.output_dir
+    for name in ("adapter_model.safetensors", "adapter_config.json", "generation_config.json",
+                 "phitune_config.yaml", "demo_answers.json", "tokenizer_config.json"):
+        assert (run / name).is_file(), name
+    gen = json.loads((run / "generation_config.json").read_text())
+    assert result.answers and json.loads((run / "demo_answers.json").read_text())["exact_match_before"] == 0.0
+    end = json.loads((MODEL_DIR / "tokenizer.json").read_text())
+    end_id = next(t["id"] for t in end["added_tokens"] if t["content"] == "<|end|>")
+    assert end_id in gen["eos_token_id"]
+    assert (run / "data_cache").is_dir()  # phitune.data's scratch space stays inside the run folder
+
+
+def test_missing_assets_are_a_clear_error(monkeypatch, tmp_path):
+    from phitune.errors import PhituneError
+
+    monkeypatch.setattr(demo_mod, "MODEL_DIR", tmp_path / "nope")
+    with pytest.raises(PhituneError, match="demo assets are missing"):
+        demo(tmp_path / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("PHITUNE_FULL_DEMO"), reason="the full demo takes ~1 min of CPU; "
+                                                                      "set PHITUNE_FULL_DEMO=1")
+def test_full_demo_shows_learning(tmp_path):
+    result = demo(tmp_path / "run", out=io.StringIO())
+    assert result.before == 0.0
+    assert result.after >= 0.8, result.answers[:5]
+    assert result.peak_rss_mb < 2048
