@@ -8,8 +8,9 @@
 #                    --platform manylinux2014_x86_64 --platform any -d .whl liger-kernel==0.8.5
 #   device run:  command "bash benchmarks/gpu_run.sh main", carry [".whl"], timeout_s 560
 #                command "bash benchmarks/gpu_run.sh ablations" for the per-piece numbers (a second call)
-# ../shared/bench does not travel with the repository: the script looks for peer_baseline.py in
-# $PHITUNE_PEER_DIR, ../shared/bench, then ./shared/bench; copy it into an ignored ./shared/bench if needed.
+# ../shared/bench does not travel with the repository: before the call, copy it in (untracked files travel):
+#   mkdir -p shared && cp -r ../shared/bench shared/      (the script then finds ./shared/bench/peer_baseline.py;
+#   it also looks in $PHITUNE_PEER_DIR and ../shared/bench). Remove ./shared afterwards.
 # Budget: "main" is sized for about 7 minutes (model init dominates: ~30 s per child process).
 set -u -o pipefail
 OUT=${OUT:-/tmp/phitune_gpu_out}
