@@ -206,3 +206,15 @@ def test_bf16_base_keeps_float32_adapters_and_overwrite_starts_over(tiny_model_d
     finetune(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()  # the earlier run's checkpoints are gone
     assert len(losses(tmp_path / "run")) == 1
+
+
+def test_saved_config_uses_absolute_local_paths(tiny_model_dir, chat_files, tmp_path, monkeypatch):
+    # A run started with relative paths must reopen (eval/chat/merge) from any working directory.
+    monkeypatch.chdir(tiny_model_dir.parent)
+    cfg = tiny_config(tiny_model_dir.name, chat_files, tmp_path / "run", max_steps=1)
+    out = finetune(cfg).output_dir
+    saved = yaml.safe_load((out / "phitune_config.yaml").read_text())
+    assert saved["model"]["name_or_path"] == str(tiny_model_dir.resolve())
+    assert saved["data"]["train"] == str(chat_files[0].resolve())
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_model_dir.resolve())

@@ -15,7 +15,9 @@ count of a step and the trainable gradients are summed over processes, and rank 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import logging
 import math
 import random
@@ -272,6 +274,7 @@ def save_run(out: Path, cfg: RunConfig, model, tokenizer, data_stats: dict, fina
     from .model import generation_config_for
 
     out.mkdir(parents=True, exist_ok=True)
+    cfg = with_absolute_paths(cfg)  # the folder must reopen from any working directory (eval/chat/merge)
     save_adapter(model, out, base_model_name_or_path=cfg.model.name_or_path)
     tokenizer.save_pretrained(out)
     generation_config_for(model, tokenizer).save_pretrained(out)
@@ -281,6 +284,20 @@ def save_run(out: Path, cfg: RunConfig, model, tokenizer, data_stats: dict, fina
     records = read_metrics(out / "metrics.jsonl")
     plot_loss_curve(records, out / "loss_curve.png")
     (out / "README.md").write_text(run_readme(out, cfg, final, report, data_stats), encoding="utf-8")
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` whose local paths (base model, tokenizer, data files) are absolute; Hub ids stay as they are."""
+
+    def absolute(value):
+        if isinstance(value, (str, os.PathLike)) and Path(value).exists():
+            return str(Path(value).resolve())
+        return value
+
+    model = dataclasses.replace(cfg.model, name_or_path=absolute(cfg.model.name_or_path),
+                                tokenizer=absolute(cfg.model.tokenizer))
+    data = dataclasses.replace(cfg.data, train=absolute(cfg.data.train), eval=absolute(cfg.data.eval))
+    return dataclasses.replace(cfg, model=model, data=data)
 
 
 def run_readme(out: Path, cfg: RunConfig, final: dict, report, data_stats: dict) -> str:
@@ -465,6 +482,8 @@ def train_step(model, batches: list[dict], optimizer, scheduler, scaler, tc: Tra
     lr = optimizer.param_groups[0]["lr"]
     loss = (loss_sum / divisor).item()
     grad_norm = float(grad_norm)
+    if n_tokens == 0:  # cannot happen with packed data (samples without supervised tokens are dropped), but say so
+        log.warning("an optimizer step had no supervised tokens in any of its micro-batches; its update was skipped")
     if math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled()) and n_tokens > 0:
         scaler.step(optimizer)  # with fp16 loss scaling, a step with overflowed gradients is skipped
         scaler.update()
