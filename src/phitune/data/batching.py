@@ -10,6 +10,7 @@ boundaries from the restarting position ids (FA2 varlen; flex only when the forw
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from typing import Any, Sequence
 
 import numpy as np
@@ -50,26 +51,26 @@ def pack_rows(lengths: Sequence[int], max_seq_length: int) -> list[list[int]]:
 
 
 def pack_bins(order: np.ndarray, lengths: np.ndarray, max_seq_length: int) -> list[list[int]]:
-    """Best-fit packing of samples (in ``order``) into rows, looking at the most recent open rows."""
+    """Best-fit packing of samples (in ``order``) into rows, looking at the most recent open rows.
+
+    A sample goes to the open row with the least free room that still fits it (ties: the row opened first), else
+    to a new row; at ``_OPEN_BINS`` open rows, the fullest (ties: opened first) is closed before a new one opens.
+    The open rows are kept as a sorted list of (free, opened, row), so each choice is a bisect, not a scan."""
     bins: list[list[int]] = []
-    free = np.zeros(0, dtype=np.int64)
-    ids: list[int] = []  # bins index of each open slot
-    for i in order:
-        n = int(lengths[i])
-        if len(free):
-            fits = np.flatnonzero(free >= n)
-            if len(fits):
-                j = fits[np.argmin(free[fits])]
-                bins[ids[j]].append(int(i))
-                free[j] -= n
-                continue
-        bins.append([int(i)])
-        if len(free) >= _OPEN_BINS:  # close the fullest open row
-            j = int(np.argmin(free))
-            free = np.delete(free, j)
-            del ids[j]
-        free = np.append(free, max_seq_length - n)
-        ids.append(len(bins) - 1)
+    open_: list[tuple[int, int, int]] = []  # (free tokens, row index = order opened, row index), sorted
+    lens = np.asarray(lengths, dtype=np.int64)[np.asarray(order, dtype=np.int64)].tolist()
+    for i, n in zip(np.asarray(order).tolist(), lens):
+        j = bisect_left(open_, (n, -1, -1))
+        if j < len(open_):
+            free, seq, b = open_.pop(j)
+            bins[b].append(i)
+            insort(open_, (free - n, seq, b))
+            continue
+        if len(open_) >= _OPEN_BINS:  # close the fullest open row
+            del open_[0]
+        bins.append([i])
+        b = len(bins) - 1
+        insort(open_, (max_seq_length - n, b, b))
     return bins
 
 
@@ -86,8 +87,9 @@ def batch_plan(samples, batch_size: int, max_seq_length: int, packing: bool = Tr
         return [order[k:k + batch_size].tolist() for k in range(0, n, batch_size)]
     lengths = _lengths(samples)
     bins = pack_bins(order, lengths, max_seq_length)
+    ll = lengths.tolist()
     for b in bins:  # longest first: next-fit in collate then reproduces the rows
-        b.sort(key=lambda i: -lengths[i])
+        b.sort(key=lambda i: -ll[i])
     plan = []
     for k in range(0, len(bins), batch_size):
         entry = [i for b in bins[k:k + batch_size] for i in b]
