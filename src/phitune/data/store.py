@@ -1,5 +1,9 @@
-"""Tokenized samples on disk: flat int32 token ids, a uint8 trained mask and int64 offsets, memory-mapped, so a
-200k-conversation data set costs no RAM beyond the pages in use."""
+"""Tokenized samples on disk: flat int32 token ids, a uint8 trained mask and int64 offsets. A sample is read with
+``pread`` when it is needed, so a 200k-conversation data set costs no RAM beyond its offsets (8 bytes a sample).
+
+Not memory-mapped on purpose: random access to a mapping faults whole readahead windows (64-128 KiB) into the
+process, so its resident size grew with the data set (measured: +220 MB between 20k and 50k conversations after
+only 50 packed batches); pages read with ``pread`` stay in the page cache, outside the process's RSS."""
 
 from __future__ import annotations
 
@@ -64,12 +68,36 @@ class TokenizedSamples:
         n = meta["samples"]
         self.offsets = np.fromfile(os.path.join(folder, "offsets.bin"), dtype=np.int64, count=n + 1)
         self.lengths = np.diff(self.offsets)
-        if self.num_tokens:
-            self._ids = np.memmap(os.path.join(folder, "input_ids.bin"), dtype=np.int32, mode="r")
-            self._trained = np.memmap(os.path.join(folder, "trained.bin"), dtype=np.uint8, mode="r")
-        else:
-            self._ids = np.zeros(0, np.int32)
-            self._trained = np.zeros(0, np.uint8)
+        self._files: dict = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"] = {}  # file handles do not travel; reopened on first use
+        return state
+
+    def __del__(self):
+        for f in getattr(self, "_files", {}).values():
+            try:
+                f.close()
+            except Exception:  # pragma: no cover
+                pass
+
+    def _read(self, name: str, dtype, a: int, b: int) -> np.ndarray:
+        if b <= a:
+            return np.zeros(0, dtype)
+        f = self._files.get(name)
+        if f is None:
+            f = self._files[name] = open(os.path.join(self.folder, name), "rb", buffering=0)
+        size = np.dtype(dtype).itemsize
+        if hasattr(os, "pread"):
+            buf = os.pread(f.fileno(), (b - a) * size, a * size)
+        else:  # pragma: no cover - no pread (Windows)
+            f.seek(a * size)
+            buf = f.read((b - a) * size)
+        if len(buf) != (b - a) * size:
+            raise OSError(f"{self.folder}/{name}: truncated (expected {(b - a) * size} bytes at {a * size}, got "
+                          f"{len(buf)}); delete the cache folder to re-tokenize")
+        return np.frombuffer(buf, dtype=dtype)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -78,9 +106,9 @@ class TokenizedSamples:
         """(input_ids int32, labels int64 with -100 where untrained) of sample i, as numpy arrays."""
         if i < 0:
             i += len(self)
-        a, b = self.offsets[i], self.offsets[i + 1]
-        ids = np.asarray(self._ids[a:b])
-        labels = np.where(self._trained[a:b] != 0, ids, -100).astype(np.int64)
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        ids = self._read("input_ids.bin", np.int32, a, b)
+        labels = np.where(self._read("trained.bin", np.uint8, a, b) != 0, ids, -100).astype(np.int64)
         return ids, labels
 
     def __getitem__(self, i):
