@@ -2,7 +2,7 @@
 
 Everything here is written for phitune and generated from a seed, so the assets can be rebuilt and checked:
 
-    nice -n 5 .venv/bin/python scripts/build_demo_assets.py          # writes src/phitune/assets/demo/
+    nice -n 5 .venv/bin/python scripts/build_demo_assets.py          # writes src/phitune/assets/demo/ (~16 min CPU-contended; weights reproduce bit for bit with the default --threads 1)
 
 The story the demo tells. A made-up village world: a few hundred invented people, each with a home town, a job and a
 favourite colour. The base model is pretrained (here, on the CPU, in a few minutes) on plain prose about *all* of
@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="asset folder (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=PRETRAIN_STEPS, help="pretraining steps (default: %(default)s)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default: %(default)s, which the committed weights were built with)")
     ap.add_argument("--data-only", action="store_true", help="rewrite the JSONL files only, keep the model")
     args = ap.parse_args(argv)
 
