@@ -38,7 +38,7 @@ def test_prompt_ends_with_assistant_header(tok):
     ids = build_prompt_ids(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     assistant = tok.convert_tokens_to_ids("<|assistant|>")
     assert ids[-1] == assistant
-    assert tok.decode(ids) == "<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>"
+    assert tok.decode(ids) == "<s><|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>"
 
 
 def test_prompt_without_template_is_a_clear_error(tok):
@@ -122,3 +122,17 @@ def test_sampling_is_reproducible_with_a_seed(tok, model):
 def test_settings_are_checked(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         GenerationSettings(**kwargs)
+
+
+def test_chat_prompt_is_the_prefix_the_model_was_trained_on(tok):
+    # Training renders conversations through the data pipeline (exactly one BOS); a chat prompt must be the same
+    # token ids up to the assistant header, or the tuned model sees a prefix it never saw in training.
+    from phitune.data import DataConfig, prepare_data
+
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is Ironbrook?"},
+            {"role": "assistant", "content": "In the north."}]
+    prepared = prepare_data(DataConfig(train=[{"messages": conv}], cache=False), tok)
+    trained_ids = list(prepared.train[0]["input_ids"])
+    prompt = build_prompt_ids(tok, conv[:2])
+    assert prompt.count(tok.bos_token_id) == 1 and prompt[0] == tok.bos_token_id
+    assert trained_ids[: len(prompt)] == prompt

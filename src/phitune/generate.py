@@ -92,7 +92,15 @@ def build_prompt_ids(tokenizer, messages: Sequence[Message]) -> list[int]:
         ids = ids["input_ids"]
     if ids and isinstance(ids[0], list):
         ids = ids[0]
-    return list(ids)
+    ids = list(ids)
+    # Exactly one BOS, as the data pipeline trains with (data.add_bos: null): chat templates differ in whether they
+    # write one, and apply_chat_template never adds one itself.
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+        while ids and ids[0] == bos:
+            ids.pop(0)
+        ids.insert(0, bos)
+    return ids
 
 
 class IncrementalDecoder:
