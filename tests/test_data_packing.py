@@ -133,7 +133,7 @@ def _pack_bins_reference(order, lengths, max_seq_length, open_bins=128):
 
 
 def test_pack_bins_matches_the_reference_scan():
-    from phitune.data.batching import pack_bins
+    from phitune.data.batching import _best_fit, pack_bins
 
     rng = np.random.default_rng(0)
     for trial in range(24):
@@ -141,4 +141,6 @@ def test_pack_bins_matches_the_reference_scan():
         L = int(rng.choice([16, 64, 2048]))
         lengths = rng.integers(1, L + 1, n) if trial % 3 else rng.choice([1, 2, L // 2, L], n)  # many ties
         order = rng.permutation(n)
-        assert pack_bins(order, lengths, L) == _pack_bins_reference(order, lengths, L)
+        ref = _pack_bins_reference(order, lengths, L)
+        assert pack_bins(order, lengths, L) == ref
+        assert _best_fit(order, lengths, L, keep=False) == len(ref)

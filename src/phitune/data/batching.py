@@ -50,28 +50,36 @@ def pack_rows(lengths: Sequence[int], max_seq_length: int) -> list[list[int]]:
     return rows
 
 
-def pack_bins(order: np.ndarray, lengths: np.ndarray, max_seq_length: int) -> list[list[int]]:
-    """Best-fit packing of samples (in ``order``) into rows, looking at the most recent open rows.
-
-    A sample goes to the open row with the least free room that still fits it (ties: the row opened first), else
-    to a new row; at ``_OPEN_BINS`` open rows, the fullest (ties: opened first) is closed before a new one opens.
-    The open rows are kept as a sorted list of (free, opened, row), so each choice is a bisect, not a scan."""
+def _best_fit(order: np.ndarray, lengths: np.ndarray, max_seq_length: int, keep: bool):
+    """Best-fit packing (see pack_bins): the rows' sample lists when ``keep``, else only how many rows."""
     bins: list[list[int]] = []
+    n_rows = 0
     open_: list[tuple[int, int, int]] = []  # (free tokens, row index = order opened, row index), sorted
     lens = np.asarray(lengths, dtype=np.int64)[np.asarray(order, dtype=np.int64)].tolist()
     for i, n in zip(np.asarray(order).tolist(), lens):
         j = bisect_left(open_, (n, -1, -1))
         if j < len(open_):
             free, seq, b = open_.pop(j)
-            bins[b].append(i)
+            if keep:
+                bins[b].append(i)
             insort(open_, (free - n, seq, b))
             continue
         if len(open_) >= _OPEN_BINS:  # close the fullest open row
             del open_[0]
-        bins.append([i])
-        b = len(bins) - 1
-        insort(open_, (max_seq_length - n, b, b))
-    return bins
+        if keep:
+            bins.append([i])
+        insort(open_, (max_seq_length - n, n_rows, n_rows))
+        n_rows += 1
+    return bins if keep else n_rows
+
+
+def pack_bins(order: np.ndarray, lengths: np.ndarray, max_seq_length: int) -> list[list[int]]:
+    """Best-fit packing of samples (in ``order``) into rows, looking at the most recent open rows.
+
+    A sample goes to the open row with the least free room that still fits it (ties: the row opened first), else
+    to a new row; at ``_OPEN_BINS`` open rows, the fullest (ties: opened first) is closed before a new one opens.
+    The open rows are kept as a sorted list of (free, opened, row), so each choice is a bisect, not a scan."""
+    return _best_fit(order, lengths, max_seq_length, keep=True)
 
 
 def batch_plan(samples, batch_size: int, max_seq_length: int, packing: bool = True, seed: int = 0,
@@ -93,6 +101,7 @@ def batch_plan(samples, batch_size: int, max_seq_length: int, packing: bool = Tr
     plan = []
     for k in range(0, len(bins), batch_size):
         entry = [i for b in bins[k:k + batch_size] for i in b]
+        bins[k:k + batch_size] = [None] * len(bins[k:k + batch_size])  # free as we go: peak ~ one copy
         rows = pack_rows(lengths[entry], max_seq_length)
         if len(rows) <= batch_size:
             plan.append(entry)
@@ -109,7 +118,7 @@ def packing_efficiency(samples, max_seq_length: int, seed: int = 0) -> dict:
     if len(lengths) == 0:
         return {"rows": 0, "efficiency": 0.0}
     order = np.random.default_rng([seed, 0]).permutation(len(lengths))
-    rows = len(pack_bins(order, lengths, max_seq_length))
+    rows = _best_fit(order, lengths, max_seq_length, keep=False)
     return {"rows": rows, "efficiency": float(lengths.sum() / (rows * max_seq_length))}
 
 
