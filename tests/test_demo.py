@@ -1,6 +1,6 @@
 """The embedded demo: its shipped assets, its config, and a shortened run through the real training path.
 
-The full demo (about a minute of CPU time) runs only with PHITUNE_FULL_DEMO=1; it checks the claim the demo prints:
+The full demo (about a minute of CPU time) checks the claim the demo prints:
 the base model fails the held-out questions and the fine-tuned one passes them.
 """
 
@@ -133,8 +133,6 @@ def test_missing_assets_are_a_clear_error(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("PHITUNE_FULL_DEMO"), reason="the full demo takes ~1 min of CPU; "
-                                                                      "set PHITUNE_FULL_DEMO=1")
 def test_full_demo_shows_learning(tmp_path):
     result = demo(tmp_path / "run", out=io.StringIO())
     assert result.before == 0.0
