@@ -184,3 +184,20 @@ def test_preview_and_stats(tok, tmp_path):
     text = format_stats(p.stats)
     for word in ("3 records", "supervised tokens", "p50", "truncated: 0", "dropped", "packing"):
         assert word in text
+
+
+def test_cache_false_leaves_no_folder_behind(tmp_path):
+    # The uncached samples live in a temporary folder while the process reads them; it is removed at exit.
+    import subprocess
+    import sys
+
+    code = (
+        "from phitune.data import DataConfig, prepare_data\n"
+        "from phitune.tokenizer import build_phi3_style_tokenizer\n"
+        "tok = build_phi3_style_tokenizer(vocab_size=300)\n"
+        "conv = [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'hello'}]\n"
+        f"p = prepare_data(DataConfig(train=[{{'messages': conv}}], cache=False, cache_dir={str(tmp_path)!r}), tok)\n"
+        "assert len(p.train) == 1\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert list(tmp_path.iterdir()) == []

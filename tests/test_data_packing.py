@@ -74,7 +74,7 @@ def test_packed_batch_equals_samples_alone(tok, samples, attn):
 
 
 def test_flash_and_flex_get_no_mask(samples):
-    for impl in ("flash_attention_2", "flex_attention"):
+    for impl in ("flash_attention_2", "flex_attention", "phitune_varlen"):
         b = collate(samples, [0, 1, 2], 256, True, impl)
         assert b["attention_mask"] is None and (b["position_ids"][0] == 0).sum() >= 2
 

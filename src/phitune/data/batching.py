@@ -124,7 +124,8 @@ def packing_efficiency(samples, max_seq_length: int, seed: int = 0) -> dict:
 
 def _uses_4d_mask(attn_implementation: str | None) -> bool:
     impl = (attn_implementation or "sdpa").lower()
-    return not ("flash" in impl or "flex" in impl)
+    # flash/flex and phitune's varlen kernel (phitune.fast.varlen) read sample boundaries from position_ids
+    return not ("flash" in impl or "flex" in impl or "varlen" in impl)
 
 
 def collate(samples, plan_entry: Sequence[int], max_seq_length: int, packing: bool = True,

@@ -7,6 +7,7 @@ appends each task's samples, in order, to memory-mapped files."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import multiprocessing
@@ -401,6 +402,8 @@ def prepare_data(cfg: DataConfig | dict | Any, tokenizer) -> PreparedData:
                 shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
             return _load(folder, cfg, tokenizer, hit=False)
+        # cache: false: the samples are read from this folder while the process uses them; remove it at exit
+        atexit.register(shutil.rmtree, tmp, True)
         return _load(tmp, cfg, tokenizer, hit=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
