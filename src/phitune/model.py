@@ -177,3 +177,17 @@ def generation_config_for(model, tokenizer):
     if tokenizer.bos_token_id is not None:
         gen.bos_token_id = tokenizer.bos_token_id
     return gen
+
+
+def enable_checkpointing(model, kwargs: dict | None = None) -> None:
+    """Gradient (activation) checkpointing, non-reentrant unless ``kwargs`` say otherwise, so LoRA weights inside
+    frozen blocks still get gradients; with reentrant checkpointing the embedding output is made to require grad
+    (reentrant checkpointing only backpropagates into a block whose inputs require grad)."""
+    kwargs = {"use_reentrant": False, **(kwargs or {})}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if kwargs["use_reentrant"]:
+        model.enable_input_require_grads()
+    model.config.use_cache = False

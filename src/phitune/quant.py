@@ -170,13 +170,9 @@ def prepare_kbit_training(model, *, gradient_checkpointing: bool = False,
             if p.dtype == torch.float16:
                 p.data = p.data.float()
     if gradient_checkpointing:
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        if kwargs["use_reentrant"]:
-            model.enable_input_require_grads()
+        from .model import enable_checkpointing  # model.py imports this module
+
+        enable_checkpointing(model, gradient_checkpointing_kwargs)
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
     return model

@@ -414,17 +414,10 @@ def autocast_context(tc: TrainingConfig, device: torch.device):
 
 def enable_gradient_checkpointing(model, tc: TrainingConfig) -> None:
     """Recompute activations in backward; non-reentrant so LoRA weights inside frozen blocks get gradients."""
-    if not tc.gradient_checkpointing:
-        return
-    kwargs = {"use_reentrant": False, **(tc.gradient_checkpointing_kwargs or {})}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if kwargs["use_reentrant"]:
-        # Reentrant checkpointing only backpropagates into a block whose inputs require grad.
-        model.enable_input_require_grads()
-    model.config.use_cache = False
+    from .model import enable_checkpointing
+
+    if tc.gradient_checkpointing:
+        enable_checkpointing(model, tc.gradient_checkpointing_kwargs)
 
 
 def compile_layers(model, tc: TrainingConfig) -> None:
