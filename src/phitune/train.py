@@ -239,8 +239,6 @@ def _run_config(config, sections: dict, output_dir, overrides) -> RunConfig:
 
 def _as_plain_sections(sections: dict) -> dict:
     """Section objects (dataclasses) back to dicts, values untouched (a Dataset stays one), so overrides apply."""
-    import dataclasses
-
     out = {}
     for name, value in sections.items():
         if dataclasses.is_dataclass(value):
