@@ -127,15 +127,19 @@ class FileSource(Source):
         for unit in self._raw_lines():
             yield decode, unit
 
-    def _iter_json(self):
+    def _read_text(self, encoding: str) -> str:
+        """The whole file as text; a non-UTF-8 byte is a DataError naming its line."""
         with open(self.path, "rb") as f:
             raw = f.read()
         try:
-            text = raw.decode("utf-8")
+            return raw.decode(encoding)
         except UnicodeDecodeError as e:
             line = raw.count(b"\n", 0, e.start) + 1
             raise DataError(f"{self.name}:{line}: not UTF-8: byte 0x{raw[e.start]:02x} is not valid UTF-8. Fix: "
-                            "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+                            "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+    def _iter_json(self):
+        text = self._read_text("utf-8")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -161,15 +165,7 @@ class FileSource(Source):
 
     def _iter_csv(self):
         delim = "\t" if self.path.lower().endswith(".tsv") else ","
-        with open(self.path, "rb") as fb:
-            raw = fb.read()
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            line = raw.count(b"\n", 0, e.start) + 1
-            raise DataError(f"{self.name}:{line}: not UTF-8: byte 0x{raw[e.start]:02x} is not valid UTF-8. Fix: "
-                            "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
-        del raw
+        text = self._read_text("utf-8-sig")
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delim)
         if not reader.fieldnames:
             raise DataError(f"{self.name}:1: no header row. Fix: the first line must name the columns")

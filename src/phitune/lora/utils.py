@@ -37,13 +37,9 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     LoRA parameters are found by layer type (``lora_*`` parameters of LoRA layers) and set trainable.
     """
     _check_bias(bias)
-    trainable = set()
-    for name, layer in _lora_layers(model):
-        trainable.update(_lora_param_names(name, layer))
-        if bias == "lora_only" and getattr(layer, "bias", None) is not None:
-            trainable.add(f"{name}.bias" if name else "bias")
+    selected = _selected_names(model, bias)
     named = list(model.named_parameters(remove_duplicate=False))
-    keep = {id(p) for name, p in named if name in trainable or (bias == "all" and _is_bias(name))}
+    keep = {id(p) for name, p in named if name in selected}
     for _, p in named:  # by identity, so a parameter shared under two names gets one answer
         p.requires_grad = id(p) in keep
 
@@ -54,11 +50,17 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
     Only parameters are returned, never buffers.
     """
     _check_bias(bias)
-    keep = set()
-    for name, layer in _lora_layers(model):
-        keep.update(_lora_param_names(name, layer))
-        if bias == "lora_only" and getattr(layer, "bias", None) is not None:
-            keep.add(f"{name}.bias" if name else "bias")
-    if bias == "all":
-        keep.update(n for n, _ in model.named_parameters(remove_duplicate=False) if _is_bias(n))
+    keep = _selected_names(model, bias)
     return {k: v for k, v in model.state_dict().items() if k in keep}
+
+
+def _selected_names(model: nn.Module, bias: str) -> set[str]:
+    """Parameter names that train (and are saved) under ``bias``: LoRA parameters plus the chosen biases."""
+    names = set()
+    for name, layer in _lora_layers(model):
+        names.update(_lora_param_names(name, layer))
+        if bias == "lora_only" and getattr(layer, "bias", None) is not None:
+            names.add(f"{name}.bias" if name else "bias")
+    if bias == "all":
+        names.update(n for n, _ in model.named_parameters(remove_duplicate=False) if _is_bias(n))
+    return names
