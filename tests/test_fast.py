@@ -228,6 +228,11 @@ def test_varlen_attention_equals_dense_mask():
 def test_torch_compile_note_only_when_asked():
     model = model_with_lora()
     assert not any("compile" in n for n in apply_fast_path(model, {}))
+    for mode in ("off", "auto"):  # compiled with or without the fast path (the compile itself runs on first call)
+        model = model_with_lora()
+        notes = apply_fast_path(model, {"fast_path": mode, "torch_compile": True})
+        assert [n for n in notes if "compile" in n] == ["torch.compile: 2 decoder layers"], notes
+        assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -261,3 +266,20 @@ def test_gpu_varlen_kernel_matches_sdpa():
     cu, _ = varlen.boundaries(pos)
     ref = varlen._per_sample_sdpa(*(t.transpose(1, 2).reshape(24, 4, 64) for t in (q, k, v)), cu.cpu(), 0.125, None)
     torch.testing.assert_close(out.reshape(24, 4, 64), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_cpu_keep_mask_rate_and_seeding(p):
+    torch.manual_seed(0)
+    m = fused.keep_mask_cpu((1001, 999), p)  # odd element count: the last 64-bit draw is half used
+    assert m.dtype == torch.bool and m.shape == (1001, 999)
+    n = m.numel()
+    rate = m.double().mean().item()
+    assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5  # within 5 standard deviations
+    halves = m.flatten()[: n - 1].view(-1, 2).double().mean(0)  # both halves of each draw are Bernoulli(1-p)
+    assert (halves - (1 - p)).abs().max().item() < 5 * (p * (1 - p) / (n // 2)) ** 0.5
+    torch.manual_seed(0)
+    assert torch.equal(fused.keep_mask_cpu((1001, 999), p), m)
+    assert not torch.equal(fused.keep_mask_cpu((1001, 999), p), m)
+    x = torch.ones(3, 4)
+    assert fused._dropout_mask(x, 0.0) is None and fused._dropout_mask(x, 0.3).shape == (3, 4)

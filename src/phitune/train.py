@@ -97,7 +97,6 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
     enable_gradient_checkpointing(model, tc)
     for note in apply_fast_path(model, tc):
         log.info("fast path: %s", note)
-    compile_layers(model, tc)
     distributed.seed_per_process(tc.seed)  # dropout masks differ between processes
 
     # data: one plan on every process, micro-batches of bs x processes; each process trains on its part
@@ -416,18 +415,6 @@ def enable_gradient_checkpointing(model, tc: TrainingConfig) -> None:
 
     if tc.gradient_checkpointing:
         enable_checkpointing(model, tc.gradient_checkpointing_kwargs)
-
-
-def compile_layers(model, tc: TrainingConfig) -> None:
-    """torch.compile each decoder layer in place, so parameter names (and checkpoints) stay as they are."""
-    if tc.use_liger_kernel:
-        log.info("training_config.use_liger_kernel: has no effect; phitune.fast's fused kernels are used instead")
-    if not tc.torch_compile:
-        return
-    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-    for layer in layers:
-        layer.compile()
-    log.info("torch_compile: %d decoder layers compiled (the first steps are slow while they compile)", len(layers))
 
 
 # --- one optimizer step -----------------------------------------------------------------------------------------------

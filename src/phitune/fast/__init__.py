@@ -44,6 +44,10 @@ def apply(model, training_config=None) -> list[str]:
     if mode in (False, "off", "none"):
         model._phitune_drop_dense_mask = False
         model._phitune_fused_loss = False
+        if _get(training_config, "use_liger_kernel", False):
+            notes.append("liger: skipped (fast_path is off)")
+        if _get(training_config, "torch_compile", False):  # independent of the fast path
+            notes.append(f"torch.compile: {compile_layers(model)} decoder layers")
         return notes
     device = _device_of(model)
     model._phitune_fused_loss = bool(_get(training_config, "fast_loss", True))
