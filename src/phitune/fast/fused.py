@@ -62,10 +62,10 @@ def keep_mask_cpu(shape, p: float) -> torch.Tensor:
     return halves.bitwise_and_(0x7FFFFFFF) >= round(p * 2**31)
 
 
-def _apply_mask(x: torch.Tensor, mask, p: float) -> torch.Tensor:
-    if mask is None:
-        return x
-    return x * mask * (1.0 / (1.0 - p))
+def _masked(x: torch.Tensor, mask) -> torch.Tensor:
+    """x with dropped elements zeroed (dropout's 1/(1-p) is left to the caller's scaling). One pass: ``where`` reads the
+    bool mask as is, where ``x * mask`` would first convert it to x's dtype."""
+    return x if mask is None else torch.where(mask, x, 0)
 
 
 class LoRALinearFn(torch.autograd.Function):
@@ -78,7 +78,7 @@ class LoRALinearFn(torch.autograd.Function):
         bc = None if bias is None else bias.to(cdt)
         Ac, Bc = A.to(cdt), B.to(cdt)
         mask = _dropout_mask(x, p)
-        xd = x if mask is None else x * mask  # dropout's 1/(1-p) is folded into s below: one pass, not two
+        xd = _masked(x, mask)  # dropout's 1/(1-p) is folded into s below: one pass, not two
         s = scaling / (1.0 - p) if mask is not None else scaling
         y = F.linear(x, Wc, bc)
         xa = torch.mm(xd, Ac.t())  # (N, r)
@@ -101,7 +101,7 @@ class LoRALinearFn(torch.autograd.Function):
             if mask is None:
                 gx.addmm_(gbr, Ac, alpha=s)
             else:
-                gx.add_(torch.mm(gbr, Ac).mul_(mask), alpha=s)
+                gx.add_(_masked(torch.mm(gbr, Ac), mask), alpha=s)
         if need_A:
             gA = torch.mm(gbr.t(), xd).mul_(s).to(ctx.dtypes[2])
         if need_B:
@@ -127,19 +127,19 @@ class SwiGLUDownFn(torch.autograd.Function):
         bc = None if bias is None else bias.to(cdt)
         Ac, Bc = A.to(cdt), B.to(cdt)
         mask = _dropout_mask(h, p)
-        hd = _apply_mask(h, mask, p)
+        s = scaling / (1.0 - p) if mask is not None else scaling  # dropout's 1/(1-p) folded in, as in LoRALinearFn
         y = F.linear(h, Wc, bc)
-        xa = torch.mm(hd, Ac.t())
-        y.addmm_(xa, Bc.t(), alpha=scaling)
+        xa = torch.mm(_masked(h, mask), Ac.t())
+        y.addmm_(xa, Bc.t(), alpha=s)
         ctx.save_for_backward(gu, Wc, Ac, Bc, xa, mask)
-        ctx.scaling, ctx.p = scaling, p
+        ctx.scaling = s
         ctx.dtypes = (None if bias is None else bias.dtype, A.dtype, B.dtype)
         return y
 
     @staticmethod
     def backward(ctx, g):
         gu, Wc, Ac, Bc, xa, mask = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.p
+        s = ctx.scaling  # includes dropout's 1/(1-p)
         need_gu, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         if need_W:
             raise RuntimeError("fused SwiGLU MLP: a trainable down_proj base weight is not supported")
@@ -150,7 +150,7 @@ class SwiGLUDownFn(torch.autograd.Function):
         gA = gB = ggu = gb_ = None
         gbr = torch.mm(g, Bc)
         if need_A:
-            hd = _apply_mask(silu * up, mask, p)
+            hd = _masked(silu * up, mask)
             gA = torch.mm(gbr.t(), hd).mul_(s).to(ctx.dtypes[1])
             del hd
         if need_B:
@@ -162,7 +162,7 @@ class SwiGLUDownFn(torch.autograd.Function):
             if mask is None:
                 gh.addmm_(gbr, Ac, alpha=s)
             else:
-                gh.add_(torch.mm(gbr, Ac).mul_(mask), alpha=s / (1.0 - p))
+                gh.add_(_masked(torch.mm(gbr, Ac), mask), alpha=s)
             ggu = torch.empty_like(gu)
             g_gate, g_up = ggu.chunk(2, dim=-1)
             torch.mul(gh, silu, out=g_up)

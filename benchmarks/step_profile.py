@@ -1,0 +1,153 @@
+"""Where one training step's time goes: the peer's LoRA step (HF model + peft, loss from full logits, as the Trainer
+computes it) against phitune's fast path, profiled op by op with torch.profiler on the same shape and batch.
+
+Self time is grouped into matmuls (mm/addmm/bmm: the work both must do), attention kernels, dropout random numbers,
+and everything else (norms, activations, RoPE, softmax/cross-entropy, casts, the optimizer). Matmul FLOPs come from
+the profiler's own count, so the achieved matmul rate can be compared with this device's measured rate. The last
+line bounds what a fast path doing the same matmul FLOPs can reach here: the peer's step time over phitune's matmul +
+attention time, i.e. the speed-up if everything else cost nothing. (The measured matmul rate is the best of ten
+2048^3 products; on a shared 2-core machine it moves by +-30% between runs, so it is context, not a bound.)
+
+  python benchmarks/step_profile.py --size small --seq 512 --batch 2          # CPU, the issue-6 shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from train_throughput import model_config  # noqa: E402
+
+MATMUL = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
+RNG = {"aten::bernoulli_", "aten::random_", "aten::uniform_", "aten::rand", "aten::rand_like"}
+
+
+def peak_matmul_rate(n: int = 2048, reps: int = 10) -> float:
+    """This CPU's fp32 matmul FLOP/s: the fastest of ``reps`` n^3 products (a shared machine's rate drifts)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def _matmul_flops(shapes) -> float:
+    """2·M·K·N of one mm/addmm/bmm call from its recorded input shapes (the two matrix operands)."""
+    mats = [x for x in shapes if len(x) in (2, 3)]
+    if len(mats) == 3:  # addmm(out, a, b)
+        mats = mats[1:]
+    (a, b) = mats[-2:]
+    batch = a[0] if len(a) == 3 else 1
+    return 2.0 * batch * a[-2] * a[-1] * b[-1]
+
+
+def build(kind: str, a):
+    from transformers import Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = model_config(a.size)
+    cfg.use_cache = False
+    model = Phi3ForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq))
+    lora = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
+    if kind == "peer":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(**lora, bias="none", target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+
+        def loss():
+            return model(input_ids=ids, labels=ids).loss
+    else:
+        from phitune.adapt import add_lora
+        from phitune.loss import apply_fast_path, forward_loss
+
+        add_lora(model, {**lora, "target_modules": "all-linear"}, lora_dtype=torch.float32)
+        apply_fast_path(model, {"fast_path": "auto"})
+        batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(a.seq).repeat(a.batch, 1)}
+
+        def loss():
+            out = forward_loss(model, batch)
+            return out.loss_sum / out.n_tokens
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        loss().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def profile_step(kind: str, a, rate: float) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    step = build(kind, a)
+    for _ in range(a.warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    wall = (time.perf_counter() - t0) / a.steps
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(a.steps):
+            step()
+    groups = {"matmul": 0.0, "attention": 0.0, "dropout_rng": 0.0, "other": 0.0}
+    flops = 0
+    others: dict[str, float] = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        t = e.self_cpu_time_total / 1e6 / a.steps
+        if e.key in MATMUL:
+            groups["matmul"] += t
+            flops += e.count * _matmul_flops(e.input_shapes) / a.steps
+        elif "scaled_dot_product" in e.key or "flash_attention" in e.key:
+            groups["attention"] += t
+        elif e.key in RNG:
+            groups["dropout_rng"] += t
+        else:
+            groups["other"] += t
+            others[e.key] = others.get(e.key, 0.0) + t
+    total = sum(groups.values())
+    return {"run": kind, "step_s": round(wall, 3), "profiled_s": round(total, 3),
+            **{f"{k}_s": round(v, 3) for k, v in groups.items()},
+            "matmul_share": round(groups["matmul"] / total, 3), "matmul_gflop_per_step": round(flops / 1e9, 1),
+            "matmul_gflops_achieved": round(flops / groups["matmul"] / 1e9, 1) if groups["matmul"] else None,
+            "matmul_gflops_measured_rate": round(rate / 1e9, 1),
+            "top_other_s": {k: round(v, 3) for k, v in sorted(others.items(), key=lambda kv: -kv[1])[:a.top]}}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="small", choices=["tiny", "small"])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--top", type=int, default=8, help="how many of the 'other' ops to list by time")
+    a = p.parse_args(argv)
+    rate = peak_matmul_rate()
+    rows = {}
+    for kind in ("peer", "phitune"):
+        rows[kind] = profile_step(kind, a, rate)
+        print(json.dumps(rows[kind]), flush=True)
+    peer, ours = rows["peer"], rows["phitune"]
+    print(json.dumps({"ratio": "phitune / peer step time (profiled)", "speedup": round(peer["profiled_s"]
+                                                                                     / ours["profiled_s"], 3),
+                      "ceiling_if_only_matmul_and_attention": round(peer["profiled_s"]
+                                                                    / (ours["matmul_s"] + ours["attention_s"]), 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
