@@ -400,6 +400,13 @@ def autocast_context(tc: TrainingConfig, device: torch.device):
     if tc.bf16:
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("training_config.bf16: this GPU has no bfloat16 support; set fp16: true instead")
+        from .model import cpu_has_fast_half
+
+        if device.type == "cpu" and not cpu_has_fast_half(torch.bfloat16):
+            log.warning("training_config.bf16: this CPU has no bfloat16 matrix hardware (AVX512-BF16 or AMX), where "
+                        "bfloat16 autocast makes each backward matmul about 100x slower than float32; training in "
+                        "the model's dtype instead. Set bf16: false to silence this.")
+            return nullcontext()
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if tc.fp16:
         if device.type != "cuda":
