@@ -33,8 +33,8 @@ def cpu_has_fast_half(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies bfloat16/float16 matrices in hardware (AVX512-BF16/FP16 or AMX).
 
     Without it (an AVX2 CPU), torch's half-precision matmuls fall back to a slow path: on the project's AVX2 machines
-    a bfloat16 (512 x 9216) @ (9216 x 3072) product, the shape of every linear layer's input gradient, took 84 s
-    against 0.45 s in float32. Unknown (an older torch without the probe): assumed fine.
+    a bfloat16 (512 x 9216) @ (9216 x 3072) product, the shape of a linear layer's input gradient, took 79 s against
+    0.26 s in float32 (benchmarks/cpu_half_matmul.py). Unknown (an older torch without the probe): assumed fine.
     """
     probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
     try:
