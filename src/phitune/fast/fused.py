@@ -68,6 +68,14 @@ def _masked(x: torch.Tensor, mask) -> torch.Tensor:
     return x if mask is None else torch.where(mask, x, 0)
 
 
+def _input_grad(g, W, gbr, A, mask, s: float) -> torch.Tensor:
+    """g W + s·drop'(gbr A): the gradient of x Wᵀ + s·(drop(x) Aᵀ) Bᵀ with respect to x, given gbr = g B."""
+    gx = torch.mm(g, W)
+    if mask is None:
+        return gx.addmm_(gbr, A, alpha=s)
+    return gx.add_(_masked(torch.mm(gbr, A), mask), alpha=s)
+
+
 class LoRALinearFn(torch.autograd.Function):
     """y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ for 2-D x in the compute dtype; W frozen or not, A/B any float dtype."""
 
@@ -97,11 +105,7 @@ class LoRALinearFn(torch.autograd.Function):
         gx = gW = gb_ = gA = gB = None
         gbr = torch.mm(g, Bc)  # (N, r)
         if need_x:
-            gx = torch.mm(g, Wc)
-            if mask is None:
-                gx.addmm_(gbr, Ac, alpha=s)
-            else:
-                gx.add_(_masked(torch.mm(gbr, Ac), mask), alpha=s)
+            gx = _input_grad(g, Wc, gbr, Ac, mask, s)
         if need_A:
             gA = torch.mm(gbr.t(), xd).mul_(s).to(ctx.dtypes[2])
         if need_B:
@@ -158,11 +162,7 @@ class SwiGLUDownFn(torch.autograd.Function):
         if need_b:
             gb_ = g.sum(0).to(ctx.dtypes[0])
         if need_gu:
-            gh = torch.mm(g, Wc)
-            if mask is None:
-                gh.addmm_(gbr, Ac, alpha=s)
-            else:
-                gh.add_(_masked(torch.mm(gbr, Ac), mask), alpha=s)
+            gh = _input_grad(g, Wc, gbr, Ac, mask, s)
             ggu = torch.empty_like(gu)
             g_gate, g_up = ggu.chunk(2, dim=-1)
             torch.mul(gh, silu, out=g_up)
