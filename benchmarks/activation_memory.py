@@ -52,11 +52,11 @@ def build(kind: str, layers: int, tokens: int):
         from phitune.loss import apply_fast_path, forward_loss
 
         add_lora(model, {**lora, "target_modules": "all-linear"}, lora_dtype=torch.float32)
-        apply_fast_path(model, {"fast_path": "auto"})
+        fast = apply_fast_path(model, {"fast_path": "auto"})
         batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(tokens)[None]}
 
         def forward():
-            out = forward_loss(model, batch)
+            out = forward_loss(model, batch, fast=fast)
             return out.loss_sum / out.n_tokens
     model.train()
     return model, forward

@@ -18,6 +18,7 @@ CPU. Prints one JSON line per run and a ratio line (phitune / peer).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -121,7 +122,7 @@ def run_phitune(a) -> dict:
                         use_cpu=a.device == "cpu")
     add_lora(model, LORA, lora_dtype=torch.float32)
     enable_gradient_checkpointing(model, tc)
-    notes = apply_fast_path(model, tc)
+    fast = apply_fast_path(model, tc)
     model.train()
     optimizer = build_optimizer(model, tc, dev)
     scheduler = build_scheduler(optimizer, tc, steps)
@@ -136,11 +137,11 @@ def run_phitune(a) -> dict:
             t0 = time.perf_counter()
         ids = data[i]
         r = train_step(model, [{"input_ids": ids, "labels": ids}], optimizer, scheduler, scaler, tc, dev, autocast,
-                       forward_loss)
+                       functools.partial(forward_loss, fast=fast))
     _sync(a)
     dt = time.perf_counter() - t0
     return _peak(a, {"run": "phitune", "tokens_per_s": round(a.steps * a.batch * a.seq / dt, 1),
-                     "last_loss": round(r["loss"], 4), "fast_path": notes})
+                     "last_loss": round(r["loss"], 4), "fast_path": list(fast.notes)})
 
 
 # --- the peer: the cookbook's QLoRA ----------------------------------------------------------------------------------

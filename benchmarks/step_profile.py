@@ -74,11 +74,11 @@ def build(kind: str, a):
         from phitune.loss import apply_fast_path, forward_loss
 
         add_lora(model, {**lora, "target_modules": "all-linear"}, lora_dtype=torch.float32)
-        apply_fast_path(model, {"fast_path": "auto"})
+        fast = apply_fast_path(model, {"fast_path": "auto"})
         batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(a.seq).repeat(a.batch, 1)}
 
         def loss():
-            out = forward_loss(model, batch)
+            out = forward_loss(model, batch, fast=fast)
             return out.loss_sum / out.n_tokens
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -23,6 +23,7 @@ Append "+ckpt" to a variant for gradient checkpointing (e.g. fast+ckpt).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -121,7 +122,7 @@ def child(a) -> dict:
     from phitune.adapt import add_lora
     from phitune.config import TrainingConfig
     from phitune.data import batch_plan, collate
-    from phitune.loss import apply_fast_path, forward_loss
+    from phitune.loss import Pieces, apply_fast_path, forward_loss
     from phitune.train import (autocast_context, batch_maker, build_optimizer, build_scheduler,
                                enable_gradient_checkpointing, train_step)
 
@@ -140,22 +141,20 @@ def child(a) -> dict:
     tc = TrainingConfig(output_dir="/tmp/phitune_bench", per_device_train_batch_size=a.batch, max_steps=steps,
                         learning_rate=2e-4, gradient_checkpointing="ckpt" in extra, use_cpu=a.device == "cpu",
                         torch_compile=base == "compile", use_liger_kernel=base == "liger")
-    fast = {"fast_path": "off" if base == "plain" else "auto", "fast_loss": base != "no_loss",
-            "fast_lora": base != "no_lora",
-            "fast_mlp": base != "no_mlp", "fast_norm": base != "no_norm", "fast_rope": base != "no_rope",
-            "fast_attention": base != "dense", "torch_compile": base == "compile", "use_liger_kernel": base == "liger"}
+    tc.fast_path = "off" if base == "plain" else "auto"
+    pieces = Pieces(loss=base != "no_loss", lora=base != "no_lora", mlp=base != "no_mlp", norm=base != "no_norm",
+                    rope=base != "no_rope", attention=base != "dense")
     add_lora(model, {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
              lora_dtype=torch.float32)
     enable_gradient_checkpointing(model, tc)
-    notes = apply_fast_path(model, fast)
-    if base == "dense":
-        model._phitune_drop_dense_mask = False
+    fast = apply_fast_path(model, tc, pieces)
+    notes = fast.notes
     model.train()
     samples = make_samples(a, cfg.vocab_size, steps * a.batch * 2)
     plan = batch_plan(samples, a.batch, a.seq, packing=True, seed=0, epoch=0)
     if a.data == "blocks":
         plan.sort()  # sequential, as the peer's sampler
-    make = batch_maker(model, None, argparse.Namespace(max_seq_length=a.seq, packing=True), collate)
+    make = batch_maker(model, None, argparse.Namespace(max_seq_length=a.seq, packing=True), collate, fast)
     batches = [make(samples, plan[i]) for i in range(steps)]
     optimizer = build_optimizer(model, tc, dev)
     scheduler = build_scheduler(optimizer, tc, steps)
@@ -173,7 +172,8 @@ def child(a) -> dict:
             if a.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-        r = train_step(model, [b], optimizer, scheduler, scaler, tc, dev, autocast, forward_loss)
+        r = train_step(model, [b], optimizer, scheduler, scaler, tc, dev, autocast,
+                       functools.partial(forward_loss, fast=fast))
         if i >= a.warmup:
             tokens += sum(len(samples[k]["input_ids"]) for k in plan[i])  # real tokens, padding not counted
             supervised += r["tokens"]
@@ -183,7 +183,7 @@ def child(a) -> dict:
         supervised = a.steps * a.batch * a.seq  # the peer counts every token as supervised on blocks
     out = {"run": "phitune", "variant": variant, "tokens_per_s": round(tokens / dt, 1),
            "supervised_tokens_per_s": round(supervised / dt, 1), "last_loss": round(r["loss"], 4),
-           "fast_path": notes, "fused_modules": sum("Fused" in type(m).__name__ for m in model.modules()),
+           "fast_path": list(notes), "fused_modules": sum("Fused" in type(m).__name__ for m in model.modules()),
            "attn": model.config._attn_implementation}
     if a.device == "cuda":
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

@@ -102,12 +102,13 @@ def test_batch_plan_is_deterministic_and_complete(samples):
     a = batch_plan(samples, 2, 128, packing=True, seed=3, epoch=1)
     assert a == batch_plan(samples, 2, 128, packing=True, seed=3, epoch=1)
     assert a != batch_plan(samples, 2, 128, packing=True, seed=3, epoch=2) or len(a) == 1
-    assert sorted(i for e in a for i in e) == list(range(len(samples)))
+    assert sorted(i for e in a for row in e for i in row) == list(range(len(samples)))
     lengths = [len(samples[i]["input_ids"]) for i in range(len(samples))]
-    for entry in a:
-        assert len(pack_rows([lengths[i] for i in entry], 128)) <= 2
+    for entry in a:  # the plan's rows are the rows collate builds: at most 2 per entry, each within 128 tokens
+        assert len(entry) <= 2 and all(sum(lengths[i] for i in row) <= 128 for row in entry)
+        assert collate(samples, entry, 128, True)["input_ids"].shape[0] == len(entry)
     plain = batch_plan(samples, 4, 128, packing=False, seed=0)
-    assert [len(e) for e in plain] == [4, 2] and sorted(np.concatenate(plain).tolist()) == list(range(6))
+    assert [len(e) for e in plain] == [4, 2] and sorted(np.concatenate(plain).ravel().tolist()) == list(range(6))
 
 
 def _pack_bins_reference(order, lengths, max_seq_length, open_bins=128):

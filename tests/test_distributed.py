@@ -256,14 +256,13 @@ def test_the_parts_of_a_micro_batch_are_its_rows(packing):
     for _ in range(40):
         n = rng.randint(3, 20)
         samples.append({"input_ids": [rng.randint(5, 99) for _ in range(n)], "labels": list(range(n))})
-    cfg = SimpleNamespace(packing=packing, max_seq_length=32)
 
     def rows(entry):
         batch = collate(samples, entry, 32, packing)
         return [tuple(r[r != 0].tolist()) for r in batch["input_ids"]], int((batch["labels"][:, 1:] != -100).sum())
 
     for entry in batch_plan(samples, 2 * 3, 32, packing, seed=1):
-        parts = [distributed.sharder(samples, cfg, r, 2)(entry) for r in range(2)]
+        parts = [distributed.sharder(r, 2)(entry) for r in range(2)]
         assert sorted(parts[0] + parts[1]) == sorted(entry)
         got = [rows(p) for p in parts if p]
         assert [r for g in got for r in g[0]] == rows(entry)[0]
@@ -277,7 +276,7 @@ def test_one_process_helpers_do_nothing():
     t = torch.ones(2)
     assert distributed.sum_(t) is t and distributed.striped([1, 2]) == [1, 2]
     assert distributed.on_main(lambda x: x + 1, 1) == 2
-    assert distributed.sharder([], None) is list
+    assert distributed.sharder() is list
 
 
 def test_distributed_keys_are_checked():

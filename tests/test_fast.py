@@ -119,7 +119,7 @@ def test_fast_path_equals_plain(target, kw):
     ref_loss, ref = loss_and_grads(model, b, fused_loss=False)
     names = sorted(n for n, _ in model.named_parameters())
     keys = sorted(adapter_state_dict(model))
-    notes = apply_fast_path(model, None)
+    notes = apply_fast_path(model, None).notes
     assert any("fused" in n and "qkv_rope" in n and "swiglu_mlp" in n for n in notes), notes
     assert any(type(m) is fused.FusedLoRALinear or type(m) is fused.FusedLoRAMergedLinear for m in model.modules())
     assert all(isinstance(m, (lora.Linear, lora.MergedLinear)) for m in model.modules() if "Fused" in type(m).__name__
@@ -188,11 +188,12 @@ def test_bf16_autocast_close_to_plain():
 
 def test_fast_path_off():
     model = model_with_lora()
-    assert apply_fast_path(model, {"fast_path": "off"}) == []
+    fast = apply_fast_path(model, {"fast_path": "off"})
+    assert fast.notes == ()
     assert not any("Fused" in type(m).__name__ for m in model.modules())
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))
-    forward_loss(model, batch())
+    forward_loss(model, batch(), fast=fast)
     assert calls  # the plain path: model(...).logits
 
 
@@ -227,10 +228,10 @@ def test_varlen_attention_equals_dense_mask():
 
 def test_torch_compile_note_only_when_asked():
     model = model_with_lora()
-    assert not any("compile" in n for n in apply_fast_path(model, {}))
+    assert not any("compile" in n for n in apply_fast_path(model, {}).notes)
     for mode in ("off", "auto"):  # compiled with or without the fast path (the compile itself runs on first call)
         model = model_with_lora()
-        notes = apply_fast_path(model, {"fast_path": mode, "torch_compile": True})
+        notes = apply_fast_path(model, {"fast_path": mode, "torch_compile": True}).notes
         assert [n for n in notes if "compile" in n] == ["torch.compile: 2 decoder layers"], notes
         assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
 
@@ -245,7 +246,7 @@ def test_gpu_fast_path_bf16_equals_plain():
     model = model_with_lora().to("cuda", torch.bfloat16)
     b = {k: v.cuda() for k, v in packed_batch().items()}
     ref_loss, ref = loss_and_grads(model, b, fused_loss=False)
-    notes = apply_fast_path(model, {})
+    notes = apply_fast_path(model, {}).notes
     assert any("varlen" in n for n in notes), notes
     loss, got = loss_and_grads(model, b)
     torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=2e-2, atol=2e-2)

@@ -278,24 +278,16 @@ def striped(items: list) -> list:
     return mine + [None] * (-(-len(items) // world) - len(mine))
 
 
-def sharder(samples, data_cfg, rank_: int | None = None, world: int | None = None):
-    """``part(entry) -> this process's sample indices`` of a micro-batch of the global plan (the entry itself in
-    one process). Packed: whole rows (as ``collate`` packs the entry, next-fit in order), so the rows of all the
-    parts are the rows of the entry; not packed: whole samples. A part may be empty at the end of an epoch."""
+def sharder(rank_: int | None = None, world: int | None = None):
+    """``part(entry) -> this process's rows`` of a micro-batch of the global plan (``data.batch_plan``'s rows as they
+    are; the entry itself in one process): the r-th contiguous block of rows, so the rows of all the parts are the
+    rows of the entry. A part may be empty at the end of an epoch."""
     world = world_size() if world is None else world
     rank_ = rank() if rank_ is None else rank_
     if world == 1:
         return list
-    from .data.batching import pack_rows
 
-    lengths = getattr(samples, "lengths", None)
-    if lengths is None:
-        lengths = [len(s["input_ids"]) for s in samples]
-
-    def part(entry) -> list[int]:
-        if data_cfg.packing:
-            rows = pack_rows([int(lengths[i]) for i in entry], data_cfg.max_seq_length)
-            return [entry[k] for row in split_evenly(rows, rank_, world) for k in row]
+    def part(entry) -> list:
         return list(split_evenly(list(entry), rank_, world))
 
     return part

@@ -16,6 +16,7 @@ count of a step and the trainable gradients are summed over processes, and rank 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import logging
@@ -33,14 +34,17 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed
+from . import fast as fastpath
 from ._typed import suggest
 from .config import SECTIONS, RunConfig, TrainingConfig, load_config, read_yaml, save_config
 from .errors import ConfigError, PhituneError
+from .fast import FastPath
+from .fast.attention import position_masks
+from .labels import IGNORE_INDEX
 from .metrics import MetricsLog, plot_loss_curve, progress_bar, read_metrics, resolve_backends, setup_logging
 
 log = logging.getLogger("phitune")
 
-IGNORE_INDEX = -100
 NONFINITE_DUMP = "nonfinite_batch.pt"
 
 
@@ -95,7 +99,8 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
     for note in distributed.prepare_model(model, tc, device):  # same LoRA start everywhere; FSDP2 if asked
         log.info("%s", note)
     enable_gradient_checkpointing(model, tc)
-    for note in apply_fast_path(model, tc):
+    fast = apply_fast_path(model, tc)
+    for note in fast.notes:
         log.info("fast path: %s", note)
     distributed.seed_per_process(tc.seed)  # dropout masks differ between processes
 
@@ -104,8 +109,8 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
     with distributed.local_main_first():  # one process per node writes the data cache, the others read it
         prepared = prepare_data(cfg.data, tokenizer)
     dc = cfg.data
-    make_batch = batch_maker(model, tokenizer, dc, collate)
-    my_part = distributed.sharder(prepared.train, dc)
+    make_batch = batch_maker(model, tokenizer, dc, collate, fast)
+    my_part = distributed.sharder()
     bs, accum = tc.per_device_train_batch_size, tc.gradient_accumulation_steps
     plans: dict[int, list] = {}
 
@@ -141,7 +146,8 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
 
     def run_eval() -> dict[str, float]:
         with autocast:
-            return evaluate_samples(model, prepared.eval, dc, tc.per_device_eval_batch_size, tokenizer=tokenizer)
+            return evaluate_samples(model, prepared.eval, dc, tc.per_device_eval_batch_size, tokenizer=tokenizer,
+                                    fast=fast)
 
     # the loop
     model.train()
@@ -152,7 +158,8 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
     while state.step < total_steps:
         entries = plan(state.epoch)[state.micro:state.micro + accum]
         batches = [process_batch(make_batch, prepared.train, e, my_part) for e in entries]
-        step = train_step(model, batches, optimizer, scheduler, scaler, tc, device, autocast, forward_loss)
+        step = train_step(model, batches, optimizer, scheduler, scaler, tc, device, autocast,
+                          functools.partial(forward_loss, fast=fast))
         if not math.isfinite(step["loss"]) or not math.isfinite(step["grad_norm"]):
             stop_on_nonfinite(out, state, step, batches)
 
@@ -187,6 +194,7 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
     distributed.on_main(save_run, out, cfg, model, tokenizer, prepared.stats, final, report)
     log.info("saved to %s", out)
     distributed.finish(created_group)
+    fastpath.remove(model, fast)  # the user gets the model's own classes back (same parameters)
     return FinetuneResult(output_dir=out, metrics=final, model=model, tokenizer=tokenizer)
 
 
@@ -605,12 +613,15 @@ def data_api():
     return prepare_data, batch_plan, collate
 
 
-def batch_maker(model, tokenizer, data_cfg, collate=None):
-    """``make(samples, plan_entry) -> batch`` with the model's attention kernel, mask dtype and sliding window."""
+def batch_maker(model, tokenizer, data_cfg, collate=None, fast: FastPath | None = None):
+    """``make(samples, plan_entry) -> batch`` with the model's attention kernel, mask dtype and sliding window.
+    Whether packed rows need a dense 4-D mask is decided here, once per model (``fast``: what apply_fast_path
+    turned on)."""
     if collate is None:
         collate = data_api()[2]
     attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    kwargs = {"mask_dtype": model.dtype, "sliding_window": getattr(model.config, "sliding_window", None)}
+    kwargs = {"mask_dtype": model.dtype, "sliding_window": getattr(model.config, "sliding_window", None),
+              "position_masks": position_masks(model, (fast or FastPath()).position_masks)}
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         kwargs["pad_token_id"] = tokenizer.pad_token_id
 
@@ -621,12 +632,13 @@ def batch_maker(model, tokenizer, data_cfg, collate=None):
 
 
 @torch.no_grad()
-def evaluate_samples(model, samples, data_cfg, batch_size: int, *, tokenizer=None) -> dict[str, float]:
+def evaluate_samples(model, samples, data_cfg, batch_size: int, *, tokenizer=None,
+                     fast: FastPath | None = None) -> dict[str, float]:
     """Loss, perplexity and token accuracy over the supervised tokens of tokenized ``samples``."""
     from .loss import forward_loss
 
     batch_plan = data_api()[1]
-    make_batch = batch_maker(model, tokenizer, data_cfg)
+    make_batch = batch_maker(model, tokenizer, data_cfg, fast=fast)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -634,7 +646,7 @@ def evaluate_samples(model, samples, data_cfg, batch_size: int, *, tokenizer=Non
     plan = batch_plan(samples, batch_size, data_cfg.max_seq_length, data_cfg.packing, data_cfg.seed, 0)
     for entry in distributed.striped(plan):  # under torchrun: every world_size-th entry; None keeps in step
         batch = make_batch(samples, entry) if entry is not None else _without_labels(make_batch(samples, plan[0]))
-        out = forward_loss(model, _to_device(batch, device), with_accuracy=True)
+        out = forward_loss(model, _to_device(batch, device), with_accuracy=True, fast=fast)
         loss_sum += float(out.loss_sum)
         n_tokens += int(out.n_tokens)
         n_correct += int(out.n_correct)

@@ -1,4 +1,4 @@
-"""Micro-batches: which samples go together (batch_plan) and the tensors the model gets (collate).
+"""Micro-batches: which samples go together, row by row (batch_plan), and the tensors the model gets (collate).
 
 Packing puts several samples in one row. Position ids restart at each sample, and with ``sdpa``/``eager`` the
 attention mask is 4-D (B, 1, T, T) block-diagonal causal: transformers 5 passes a 4-D mask to the attention kernel
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..labels import IGNORE_INDEX
 
 _OPEN_BINS = 128  # best-fit looks at this many open rows; more barely improves the fill (measured: <0.5%)
 
@@ -83,31 +84,23 @@ def pack_bins(order: np.ndarray, lengths: np.ndarray, max_seq_length: int) -> li
 
 
 def batch_plan(samples, batch_size: int, max_seq_length: int, packing: bool = True, seed: int = 0,
-               epoch: int = 0) -> list[list[int]]:
-    """Sample indices of each micro-batch, deterministic in (seed, epoch). With packing, one entry fills at most
-    ``batch_size`` rows of ``max_seq_length`` tokens when :func:`collate` packs it (next-fit, in entry order)."""
+               epoch: int = 0) -> list[list[list[int]]]:
+    """The micro-batches, deterministic in (seed, epoch): each a list of at most ``batch_size`` rows, each row the
+    sample indices it holds (best-fit packing of at most ``max_seq_length`` tokens; one sample per row without
+    packing). :func:`collate` and ``distributed.sharder`` take the rows as they are."""
     n = len(samples)
     if n == 0:
         return []
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n)
     if not packing:
-        return [order[k:k + batch_size].tolist() for k in range(0, n, batch_size)]
+        return [[[i] for i in order[k:k + batch_size].tolist()] for k in range(0, n, batch_size)]
     lengths = _lengths(samples)
-    bins = pack_bins(order, lengths, max_seq_length)
+    rows = pack_bins(order, lengths, max_seq_length)
     ll = lengths.tolist()
-    for b in bins:  # longest first: next-fit in collate then reproduces the rows
-        b.sort(key=lambda i: -ll[i])
-    plan = []
-    for k in range(0, len(bins), batch_size):
-        entry = [i for b in bins[k:k + batch_size] for i in b]
-        bins[k:k + batch_size] = [None] * len(bins[k:k + batch_size])  # free as we go: peak ~ one copy
-        rows = pack_rows(lengths[entry], max_seq_length)
-        if len(rows) <= batch_size:
-            plan.append(entry)
-        else:  # rare: next-fit merged differently; split so every entry still fits
-            for r in range(0, len(rows), batch_size):
-                plan.append([entry[p] for row in rows[r:r + batch_size] for p in row])
+    for row in rows:  # longest first: a fixed order within a row, whatever order best-fit filled it in
+        row.sort(key=lambda i: -ll[i])
+    plan = [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
     perm = rng.permutation(len(plan))
     return [plan[p] for p in perm]
 
@@ -128,33 +121,54 @@ def _uses_4d_mask(attn_implementation: str | None) -> bool:
     return not ("flash" in impl or "flex" in impl or "varlen" in impl)
 
 
-def collate(samples, plan_entry: Sequence[int], max_seq_length: int, packing: bool = True,
+def _entry_rows(plan_entry: Sequence, arrays: list, max_seq_length: int, packing: bool) -> list[list[int]]:
+    """Rows as positions into ``arrays``: a plan entry's rows as they are, or a flat list of samples packed
+    next-fit in order (one per row without packing)."""
+    if plan_entry and isinstance(plan_entry[0], (list, tuple)):
+        rows, k = [], 0
+        for row in plan_entry:
+            rows.append(list(range(k, k + len(row))))
+            k += len(row)
+    elif packing:
+        return pack_rows([len(a[0]) for a in arrays], max_seq_length)
+    else:
+        rows = [[k] for k in range(len(arrays))]
+    for row in rows:
+        n = sum(len(arrays[k][0]) for k in row)
+        if n > max_seq_length or (len(row) > 1 and not packing):
+            raise DataError(f"a row of {n} tokens ({len(row)} samples) does not fit max_seq_length={max_seq_length}"
+                            f"{'' if packing else ' without packing'}. Fix: batch with the batch_plan of the same "
+                            "data.max_seq_length and data.packing the data was prepared with")
+    return rows
+
+
+def collate(samples, plan_entry: Sequence, max_seq_length: int, packing: bool = True,
             attn_implementation: str | None = "sdpa", *, pad_token_id: int | None = None,
-            mask_dtype: torch.dtype = torch.float32, sliding_window: int | None = None) -> dict[str, Any]:
+            mask_dtype: torch.dtype = torch.float32, sliding_window: int | None = None,
+            position_masks: bool = False) -> dict[str, Any]:
     """Tensors for one micro-batch: input_ids, labels (unshifted, -100 = no loss), position_ids, attention_mask.
 
-    Packed: rows of samples (next-fit in entry order), position ids restarting per sample, the first token of each
-    sample unlabelled, and a (B, 1, T, T) block-diagonal causal mask for sdpa (bool) / eager (additive, in
-    ``mask_dtype``; pass the model's dtype), None for flash/flex attention. ``sliding_window`` (Phi-3-mini: 2047)
-    adds the model's sliding window to the 4-D mask, which transformers would otherwise skip for custom masks.
+    ``plan_entry``: rows of sample indices (an entry of :func:`batch_plan`), or a flat list of sample indices
+    (packed next-fit in order). Packed: position ids restarting per sample, the first token of each sample
+    unlabelled, and a (B, 1, T, T) block-diagonal causal mask for sdpa (bool) / eager (additive, in ``mask_dtype``;
+    pass the model's dtype), None for flash/flex attention. ``position_masks=True`` (the model's attention derives
+    sample boundaries from position_ids, ``phitune.fast.attention.position_masks``) builds no dense mask either,
+    except for rows longer than ``sliding_window`` (Phi-3-mini: 2047), which position_ids cannot express; the
+    window is added to the 4-D mask, which transformers would otherwise skip for custom masks.
     Not packed: right padding to the longest sample, a (B, T) padding mask.
     """
     if pad_token_id is None:
         pad_token_id = getattr(samples, "pad_token_id", 0) or 0
-    arrays = [_arrays(samples, int(i)) for i in plan_entry]
+    flat = [i for row in plan_entry for i in row] if plan_entry and isinstance(plan_entry[0], (list, tuple)) \
+        else plan_entry
+    arrays = [_arrays(samples, int(i)) for i in flat]
     if not arrays:
         raise DataError("collate: empty plan entry")
-    if packing:
-        rows = pack_rows([len(a[0]) for a in arrays], max_seq_length)
-    else:
-        for ids, _ in arrays:
-            if len(ids) > max_seq_length:
-                raise DataError(f"a sample has {len(ids)} tokens, more than max_seq_length={max_seq_length}")
-        rows = [[k] for k in range(len(arrays))]
+    rows = _entry_rows(plan_entry, arrays, max_seq_length, packing)
     B = len(rows)
     T = max(sum(len(arrays[k][0]) for k in row) for row in rows)
     input_ids = np.full((B, T), pad_token_id, dtype=np.int64)
-    labels = np.full((B, T), -100, dtype=np.int64)
+    labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
     position_ids = np.zeros((B, T), dtype=np.int64)
     segment = np.full((B, T), -1, dtype=np.int64)
     for b, row in enumerate(rows):
@@ -164,7 +178,7 @@ def collate(samples, plan_entry: Sequence[int], max_seq_length: int, packing: bo
             n = len(ids)
             input_ids[b, t:t + n] = ids
             labels[b, t:t + n] = lab
-            labels[b, t] = -100  # no label crosses a sample boundary
+            labels[b, t] = IGNORE_INDEX  # no label crosses a sample boundary
             position_ids[b, t:t + n] = np.arange(n)
             segment[b, t:t + n] = s
             t += n
@@ -177,7 +191,8 @@ def collate(samples, plan_entry: Sequence[int], max_seq_length: int, packing: bo
     if not packing:
         out["attention_mask"] = torch.from_numpy((segment >= 0).astype(np.int64))
         return out
-    if not _uses_4d_mask(attn_implementation):
+    windowed = sliding_window is not None and T > sliding_window
+    if not _uses_4d_mask(attn_implementation) or (position_masks and not windowed):
         out["attention_mask"] = None
         return out
     seg = torch.from_numpy(segment)

@@ -8,10 +8,12 @@ import sys
 
 import numpy as np
 
+from ..labels import IGNORE_INDEX
+
 
 def _runs(labels: np.ndarray):
     """(start, end, trained) runs of consecutive tokens with the same trained status."""
-    trained = labels != -100
+    trained = labels != IGNORE_INDEX
     start = 0
     for i in range(1, len(trained) + 1):
         if i == len(trained) or trained[i] != trained[start]:
@@ -40,12 +42,12 @@ def preview_text(prepared, tokenizer=None, n: int = 3, color: bool | None = None
     parts = []
     for i in range(min(n, len(samples))):
         ids, labels = samples.arrays(i)
-        n_tr = int((labels != -100).sum())
+        n_tr = int((labels != IGNORE_INDEX).sum())
         head = f"=== {split} sample {i}: {len(ids)} tokens, {n_tr} trained ==="
         pieces = [(tokenizer.decode(ids[a:b].tolist(), skip_special_tokens=False), tr) for a, b, tr in _runs(labels)]
         shown = ids[:max_tokens]
         toks = tokenizer.convert_ids_to_tokens(shown.tolist())
-        tok_items = [(f"{t}({int(d)})", labels[k] != -100) for k, (t, d) in enumerate(zip(toks, shown))]
+        tok_items = [(f"{t}({int(d)})", labels[k] != IGNORE_INDEX) for k, (t, d) in enumerate(zip(toks, shown))]
         more = f" ... (+{len(ids) - max_tokens} tokens)" if len(ids) > max_tokens else ""
         if color:
             console.print(Text(head, style="bold"))

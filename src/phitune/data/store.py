@@ -13,6 +13,8 @@ from array import array
 
 import numpy as np
 
+from ..labels import IGNORE_INDEX
+
 
 class SampleWriter:
     """Appends samples to ``folder`` in chunks; ``close()`` writes meta.json."""
@@ -108,7 +110,7 @@ class TokenizedSamples:
             i += len(self)
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         ids = self._read("input_ids.bin", np.int32, a, b)
-        labels = np.where(self._read("trained.bin", np.uint8, a, b) != 0, ids, -100).astype(np.int64)
+        labels = np.where(self._read("trained.bin", np.uint8, a, b) != 0, ids, IGNORE_INDEX).astype(np.int64)
         return ids, labels
 
     def __getitem__(self, i):

@@ -7,7 +7,7 @@ is given (``masking_utils.find_packed_sequence_indices``), and then:
   - sdpa without packing: no mask at all, so the kernel's causal path (half the tiles) runs;
   - flash_attention_2/3: variable-length kernels over the concatenated samples (no padding, no cross-sample tiles);
   - flex_attention: a block mask that skips every tile outside a sample.
-So ``model_inputs`` drops the dense mask whenever it says exactly what ``position_ids`` say, and ``choose`` picks the
+So ``position_masks`` tells the batch maker (once per model) when no dense mask is needed, and ``choose`` picks the
 fastest packed-aware implementation available on the model's device.
 """
 
@@ -46,16 +46,25 @@ def mask_matches_positions(mask: torch.Tensor, position_ids: torch.Tensor) -> bo
     return bool(torch.equal(allowed[:, 0], expected.expand(allowed.shape[0], T, T)))
 
 
-def model_inputs(model, batch: dict) -> dict:
-    """The keyword arguments for the model (or its body) from a collated batch, with redundant dense masks dropped."""
+def position_masks(model, enabled: bool = True) -> bool:
+    """Whether packed batches for ``model`` can go without a dense 4-D mask (decided once per model): its attention
+    implementation derives sample boundaries from position_ids, and ``enabled`` (``FastPath.position_masks``)."""
+    return enabled and implementation(model) in _POSITION_AWARE
+
+
+def model_inputs(model, batch: dict, drop_redundant_mask: bool = True) -> dict:
+    """The keyword arguments for the model (or its body) from a collated batch.
+
+    phitune's own batches carry a dense 4-D mask only where one is needed (``position_masks``). A 4-D mask built
+    elsewhere that says exactly what position_ids say is dropped (``drop_redundant_mask``), which costs one
+    O(B * T^2) comparison per batch."""
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
     position_ids = batch.get("position_ids")
     mask = batch.get("attention_mask")
     if position_ids is not None:
         inputs["position_ids"] = position_ids
     if mask is not None and mask.dim() == 4 and position_ids is not None:
-        if implementation(model) in _POSITION_AWARE and getattr(model, "_phitune_drop_dense_mask", True) \
-                and mask_matches_positions(mask, position_ids):
+        if drop_redundant_mask and position_masks(model) and mask_matches_positions(mask, position_ids):
             mask = None
     if mask is not None and mask.dim() == 2 and bool(mask.all()):
         mask = None  # no padding: let sdpa take its causal path

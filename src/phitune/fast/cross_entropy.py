@@ -9,10 +9,12 @@ Only positions with a label are fed to the head, so prompt tokens and padding co
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from ..labels import IGNORE_INDEX
 
 # Config keys of Hugging Face models whose forward changes the logits after lm_head (soft-capping, scaling): for those
 # forward_loss uses model(...).logits, which applies them.
@@ -21,6 +23,18 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 # 2**26 float32 logits per chunk: 256 MiB, about 2,000 positions at Phi-3's 32,064 vocabulary.
 _CHUNK_ELEMENTS = 2**26
+
+
+@dataclass
+class LossOutput:
+    """Sum of token cross-entropies, supervised token count, and (optionally) correctly predicted tokens."""
+
+    loss_sum: torch.Tensor
+    n_tokens: torch.Tensor
+    n_correct: torch.Tensor | None = None
+
+    def __iter__(self):  # allows ``loss_sum, n_tokens, n_correct = forward_loss(...)``
+        return iter((self.loss_sum, self.n_tokens, self.n_correct))
 
 
 def decoder_of(model):
@@ -129,8 +143,6 @@ def _chunked_module_loss(hidden, head, targets, chunk):
 
 def head_loss(hidden, head, shifted_labels, with_accuracy: bool = False, *, chunk_tokens: int | None = None):
     """Loss of ``head(hidden)`` against ``shifted_labels`` (already aligned: position i predicts label i)."""
-    from ..loss import LossOutput
-
     flat = hidden.reshape(-1, hidden.shape[-1])
     labels = shifted_labels.reshape(-1).to(flat.device)
     keep = labels != IGNORE_INDEX
@@ -159,8 +171,6 @@ def head_loss(hidden, head, shifted_labels, with_accuracy: bool = False, *, chun
 
 def loss_from_logits(logits, shifted_labels, with_accuracy: bool = False):
     """The plain path: full logits from the model, summed cross-entropy over supervised positions."""
-    from ..loss import LossOutput
-
     labels = shifted_labels.to(logits.device)
     flat = logits.reshape(-1, logits.shape[-1]).float()
     loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")

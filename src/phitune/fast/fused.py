@@ -349,11 +349,17 @@ def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     eps = getattr(norm, "variance_epsilon", None)
     if eps is None:
         eps = norm.eps
-    if getattr(norm, "_phitune_liger", False) and x.is_cuda:
-        from liger_kernel.transformers.functional import liger_rms_norm
-
-        return liger_rms_norm(x, norm.weight, eps, offset=0.0, casting_mode="llama", in_place=False)
     return RMSNormFn.apply(x, norm.weight, eps)
+
+
+def liger_rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """Liger's Triton RMSNorm (same math, casting_mode "llama"); phitune's own off CUDA."""
+    if not x.is_cuda:
+        return rms_norm(norm, x)
+    from liger_kernel.transformers.functional import liger_rms_norm as kernel
+
+    eps = getattr(norm, "variance_epsilon", None)
+    return kernel(x, norm.weight, norm.eps if eps is None else eps, offset=0.0, casting_mode="llama", in_place=False)
 
 
 def liger_available() -> bool:
@@ -365,11 +371,11 @@ def liger_available() -> bool:
 
 
 def use_liger(model) -> int:
-    """Route the fused RMSNorm modules through Liger's Triton kernel (same math, casting_mode "llama")."""
+    """Switch the fused RMSNorm modules to a subclass that calls Liger's Triton kernel; returns how many."""
     n = 0
     for module in model.modules():
-        if getattr(type(module), "_phitune_original_class", None) is not None and type(module).forward is _norm_forward:
-            module._phitune_liger = True
+        if type(module).forward is _norm_forward:
+            module.__class__ = _fused_subclass(type(module)._phitune_original_class, _liger_norm_forward, "liger")
             n += 1
     return n
 
@@ -398,6 +404,10 @@ def _mlp_forward(self, x):
 
 def _norm_forward(self, x):
     return rms_norm(self, x)
+
+
+def _liger_norm_forward(self, x):
+    return liger_rms_norm(self, x)
 
 
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):

@@ -6,8 +6,7 @@ FlashAttentionKwargs, forwarded to every attention call), computed once per micr
 
 Kernels: on CUDA ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's FlashAttention varlen, torch >= 2.9; no
 flash-attn package needed); elsewhere causal sdpa per sample, which is exact and keeps this path testable on CPU.
-transformers reserves names containing "flash" for its own kernels, so ``phitune.data.collate`` still builds a dense
-mask for this one; ``forward_loss`` checks it against position_ids and drops it.
+``phitune.data.collate`` builds no dense mask for it (position_ids mark the samples).
 """
 
 from __future__ import annotations
