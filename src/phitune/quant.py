@@ -279,11 +279,10 @@ def merge_checked(model, model_cfg, input_ids, *, dtype=None, dequantize: bool =
 def _reload_full_precision(model, model_cfg, dtype, device):
     """The base reloaded without quantization, carrying ``model``'s LoRA layers and weights."""
     from .adapt import add_lora, adapter_state_dict, load_adapter_state_dict
+    from .adapt.inject import lora_state
     from .model import load_model_and_tokenizer
 
-    state = getattr(model, "_phitune_lora", None)
-    if state is None:
-        raise AdapterError("the 4-bit model has no phitune LoRA layers to merge; load the adapter first")
+    state = lora_state(model)
     tensors = {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
     dtype_name = str(dtype).replace("torch.", "") if dtype is not None else model_cfg.dtype
     cfg = dataclasses.replace(model_cfg, load_in_4bit=False, dtype=dtype_name)

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import lora
 from .._typed import suggest
+from ..lora.utils import bias_names
 from ..lora import quantized as qlora
 from ..quant import MERGE_4BIT_MESSAGE, is_4bit_linear, is_8bit_linear
 from ..errors import AdapterError, ConfigError
@@ -194,15 +195,18 @@ class LoraReport:
 
 
 @dataclasses.dataclass
-class _State:
-    """What the model remembers about its LoRA (stored as ``model._phitune_lora``)."""
+class LoraState:
+    """What a model remembers about its LoRA: the one attribute phitune sets on a model (``model._phitune_lora``, as
+    peft keeps ``peft_config`` on its models), written by ``add_lora`` and read only through ``lora_state``, so it
+    follows the model through deepcopy and pickling."""
 
     config: LoraConfig
     slices: dict[str, tuple[list[str], list[int]]]  # fused module name -> (enabled slice names, all slice sizes)
     modules_to_save: list[str]
 
 
-def _lora_modules(model: nn.Module):
+def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every phitune LoRA layer in ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)]
 
 
@@ -215,7 +219,7 @@ def add_lora(model: nn.Module, peft_config: Mapping[str, Any] | LoraConfig, *, l
     ``lora_dtype`` keeps lora_A/lora_B in another dtype than the base weights (e.g. float32 on a bf16 model).
     """
     cfg = parse_lora_config(peft_config)
-    if _lora_modules(model):
+    if lora_modules(model):
         raise AdapterError("the model already has LoRA layers; call merge_lora(model) first or start from a fresh model")
     targets, keep = _select_targets(model, cfg)
     _check_quantized_targets(model, targets, keep)
@@ -239,8 +243,8 @@ def add_lora(model: nn.Module, peft_config: Mapping[str, Any] | LoraConfig, *, l
         _init_lora(new, cfg.init_lora_weights)
         model.set_submodule(t.name, new)
     _untie(model, keep)
-    model._phitune_lora = _State(cfg, slices, keep)
-    _set_trainable(model, True)
+    model._phitune_lora = LoraState(cfg, slices, keep)
+    set_trainable(model, True)
     return lora_report(model)
 
 
@@ -296,32 +300,30 @@ def _untie(model: nn.Module, keep: list[str]) -> None:
                     model.config.tie_word_embeddings = False
 
 
-def _set_trainable(model: nn.Module, trainable: bool) -> None:
-    state: _State = model._phitune_lora
+def set_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freeze ``model``; with ``trainable``, unfreeze its LoRA factors, modules_to_save and the config's biases."""
+    state: LoraState = model._phitune_lora
     for p in model.parameters():
         p.requires_grad_(False)
     if not trainable:
         return
-    lora_names = dict(_lora_modules(model))
-    for name, m in lora_names.items():
+    for _, m in lora_modules(model):
         m.lora_A.requires_grad_(True)
         m.lora_B.requires_grad_(True)
-        if state.config.bias == "lora_only" and getattr(m, "bias", None) is not None:
-            m.bias.requires_grad_(True)
     for name in state.modules_to_save:
         model.get_submodule(name).requires_grad_(True)
-    if state.config.bias == "all":
-        for n, p in model.named_parameters():
-            if n == "bias" or n.endswith(".bias"):
-                p.requires_grad_(True)
+    biases = bias_names(model, state.config.bias)
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if n in biases:
+            p.requires_grad_(True)
 
 
 def lora_report(model: nn.Module) -> LoraReport:
     """The :class:`LoraReport` of a model carrying LoRA layers."""
     from .peft_format import adapter_state_dict
 
-    state = _state(model)
-    names = [f"{n}[{','.join(state.slices[n][0])}]" if n in state.slices else n for n, _ in _lora_modules(model)]
+    state = lora_state(model)
+    names = [f"{n}[{','.join(state.slices[n][0])}]" if n in state.slices else n for n, _ in lora_modules(model)]
     params = list(model.parameters())
     return LoraReport(names, list(state.modules_to_save), sum(p.numel() for p in params if p.requires_grad),
                       sum(_param_count(p) for p in params), sum(t.numel() * t.element_size() for t in adapter_state_dict(model).values()))
@@ -332,9 +334,10 @@ def _param_count(p: torch.Tensor) -> int:
     return p.numel() * p.element_size() * 2 if type(p).__name__ == "Params4bit" else p.numel()
 
 
-def _state(model: nn.Module) -> _State:
+def lora_state(model: nn.Module) -> LoraState:
+    """The LoRA config, fused-slice layout and modules_to_save that ``add_lora`` recorded on ``model``."""
     state = getattr(model, "_phitune_lora", None)
-    if state is None or not _lora_modules(model):
+    if state is None or not lora_modules(model):
         raise AdapterError("the model has no phitune LoRA layers; call add_lora(model, peft_config) or load_adapter first")
     return state
 
@@ -351,7 +354,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Refuses (AdapterError) a model whose LoRA sits on 4-bit weights: see phitune.quant.merge_checked.
     """
     _refuse_4bit(model)
-    for name, m in _lora_modules(model):
+    for name, m in lora_modules(model):
         if m.merged:
             m.unmerge()  # restores the base weight bit-exactly, then fold again in float32 below
         weight = nn.Parameter((m.weight.float() + m.delta_weight()).to(m.weight.dtype), requires_grad=m.weight.requires_grad)
@@ -371,7 +374,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def _refuse_4bit(model: nn.Module) -> None:
-    quantized = [n for n, m in _lora_modules(model) if isinstance(m, qlora.Linear4bit)]
+    quantized = [n for n, m in lora_modules(model) if isinstance(m, qlora.Linear4bit)]
     if quantized:
         raise AdapterError(f"{quantized[0]}: {MERGE_4BIT_MESSAGE}")
 

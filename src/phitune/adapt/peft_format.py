@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from .. import lora
+from ..lora.utils import bias_names
 from ..errors import AdapterError, ConfigError
 from .config import LoraConfig, parse_lora_config
-from .inject import FUSED_SLICES, LoraReport, _lora_modules, _set_trainable, _state, add_lora, lora_report
+from .inject import FUSED_SLICES, LoraReport, add_lora, lora_modules, lora_report, lora_state, set_trainable
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -48,9 +49,9 @@ def _offsets(sizes: list[int]) -> list[int]:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT key names (what :func:`save_adapter` writes); detached, not copied."""
-    state = _state(model)
+    state = lora_state(model)
     out: dict[str, torch.Tensor] = {}
-    lora_layers = dict(_lora_modules(model))
+    lora_layers = dict(lora_modules(model))
     for name, m in lora_layers.items():
         key = PEFT_PREFIX + name
         if isinstance(m, lora.Embedding):
@@ -62,15 +63,15 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             out[key + ".lora_B.weight"] = _expand_b(m, *state.slices[name], name.rsplit(".", 1)[-1])
         else:
             out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = m.lora_A.detach(), m.lora_B.detach()
-    if state.config.bias != "none":
-        for n, p in model.named_parameters():
-            owner, _, leaf = n.rpartition(".")
-            if leaf != "bias" or any(owner == k or owner.startswith(k + ".") for k in state.modules_to_save):
-                continue
-            if owner in lora_layers:  # peft keeps the wrapped layer's parameters under base_layer
-                out[f"{PEFT_PREFIX}{owner}.base_layer.bias"] = p.detach()
-            elif state.config.bias == "all":
-                out[PEFT_PREFIX + n] = p.detach()
+    biases = bias_names(model, state.config.bias)
+    for n, p in model.named_parameters():
+        owner, _, leaf = n.rpartition(".")
+        if n not in biases or any(owner == k or owner.startswith(k + ".") for k in state.modules_to_save):
+            continue
+        if owner in lora_layers:  # peft keeps the wrapped layer's parameters under base_layer
+            out[f"{PEFT_PREFIX}{owner}.base_layer.{leaf}"] = p.detach()
+        else:
+            out[PEFT_PREFIX + n] = p.detach()
     for name in state.modules_to_save:
         for pname, p in model.get_submodule(name).named_parameters():
             out[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach()
@@ -89,7 +90,7 @@ def _normalise_key(key: str) -> str:
 @torch.no_grad()
 def load_adapter_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str = "the adapter") -> None:
     """Copy PEFT-named tensors into the model's LoRA layers, strictly (every tensor used, every shape equal)."""
-    state = _state(model)
+    state = lora_state(model)
     expected = adapter_state_dict(model)
     given = {_normalise_key(k): v for k, v in tensors.items()}
     module_of = lambda k: _SUFFIX.sub("", k.removeprefix(PEFT_PREFIX))  # noqa: E731
@@ -109,7 +110,7 @@ def load_adapter_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor
             rank = " (a different LoRA rank)" if ".lora_" in key and (want[0] != got[0] or want[-1] != got[-1]) else ""
             raise AdapterError(f"{source}: module '{module_of(key)}': {tensor_of(key)} has "
                                f"shape {got} in the adapter but {want} in the model{rank}")
-    lora_layers = dict(_lora_modules(model))
+    lora_layers = dict(lora_modules(model))
     params = dict(model.named_parameters())
     for key, value in given.items():
         name = key[len(PEFT_PREFIX):]
@@ -143,10 +144,10 @@ def _compact_b(full: torch.Tensor, name: str, m: lora.MergedLinear, enabled, spl
 
 def _adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> dict[str, Any]:
     """adapter_config.json: peft's keys, with the adapted modules named exactly and per-module r/alpha spelt out."""
-    state = _state(model)
+    state = lora_state(model)
     cfg = state.config
     effective = {}
-    for name, m in _lora_modules(model):
+    for name, m in lora_modules(model):
         n = len(state.slices[name][0]) if name in state.slices else 1
         # A fused module with n per-slice adapters of rank r is one LoRA of rank r*n; peft's scaling alpha/(r*n)
         # (alpha/sqrt(r*n) with rsLoRA) equals ours when alpha is scaled by n (sqrt(n)).
@@ -160,7 +161,7 @@ def _adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> di
     return {
         "peft_type": "LORA", "task_type": cfg.task_type, "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "inference_mode": True, "r": r, "lora_alpha": alpha,
-        "lora_dropout": cfg.lora_dropout, "bias": cfg.bias, "target_modules": sorted(n for n, _ in _lora_modules(model)),
+        "lora_dropout": cfg.lora_dropout, "bias": cfg.bias, "target_modules": sorted(n for n, _ in lora_modules(model)),
         "exclude_modules": None, "modules_to_save": list(state.modules_to_save) or None, "rank_pattern": ranks,
         "alpha_pattern": alphas, "use_rslora": cfg.use_rslora, "init_lora_weights": cfg.init_lora_weights,
         "fan_in_fan_out": False, "layers_to_transform": None, "layers_pattern": None, "use_dora": False, "lora_bias": False,
@@ -223,11 +224,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, trainable: b
     phitune LoRA layers (e.g. from add_lora with the run's config, to resume training) keeps them.
     """
     cfg, tensors, path = read_adapter(directory)
-    if not _lora_modules(model):
+    if not lora_modules(model):
         try:
             add_lora(model, cfg, lora_dtype=lora_dtype)
         except ConfigError as e:
             raise AdapterError(f"{Path(directory) / CONFIG_NAME}: does not fit this model: {e}") from None
     load_adapter_state_dict(model, tensors, source=str(path))
-    _set_trainable(model, trainable)
+    set_trainable(model, trainable)
     return lora_report(model)

@@ -54,13 +54,22 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
     return {k: v for k, v in model.state_dict().items() if k in keep}
 
 
+def bias_names(model: nn.Module, bias: str) -> set[str]:
+    """Names of the biases that train (and are saved) under ``bias``: none; 'all' every parameter whose own name
+    says bias; 'lora_only' the biases of LoRA layers. The one rule for loralib's helpers and for LoRA on HF models
+    (phitune.adapt), as peft applies it too."""
+    _check_bias(bias)
+    if bias == "all":
+        return {n for n, _ in model.named_parameters(remove_duplicate=False) if _is_bias(n)}
+    if bias == "lora_only":
+        return {f"{name}.bias" if name else "bias" for name, layer in _lora_layers(model)
+                if getattr(layer, "bias", None) is not None}
+    return set()
+
+
 def _selected_names(model: nn.Module, bias: str) -> set[str]:
     """Parameter names that train (and are saved) under ``bias``: LoRA parameters plus the chosen biases."""
-    names = set()
+    names = bias_names(model, bias)
     for name, layer in _lora_layers(model):
         names.update(_lora_param_names(name, layer))
-        if bias == "lora_only" and getattr(layer, "bias", None) is not None:
-            names.add(f"{name}.bias" if name else "bias")
-    if bias == "all":
-        names.update(n for n, _ in model.named_parameters(remove_duplicate=False) if _is_bias(n))
     return names
