@@ -22,29 +22,12 @@ from .. import lora
 from ..lora.utils import bias_names
 from ..errors import AdapterError, ConfigError
 from .config import LoraConfig, parse_lora_config
-from .inject import FUSED_SLICES, LoraReport, add_lora, lora_modules, lora_report, lora_state, set_trainable
+from .inject import LoraReport, add_lora, lora_modules, lora_report, lora_state, set_trainable
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-
-
-def _expand_b(module: lora.MergedLinear, enabled: list[str], splits: list[int], fused_leaf: str) -> torch.Tensor:
-    """The compact per-slice lora_B (rows of the enabled slices, r columns each) as one fused LoRA's B (out, r*n)."""
-    r, names = module.r, FUSED_SLICES[fused_leaf]
-    B = module.lora_B.detach()
-    full = B.new_zeros(sum(splits), r * len(enabled))
-    row, k = 0, 0
-    for s_name, size, start in zip(names, splits, _offsets(splits)):
-        if s_name in enabled:
-            full[start:start + size, k * r:(k + 1) * r] = B[row:row + size]
-            row, k = row + size, k + 1
-    return full
-
-
-def _offsets(sizes: list[int]) -> list[int]:
-    return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -60,7 +43,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             out[key + ".base_layer.weight"] = m.weight.detach()
         elif name in state.slices:
             out[key + ".lora_A.weight"] = m.lora_A.detach()
-            out[key + ".lora_B.weight"] = _expand_b(m, *state.slices[name], name.rsplit(".", 1)[-1])
+            out[key + ".lora_B.weight"] = m.expanded_B().detach()
         else:
             out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = m.lora_A.detach(), m.lora_B.detach()
     biases = bias_names(model, state.config.bias)
@@ -119,7 +102,7 @@ def load_adapter_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor
             mod_name, which = owner.rsplit(".", 1)
             m = lora_layers[mod_name]
             if which == "lora_B" and mod_name in state.slices:
-                value = _compact_b(value, mod_name, m, *state.slices[mod_name], source)
+                value = _compact_b(value, mod_name, m, state.slices[mod_name][0], source)
             getattr(m, which).copy_(value)
         elif leaf in ("lora_embedding_A", "lora_embedding_B"):
             getattr(lora_layers[owner], "lora_" + leaf[-1]).copy_(value)
@@ -127,19 +110,12 @@ def load_adapter_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor
             params[name.replace(".base_layer.", ".")].copy_(value)
 
 
-def _compact_b(full: torch.Tensor, name: str, m: lora.MergedLinear, enabled, splits, source) -> torch.Tensor:
-    names, r = FUSED_SLICES[name.rsplit(".", 1)[-1]], m.r
-    blocks, check = [], full.clone()
-    k = 0
-    for s_name, size, start in zip(names, splits, _offsets(splits)):
-        if s_name in enabled:
-            blocks.append(full[start:start + size, k * r:(k + 1) * r])
-            check[start:start + size, k * r:(k + 1) * r] = 0
-            k += 1
-    if check.abs().max() > 0:
+def _compact_b(full: torch.Tensor, name: str, m: lora.MergedLinear, enabled, source) -> torch.Tensor:
+    try:
+        return m.compact_B(full)
+    except ValueError:
         raise AdapterError(f"{source}: module '{name}': lora_B is not block-structured per slice ({', '.join(enabled)}), "
-                           "so it cannot load into per-slice LoRA layers; load it onto a fresh model instead")
-    return torch.cat(blocks)
+                           "so it cannot load into per-slice LoRA layers; load it onto a fresh model instead") from None
 
 
 def _adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> dict[str, Any]:

@@ -298,7 +298,7 @@ def _fusable(layer) -> bool:
 
 
 def _lora_factors(layer):
-    B = layer._expanded_B() if isinstance(layer, lora.MergedLinear) else layer.lora_B
+    B = layer.expanded_B() if isinstance(layer, lora.MergedLinear) else layer.lora_B
     return layer.lora_A, B
 
 

@@ -214,6 +214,12 @@ class Linear(LoRALayer, nn.Linear):
         return _lora_linear(x, weight, self.bias, self.lora_dropout(x), self.lora_A, self.lora_B, self.scaling)
 
 
+def group_layout(sizes: Sequence[int], enable_lora: Sequence[bool]) -> list[tuple[int, int]]:
+    """(first output row, size) of each enabled group of a fused layer, in lora_A/lora_B order."""
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    return [(s, n) for s, n, on in zip(starts, sizes, enable_lora) if on]
+
+
 class MergedLinear(LoRALayer, nn.Linear):
     """A fused projection (e.g. qkv) whose output groups each get an optional rank-r adapter.
 
@@ -276,9 +282,7 @@ class MergedLinear(LoRALayer, nn.Linear):
         self.enable_lora = list(enable_lora)
         self.out_splits = list(sizes)
         self.fan_in_fan_out = fan_in_fan_out
-        starts = [sum(sizes[:g]) for g in range(len(sizes))]
-        # (first output row, size) of each enabled group, in lora_A/lora_B order
-        self._lora_groups = [(s, n) for s, n, on in zip(starts, sizes, enable_lora) if on]
+        self._lora_groups = group_layout(sizes, enable_lora)
         if r > 0 and self._lora_groups:
             n_rows = sum(n for _, n in self._lora_groups)
             self._make_lora_params((r * len(self._lora_groups), self.in_features), (n_rows, r))
@@ -308,8 +312,9 @@ class MergedLinear(LoRALayer, nn.Linear):
             rows = slice(start, start + B_k.shape[0])
             yield ((slice(None), rows), delta.t()) if self.fan_in_fan_out else ((rows,), delta)
 
-    def _expanded_B(self) -> torch.Tensor:
-        """(out, r·n) matrix holding each B_k in its group's rows and its own r columns, zeros elsewhere.
+    def expanded_B(self) -> torch.Tensor:
+        """(out, r·n) matrix holding each B_k in its group's rows and its own r columns, zeros elsewhere: the B of
+        one plain LoRA on the whole fused layer (what the PEFT file holds).
 
         x Aᵀ (N, r·n) times its transpose gives every group's update in one small matmul (N·out·r·n flops).
         """
@@ -321,11 +326,22 @@ class MergedLinear(LoRALayer, nn.Linear):
             full[start:start + B_k.shape[0], k * r:(k + 1) * r] = B_k
         return full
 
+    def compact_B(self, full: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``expanded_B``: the enabled groups' blocks of ``full`` stacked as this layer's lora_B.
+        Raises ValueError when ``full`` has non-zero values outside those blocks (not a per-group LoRA)."""
+        r, blocks, rest = self.r, [], full.clone()
+        for k, (start, size) in enumerate(self._lora_groups):
+            blocks.append(full[start:start + size, k * r:(k + 1) * r])
+            rest[start:start + size, k * r:(k + 1) * r] = 0
+        if rest.abs().max() > 0:
+            raise ValueError("lora_B is not block-structured per enabled group")
+        return torch.cat(blocks)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.t() if self.fan_in_fan_out else self.weight
         if self.merged or not self._has_lora():
             return F.linear(x, weight, self.bias)
-        return _lora_linear(x, weight, self.bias, self.lora_dropout(x), self.lora_A, self._expanded_B(), self.scaling)
+        return _lora_linear(x, weight, self.bias, self.lora_dropout(x), self.lora_A, self.expanded_B(), self.scaling)
 
 
 class Embedding(LoRALayer, nn.Embedding):

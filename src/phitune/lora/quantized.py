@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Linear, LoRALayer, MergedLinear
+from .layers import Linear, LoRALayer, MergedLinear, group_layout
 
 __all__ = ["Linear4bit", "MergedLinear4bit"]
 
@@ -159,8 +159,7 @@ class MergedLinear4bit(Linear4bit):
         sizes = MergedLinear._group_sizes(linear.out_features, enable_lora, out_splits)
         self = cls._wrap(linear, r, lora_alpha, lora_dropout, fan_in_fan_out, merge_weights, use_rslora, lora_dtype)
         self.enable_lora, self.out_splits = list(enable_lora), list(sizes)
-        starts = [sum(sizes[:g]) for g in range(len(sizes))]
-        self._lora_groups = [(s, n) for s, n, on in zip(starts, sizes, enable_lora) if on]
+        self._lora_groups = group_layout(sizes, enable_lora)
         if r > 0 and self._lora_groups:
             self._make_factors((r * len(self._lora_groups), self.in_features),
                                (sum(n for _, n in self._lora_groups), r))
@@ -171,7 +170,9 @@ class MergedLinear4bit(Linear4bit):
 
     _group_factors = MergedLinear._group_factors
     _delta_parts = MergedLinear._delta_parts
-    _lora_B_full = MergedLinear._expanded_B
+    _lora_B_full = MergedLinear.expanded_B
+    expanded_B = MergedLinear.expanded_B
+    compact_B = MergedLinear.compact_B
 
     def _dense_kwargs(self) -> dict:
         return {**super()._dense_kwargs(), "enable_lora": self.enable_lora, "out_splits": self.out_splits}
