@@ -22,8 +22,14 @@ log = logging.getLogger("phitune")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def resolve_device(use_cpu: bool = False) -> torch.device:
-    """cuda:0 when a GPU is there (and use_cpu is false), else cpu."""
+def resolve_device(use_cpu: bool = False, device: str | None = None) -> torch.device:
+    """The device to run on: ``device`` when given (``--device``: cpu, cuda, cuda:N, mps), else the current GPU when
+    there is one and ``use_cpu`` is false, else cpu. The one place phitune picks a device."""
+    if device:
+        try:
+            return torch.device(device)
+        except RuntimeError as exc:
+            raise ConfigError(f"--device: {exc}; use cpu, cuda, cuda:N or mps") from None
     if not use_cpu and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
