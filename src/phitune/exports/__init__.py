@@ -120,6 +120,9 @@ def export(
     started = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.phitune-export-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
     try:
         label = name or (source.run.root.name if source.run else source.model_dir.name)
         if to == "vllm":

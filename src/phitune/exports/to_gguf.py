@@ -250,7 +250,8 @@ def read_tensor(reader_tensor) -> np.ndarray:
     return np.asarray(data, dtype=np.float32).reshape(tuple(int(n) for n in reversed(reader_tensor.shape)))
 
 
-def _check_tensors(path: Path, expected: dict[str, np.ndarray], outtype: str) -> tuple[str, float]:
+def _check_tensors(path: Path, expected: dict[str, np.ndarray], outtype: str,
+                   what: str = "the merged weights") -> tuple[str, float]:
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -271,7 +272,7 @@ def _check_tensors(path: Path, expected: dict[str, np.ndarray], outtype: str) ->
         worst = max(worst, diff)
         ratio = max(ratio, diff / allowed if allowed else 0.0)
     text = "bit-exact" if worst == 0 else f"max |difference| {worst:.3g}, at most {ratio:.0%} of {outtype} rounding"
-    return f"{len(expected)} tensors read back with gguf.GGUFReader equal the merged weights ({text})", worst
+    return f"{len(expected)} tensors read back with gguf.GGUFReader equal {what} ({text})", worst
 
 
 # --- the tokenizer --------------------------------------------------------------------------------------------------
@@ -514,7 +515,7 @@ def write_gguf_adapter(source: Source, path: Path, outtype: str, label: str) -> 
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    tensors_parity, _ = _check_tensors(path, expected, outtype)
+    tensors_parity, _ = _check_tensors(path, expected, outtype, "the adapter's (scale folded into B)")
     # The product llama.cpp adds (scale 1) against the run's scale * B @ A.
     reader = gguf.GGUFReader(str(path))
     found = {t.name: t for t in reader.tensors}

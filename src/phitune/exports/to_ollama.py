@@ -15,7 +15,8 @@ from pathlib import Path
 from . import ExportError
 from .to_gguf import _load_tokenizer, template_writes_bos
 
-ROLES = ("system", "user", "assistant")
+_NOT_PER_MESSAGE = ("the chat template does more than wrap each message in fixed text, so a Modelfile TEMPLATE cannot "
+                    "be derived from it; write the TEMPLATE yourself")
 _MARK = "PHITUNE_CONTENT_MARK"
 # Ollama keeps the whole context window in memory; a 128k Phi-3 would ask for tens of GB by default.
 MAX_NUM_CTX = 4096
@@ -35,28 +36,47 @@ def role_pieces(tokenizer) -> tuple[dict[str, tuple[str, str]], str]:
     def render(messages, generation=True) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
 
+    m0, m1, m2, m3 = (f"{_MARK}{i}" for i in range(4))
+
+    def parts(messages) -> list[str]:
+        """The rendering cut at each message's content (contents are markers)."""
+        text = render(messages)
+        cuts = []
+        for m in messages:
+            before, found, text = text.partition(m["content"])
+            if not found:
+                raise ExportError(_NOT_PER_MESSAGE)
+            cuts.append(before)
+        return cuts + [text]
+
+    def strip_end(text: str, end: str) -> str:
+        if not text.endswith(end):
+            raise ExportError(_NOT_PER_MESSAGE)
+        return text[:len(text) - len(end)]
+
+    def strip_start(text: str, start: str) -> str:
+        if not text.startswith(start):
+            raise ExportError(_NOT_PER_MESSAGE)
+        return text[len(start):]
+
+    user, assistant = (lambda c: {"role": "user", "content": c}), (lambda c: {"role": "assistant", "content": c})
+    # Three turns: P_user m1 (S_user P_assistant) m2 (S_assistant P_user) m3 (S_user G); G = generation prompt.
+    p_user, s_user_p_assistant, s_assistant_p_user, s_user_g = parts([user(m1), assistant(m2), user(m3)])
+    s_assistant = strip_end(s_assistant_p_user, p_user)
+    _, _, s_assistant_g = parts([user(m1), assistant(m2)])
+    generation = strip_start(s_assistant_g, s_assistant)
+    s_user = strip_end(s_user_g, generation)
+    pieces = {"user": (p_user, s_user), "assistant": (strip_start(s_user_p_assistant, s_user), s_assistant)}
     try:
-        generation = render([])
-    except Exception:  # noqa: BLE001 - a template that refuses an empty conversation
-        generation = None
-    pieces: dict[str, tuple[str, str]] = {}
-    for role in ROLES:
-        try:
-            text = render([{"role": role, "content": _MARK}])
-        except Exception:  # noqa: BLE001 - a template may refuse a conversation opening with this role
-            continue
-        before, _, after = text.partition(_MARK)
-        if generation is None or not after.endswith(generation):
-            raise ExportError("the chat template's generation prompt could not be told apart from the message text; "
-                              "write the Modelfile's TEMPLATE yourself")
-        pieces[role] = (before, after[:len(after) - len(generation)])
-    if "user" not in pieces:
-        raise ExportError("the chat template renders no user message on its own; write the Modelfile's TEMPLATE "
-                          "yourself")
+        p_system, s_system_p_user, _ = parts([{"role": "system", "content": m0}, user(m1)])
+        pieces["system"] = (p_system, strip_end(s_system_p_user, p_user))
+    except Exception:  # noqa: BLE001 - a template without system messages
+        pass
     conversation = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                     {"role": "user", "content": "c"}]
     if "system" in pieces:
         conversation.insert(0, {"role": "system", "content": "s"})
+        pieces = {"system": pieces["system"], "user": pieces["user"], "assistant": pieces["assistant"]}
     expected = render(conversation)
     rebuilt = "".join(pieces[m["role"]][0] + m["content"] + pieces[m["role"]][1] for m in conversation) + generation
     if rebuilt != expected:
