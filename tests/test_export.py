@@ -361,7 +361,7 @@ def test_vllm_adapter_has_scale_one_everywhere_and_loads_to_the_same_logits(tmp_
     assert config["r"] == config["lora_alpha"] == 8 and not config["use_rslora"]
     assert all(config["alpha_pattern"][k] == v for k, v in config["rank_pattern"].items())
     assert result.details["max_lora_rank"] == 8
-    assert f"--max-lora-rank 8" in result.details["serve_command"] and "--lora-modules tuned=" in result.details["serve_command"]
+    assert "--max-lora-rank 8" in result.details["serve_command"] and "--lora-modules tuned=" in result.details["serve_command"]
     fresh = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32)
     load_adapter(fresh, tmp_path / "v")
     fresh.eval()

@@ -200,7 +200,7 @@ def _weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise ExportError(f"{model_dir}: no .safetensors weights")
     for file in files:
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 yield key, f.get_tensor(key)
 
 
@@ -485,7 +485,7 @@ def write_gguf_adapter(source: Source, path: Path, outtype: str, label: str) -> 
     """The run's adapter as a llama.cpp LoRA GGUF (scales folded into B, alpha 0); checked by reading it back."""
     import gguf
 
-    pairs, cfg = folded_lora(source)
+    pairs, _ = folded_lora(source)
     base = _base_config(source)
     arch_name, interleave = _architecture(base)
     arch = getattr(gguf.MODEL_ARCH, arch_name)

@@ -113,7 +113,7 @@ def write_modelfile(model_dir: Path, out: Path, gguf_name: str) -> dict:
             stop_ids.append(extra)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_ids]
     num_ctx = min(config.get("max_position_embeddings") or MAX_NUM_CTX, MAX_NUM_CTX)
-    lines = [f"# Written by `phitune export --to ollama`. Create the model with: ollama create NAME -f Modelfile",
+    lines = ["# Written by `phitune export --to ollama`. Create the model with: ollama create NAME -f Modelfile",
              f"FROM ./{gguf_name}",
              f'TEMPLATE """{go_template(pieces, generation)}"""']
     lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]

@@ -11,7 +11,6 @@ is the smallest value vLLM accepts that holds the largest module rank.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
