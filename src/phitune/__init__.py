@@ -40,6 +40,8 @@ _EXPORTS = {
     "evaluate": "run",
     "chat": "run",
     "merge": "run",
+    "export": "exports",
+    "ExportResult": "exports",
     "demo": "demo",
     # errors
     "PhituneError": "errors",

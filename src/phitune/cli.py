@@ -1,8 +1,8 @@
 """The ``phitune`` command: a thin argparse layer over phitune's Python functions.
 
 Each sub-command calls one importable function (``phitune.finetune``, ``phitune.evaluate``, ``phitune.chat``,
-``phitune.merge``, ``phitune.preview``, ``phitune.demo``) and does nothing else. Exit codes: 0 success, 2 a usage or
-configuration error (the message, no traceback), 1 anything else (with the traceback, so it can be reported),
+``phitune.merge``, ``phitune.export``, ``phitune.preview``, ``phitune.demo``) and does nothing else. Exit codes:
+0 success, 2 a usage or configuration error (the message, no traceback), 1 anything else (with the traceback, so it can be reported),
 130 interrupted.
 """
 
@@ -28,9 +28,10 @@ examples:
   phitune eval runs/phi3-lora
   phitune chat runs/phi3-lora
   phitune merge runs/phi3-lora --out runs/phi3-merged
+  phitune export runs/phi3-lora --to ollama --out phi3-ollama
 
 Every command is also a Python function: phitune.finetune, phitune.evaluate, phitune.chat, phitune.merge,
-phitune.preview, phitune.demo. Run `phitune COMMAND --help` for a command's options.
+phitune.export, phitune.preview, phitune.demo. Run `phitune COMMAND --help` for a command's options.
 """
 
 _SET_HELP = (
@@ -82,6 +83,23 @@ merged model and the adapter model on a sample input.
 examples:
   phitune merge runs/phi3-lora --out runs/phi3-merged
   phitune merge runs/phi3-lora --out runs/phi3-merged --dtype float32 --force
+"""
+
+_EXPORT_EPILOG = """\
+Writes the run where Phi-3 runs, into a new folder (built next to it and renamed at the end), and checks the result:
+  gguf    the merged model as one GGUF file (llama.cpp, LM Studio), tokenizer and chat template inside;
+          --adapter: the LoRA adapter as a GGUF LoRA instead (each module's scale folded in, exact in llama.cpp)
+  ollama  the GGUF plus a Modelfile (template, stop tokens): `ollama create NAME -f Modelfile` is the last step
+  onnx    an ONNX Runtime GenAI folder built by onnxruntime-genai's model builder
+  vllm    the adapter folder as vLLM reads it, and the `vllm serve` command it needs
+gguf, ollama and onnx need the optional packages: pip install "phitune[export]".
+
+examples:
+  phitune export runs/phi3-lora --to gguf --out phi3-gguf --outtype q8_0
+  phitune export runs/phi3-lora --to gguf --adapter --out phi3-lora-gguf
+  phitune export runs/phi3-lora --to ollama --out phi3-ollama
+  phitune export runs/phi3-lora --to onnx --out phi3-onnx --precision int4
+  phitune export runs/phi3-lora --to vllm --out phi3-vllm
 """
 
 _PREVIEW_EPILOG = """\
@@ -207,6 +225,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser(
+        "export", help="export to GGUF (llama.cpp), Ollama, ONNX Runtime GenAI or vLLM", epilog=_EXPORT_EPILOG,
+        formatter_class=fmt, description="Export a run to another runtime (phitune.export).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `phitune train` (or one of its checkpoints, "
+                   "or a folder `phitune merge` wrote)")
+    p.add_argument("--to", required=True, choices=["gguf", "ollama", "onnx", "vllm"], help="the target runtime")
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder to write the export to")
+    p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="gguf/ollama: tensor type of the weights (default: f16; f32 for --adapter)")
+    p.add_argument("--adapter", action="store_true", help="gguf: write the LoRA adapter as a GGUF LoRA instead of "
+                   "the merged model")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int4"],
+                   help="onnx: fp32 or int4 on the CPU (default fp32), fp16 or int4 for cuda/dml")
+    p.add_argument("--execution-provider", choices=["cpu", "cuda", "dml"], default="cpu",
+                   help="onnx: where the model will run (default: cpu)")
+    p.add_argument("--name", help="the model's name in the GGUF / the LoRA name for vLLM (default: the run "
+                   "folder's name)")
+    p.add_argument("--force", action="store_true", help="replace --out if an earlier `phitune export` wrote it")
+    p.add_argument("--device", help="device to merge on (default: cpu)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
         "preview", help="show data stats and samples, trained tokens highlighted (no model weights)",
         epilog=_PREVIEW_EPILOG, formatter_class=fmt,
         description="Preview the training data as the model will see it (phitune.preview).",
@@ -282,6 +322,14 @@ def _cmd_merge(args) -> int:
     from .run import merge
 
     merge(args.run_dir, args.out, dtype=args.dtype, force=args.force, device=args.device, dequantize=args.dequantize)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .exports import export
+
+    export(args.run_dir, args.to, args.out, outtype=args.outtype, adapter=args.adapter, precision=args.precision,
+           execution_provider=args.execution_provider, name=args.name, force=args.force, device=args.device)
     return 0
 
 

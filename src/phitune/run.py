@@ -398,7 +398,7 @@ def merge(
     import torch
 
     from .adapt import merge_lora_checked
-    from .generate import build_prompt_ids
+    from .generate import build_prompt_ids, stop_token_ids
 
     started = time.time()
     config = load_run_config(run.root)
@@ -421,6 +421,8 @@ def merge(
 
     if (run.root / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(run.root))
+    # Every end-of-turn id (Phi-3: 32000, 32001, 32007): converters read the stops from this file.
+    model.generation_config.eos_token_id = stop_token_ids(run.root, tokenizer)
     model.config.use_cache = True
     weights_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
 
@@ -432,6 +434,7 @@ def merge(
     try:
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
+        copy_base_tokenizer_files(config.model, run.root, staging, tokenizer)
         info = {
             "source_run": str(run.root.resolve()),
             "adapter": str(run.adapter_dir.resolve()),
@@ -459,6 +462,50 @@ def merge(
               f"{time.time() - started:.1f}s)")
         print(f"max |logit difference| merged vs adapter model on a {len(ids)}-token sample: {max_diff:.3g}")
     return out
+
+
+# Files transformers 5 no longer writes with save_pretrained, which converters still need: llama.cpp's converter stops
+# without tokenizer.model on a SentencePiece vocabulary (Phi-3), and reads the special tokens from the other two.
+BASE_TOKENIZER_FILES = ("tokenizer.model", "special_tokens_map.json", "added_tokens.json")
+
+
+def base_tokenizer_file(model_cfg, run_root: Path, name: str) -> Path | None:
+    """``name`` from the run folder, else from the base model's tokenizer (local folder or Hub cache); None if
+    neither has it."""
+    if (run_root / name).is_file():
+        return run_root / name
+    source = model_cfg.tokenizer or model_cfg.name_or_path
+    if Path(source).is_dir():
+        return Path(source) / name if (Path(source) / name).is_file() else None
+    try:
+        from transformers.utils import cached_file
+
+        found = cached_file(source, name, revision=model_cfg.revision, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except (OSError, ValueError):
+        return None
+    return Path(found) if found else None
+
+
+def copy_base_tokenizer_files(model_cfg, run_root: Path, out: Path, tokenizer) -> list[str]:
+    """Copy :data:`BASE_TOKENIZER_FILES` the saved tokenizer lacks into ``out``; special_tokens_map.json gets the
+    run tokenizer's special tokens (its pad may differ from the base's). Returns the names copied."""
+    copied = []
+    for name in BASE_TOKENIZER_FILES:
+        source = None if (out / name).exists() else base_tokenizer_file(model_cfg, run_root, name)
+        if source is None:
+            continue
+        shutil.copyfile(source, out / name)
+        copied.append(name)
+    if "special_tokens_map.json" in copied:
+        path = out / "special_tokens_map.json"
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            value = getattr(tokenizer, key, None)
+            if isinstance(value, str):
+                data[key] = value
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return copied
 
 
 def _merge_dtype(config, dtype: str) -> str:

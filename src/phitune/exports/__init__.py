@@ -1,0 +1,258 @@
+"""A run, exported to where Phi-3 runs: llama.cpp/LM Studio (GGUF), Ollama, ONNX Runtime GenAI, vLLM.
+
+    import phitune
+    phitune.export("runs/phi3-lora", to="gguf", out="phi3.gguf.d", outtype="q8_0")
+    phitune.export("runs/phi3-lora", to="ollama", out="phi3-ollama")      # then: ollama create NAME -f Modelfile
+    phitune.export("runs/phi3-lora", to="onnx", out="phi3-onnx", precision="int4")
+    phitune.export("runs/phi3-lora", to="vllm", out="phi3-vllm-adapter")  # prints the `vllm serve` command
+
+The model targets (gguf, ollama, onnx) start from the merged model (:func:`phitune.run.merge`, float32, so a QLoRA
+run is dequantized first); ``--adapter`` (gguf) and vllm start from the adapter. Every export is built in a hidden
+folder next to ``out`` and renamed into place at the end, so a failure leaves nothing half-written; ``out`` must not
+exist, or (``force=True``) be a folder an earlier export wrote (it holds ``phitune_export.json``). Each target checks
+its result itself and reports it (:attr:`ExportResult.parity`).
+
+One file per target: to_gguf.py (the gguf package's writer; tokenizer, chat template, LoRA), to_ollama.py (Modelfile),
+to_onnx.py (onnxruntime-genai's model builder), to_vllm.py (adapter with folded scales, the serve command).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import ConfigError, PhituneError
+from ..run import CONFIG_FILE, RunFolder, load_run_config, merge, open_run
+
+TARGETS = ("gguf", "ollama", "onnx", "vllm")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+MARKER = "phitune_export.json"
+INSTALL_HINT = 'pip install "phitune[export]"'
+
+
+class ExportError(PhituneError, ValueError):
+    """An export cannot be made as asked (the message says why and what to do instead)."""
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What :func:`export` wrote: the folder, its files and size, and the check it ran on them."""
+
+    path: Path
+    target: str
+    files: list[str]
+    size_bytes: int
+    parity: str  # one line: what was compared and the measured figure
+    details: dict = dataclasses.field(default_factory=dict)  # per-target extras (serve command, max_lora_rank, ...)
+
+    def __str__(self) -> str:
+        return f"{self.target} export -> {self.path} ({_human(self.size_bytes)}); {self.parity}"
+
+
+@dataclasses.dataclass
+class Source:
+    """Where an export reads from: a run folder (``run`` set) or an already merged model folder (``model_dir``)."""
+
+    run: RunFolder | None
+    model_dir: Path | None
+    config: object | None  # the run's RunConfig
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.config is not None and getattr(self.config.model, "load_in_4bit", False))
+
+
+def export(
+    run_dir: str | os.PathLike,
+    to: str,
+    out: str | os.PathLike,
+    *,
+    outtype: str | None = None,
+    adapter: bool = False,
+    precision: str | None = None,
+    execution_provider: str = "cpu",
+    name: str | None = None,
+    force: bool = False,
+    device: str | None = None,
+    verbose: bool = True,
+) -> ExportResult:
+    """Export a run (or a merged model folder) ``to`` gguf, ollama, onnx or vllm, into the new folder ``out``.
+
+    ``outtype`` (gguf/ollama): f32, f16 (default for models), bf16 or q8_0; an adapter defaults to f32.
+    ``adapter`` (gguf): write the LoRA adapter as a GGUF LoRA instead of the merged model.
+    ``precision`` (onnx): fp32 or int4 on the CPU (default fp32), fp16 or int4 with ``execution_provider`` cuda/dml.
+    ``name``: the model's name in the GGUF metadata / the vLLM LoRA name (default: the run folder's name).
+    ``force``: replace ``out`` if an earlier ``phitune export`` wrote it (never another folder).
+    Prints where it wrote, the size, and the parity figure it measured; returns an :class:`ExportResult`.
+    """
+    if to not in TARGETS:
+        raise ConfigError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
+    if outtype is not None and outtype not in OUTTYPES:
+        raise ConfigError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+    if outtype is not None and to not in ("gguf", "ollama"):
+        raise ConfigError(f"--outtype is for --to gguf/ollama; {to} takes {'--precision' if to == 'onnx' else 'none'}")
+    if adapter and to != "gguf":
+        raise ConfigError("--adapter is for --to gguf (a GGUF LoRA); --to vllm always exports the adapter")
+    if precision is not None and to != "onnx":
+        raise ConfigError("--precision is for --to onnx; use --outtype for gguf/ollama")
+    out = Path(out).expanduser()
+    source = _open_source(run_dir)
+    if to == "vllm" or adapter:
+        if source.run is None:
+            raise ExportError(f"'{run_dir}' is a merged model folder, which has no adapter; pass the run folder "
+                              f"(it holds {CONFIG_FILE} and adapter_config.json)")
+    _check_out(out, source, force)
+    if to in ("gguf", "ollama"):
+        _require("gguf", "sentencepiece" if _needs_sentencepiece(source) else None)
+    if to == "onnx":
+        from .to_onnx import check_precision
+
+        precision = check_precision(precision, execution_provider)
+        _require("onnxruntime_genai", "onnx", "onnx_ir", "onnxruntime")
+
+    started = time.time()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.phitune-export-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
+    try:
+        label = name or (source.run.root.name if source.run else source.model_dir.name)
+        if to == "vllm":
+            from .to_vllm import write_vllm
+
+            parity, details = write_vllm(source, staging, label, out.resolve())
+        elif adapter:
+            from .to_gguf import write_gguf_adapter
+
+            parity, details = write_gguf_adapter(source, staging / f"{_slug(label)}-lora.gguf", outtype or "f32", label)
+        else:
+            work = Path(tempfile.mkdtemp(prefix=".phitune-merged-", dir=out.parent))
+            try:
+                model_dir = _merged(source, work / "merged", device)
+                if to == "onnx":
+                    from .to_onnx import write_onnx
+
+                    parity, details = write_onnx(model_dir, staging, precision, execution_provider, work / "cache")
+                else:
+                    from .to_gguf import write_gguf_model
+
+                    gguf_path = staging / f"{_slug(label)}-{outtype or 'f16'}.gguf"
+                    parity, details = write_gguf_model(model_dir, gguf_path, outtype or "f16", label)
+                    if to == "ollama":
+                        from .to_ollama import write_modelfile
+
+                        details.update(write_modelfile(model_dir, staging, gguf_path.name))
+                        details["next_steps"] = [f"ollama: cd {out} && ollama create {_slug(label).lower()} -f "
+                                                 f"Modelfile && ollama run {_slug(label).lower()}"]
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        info = {"target": to, "source": str(source.run.adapter_dir if source.run else source.model_dir),
+                "outtype": outtype, "adapter": adapter, "precision": precision, "parity": parity,
+                "details": {k: v for k, v in details.items() if isinstance(v, (str, int, float, bool, list))}}
+        (staging / MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    size = sum((out / f).stat().st_size for f in files)
+    result = ExportResult(out, to, files, size, parity, details)
+    if verbose:
+        print(f"exported {to} -> {out} ({_human(size)}, {time.time() - started:.1f}s)")
+        print(f"check: {parity}")
+        for line in details.get("next_steps", []):
+            print(line)
+        for line in details.get("warnings", []):
+            print(f"warning: {line}", file=sys.stderr)
+    return result
+
+
+# --- the source -----------------------------------------------------------------------------------------------------
+
+
+def _open_source(run_dir) -> Source:
+    path = Path(run_dir).expanduser()
+    if path.is_dir() and (path / "config.json").is_file() and not (path / CONFIG_FILE).is_file() \
+            and any(path.glob("*.safetensors")):
+        return Source(run=None, model_dir=path, config=None)  # already merged (e.g. by `phitune merge`)
+    run = open_run(path)
+    return Source(run=run, model_dir=None, config=load_run_config(run.root))
+
+
+def _merged(source: Source, folder: Path, device: str | None) -> Path:
+    """A merged float32 model folder: the given one, or the run merged by :func:`phitune.run.merge` (a QLoRA run's
+    4-bit base dequantized first, as the adapter was trained against it)."""
+    if source.model_dir is not None:
+        return source.model_dir
+    merge(source.run.adapter_dir, folder, dtype="float32", device=device, verbose=False, dequantize=True)
+    return folder
+
+
+def _needs_sentencepiece(source: Source) -> bool:
+    if source.model_dir is not None:
+        return (source.model_dir / "tokenizer.model").is_file()
+    from ..run import base_tokenizer_file
+
+    return base_tokenizer_file(source.config.model, source.run.root, "tokenizer.model") is not None
+
+
+def _require(*modules: str | None) -> None:
+    missing = [m for m in modules if m and importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"this export needs the Python package{'s' if len(missing) > 1 else ''} "
+                          f"{', '.join(missing)}, which {'are' if len(missing) > 1 else 'is'} not installed: "
+                          f"{INSTALL_HINT}")
+
+
+# --- the output folder ----------------------------------------------------------------------------------------------
+
+
+def _check_out(out: Path, source: Source, force: bool) -> None:
+    inside = source.run.root if source.run else source.model_dir
+    if out.resolve() == inside.resolve() or inside.resolve() in out.resolve().parents:
+        raise ConfigError(f"--out '{out}' is inside the folder being exported; choose a folder outside it")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out '{out}' is a file; choose a new folder name")
+    if not force:
+        raise ConfigError(f"--out '{out}' already exists; choose a new folder (--out), or pass --force to replace it "
+                          "(only a folder an earlier `phitune export` wrote)")
+    if not (out / MARKER).is_file():
+        raise ConfigError(f"--out '{out}' exists and was not written by `phitune export` (no {MARKER}); --force only "
+                          "replaces an earlier export. Choose a new folder")
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    old = None
+    if out.exists():  # force: an earlier export, checked by _check_out
+        old = out.parent / f".{out.name}.phitune-export-old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _slug(text: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-.")
+    return keep or "model"
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+__all__ = ["export", "ExportResult", "ExportError", "TARGETS", "OUTTYPES"]

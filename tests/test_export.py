@@ -1,0 +1,472 @@
+"""phitune.export: GGUF (model and LoRA), Ollama, ONNX Runtime GenAI and vLLM exports, read back and compared.
+
+Runs are hand-built as in tests/test_run.py (the shipped demo model as base, a random adapter), so nothing trains.
+Tolerances come from the storage type: f16 rounds to 2^-11 relative, bf16 to 2^-8, q8_0 to half its block step
+(block max / 127) plus the step's own f16 rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import phitune
+from phitune.errors import ConfigError
+from phitune.exports import ExportError, export
+
+gguf = pytest.importorskip("gguf", reason="the export extra (gguf) is not installed")
+
+DEMO = Path(phitune.__file__).parent / "assets" / "demo" / "model"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Ada?"},
+        {"role": "assistant", "content": "A person.\nShe codes."}, {"role": "user", "content": "And  Bob ?"}]
+
+
+def _make_run(root: Path, peft: dict, seed: int = 0, base: Path = DEMO) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from phitune.adapt import add_lora, save_adapter
+    from phitune.config import load_config
+
+    root.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    data = root / "chats.jsonl"
+    data.write_text(json.dumps({"messages": CHAT[1:3]}) + "\n")
+    run = root / "run"
+    config = load_config({"model": {"name_or_path": str(base)}, "data": {"train": str(data)},
+                          "training_config": {"output_dir": str(run)}, "peft_config": peft})
+    run.mkdir(parents=True)
+    (run / "phitune_config.yaml").write_text(config.to_yaml())
+    tok.save_pretrained(run)
+    stops = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
+    (run / "generation_config.json").write_text(json.dumps({"eos_token_id": stops, "pad_token_id": tok.pad_token_id}))
+    add_lora(model, peft)
+    torch.manual_seed(seed)
+    with torch.no_grad():  # a non-zero adapter, so merged != base
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    save_adapter(model, run, base_model_name_or_path=str(base))
+    model.eval()
+    return run, model
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    run, model = _make_run(root, {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})
+    return {"root": root, "run": run, "model": model}
+
+
+def _fields(path: Path) -> tuple[dict, dict]:
+    reader = gguf.GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    from phitune.exports.to_gguf import read_tensor
+
+    return fields, {t.name: read_tensor(t) for t in reader.tensors}
+
+
+def _bound(x: np.ndarray, outtype: str) -> float:
+    amax = float(np.abs(x).max())
+    return {"f32": 0.0, "f16": amax * 2.0 ** -11 + 2.0 ** -25, "bf16": amax * 2.0 ** -8,
+            "q8_0": amax / 127 * (0.5 + 127 * 2.0 ** -11) + 2.0 ** -24}[outtype]
+
+
+def _interleaved(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's row order for q/k, built row by row: dims (i, i + d/2) of each head become rows (2i, 2i+1)."""
+    out = np.empty_like(w)
+    d = w.shape[0] // heads
+    for h in range(heads):
+        for i in range(d // 2):
+            out[h * d + 2 * i] = w[h * d + i]
+            out[h * d + 2 * i + 1] = w[h * d + d // 2 + i]
+    return out
+
+
+# --- GGUF: the merged model -----------------------------------------------------------------------------------------
+
+
+def test_gguf_of_a_run_holds_the_merged_model_tokenizer_and_chat_template(demo_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    from phitune.adapt import merge_lora
+    from phitune.generate import build_prompt_ids
+
+    result = export(demo_run["run"], "gguf", tmp_path / "g", outtype="f32", verbose=False)
+    (path,) = (tmp_path / "g").glob("*.gguf")
+    fields, tensors = _fields(path)
+    assert fields["general.architecture"] == "phi3" and "phi-3" in fields["general.name"].lower()
+    assert fields["phi3.block_count"] == 4 and fields["phi3.attention.head_count_kv"] == 4
+    tok = AutoTokenizer.from_pretrained(demo_run["run"])
+    vocab = {i: t for t, i in tok.get_vocab().items()}
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert len(tokens) == 1088 and tokens[:len(vocab)] == [vocab[i] for i in range(len(vocab))]
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert fields["tokenizer.ggml.token_type"][tok.convert_tokens_to_ids("<|end|>")] == gguf.TokenType.CONTROL
+    assert fields["tokenizer.ggml.eos_token_id"] == tok.convert_tokens_to_ids("<|endoftext|>")
+    assert fields["tokenizer.ggml.eot_token_id"] == tok.convert_tokens_to_ids("<|end|>")
+    assert fields["tokenizer.ggml.bos_token_id"] == tok.bos_token_id and fields["tokenizer.ggml.add_bos_token"]
+    assert fields["tokenizer.chat_template"] == tok.chat_template
+    # one BOS: the runtime adds it, the template writes none
+    text = tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"] == build_prompt_ids(tok, CHAT)
+
+    merged = {k: v.float().numpy() for k, v in merge_lora(copy.deepcopy(demo_run["model"])).state_dict().items()}
+    assert np.array_equal(tensors["blk.2.attn_qkv.weight"], merged["model.layers.2.self_attn.qkv_proj.weight"])
+    assert np.array_equal(tensors["blk.0.ffn_up.weight"], merged["model.layers.0.mlp.gate_up_proj.weight"])
+    assert np.array_equal(tensors["output.weight"], merged["lm_head.weight"])
+    assert "bit-exact" in result.parity and (tmp_path / "g" / "phitune_export.json").is_file()
+
+
+def _tiny(kind: str, tmp: Path) -> Path:
+    """A random tiny model of ``kind`` with the demo tokenizer, saved as a merged model folder."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(DEMO)
+    common = dict(vocab_size=1088, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=128, bos_token_id=1, eos_token_id=1024, pad_token_id=0)
+    if kind == "phi3-mha":
+        cfg = transformers.Phi3Config(num_key_value_heads=4, **common)
+    elif kind == "phi3-gqa":
+        cfg = transformers.Phi3Config(num_key_value_heads=2, **common)
+    elif kind == "llama":
+        cfg = transformers.LlamaConfig(num_key_value_heads=2, **common)
+    else:
+        cfg = transformers.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **common)
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # norms and biases away from their 1/0 init, so a mix-up shows
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.normal_(0, 1)
+    folder = tmp / kind
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind,outtype", [("phi3-mha", "f16"), ("phi3-gqa", "q8_0"), ("llama", "bf16"),
+                                          ("qwen2", "q8_0"), ("llama", "f32")])
+def test_gguf_round_trip_names_shapes_and_values_within_the_outtypes_rounding(kind, outtype, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = _tiny(kind, tmp_path)
+    export(folder, "gguf", tmp_path / "out", outtype=outtype, verbose=False)
+    (path,) = (tmp_path / "out").glob("*.gguf")
+    fields, tensors = _fields(path)
+    arch = {"phi3-mha": "phi3", "phi3-gqa": "phi3", "llama": "llama", "qwen2": "qwen2"}[kind]
+    assert fields["general.architecture"] == arch
+    assert fields[f"{arch}.attention.head_count_kv"] == (4 if kind == "phi3-mha" else 2)
+    assert fields[f"{arch}.rope.dimension_count"] == 16 and fields[f"{arch}.context_length"] == 128
+    state = {k: v.float().numpy() for k, v in load_file(str(folder / "model.safetensors")).items()}
+    fused = {"phi3": {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"},
+             "llama": {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                       "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up"}}
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for i in range(2):
+        parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                 "self_attn.o_proj": "attn_output", "mlp.down_proj": "ffn_down", **fused.get(arch, fused["llama"])}
+        for hf, g in parts.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{g}.weight"
+        if arch == "qwen2":
+            for p in ("q", "k", "v"):
+                names[f"model.layers.{i}.self_attn.{p}_proj.bias"] = f"blk.{i}.attn_{p}.bias"
+    if arch == "qwen2":
+        del names["lm_head.weight"]  # tied: llama.cpp reuses token_embd
+        assert "output.weight" not in tensors
+    assert set(tensors) == set(names.values())
+    for hf, g in names.items():
+        want = state[hf]
+        if arch == "llama" and re.search(r"\.(q|k)_proj\.", hf):
+            want = _interleaved(want, 4 if ".q_proj" in hf else 2)
+        assert tensors[g].shape == want.shape, g
+        kind_ = "f32" if want.ndim == 1 else ("f16" if outtype == "q8_0" and want.shape[-1] % 32 else outtype)
+        assert np.abs(tensors[g] - want).max() <= _bound(want, kind_), g
+
+
+def test_gguf_of_a_longrope_phi3_carries_the_rope_factors_and_attention_factor(tmp_path):
+    import math
+
+    import transformers
+
+    long, short = [1.0 + i / 10 for i in range(8)], [1.0 + i / 100 for i in range(8)]
+    cfg = transformers.Phi3Config(vocab_size=1088, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                                  original_max_position_embeddings=64, bos_token_id=1, eos_token_id=1024,
+                                  pad_token_id=0,
+                                  rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                   "long_factor": long, "short_factor": short})
+    folder = tmp_path / "m"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(DEMO).save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    export(folder, "gguf", tmp_path / "out", outtype="f32", verbose=False)
+    fields, tensors = _fields(next((tmp_path / "out").glob("*.gguf")))
+    assert np.allclose(tensors["rope_factors_long.weight"], long) and np.allclose(tensors["rope_factors_short.weight"], short)
+    assert fields["phi3.rope.scaling.original_context_length"] == 64
+    factor = saved.get("rope_parameters", {}).get("attention_factor") or math.sqrt(1 + math.log(4) / math.log(64))
+    assert fields["phi3.rope.scaling.attn_factor"] == pytest.approx(factor, rel=1e-6)
+
+
+def test_sentencepiece_vocabulary_keeps_pieces_scores_types_and_marks_added_tokens(tmp_path):
+    spm = pytest.importorskip("sentencepiece", reason="sentencepiece is not installed")
+    import io
+
+    from transformers import AutoTokenizer
+
+    from phitune.exports.to_gguf import _sentencepiece_vocab
+    from phitune.tokenizer import default_corpus
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(default_corpus(300)), model_writer=buf, vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    chat_tok = AutoTokenizer.from_pretrained(DEMO)  # its added chat tokens sit at 1024..1034, past the 400 pieces
+    tokens, scores, types = _sentencepiece_vocab(tmp_path / "tokenizer.model", chat_tok, 1088)
+    T = gguf.TokenType
+    assert len(tokens) == len(scores) == len(types) == 1088
+    assert [t.decode() for t in tokens[:400]] == [sp.IdToPiece(i) for i in range(400)]
+    assert scores[:400] == pytest.approx([sp.GetScore(i) for i in range(400)])
+    assert types[0] == T.UNKNOWN and types[1] == T.CONTROL and types[sp.PieceToId("<0x41>")] == T.BYTE
+    assert tokens[1031] == b"<|end|>" and types[1031] == T.CONTROL
+    assert tokens[1087] == b"[PAD1087]" and types[1087] == T.UNUSED
+
+
+# --- GGUF: the LoRA adapter -----------------------------------------------------------------------------------------
+
+
+def test_gguf_lora_folds_each_modules_scale_for_mixed_slices_and_rslora(tmp_path):
+    """q_proj+v_proj are two slices of qkv_proj (rank 2r), gate_proj one of gate_up_proj (rank r), o_proj its own
+    alpha: llama.cpp's single alpha / each tensor's rank would be wrong for some module; folded, B@A is the delta."""
+    peft = {"r": 4, "lora_alpha": 16, "use_rslora": True, "target_modules": ["q_proj", "v_proj", "gate_proj", "o_proj"],
+            "alpha_pattern": {"o_proj": 3.0}}
+    run, model = _make_run(tmp_path / "r", peft)
+    result = export(run, "gguf", tmp_path / "lora", adapter=True, verbose=False)
+    fields, tensors = _fields(next((tmp_path / "lora").glob("*.gguf")))
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["adapter.lora.alpha"] == 0.0  # llama.cpp: scale 1
+    layers = dict(model.named_modules())
+    checked = 0
+    for i in range(4):
+        for hf, g in (("self_attn.qkv_proj", "attn_qkv"), ("mlp.gate_up_proj", "ffn_up"), ("self_attn.o_proj", "attn_output")):
+            delta = layers[f"model.layers.{i}.{hf}"].delta_weight().numpy()  # the layer's own scaled delta
+            got = tensors[f"blk.{i}.{g}.weight.lora_b"] @ tensors[f"blk.{i}.{g}.weight.lora_a"]
+            assert np.abs(got - delta).max() <= 1e-6 * np.abs(delta).max() * 4 * 2, (i, hf)
+            checked += 1
+    assert checked == 12
+    assert tensors["blk.0.attn_qkv.weight.lora_a"].shape[0] == 8 and tensors["blk.0.ffn_up.weight.lora_a"].shape[0] == 4
+    assert "max |difference|" in result.parity
+
+
+def test_gguf_lora_refuses_modules_to_save_with_the_reason(tmp_path):
+    run, _ = _make_run(tmp_path / "r", {"r": 2, "lora_alpha": 4, "target_modules": ["o_proj"],
+                                        "modules_to_save": ["lm_head"]})
+    with pytest.raises(ExportError, match="modules_to_save.*merged model"):
+        export(run, "gguf", tmp_path / "lora", adapter=True, verbose=False)
+    assert not (tmp_path / "lora").exists() and not list(tmp_path.glob(".lora*"))
+
+
+# --- Ollama ---------------------------------------------------------------------------------------------------------
+
+
+def _render_go(template: str, messages: list[dict]) -> str:
+    """Go text/template semantics for exactly the constructs the Modelfile uses (range .Messages; if/else if eq
+    .Role "x"; .Content; end); anything else fails the test."""
+    tokens = re.split(r"({{.*?}})", template)
+    out = []
+    body_start = tokens.index("{{ range .Messages }}")
+    out.append("".join(tokens[:body_start]))
+    end_range = len(tokens) - 1 - tokens[::-1].index("{{ end }}")
+    body, tail = tokens[body_start + 1:end_range], tokens[end_range + 1:]
+    for m in messages:
+        active, done = False, False
+        for t in body:
+            cond = re.fullmatch(r'{{ (?:if|else if) eq \.Role "(\w+)" }}', t)
+            if cond:
+                active = not done and m["role"] == cond.group(1)
+                done = done or active
+            elif t == "{{ end }}":
+                active = False
+            elif t == "{{ .Content }}":
+                out.append(m["content"] if active else "")
+            elif t.startswith("{{"):
+                raise AssertionError(f"unexpected Go template action {t}")
+            elif active:
+                out.append(t)
+    assert all(not t.startswith("{{") for t in tail)
+    return "".join(out) + "".join(tail)
+
+
+def test_ollama_modelfile_template_renders_the_prompt_ids_training_uses(demo_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    from phitune.generate import build_prompt_ids
+
+    export(demo_run["run"], "ollama", tmp_path / "o", outtype="q8_0", verbose=False)
+    text = (tmp_path / "o" / "Modelfile").read_text()
+    gguf_name = re.search(r"^FROM \./(.+)$", text, re.M).group(1)
+    assert (tmp_path / "o" / gguf_name).is_file()
+    template = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
+    tok = AutoTokenizer.from_pretrained(demo_run["run"])
+    for messages in (CHAT, CHAT[1:2], CHAT[1:]):
+        prompt = _render_go(template, messages)
+        # Ollama tokenizes with the GGUF's add_bos_token (true): one BOS in front
+        assert [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"] == build_prompt_ids(tok, messages)
+    stops = re.findall(r'^PARAMETER stop "(.+)"$', text, re.M)
+    assert {"<|end|>", "<|endoftext|>"} <= set(stops)
+
+
+# --- ONNX Runtime GenAI ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_onnx_runtime_genai_export_generates_transformers_greedy_tokens(demo_run, tmp_path):
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    pytest.importorskip("onnx_ir", reason="onnx-ir (needed by onnxruntime-genai's builder) is not installed")
+    result = export(demo_run["run"], "onnx", tmp_path / "x", verbose=False)
+    assert result.details["greedy_tokens"] >= 1
+    assert result.details["greedy_tokens_equal"] == result.details["greedy_tokens"], result.parity
+    genai = json.loads((tmp_path / "x" / "genai_config.json").read_text())
+    assert sorted(genai["model"]["eos_token_id"]) == [1024, 1025, 1031]
+    assert (tmp_path / "x" / "model.onnx").is_file()
+
+
+def test_onnx_precision_is_checked_before_any_work(demo_run, tmp_path):
+    with pytest.raises(ConfigError, match="--precision fp16 with --execution-provider cpu"):
+        export(demo_run["run"], "onnx", tmp_path / "x", precision="fp16", verbose=False)
+
+
+# --- vLLM -----------------------------------------------------------------------------------------------------------
+
+
+def test_vllm_adapter_has_scale_one_everywhere_and_loads_to_the_same_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from phitune.adapt import load_adapter
+
+    peft = {"r": 4, "lora_alpha": 16, "use_rslora": True, "target_modules": ["q_proj", "v_proj", "gate_proj", "o_proj"]}
+    run, model = _make_run(tmp_path / "r", peft)
+    result = export(run, "vllm", tmp_path / "v", name="tuned", verbose=False)
+    config = json.loads((tmp_path / "v" / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 8 and not config["use_rslora"]
+    assert all(config["alpha_pattern"][k] == v for k, v in config["rank_pattern"].items())
+    assert result.details["max_lora_rank"] == 8
+    assert "--max-lora-rank 8" in result.details["serve_command"] and "--lora-modules tuned=" in result.details["serve_command"]
+    fresh = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32)
+    load_adapter(fresh, tmp_path / "v")
+    fresh.eval()
+    ids = torch.tensor([[1, 40, 50, 60, 1031, 1025]])
+    with torch.no_grad():
+        want, got = model(ids).logits, fresh(ids).logits
+    assert (want - got).abs().max() <= 1e-5 * want.abs().max()
+    peft_lib = pytest.importorskip("peft")
+    base = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32)
+    with torch.no_grad():
+        theirs = peft_lib.PeftModel.from_pretrained(base, str(tmp_path / "v")).eval()(ids).logits
+    assert (want - theirs).abs().max() <= 1e-5 * want.abs().max()
+
+
+# --- the output folder and bad input --------------------------------------------------------------------------------
+
+
+def test_existing_out_is_refused_and_force_replaces_only_an_earlier_export(demo_run, tmp_path):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(ConfigError, match="already exists.*--force"):
+        export(demo_run["run"], "vllm", other, verbose=False)
+    with pytest.raises(ConfigError, match="not written by `phitune export`"):
+        export(demo_run["run"], "vllm", other, force=True, verbose=False)
+    assert (other / "keep.txt").is_file()
+    export(demo_run["run"], "vllm", tmp_path / "v", verbose=False)
+    export(demo_run["run"], "vllm", tmp_path / "v", force=True, verbose=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "v"]  # no staging folder left
+
+
+def test_an_architecture_gguf_cannot_hold_is_refused_and_nothing_is_left(tmp_path):
+    import transformers
+
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=1088)
+    folder = tmp_path / "gpt2"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(DEMO).save_pretrained(folder)
+    with pytest.raises(ExportError, match="model_type 'gpt2'.*convert_hf_to_gguf"):
+        export(folder, "gguf", tmp_path / "out", verbose=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
+
+
+def test_a_missing_optional_package_names_the_extra():
+    from phitune.exports import _require
+
+    with pytest.raises(ExportError, match=re.escape('pip install "phitune[export]"')):
+        _require("gguf", "no_such_package_for_phitune_tests")
+
+
+def test_cli_export_exits_2_with_the_message(demo_run, tmp_path, capsys):
+    from phitune.cli import main
+
+    (tmp_path / "taken").mkdir()
+    assert main(["export", str(demo_run["run"]), "--to", "vllm", "--out", str(tmp_path / "taken")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_merge_writes_every_stop_id_and_the_bases_tokenizer_files(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_pretrained(DEMO).save_pretrained(base)
+    AutoTokenizer.from_pretrained(DEMO).save_pretrained(base)
+    (base / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
+    (base / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "pad_token": "<|endoftext|>"}))
+    run, _ = _make_run(tmp_path / "r", {"r": 2, "lora_alpha": 4, "target_modules": ["o_proj"]}, base=base)
+    phitune.merge(run, tmp_path / "merged", verbose=False)
+    merged = tmp_path / "merged"
+    assert (merged / "tokenizer.model").read_bytes() == b"sentencepiece model bytes"
+    assert json.loads((merged / "special_tokens_map.json").read_text())["pad_token"] == "<unk>"  # the run's pad
+    assert sorted(json.loads((merged / "generation_config.json").read_text())["eos_token_id"]) == [1024, 1025, 1031]
+
+
+# --- a real llama.cpp -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_gguf_like_transformers(demo_run, tmp_path):
+    """Logits within 1e-4 of transformers (f32 weights and KV cache), greedy tokens and chat tokenization equal."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (README: how to build it)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from phitune.generate import build_prompt_ids
+
+    export(demo_run["run"], "gguf", tmp_path / "g", outtype="f32", verbose=False)
+    phitune.merge(demo_run["run"], tmp_path / "merged", dtype="float32", verbose=False)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    llm = llama_cpp.Llama(str(next((tmp_path / "g").glob("*.gguf"))), n_ctx=256, logits_all=True, verbose=False,
+                          type_k=0, type_v=0, n_threads=2)  # 0 = GGML_TYPE_F32 KV cache
+    ids = build_prompt_ids(tok, CHAT)
+    text = tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[:len(ids)])
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(theirs - ours).max() <= 1e-4
+    greedy = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=[1024, 1025, 1031],
+                            pad_token_id=0)[0, len(ids):].tolist()
+    llm.reset()
+    got = []
+    for token in llm.generate(ids, temp=0.0, top_k=1):
+        got.append(token)
+        if token in (1024, 1025, 1031) or len(got) == len(greedy):
+            break
+    assert got == greedy
