@@ -165,16 +165,22 @@ def test_merge_writes_a_plain_model_equal_to_the_adapter_model(run_dir, tmp_path
     assert AutoTokenizer.from_pretrained(out).chat_template == run_dir["tokenizer"].chat_template
 
 
-def test_merge_refuses_a_non_empty_folder_unless_forced(run_dir, tmp_path):
+def test_merge_replaces_only_an_earlier_merge_and_only_when_forced(run_dir, tmp_path):
     from phitune.run import merge
 
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for force in (False, True):  # a folder merge did not write is never written into, --force or not
+        with pytest.raises(ConfigError, match=r"merge --out: .*not empty and was not written by phitune.*--out DIR"):
+            merge(run_dir["run"], mine, force=force)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
     out = tmp_path / "m"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="not empty"):
+    merge(run_dir["run"], out, verbose=False)
+    with pytest.raises(ConfigError, match=r"holds an earlier merged model; pass --force"):
         merge(run_dir["run"], out)
     merge(run_dir["run"], out, force=True, dtype="bfloat16", verbose=False)
-    assert (out / "notes.txt").read_text() == "mine"  # only model files are replaced
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     with pytest.raises(ConfigError, match="run folder itself"):
         merge(run_dir["run"], run_dir["run"], force=True)

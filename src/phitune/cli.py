@@ -2,8 +2,9 @@
 
 Each sub-command calls one importable function (``phitune.finetune``, ``phitune.evaluate``, ``phitune.chat``,
 ``phitune.merge``, ``phitune.export``, ``phitune.preview``, ``phitune.demo``) and does nothing else. Exit codes:
-0 success, 2 a usage or configuration error (the message, no traceback), 1 anything else (with the traceback, so it can be reported),
-130 interrupted.
+0 success, 2 a usage or configuration error (the message, no traceback), 1 anything else (with the traceback, so it
+can be reported), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); training first saves a checkpoint and prints
+the resume command.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import traceback
 from typing import Sequence
 
 from . import __version__
 from .errors import PhituneError
+from .interrupt import Interrupted
 
 PROG = "phitune"
 
@@ -33,6 +36,10 @@ examples:
 Every command is also a Python function: phitune.finetune, phitune.evaluate, phitune.chat, phitune.merge,
 phitune.export, phitune.preview, phitune.demo. Run `phitune COMMAND --help` for a command's options.
 """
+
+_TRUST_HELP = ("allow the Python code of the run's base model to run, when the run's phitune_config.yaml asks for it "
+               "(model.trust_remote_code: true); without this flag such a run is refused: a run folder never "
+               "enables code on its own")
 
 _SET_HELP = (
     "override one config value, KEY a dotted path into the YAML (section.key), VALUE parsed as YAML "
@@ -189,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=_positive_int, metavar="N", help="evaluate on the first N samples only")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
@@ -206,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="always pick the most likely token (deterministic)")
     p.add_argument("--seed", type=int, help="random seed for sampling (reproducible answers)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
+    p.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser(
@@ -217,11 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="dtype of the saved weights (default: auto = the dtype the base model was published in, e.g. "
                    "bfloat16 for Phi-3; float32 if it says nothing)")
-    p.add_argument("--force", action="store_true", help="write into --out even if it is not empty")
+    p.add_argument("--force", action="store_true", help="replace an earlier merged model in --out (a folder "
+                   "phitune merge did not write is never overwritten)")
     p.add_argument("--device", help="device to merge on (default: cpu)")
     p.add_argument("--no-dequantize", dest="dequantize", action="store_false",
                    help="QLoRA runs: merge into the original 16/32-bit base weights instead of the dequantized 4-bit "
                    "ones the adapter was trained against (default: dequantize, so the merged model matches training)")
+    p.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser(
@@ -244,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder's name)")
     p.add_argument("--force", action="store_true", help="replace --out if an earlier `phitune export` wrote it")
     p.add_argument("--device", help="device to merge on (default: cpu)")
+    p.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
@@ -268,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt, description="The embedded demo (phitune.demo).",
     )
     p.add_argument("--out", metavar="DIR", help="run folder (default: ./phitune-demo; an earlier demo there is "
-                   "replaced)")
+                   "replaced, any other non-empty folder refused)")
     p.add_argument("--max-steps", type=_positive_int, metavar="N", help="train fewer steps (a quicker, weaker demo)")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[], type=_override,
                    help=_SET_HELP + " (applied to the demo's config)")
@@ -305,7 +317,7 @@ def _cmd_eval(args) -> int:
     from .run import evaluate
 
     metrics = evaluate(args.run_dir, data=args.data, batch_size=args.batch_size, max_samples=args.max_samples,
-                       device=args.device, verbose=not args.json)
+                       device=args.device, verbose=not args.json, trust_remote_code=args.trust_remote_code)
     print(json.dumps(metrics) if args.json else _format_metrics(metrics))
     return 0
 
@@ -314,14 +326,16 @@ def _cmd_chat(args) -> int:
     from .run import chat
 
     chat(args.run_dir, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
-         temperature=args.temperature, top_p=args.top_p, greedy=args.greedy, seed=args.seed, device=args.device)
+         temperature=args.temperature, top_p=args.top_p, greedy=args.greedy, seed=args.seed, device=args.device,
+         trust_remote_code=args.trust_remote_code)
     return 0
 
 
 def _cmd_merge(args) -> int:
     from .run import merge
 
-    merge(args.run_dir, args.out, dtype=args.dtype, force=args.force, device=args.device, dequantize=args.dequantize)
+    merge(args.run_dir, args.out, dtype=args.dtype, force=args.force, device=args.device, dequantize=args.dequantize,
+          trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -329,7 +343,8 @@ def _cmd_export(args) -> int:
     from .exports import export
 
     export(args.run_dir, args.to, args.out, outtype=args.outtype, adapter=args.adapter, precision=args.precision,
-           execution_provider=args.execution_provider, name=args.name, force=args.force, device=args.device)
+           execution_provider=args.execution_provider, name=args.name, force=args.force, device=args.device,
+           trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -387,6 +402,24 @@ def _format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues an interrupted ``train``/``demo`` run: the same arguments with
+    ``--set training_config.resume_from_checkpoint=auto`` (replacing any earlier resume setting)."""
+    resume = "training_config.resume_from_checkpoint"
+    kept, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--set" and i + 1 < len(argv) and argv[i + 1].startswith(resume + "="):
+            skip = True
+            continue
+        if arg.startswith("--set=" + resume + "="):
+            continue
+        kept.append(arg)
+    return shlex.join([PROG, *kept, "--set", f"{resume}=auto"])
+
+
 class _Usage(PhituneError):
     """A command-line usage error found after parsing."""
 
@@ -394,6 +427,7 @@ class _Usage(PhituneError):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help/--version (0) or a usage error (2)
@@ -409,6 +443,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError:
             pass
         return 0
+    except Interrupted as exc:  # training stopped on SIGINT/SIGTERM with a checkpoint (phitune.interrupt)
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
+        if args.command in ("train", "demo") and os.environ.get("RANK", "0") == "0":
+            print(f"resume with: {resume_command(argv)}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import outdir
+
 ASSETS = Path(__file__).resolve().parent / "assets" / "demo"
 MODEL_DIR = ASSETS / "model"
 CONFIG_FILE = ASSETS / "demo.yaml"
@@ -56,7 +58,8 @@ def demo(output_dir: str | os.PathLike | None = None, *, max_steps: int | None =
          out=None) -> DemoResult:
     """Fine-tune the bundled tiny Phi-3 on the bundled chat data and print held-out answers before and after.
 
-    ``output_dir``: the run folder (default ``./phitune-demo``; an earlier demo run there is replaced).
+    ``output_dir``: the run folder (default ``./phitune-demo``; an earlier demo run there is replaced, any other
+    non-empty folder is refused).
     ``max_steps`` shortens training and ``max_questions`` the evaluation (tests use both); ``overrides`` are
     ``section.key=value`` strings as for ``phitune train --set``. Returns a :class:`DemoResult`.
     """
@@ -73,6 +76,10 @@ def demo(output_dir: str | os.PathLike | None = None, *, max_steps: int | None =
     from .train import finetune
 
     output_dir = Path(output_dir if output_dir is not None else DEFAULT_OUTPUT_DIR)
+    # The demo's config starts over in its folder (overwrite_output_dir): only ever in an earlier demo's.
+    outdir.check_output_folder(output_dir, what="demo --out", owned=outdir.is_demo_folder, owner="phitune demo",
+                               choose="choose another folder: phitune demo --out NEW_DIR (demo(output_dir=...))")
+    (output_dir / outdir.DEMO_MARKER).write_text(json.dumps({"written_by": "phitune demo"}) + "\n", encoding="utf-8")
     settings = [f"model.name_or_path={MODEL_DIR}", f"data.train={TRAIN_FILE}", f"data.eval={EVAL_FILE}",
                 f"training_config.output_dir={output_dir}",
                 # phitune.data's scratch space inside the run folder, so the demo leaves nothing in ~/.cache

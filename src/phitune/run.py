@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from . import outdir
 from .errors import ConfigError, DataError
 
 CONFIG_FILE = "phitune_config.yaml"
@@ -86,12 +87,24 @@ def _hint(path: Path) -> str:
     return f"Pass the output folder of `phitune train` (it holds {CONFIG_FILE}, the adapter and the tokenizer)."
 
 
-def load_run_config(run_dir: str | os.PathLike):
-    """The resolved :class:`phitune.config.RunConfig` a run was trained with."""
+def load_run_config(run_dir: str | os.PathLike, *, trust_remote_code: bool = False):
+    """The resolved :class:`phitune.config.RunConfig` a run was trained with.
+
+    Every command that opens a run folder reads its config here, so this is where the folder's own request to run
+    code is refused: ``model.trust_remote_code: true`` in a run folder (data someone may have sent you) only takes
+    effect with ``trust_remote_code=True`` from the caller (``--trust-remote-code`` on the command line).
+    """
     from .config import load_config
 
     run = open_run(run_dir)
     config = load_config(str(run.config_path))
+    if config.model.trust_remote_code and not trust_remote_code:
+        raise ConfigError(
+            f"run folder '{run.root}' asks to run the Python code that comes with its model "
+            f"(model.trust_remote_code: true in {run.config_path}, model.name_or_path: "
+            f"'{config.model.name_or_path}'). phitune never runs code because a run folder asks for it: if you "
+            "trust that code, pass --trust-remote-code (trust_remote_code=True in Python)"
+        )
     return _rebase_paths(config, run)
 
 
@@ -143,32 +156,36 @@ def _device(device: str | None) -> "torch.device":
     return torch.device("cpu")
 
 
-def load_run_tokenizer(run_dir: str | os.PathLike, config=None):
-    """The tokenizer saved in the run folder (with its chat template); the base model's if the run saved none."""
+def load_run_tokenizer(run_dir: str | os.PathLike, config=None, *, trust_remote_code: bool = False):
+    """The tokenizer saved in the run folder (with its chat template); the base model's if the run saved none.
+    ``config``: the run's, from :func:`load_run_config` (read here when None)."""
     from .model import load_tokenizer, set_pad_token
 
     run = open_run(run_dir)
+    config = config if config is not None else load_run_config(run.root, trust_remote_code=trust_remote_code)
     if (run.root / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(run.root))
+        try:  # trust_remote_code explicit: never transformers' interactive prompt, never the folder's say-so
+            tokenizer = AutoTokenizer.from_pretrained(str(run.root),
+                                                      trust_remote_code=config.model.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{run.root}: the saved tokenizer cannot be loaded ({exc})") from exc
         set_pad_token(tokenizer)
         return tokenizer
-    config = config if config is not None else load_run_config(run.root)
     return load_tokenizer(config.model)
 
 
-def load_run_model(run_dir: str | os.PathLike, *, device: str | None = None, dtype: str | None = None):
+def load_run_model(run_dir: str | os.PathLike, *, device: str | None = None, dtype: str | None = None,
+                   trust_remote_code: bool = False):
     """A run's base model with its adapter (eval mode, use_cache on), the run's tokenizer and its config:
-    ``(model, tokenizer, config)``. ``dtype``: "auto", "float32", "bfloat16", "float16" (None: the run's)."""
+    ``(model, tokenizer, config)``. ``dtype``: "auto", "float32", "bfloat16", "float16" (None: the run's).
+    ``trust_remote_code``: see :func:`load_run_config`."""
     from .adapt import load_adapter
     from .model import load_model_and_tokenizer
 
     run = open_run(run_dir)
-    config = load_run_config(run.root)
+    config = load_run_config(run.root, trust_remote_code=trust_remote_code)
     tokenizer = load_run_tokenizer(run.root, config)
     model_cfg = config.model if dtype is None else dataclasses.replace(config.model, dtype=dtype)
     model, _ = load_model_and_tokenizer(model_cfg, device=_device(device))
@@ -189,6 +206,7 @@ def evaluate(
     max_samples: int | None = None,
     device: str | None = None,
     verbose: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict[str, float]:
     """Loss, perplexity and token accuracy of a run's adapter model.
 
@@ -196,9 +214,10 @@ def evaluate(
     source as ``data.train`` accepts (file, folder, Hub name, list of records), prepared with the run's data settings
     (chat template, max_seq_length, train_on, packing). Only trained tokens count (assistant turns by default).
     Returns ``{"eval_loss", "eval_perplexity", "eval_token_accuracy", "eval_tokens", "eval_samples"}``.
+    ``trust_remote_code``: allow the code of a run whose config asks for it (see :func:`load_run_config`).
     """
     run = open_run(run_dir)  # before any slow import or load
-    config = load_run_config(run.root)
+    config = load_run_config(run.root, trust_remote_code=trust_remote_code)
     data_cfg = config.data
     if data is not None:
         data_cfg = dataclasses.replace(data_cfg, train=data, eval=None, eval_split=None)
@@ -221,7 +240,7 @@ def evaluate(
 
     from .train import autocast_context, evaluate_samples
 
-    model, tokenizer, _ = load_run_model(run.adapter_dir, device=device)
+    model, tokenizer, _ = load_run_model(run.adapter_dir, device=device, trust_remote_code=trust_remote_code)
     device_ = next(model.parameters()).device
     if verbose:
         print(f"evaluating {run.adapter_dir} on {len(samples)} samples "
@@ -251,13 +270,15 @@ def chat(
     stream: bool = True,
     input_fn: Callable[[str], str] = input,
     output=None,
+    trust_remote_code: bool = False,
 ):
     """Chat with a run's adapter model.
 
     With ``prompt``: answer it once (streamed to ``output``, default stdout, unless ``stream=False``) and return the
     answer. Without: an interactive loop reading lines with ``input_fn`` that keeps the conversation as context
     (oldest turns dropped when it outgrows the context window) and returns the conversation (list of messages).
-    Generation stops on every end-of-turn id of the run's ``generation_config.json``.
+    Generation stops on every end-of-turn id of the run's ``generation_config.json``. ``trust_remote_code``: allow
+    the code of a run whose config asks for it (see :func:`load_run_config`).
     """
     from .generate import GenerationSettings, generate_reply, stop_token_ids
 
@@ -265,7 +286,7 @@ def chat(
                                   greedy=greedy, seed=seed)
     run = open_run(run_dir)
     out = output if output is not None else sys.stdout
-    model, tokenizer, config = load_run_model(run.adapter_dir, device=device)
+    model, tokenizer, config = load_run_model(run.adapter_dir, device=device, trust_remote_code=trust_remote_code)
     stops = stop_token_ids(run.root, tokenizer)
     limit = _context_limit(model, tokenizer)
 
@@ -372,6 +393,7 @@ def merge(
     device: str | None = None,
     verbose: bool = True,
     dequantize: bool = True,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Fold a run's adapter into its base model and save a plain Hugging Face model folder; returns it.
 
@@ -380,8 +402,10 @@ def merge(
     phitune. ``dtype``: "auto" (as the run loads the base), "float32", "bfloat16" or "float16"; the merge itself is
     float32 math with one cast. A QLoRA run's 4-bit base is dequantized to ``dtype`` and merged there (the model that
     was trained), or with ``dequantize=False`` reloaded from its original weights; never merged into 4-bit weights.
-    Refuses a non-empty ``out_dir`` unless ``force``. Prints (and writes to
-    ``phitune_merge.json``) the largest logit difference between the merged and the adapter model on a sample input.
+    Refuses a non-empty ``out_dir`` that is not an earlier merge, and an earlier merge unless ``force``. Prints
+    (and writes to ``phitune_merge.json``) the largest logit difference between the merged and the adapter model
+    on a sample input. ``trust_remote_code``: allow the code of a run whose config asks for it (see
+    :func:`load_run_config`).
     """
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
@@ -389,11 +413,12 @@ def merge(
     out = Path(out_dir).expanduser()
     if out.resolve() in (run.root.resolve(), run.adapter_dir.resolve()):
         raise ConfigError(f"the output folder '{out}' is the run folder itself; choose a new folder for the merged model")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"the output folder '{out}' is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ConfigError(f"the output folder '{out}' is not empty; choose an empty or new folder, or pass --force "
-                          "(force=True) to overwrite the model files in it")
+    earlier = out.is_dir() and any(out.iterdir())
+    outdir.check_output_folder(out, what="merge --out", owned=outdir.is_merge_folder, owner="phitune merge",
+                               choose="choose a new or empty folder for the merged model (--out DIR)")
+    if earlier and not force:
+        raise ConfigError(f"merge --out: '{out}' holds an earlier merged model; pass --force (force=True) to replace "
+                          "it, or choose a new or empty folder (--out DIR)")
 
     import torch
 
@@ -401,12 +426,13 @@ def merge(
     from .generate import build_prompt_ids, stop_token_ids
 
     started = time.time()
-    config = load_run_config(run.root)
+    config = load_run_config(run.root, trust_remote_code=trust_remote_code)
     dtype = _merge_dtype(config, dtype)
     quantized = bool(getattr(config.model, "load_in_4bit", False))
     if device is None:  # a 4-bit (QLoRA) base is fastest on a GPU; bitsandbytes >= 0.45 also runs it on the CPU
         device = "cuda" if quantized and torch.cuda.is_available() else "cpu"
-    model, tokenizer, config = load_run_model(run.adapter_dir, device=device, dtype=dtype)
+    model, tokenizer, config = load_run_model(run.adapter_dir, device=device, dtype=dtype,
+                                              trust_remote_code=trust_remote_code)
     ids = build_prompt_ids(tokenizer, _SAMPLE_CHAT)[:64] if getattr(tokenizer, "chat_template", None) else \
         tokenizer("Hello! Explain what a low-rank adapter is.")["input_ids"][:64]
     input_ids = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)

@@ -23,8 +23,9 @@ import logging
 import math
 import random
 import shutil
+import signal
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +34,14 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, outdir
 from . import fast as fastpath
 from ._typed import suggest
 from .config import SECTIONS, RunConfig, TrainingConfig, load_config, read_yaml, save_config
 from .errors import ConfigError, PhituneError
 from .fast import FastPath
 from .fast.attention import position_masks
+from .interrupt import Interrupted, StopOnSignal, signal_name
 from .labels import IGNORE_INDEX
 from .metrics import MetricsLog, plot_loss_curve, progress_bar, read_metrics, resolve_backends, setup_logging
 
@@ -71,6 +73,11 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
         raise ConfigError(f"finetune: unknown argument '{key}'{suggest(key, SECTIONS + ('config', 'output_dir'))}")
     cfg = _run_config(config, dict(model=model, data=data, training_config=training_config, peft_config=peft_config),
                       output_dir, overrides)
+    with ExitStack() as run_scope:  # the output folder's lock and the signal handlers, released however we leave
+        return _finetune(cfg, run_scope)
+
+
+def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
     tc = cfg.training_config
     created_group = distributed.init(tc)  # under torchrun: join the other processes (nothing in one process)
     main = distributed.is_main()
@@ -82,7 +89,7 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
     out = Path(tc.output_dir)
     world = distributed.world_size()
     settings = ckpt.resume_settings(cfg, world_size=world)
-    resume_from = distributed.on_main(_prepare_output_dir, out, tc, settings)
+    resume_from = distributed.on_main(_prepare_output_dir, out, tc, settings, run_scope)
     resolve_backends(tc.report_to)
 
     # seed -> model -> LoRA
@@ -149,7 +156,9 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
             return evaluate_samples(model, prepared.eval, dc, tc.per_device_eval_batch_size, tokenizer=tokenizer,
                                     fast=fast)
 
-    # the loop
+    # the loop; SIGINT/SIGTERM stop it at a step boundary with a checkpoint (phitune.interrupt)
+    stop = run_scope.enter_context(StopOnSignal())
+    saved_step = state.step if resume_from is not None else -1
     model.train()
     bar = progress_bar(total_steps, state.step, tc.disable_tqdm or not main)
     started = time.perf_counter()
@@ -181,7 +190,20 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
         if prepared.eval and should_eval(tc, state.step, epoch_done, last):
             metrics_log.log({"step": state.step, "epoch": round(epoch_f, 4), **run_eval()})
         if should_save(tc, state.step, epoch_done):
-            save_checkpoint(out, state, model, optimizer, scheduler, scaler, settings, cfg)
+            with stop.saving():
+                save_checkpoint(out, state, model, optimizer, scheduler, scaler, settings, cfg)
+            saved_step = state.step
+        if distributed.sum_ints(int(stop.signum is not None))[0] and not last:  # any process got a signal
+            bar.close()
+            if saved_step != state.step:
+                with stop.saving():
+                    save_checkpoint(out, state, model, optimizer, scheduler, scaler, settings, cfg)
+            metrics_log.close()
+            signum = stop.signum or signal.SIGTERM
+            raise Interrupted(signum, f"stopped by {signal_name(signum)} after step {state.step} of {total_steps}; "
+                              f"checkpoint saved to {ckpt.checkpoints_dir(out) / f'{ckpt.PREFIX}{state.step}'}. "
+                              "Resume with training_config.resume_from_checkpoint: auto",
+                              checkpoint=ckpt.checkpoints_dir(out) / f"{ckpt.PREFIX}{state.step}", output_dir=out)
     bar.close()
 
     # save
@@ -191,7 +213,8 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
         last_eval = distributed.on_main(_logged_eval, metrics_log.path, state.step)
         final.update({k: v for k, v in (last_eval or run_eval()).items() if k.startswith("eval_")})
     metrics_log.close()
-    distributed.on_main(save_run, out, cfg, model, tokenizer, prepared.stats, final, report)
+    with stop.saving():  # a signal during the final save is honoured once the run folder is complete
+        distributed.on_main(save_run, out, cfg, model, tokenizer, prepared.stats, final, report)
     log.info("saved to %s", out)
     distributed.finish(created_group)
     fastpath.remove(model, fast)  # the user gets the model's own classes back (same parameters)
@@ -254,8 +277,13 @@ def _as_plain_sections(sections: dict) -> dict:
     return out
 
 
-def _prepare_output_dir(out: Path, tc: TrainingConfig, settings: dict) -> Path | None:
-    """The checkpoint to resume from (checked against the config), or None for a fresh run; refuses to mix runs."""
+def _prepare_output_dir(out: Path, tc: TrainingConfig, settings: dict, run_scope: ExitStack) -> Path | None:
+    """The checkpoint to resume from (checked against the config), or None for a fresh run; refuses to mix runs,
+    to write into a folder phitune did not create, and to share the folder with a running run (the lock is held
+    until ``run_scope`` closes)."""
+    outdir.check_output_folder(out, what="training_config.output_dir", owned=outdir.is_run_folder,
+                               choose="choose another folder (--set training_config.output_dir=NEW_DIR)")
+    run_scope.enter_context(outdir.lock_output_dir(out))
     resume_from = ckpt.resolve_resume(tc.resume_from_checkpoint, out)
     if resume_from is not None:
         ckpt.check_compatible(resume_from, settings)

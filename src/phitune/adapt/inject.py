@@ -19,7 +19,7 @@ from .. import lora
 from .._typed import suggest
 from ..lora.utils import bias_names
 from ..lora import quantized as qlora
-from ..quant import MERGE_4BIT_MESSAGE, is_4bit_linear, is_8bit_linear
+from ..quant import MERGE_4BIT_MESSAGE, is_4bit_linear, is_8bit_linear, keep_float_4bit_path
 from ..errors import AdapterError, ConfigError
 from .config import LoraConfig, parse_lora_config
 
@@ -242,6 +242,7 @@ def add_lora(model: nn.Module, peft_config: Mapping[str, Any] | LoraConfig, *, l
             new = (qlora.Linear4bit if is_4bit_linear(base) else lora.Linear).from_linear(base, **kw)
         _init_lora(new, cfg.init_lora_weights)
         model.set_submodule(t.name, new)
+    keep_float_4bit_path(model)  # the 4-bit layers left without LoRA compute like those with it (phitune.quant)
     _untie(model, keep)
     model._phitune_lora = LoraState(cfg, slices, keep)
     set_trainable(model, True)

@@ -82,6 +82,7 @@ def export(
     force: bool = False,
     device: str | None = None,
     verbose: bool = True,
+    trust_remote_code: bool = False,
 ) -> ExportResult:
     """Export a run (or a merged model folder) ``to`` gguf, ollama, onnx or vllm, into the new folder ``out``.
 
@@ -90,6 +91,7 @@ def export(
     ``precision`` (onnx): fp32 or int4 on the CPU (default fp32), fp16 or int4 with ``execution_provider`` cuda/dml.
     ``name``: the model's name in the GGUF metadata / the vLLM LoRA name (default: the run folder's name).
     ``force``: replace ``out`` if an earlier ``phitune export`` wrote it (never another folder).
+    ``trust_remote_code``: allow the code of a run whose config asks for it (see ``phitune.run.load_run_config``).
     Prints where it wrote, the size, and the parity figure it measured; returns an :class:`ExportResult`.
     """
     if to not in TARGETS:
@@ -103,7 +105,7 @@ def export(
     if precision is not None and to != "onnx":
         raise ConfigError("--precision is for --to onnx; use --outtype for gguf/ollama")
     out = Path(out).expanduser()
-    source = _open_source(run_dir)
+    source = _open_source(run_dir, trust_remote_code)
     if to == "vllm" or adapter:
         if source.run is None:
             raise ExportError(f"'{run_dir}' is a merged model folder, which has no adapter; pass the run folder "
@@ -136,7 +138,7 @@ def export(
         else:
             work = Path(tempfile.mkdtemp(prefix=".phitune-merged-", dir=out.parent))
             try:
-                model_dir = _merged(source, work / "merged", device)
+                model_dir = _merged(source, work / "merged", device, trust_remote_code)
                 if to == "onnx":
                     from .to_onnx import write_onnx
 
@@ -178,21 +180,22 @@ def export(
 # --- the source -----------------------------------------------------------------------------------------------------
 
 
-def _open_source(run_dir) -> Source:
+def _open_source(run_dir, trust_remote_code: bool = False) -> Source:
     path = Path(run_dir).expanduser()
     if path.is_dir() and (path / "config.json").is_file() and not (path / CONFIG_FILE).is_file() \
             and any(path.glob("*.safetensors")):
         return Source(run=None, model_dir=path, config=None)  # already merged (e.g. by `phitune merge`)
     run = open_run(path)
-    return Source(run=run, model_dir=None, config=load_run_config(run.root))
+    return Source(run=run, model_dir=None, config=load_run_config(run.root, trust_remote_code=trust_remote_code))
 
 
-def _merged(source: Source, folder: Path, device: str | None) -> Path:
+def _merged(source: Source, folder: Path, device: str | None, trust_remote_code: bool = False) -> Path:
     """A merged float32 model folder: the given one, or the run merged by :func:`phitune.run.merge` (a QLoRA run's
     4-bit base dequantized first, as the adapter was trained against it)."""
     if source.model_dir is not None:
         return source.model_dir
-    merge(source.run.adapter_dir, folder, dtype="float32", device=device, verbose=False, dequantize=True)
+    merge(source.run.adapter_dir, folder, dtype="float32", device=device, verbose=False, dequantize=True,
+          trust_remote_code=trust_remote_code)
     return folder
 
 

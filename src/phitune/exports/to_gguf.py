@@ -282,7 +282,7 @@ def _load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ExportError(f"{folder}: the tokenizer cannot be loaded ({exc})") from exc
 
@@ -537,7 +537,7 @@ def _base_config(source: Source) -> dict:
 
     model = source.config.model
     try:
-        cfg = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision)
+        cfg = AutoConfig.from_pretrained(model.name_or_path, revision=model.revision, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ExportError(f"model.name_or_path: cannot read the base model's config ({exc})") from exc
     return cfg.to_dict()

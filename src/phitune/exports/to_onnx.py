@@ -79,9 +79,9 @@ def greedy_parity(model_dir: Path, onnx_dir: Path, stops: list[int]) -> tuple[in
 
     from ..generate import build_prompt_ids
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     prompt = build_prompt_ids(tokenizer, _PROMPT)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False)
     model.eval()
     with torch.inference_mode():
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),

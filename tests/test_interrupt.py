@@ -1,0 +1,144 @@
+"""SIGINT and SIGTERM during `phitune train` (real processes): a checkpoint at the step reached, the resume command
+printed, exit 130/143; a second Ctrl-C during that save waits for it; the printed command resumes to exactly the
+uninterrupted run."""
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_train_helpers import chat_files, losses, tiny_config, tiny_model_dir  # noqa: F401 - fixtures
+
+from phitune import checkpoint as ckpt
+from phitune.cli import resume_command
+from phitune.interrupt import Interrupted, StopOnSignal
+from phitune.train import finetune
+
+ROOT = Path(__file__).resolve().parents[1]
+RESUME = "training_config.resume_from_checkpoint=auto"
+
+
+def _config(model_dir, files, out, **training) -> dict:
+    # A constant learning rate: the schedule does not depend on max_steps, so the interrupted run (max_steps far
+    # away) and the reference (max_steps = where it stopped + 2) train the same steps. Dropout and accumulation on,
+    # so the checkpoint must hold the RNG and the data position of a step boundary.
+    cfg = tiny_config(model_dir, files, out, max_steps=100_000, lr_scheduler_type="constant",
+                      gradient_accumulation_steps=2, **training)
+    cfg["peft_config"]["lora_dropout"] = 0.1
+    cfg["data"]["eval"] = None
+    return cfg
+
+
+def _start(cfg: dict, tmp_path: Path, env: dict | None = None):
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}),
+               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "phitune", "train", str(path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    return proc, env
+
+
+def _wait_for_steps(proc, out: Path, n: int) -> None:
+    deadline = time.monotonic() + 240
+    while len(losses(out)) < n if (out / "metrics.jsonl").exists() else True:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.1)
+
+
+def _resume_and_compare(stderr: str, env: dict, out: Path, cfg: dict, tmp_path: Path) -> None:
+    """Run the printed resume command for 2 more steps; it must end where the uninterrupted run ends."""
+    line = next(li for li in stderr.splitlines() if li.startswith("resume with: "))
+    command = shlex.split(line[len("resume with: "):])
+    assert command[:2] == ["phitune", "train"] and command[-2:] == ["--set", RESUME]
+    stopped = ckpt.latest_checkpoint(out)
+    step = int(stopped.name.split("-")[1])
+    assert [s for s, _ in losses(out)] == list(range(1, step + 1))  # logged up to the checkpoint's step
+    more = ["--set", f"training_config.max_steps={step + 2}"]
+    resumed = subprocess.run([sys.executable, "-m", "phitune", *command[1:], *more], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {stopped}" in resumed.stderr
+
+    ref = tmp_path / "uninterrupted"
+    finetune({**cfg, "training_config": {**cfg["training_config"], "output_dir": str(ref), "max_steps": step + 2}})
+    assert losses(out) == losses(ref)  # bitwise on the CPU, as every resume
+    a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(ref / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_prints_the_resume_command_and_exits_143(tiny_model_dir, chat_files,  # noqa: F811
+                                                                           tmp_path):
+    out = tmp_path / "run"
+    cfg = _config(tiny_model_dir, chat_files, out)
+    proc, env = _start(cfg, tmp_path)
+    try:
+        _wait_for_steps(proc, out, 3)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "SIGTERM received: finishing the current step, then saving a checkpoint" in stderr
+    assert "phitune train: stopped by SIGTERM after step" in stderr and "Traceback" not in stderr
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    _resume_and_compare(stderr, env, out, cfg, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_during_the_save_waits_for_it_then_exits_130(tiny_model_dir, chat_files,  # noqa: F811
+                                                                   tmp_path):
+    out = tmp_path / "run"
+    cfg = _config(tiny_model_dir, chat_files, out)
+    proc, env = _start(cfg, tmp_path, env={"PHITUNE_TEST_SLOW_SAVE": "3"})  # every save sleeps 3 s before its rename
+    try:
+        _wait_for_steps(proc, out, 2)
+        proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 120
+        while not list((out / "checkpoints").glob(".tmp-checkpoint-*/meta.json")):  # the save is under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "SIGINT again: stopping as soon as the save in progress is complete" in stderr
+    assert "Traceback" not in stderr
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # the save completed: renamed into place
+    env.pop("PHITUNE_TEST_SLOW_SAVE")
+    _resume_and_compare(stderr, env, out, cfg, tmp_path)
+
+
+def test_a_second_signal_outside_a_save_stops_at_once_and_inside_one_after_it():
+    said = []
+    with StopOnSignal(say=said.append) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT  # the first one is only recorded
+        with pytest.raises(Interrupted) as raised:
+            with stop.saving():
+                os.kill(os.getpid(), signal.SIGINT)
+                finished = True  # the block runs to its end
+        assert finished and raised.value.exit_code == 130
+        with pytest.raises(Interrupted, match="second signal"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_resume_command_keeps_the_arguments_and_replaces_an_earlier_resume_setting():
+    argv = ["train", "my run.yaml", "--set", "training_config.learning_rate=1e-4", "--set",
+            "training_config.resume_from_checkpoint=runs/x/checkpoints/checkpoint-5"]
+    assert resume_command(argv) == ("phitune train 'my run.yaml' --set training_config.learning_rate=1e-4 "
+                                    f"--set {RESUME}")
