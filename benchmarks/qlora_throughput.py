@@ -3,7 +3,7 @@ bitsandbytes 4-bit), in one invocation.
 
 The parent writes one random Phi-3-shaped model (safetensors) and runs each side as its own child process, both
 loading it with the same BitsAndBytesConfig (nf4, double quant, compute dtype = bf16 on CUDA, fp32 on CPU):
-  phitune  phitune.quant.load_kwargs -> prepare_kbit_training -> add_lora (fp32 adapters) -> gradient checkpointing
+  phitune  phitune.model.load_kwargs -> prepare_kbit_training -> add_lora (fp32 adapters) -> gradient checkpointing
            -> apply_fast_path -> build_optimizer -> train_step(forward_loss), as train.py runs them
   peer     prepare_model_for_kbit_training -> get_peft_model -> transformers Trainer (the Phi-3 cookbook's QLoRA)
 Same LoRA (r=16, alpha=32, dropout 0.05, all-linear), same random blocks (batch x seq, every token supervised), same
@@ -104,7 +104,7 @@ def _peak(a, out: dict) -> dict:
 def run_phitune(a) -> dict:
     import torch
 
-    from phitune import quant
+    from phitune.model import load_kwargs, prepare_kbit_training
     from phitune.adapt import add_lora
     from phitune.config import ModelConfig, TrainingConfig
     from phitune.loss import apply_fast_path, forward_loss
@@ -113,8 +113,8 @@ def run_phitune(a) -> dict:
     dev = torch.device(a.device)
     mc = ModelConfig(name_or_path=a.model_dir, load_in_4bit=True,
                      quantization={"type": "nf4", "double_quant": True, "compute_dtype": "auto"})
-    model = _load(a, quant.load_kwargs(mc, dev, dtype_for(a.device))["quantization_config"])
-    quant.prepare_kbit_training(model)
+    model = _load(a, load_kwargs(mc, dev, dtype_for(a.device))["quantization_config"])
+    prepare_kbit_training(model)
     model.config.use_cache = False
     steps = a.warmup + a.steps
     tc = TrainingConfig(output_dir=tempfile.gettempdir(), per_device_train_batch_size=a.batch, max_steps=steps,

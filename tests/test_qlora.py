@@ -14,7 +14,10 @@ peft = pytest.importorskip("peft")
 from test_train_helpers import chat_files, losses, tiny_config, tiny_model_dir  # noqa: E402,F401 - fixtures
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
-from phitune import lora, quant  # noqa: E402
+from phitune import lora  # noqa: E402
+from phitune.adapt import merge_checked  # noqa: E402
+from phitune.lora import quantized as quant  # noqa: E402
+from phitune.model import prepare_kbit_training  # noqa: E402
 from phitune.adapt import add_lora, load_adapter, merge_lora, merge_lora_checked, save_adapter  # noqa: E402
 from phitune.config import build_model_config, load_config  # noqa: E402
 from phitune.errors import AdapterError, ConfigError  # noqa: E402
@@ -227,8 +230,7 @@ def test_dequantize_model_then_merge_gives_the_same_logits(tiny_model_dir):
     torch.manual_seed(0)
     add_lora(model, {**CASES["per-slice"], "init_lora_weights": False})
     before = logits(model)
-    merged, diff = quant.merge_checked(model, build_model_config({"name_or_path": "x", "load_in_4bit": True}), IDS,
-                                       dtype="float32")
+    merged, diff = merge_checked(model, IDS, dtype="float32")
     assert diff < float32_tolerance(merged, before) and (logits(merged) - before).abs().max() <= diff + 1e-6
     assert not any(quant.is_4bit_linear(m) or isinstance(m, lora.Linear4bit) for m in merged.modules())
     assert all(p.dtype == torch.float32 for p in merged.parameters())
@@ -238,7 +240,7 @@ def test_dequantize_model_then_merge_gives_the_same_logits(tiny_model_dir):
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_kbit_preparation_gives_lora_gradients_with_checkpointing(tiny_model_dir, reentrant):
     model = load_4bit(tiny_model_dir, dtype=torch.float16)
-    quant.prepare_kbit_training(model, gradient_checkpointing=True,
+    prepare_kbit_training(model, gradient_checkpointing=True,
                                 gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     assert model.model.norm.weight.dtype == torch.float32  # fp16 norms upcast
     assert not any(p.requires_grad for p in model.parameters())

@@ -22,7 +22,6 @@ import yaml
 
 from ._typed import field, from_dict, suggest
 from .errors import ConfigError
-from .quant import QuantizationConfig, build_quantization_config, quantization_note
 
 SECTIONS = ("model", "data", "training_config", "peft_config")
 
@@ -33,6 +32,55 @@ def _notes():
 
 
 # --- model ------------------------------------------------------------------------------------------------------------
+
+
+# --- model.quantization (QLoRA) --------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizationConfig:
+    """``model.quantization``: how the base is quantized when ``model.load_in_4bit`` is true (QLoRA)."""
+
+    type: Literal["nf4", "fp4"] = field("nf4", doc="4-bit data type: nf4 (QLoRA's NormalFloat) or fp4")
+    double_quant: bool = field(True, doc="quantize the quantization constants too (about 0.4 bits/param saved)")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
+        "auto", doc="dtype of the 4-bit matmuls; auto: model.dtype as resolved (bfloat16 on a bf16 GPU, else float32)")
+
+
+# transformers' BitsAndBytesConfig names, accepted in ``model.quantization`` for configs copied from the cookbook.
+_BNB_ALIASES = {"bnb_4bit_quant_type": "type", "bnb_4bit_use_double_quant": "double_quant",
+                "bnb_4bit_compute_dtype": "compute_dtype"}
+
+
+def build_quantization_config(data: Any) -> QuantizationConfig:
+    """A QuantizationConfig from a dict (YAML, bnb's own key names accepted) or a QuantizationConfig."""
+    if isinstance(data, QuantizationConfig):
+        return data
+    if data is None:
+        return QuantizationConfig()
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"model.quantization: expected a mapping like {{type: nf4, double_quant: true, compute_dtype: "
+                          f"bfloat16}}, got {data!r}")
+    data = dict(data)
+    for key in ("load_in_4bit", "load_in_8bit"):
+        if key in data:
+            raise ConfigError(f"model.quantization.{key}: not a key of this section; set model.load_in_4bit: true one "
+                              "level up (phitune quantizes to 4-bit only)")
+    for old, new in _BNB_ALIASES.items():
+        if old in data:
+            if new in data:
+                raise ConfigError(f"model.quantization: both '{old}' and '{new}' are set; keep '{new}'")
+            data[new] = data.pop(old)
+    if isinstance(data.get("compute_dtype"), str) or hasattr(data.get("compute_dtype"), "is_floating_point"):
+        data["compute_dtype"] = str(data["compute_dtype"]).replace("torch.", "")
+    return from_dict(QuantizationConfig, data, "model.quantization")
+
+
+def quantization_note(load_in_4bit: bool, quantization: QuantizationConfig) -> str | None:
+    """A note when ``model.quantization`` is changed but 4-bit loading is off (it would have no effect)."""
+    if not load_in_4bit and quantization != QuantizationConfig():
+        return "model.quantization: has no effect without model.load_in_4bit: true"
+    return None
 
 
 @dataclass
@@ -56,7 +104,7 @@ class ModelConfig:
     def __post_init__(self):
         if self.model_max_length is not None and self.model_max_length < 1:
             raise ConfigError(f"model.model_max_length must be >= 1, got {self.model_max_length}")
-        self.quantization = build_quantization_config(self.quantization)  # phitune.quant
+        self.quantization = build_quantization_config(self.quantization)
         self.notes.extend(filter(None, [quantization_note(self.load_in_4bit, self.quantization)]))
 
 

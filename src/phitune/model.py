@@ -13,9 +13,9 @@ import logging
 
 import torch
 
-from . import quant
-from .config import ModelConfig
+from .config import ModelConfig, build_model_config
 from .errors import ConfigError
+from .lora.quantized import is_4bit_linear, keep_float_4bit_path, require_bitsandbytes
 
 log = logging.getLogger("phitune")
 
@@ -126,13 +126,12 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | s
     from transformers import AutoModelForCausalLM
 
     if isinstance(model_cfg, (str, dict)):
-        from .config import build_model_config
 
         model_cfg = build_model_config(model_cfg)
     device = torch.device(device) if device is not None else resolve_device()
     dtype = resolve_dtype(model_cfg.dtype, device)
     attn = resolve_attn_implementation(model_cfg.attn_implementation, device, dtype)
-    qlora_kwargs = quant.load_kwargs(model_cfg, device, dtype)  # {} unless model.load_in_4bit; refuses bad combos
+    qlora_kwargs = load_kwargs(model_cfg, device, dtype)  # {} unless model.load_in_4bit; refuses bad combos
     if model_cfg.trust_remote_code:
         log.warning("model.trust_remote_code is true: the Python code in '%s' will run on this machine. "
                     "Phi-3 needs none in transformers 5.", model_cfg.name_or_path)
@@ -157,7 +156,7 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | s
         model.to(device)
     model.config.use_cache = False
     if qlora_kwargs:
-        quant.prepare_kbit_training(model)
+        prepare_kbit_training(model)
 
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
@@ -216,3 +215,74 @@ def enable_checkpointing(model, kwargs: dict | None = None) -> None:
     if kwargs["use_reentrant"]:
         model.enable_input_require_grads()
     model.config.use_cache = False
+
+
+# --- 4-bit (QLoRA) loading and k-bit training preparation -------------------------------------------------------
+
+
+def compute_dtype(model_cfg, model_dtype):
+    """The torch dtype of the 4-bit matmuls."""
+    name = model_cfg.quantization.compute_dtype
+    return model_dtype if name == "auto" else getattr(torch, name)
+
+
+def check_4bit_supported(model_cfg, device, model_dtype) -> None:
+    """Refuse, before anything is loaded, the 4-bit combinations that cannot work."""
+    require_bitsandbytes()
+    if device.type not in ("cuda", "cpu", "xpu"):
+        raise ConfigError(f"model.load_in_4bit: bitsandbytes 4-bit layers run on CUDA, XPU or the CPU, not on "
+                          f"{device.type}; set training_config.use_cpu: true or model.load_in_4bit: false")
+    cdt = compute_dtype(model_cfg, model_dtype)
+    if cdt == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("model.quantization.compute_dtype: bfloat16 is not supported by this GPU (pre-Ampere); "
+                          "use float16")
+
+
+def bnb_config(model_cfg, model_dtype):
+    """transformers' BitsAndBytesConfig for ``model_cfg`` (``model.load_in_4bit`` must be true)."""
+    require_bitsandbytes()
+    from transformers import BitsAndBytesConfig
+
+    q = model_cfg.quantization
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype(model_cfg, model_dtype))
+
+
+def load_kwargs(model_cfg, device, model_dtype) -> dict:
+    """Extra ``from_pretrained`` keyword arguments for a 4-bit base (empty when ``load_in_4bit`` is false)."""
+    if not getattr(model_cfg, "load_in_4bit", False):
+        return {}
+    check_4bit_supported(model_cfg, device, model_dtype)
+    log.info("model: 4-bit %s base (double quant %s, compute %s)", model_cfg.quantization.type,
+             model_cfg.quantization.double_quant, str(compute_dtype(model_cfg, model_dtype)).replace("torch.", ""))
+    return {"quantization_config": bnb_config(model_cfg, model_dtype)}
+
+
+def prepare_kbit_training(model, *, gradient_checkpointing: bool = False,
+                          gradient_checkpointing_kwargs: dict | None = None):
+    """Make a 4-bit base ready for LoRA training; returns the model.
+
+    - every base parameter is frozen (the 4-bit weights cannot train; LoRA adds its own trainable factors);
+    - float16 parameters that stay unquantized (norms, embeddings, lm_head) are upcast to float32: fp16 overflows in
+      RMSNorm and the loss. bfloat16 ones are kept: bf16 has fp32's range, and upcasting them would turn the whole
+      residual stream into float32 (twice the activation memory) for no measured gain;
+    - with gradient checkpointing (non-reentrant by default, as in train.py): reentrant checkpointing only
+      backpropagates into a block whose input requires grad, and with every base weight frozen nothing does, so
+      the embedding output is made to require grad;
+    - use_cache off (a cache is useless in training and conflicts with checkpointing);
+    - bitsandbytes' bfloat16 CPU inference kernel is kept off (:func:`keep_float_4bit_path`).
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    keep_float_4bit_path(model)
+    for module in model.modules():
+        if is_4bit_linear(module):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.dtype == torch.float16:
+                p.data = p.data.float()
+    if gradient_checkpointing:
+        enable_checkpointing(model, gradient_checkpointing_kwargs)
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+    return model

@@ -16,6 +16,7 @@ the run's config and tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -143,19 +144,6 @@ def _rebase_paths(config, run: RunFolder):
     return dataclasses.replace(config, model=model, data=data)
 
 
-def _device(device: str | None) -> "torch.device":
-    import torch
-
-    if device:
-        try:
-            return torch.device(device)
-        except RuntimeError as exc:
-            raise ConfigError(f"--device: {exc}; use cpu, cuda, cuda:N or mps") from None
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def load_run_tokenizer(run_dir: str | os.PathLike, config=None, *, trust_remote_code: bool = False):
     """The tokenizer saved in the run folder (with its chat template); the base model's if the run saved none.
     ``config``: the run's, from :func:`load_run_config` (read here when None)."""
@@ -182,13 +170,13 @@ def load_run_model(run_dir: str | os.PathLike, *, device: str | None = None, dty
     ``(model, tokenizer, config)``. ``dtype``: "auto", "float32", "bfloat16", "float16" (None: the run's).
     ``trust_remote_code``: see :func:`load_run_config`."""
     from .adapt import load_adapter
-    from .model import load_model_and_tokenizer
+    from .model import load_model_and_tokenizer, resolve_device
 
     run = open_run(run_dir)
     config = load_run_config(run.root, trust_remote_code=trust_remote_code)
     tokenizer = load_run_tokenizer(run.root, config)
     model_cfg = config.model if dtype is None else dataclasses.replace(config.model, dtype=dtype)
-    model, _ = load_model_and_tokenizer(model_cfg, device=_device(device))
+    model, _ = load_model_and_tokenizer(model_cfg, device=resolve_device(device=device))
     load_adapter(model, run.adapter_dir)
     model.config.use_cache = True  # training turned it off; generation wants it
     model.eval()
@@ -436,10 +424,12 @@ def merge(
     ids = build_prompt_ids(tokenizer, _SAMPLE_CHAT)[:64] if getattr(tokenizer, "chat_template", None) else \
         tokenizer("Hello! Explain what a low-rank adapter is.")["input_ids"][:64]
     input_ids = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
-    if quantized:  # QLoRA: dequantize the 4-bit base to ``dtype`` and merge there (phitune.quant)
-        from .quant import merge_checked
+    if quantized:  # QLoRA: dequantize the 4-bit base to ``dtype`` and merge there (adapt.merge_checked)
+        from .adapt import merge_checked
 
-        model, max_diff = merge_checked(model, config.model, input_ids, dtype=dtype, dequantize=dequantize)
+        full = None if dequantize else functools.partial(_full_precision_copy, model, config.model, dtype,
+                                                         input_ids.device)
+        model, max_diff = merge_checked(model, input_ids, dtype=dtype, full_precision=full)
     else:
         model, max_diff = merge_lora_checked(model, input_ids)
 
@@ -573,3 +563,19 @@ def preview(config: Any, n: int = 3, color: bool | None = None, *, overrides: Se
     print(file=out)
     print(preview_text(prepared, tokenizer, n, color), file=out)
     return prepared
+
+
+def _full_precision_copy(model, model_cfg, dtype, device):
+    """The base reloaded without quantization, carrying ``model``'s LoRA layers and weights (merge --no-dequantize)."""
+    from .adapt import add_lora, adapter_state_dict, load_adapter_state_dict
+    from .adapt.inject import lora_state
+    from .model import load_model_and_tokenizer
+
+    state = lora_state(model)
+    tensors = {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}
+    dtype_name = str(dtype).replace("torch.", "") if dtype is not None else model_cfg.dtype
+    cfg = dataclasses.replace(model_cfg, load_in_4bit=False, dtype=dtype_name)
+    full, _ = load_model_and_tokenizer(cfg, device=device)
+    add_lora(full, state.config)
+    load_adapter_state_dict(full, tensors, source="the 4-bit model's adapter")
+    return full

@@ -19,11 +19,13 @@ from .. import lora
 from .._typed import suggest
 from ..lora.utils import bias_names
 from ..lora import quantized as qlora
-from ..quant import MERGE_4BIT_MESSAGE, is_4bit_linear, is_8bit_linear, keep_float_4bit_path
+from ..lora.quantized import is_4bit_linear, is_8bit_linear, keep_float_4bit_path
 from ..errors import AdapterError, ConfigError
 from .config import LoraConfig, parse_lora_config
 
 # Slices of Phi-3's fused projections, in output order (modeling_phi3.py splits qkv as q, k, v and gate_up as gate, up).
+# The key prefix of every tensor in a PEFT adapter file (peft wraps the model as base_model.model).
+PEFT_PREFIX = "base_model.model."
 FUSED_SLICES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
@@ -242,7 +244,7 @@ def add_lora(model: nn.Module, peft_config: Mapping[str, Any] | LoraConfig, *, l
             new = (qlora.Linear4bit if is_4bit_linear(base) else lora.Linear).from_linear(base, **kw)
         _init_lora(new, cfg.init_lora_weights)
         model.set_submodule(t.name, new)
-    keep_float_4bit_path(model)  # the 4-bit layers left without LoRA compute like those with it (phitune.quant)
+    keep_float_4bit_path(model)  # the 4-bit layers left without LoRA compute like those with it (lora.quantized)
     _untie(model, keep)
     model._phitune_lora = LoraState(cfg, slices, keep)
     set_trainable(model, True)
@@ -321,8 +323,6 @@ def set_trainable(model: nn.Module, trainable: bool) -> None:
 
 def lora_report(model: nn.Module) -> LoraReport:
     """The :class:`LoraReport` of a model carrying LoRA layers."""
-    from .peft_format import adapter_state_dict
-
     state = lora_state(model)
     names = [f"{n}[{','.join(state.slices[n][0])}]" if n in state.slices else n for n, _ in lora_modules(model)]
     params = list(model.parameters())
@@ -343,51 +343,38 @@ def lora_state(model: nn.Module) -> LoraState:
     return state
 
 
-# ----------------------------------------------------------------------------------------------------------------- #
-# Merging
-
-
-@torch.no_grad()
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (float32 math, one cast) and leave plain nn.Linear / nn.Embedding.
-
-    Safe to call on a model that is already merged or has no LoRA (no-op). Returns the same model object.
-    Refuses (AdapterError) a model whose LoRA sits on 4-bit weights: see phitune.quant.merge_checked.
-    """
-    _refuse_4bit(model)
-    for name, m in lora_modules(model):
-        if m.merged:
-            m.unmerge()  # restores the base weight bit-exactly, then fold again in float32 below
-        weight = nn.Parameter((m.weight.float() + m.delta_weight()).to(m.weight.dtype), requires_grad=m.weight.requires_grad)
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT key names (what :func:`save_adapter` writes); detached, not copied."""
+    state = lora_state(model)
+    out: dict[str, torch.Tensor] = {}
+    lora_layers = dict(lora_modules(model))
+    for name, m in lora_layers.items():
+        key = PEFT_PREFIX + name
         if isinstance(m, lora.Embedding):
-            plain = nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx, max_norm=m.max_norm,
-                                 norm_type=m.norm_type, scale_grad_by_freq=m.scale_grad_by_freq, sparse=m.sparse,
-                                 device="meta")
+            out[key + ".lora_embedding_A"], out[key + ".lora_embedding_B"] = m.lora_A.detach(), m.lora_B.detach()
+            # peft saves a targeted embedding's base weight too (save_embedding_layers="auto"), for resized vocabularies
+            out[key + ".base_layer.weight"] = m.weight.detach()
+        elif name in state.slices:
+            out[key + ".lora_A.weight"] = m.lora_A.detach()
+            out[key + ".lora_B.weight"] = m.expanded_B().detach()
         else:
-            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-            if m.bias is not None:
-                plain.bias = m.bias
-        plain.weight = weight
-        model.set_submodule(name, plain)
+            out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = m.lora_A.detach(), m.lora_B.detach()
+    biases = bias_names(model, state.config.bias)
+    for n, p in model.named_parameters():
+        owner, _, leaf = n.rpartition(".")
+        if n not in biases or any(owner == k or owner.startswith(k + ".") for k in state.modules_to_save):
+            continue
+        if owner in lora_layers:  # peft keeps the wrapped layer's parameters under base_layer
+            out[f"{PEFT_PREFIX}{owner}.base_layer.{leaf}"] = p.detach()
+        else:
+            out[PEFT_PREFIX + n] = p.detach()
+    for name in state.modules_to_save:
+        for pname, p in model.get_submodule(name).named_parameters():
+            out[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach()
+    return out
+
+
+def clear_lora_state(model: nn.Module) -> None:
+    """Forget what ``add_lora`` recorded (after a merge leaves plain layers)."""
     if hasattr(model, "_phitune_lora"):
         del model._phitune_lora
-    return model
-
-
-def _refuse_4bit(model: nn.Module) -> None:
-    quantized = [n for n, m in lora_modules(model) if isinstance(m, qlora.Linear4bit)]
-    if quantized:
-        raise AdapterError(f"{quantized[0]}: {MERGE_4BIT_MESSAGE}")
-
-
-@torch.no_grad()
-def merge_lora_checked(model: nn.Module, input_ids: torch.Tensor) -> tuple[nn.Module, float]:
-    """:func:`merge_lora`, plus the max absolute logit difference before vs after on ``input_ids``."""
-    _refuse_4bit(model)
-    was_training = model.training
-    model.eval()
-    before = model(input_ids=input_ids).logits.float()
-    merge_lora(model)
-    diff = (model(input_ids=input_ids).logits.float() - before).abs().max().item()
-    model.train(was_training)
-    return model, diff

@@ -19,46 +19,15 @@ import torch
 from torch import nn
 
 from .. import lora
-from ..lora.utils import bias_names
 from ..errors import AdapterError, ConfigError
 from .config import LoraConfig, parse_lora_config
-from .inject import LoraReport, add_lora, lora_modules, lora_report, lora_state, set_trainable
+from .inject import (
+    PEFT_PREFIX, LoraReport, adapter_state_dict, add_lora, lora_modules, lora_report, lora_state, set_trainable,
+)
 
-PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-
-
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT key names (what :func:`save_adapter` writes); detached, not copied."""
-    state = lora_state(model)
-    out: dict[str, torch.Tensor] = {}
-    lora_layers = dict(lora_modules(model))
-    for name, m in lora_layers.items():
-        key = PEFT_PREFIX + name
-        if isinstance(m, lora.Embedding):
-            out[key + ".lora_embedding_A"], out[key + ".lora_embedding_B"] = m.lora_A.detach(), m.lora_B.detach()
-            # peft saves a targeted embedding's base weight too (save_embedding_layers="auto"), for resized vocabularies
-            out[key + ".base_layer.weight"] = m.weight.detach()
-        elif name in state.slices:
-            out[key + ".lora_A.weight"] = m.lora_A.detach()
-            out[key + ".lora_B.weight"] = m.expanded_B().detach()
-        else:
-            out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = m.lora_A.detach(), m.lora_B.detach()
-    biases = bias_names(model, state.config.bias)
-    for n, p in model.named_parameters():
-        owner, _, leaf = n.rpartition(".")
-        if n not in biases or any(owner == k or owner.startswith(k + ".") for k in state.modules_to_save):
-            continue
-        if owner in lora_layers:  # peft keeps the wrapped layer's parameters under base_layer
-            out[f"{PEFT_PREFIX}{owner}.base_layer.{leaf}"] = p.detach()
-        else:
-            out[PEFT_PREFIX + n] = p.detach()
-    for name in state.modules_to_save:
-        for pname, p in model.get_submodule(name).named_parameters():
-            out[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach()
-    return out
 
 
 _SUFFIX = re.compile(r"\.(lora_[AB]\.weight|lora_embedding_[AB]|base_layer\.(weight|bias)|[^.]+)$")

@@ -16,24 +16,29 @@ as usual. Importing this module does not import bitsandbytes; running a forward 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from .layers import Linear, LoRALayer, MergedLinear, group_layout
+
+log = logging.getLogger("phitune")
 
 __all__ = ["Linear4bit", "MergedLinear4bit"]
 
-MERGE_REFUSED = ("cannot merge LoRA into 4-bit weights (rounding W + ΔW back to 4 bits would lose most of ΔW); "
-                 "merge into a 16/32-bit base: phitune.merge(run_dir, out_dir) or phitune.quant.dequantize_model(model) "
-                 "then merge_lora(model)")
+MERGE_REFUSED = ("cannot merge LoRA into 4-bit weights: rounding W + ΔW back to 4 bits would lose most of ΔW. "
+                 "Merge into a 16/32-bit base instead: phitune.merge(run_dir, out_dir) (or `phitune merge`) reloads the "
+                 "base dequantized from NF4 (or the original weights), or call "
+                 "phitune.lora.quantized.dequantize_model(model, dtype) first and then merge_lora(model)")
+INSTALL_HINT = "pip install phitune[qlora]"
 
 
 def _check_base(base: nn.Module) -> None:
-    w = getattr(base, "weight", None)
-    if type(w).__name__ != "Params4bit" or getattr(w, "quant_state", None) is None:
+    if not is_4bit_linear(base):
         raise ValueError(f"from_linear needs a quantized bitsandbytes Linear4bit (weight a Params4bit with a quant "
                          f"state; call .to(device) on a fresh layer to quantize it), got {type(base).__name__}")
 
@@ -179,3 +184,103 @@ class MergedLinear4bit(Linear4bit):
 
     def _dense_cls(self):
         return MergedLinear
+
+
+# --- bitsandbytes layers: detection, the float matmul path, dequantization ----------------------------------------
+
+
+def require_bitsandbytes():
+    """The bitsandbytes module, or a ConfigError saying how to install it."""
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise ConfigError(f"model.load_in_4bit: true needs the bitsandbytes package, which is not installed ({exc}); "
+                          f"install it with `{INSTALL_HINT}`, or set model.load_in_4bit: false") from None
+    return bitsandbytes
+
+
+def is_4bit_linear(module) -> bool:
+    """True for a bitsandbytes Linear4bit (checked without importing bitsandbytes)."""
+    weight = getattr(module, "weight", None)
+    return type(weight).__name__ == "Params4bit" and getattr(weight, "quant_state", None) is not None
+
+
+def is_8bit_linear(module) -> bool:
+    return type(module).__name__ == "Linear8bitLt"
+
+
+def is_quantized(model) -> bool:
+    """True when any module of ``model`` holds bitsandbytes 4-bit weights (with or without LoRA on top)."""
+    return any(is_4bit_linear(m) for m in model.modules())
+
+
+# --- the 4-bit matmul path --------------------------------------------------------------------------------------------
+
+
+def keep_float_4bit_path(model) -> int:
+    """Keep every bitsandbytes Linear4bit of ``model`` on its dequantize-then-matmul path; returns how many.
+
+    On CPUs with AVX512-BF16 (and AMX), bitsandbytes (0.50) runs a Linear4bit in eval mode without grad through a
+    CPU inference kernel instead: it repacks the weight in place, rounds the input and the block scales (absmax) to
+    bfloat16 and computes in bfloat16, whatever compute dtype was asked for. Measured on such a CPU against
+    x @ dequant(W).T in float64 (64 -> 96 and 3072 -> 3072, NF4 and FP4): 5.8e-3 to 9.9e-3 max error there,
+    5.7e-7 to 7.1e-7 on the dequantize path (phitune's own 4-bit LoRA layers always take it). The repacking also
+    breaks training after an evaluation (the packed path has no autograd: "a view of a leaf Variable ... in-place
+    operation", or no input gradient through layers without bias). So phitune turns it off on the models it adapts.
+    ``support_avx512bf16_for_cpu`` is the per-layer switch bitsandbytes itself reads in ``Linear4bit.forward``.
+    """
+    count = 0
+    for module in model.modules():
+        if is_4bit_linear(module) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+            if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+                log.warning("%s: bitsandbytes already repacked this 4-bit weight for its bfloat16 CPU kernel "
+                            "(its block scales were rounded to bfloat16); reload the model for float32 accuracy",
+                            type(module).__name__)
+    return count
+
+
+def dequantize_weight(module):
+    """The float weight (out, in) of a bitsandbytes Linear4bit or a phitune 4-bit LoRA layer, in the original dtype."""
+    bnb = require_bitsandbytes()
+    w = module.weight
+    return bnb.functional.dequantize_4bit(w.data, w.quant_state)
+
+
+def dequantize_model(model, dtype=None):
+    """Replace every 4-bit layer of ``model`` by a 16/32-bit one holding the dequantized weights, in place.
+
+    bitsandbytes Linear4bit -> nn.Linear; phitune 4-bit LoRA layers -> lora.Linear / lora.MergedLinear with the same
+    LoRA factors (merge_lora works on them). ``dtype``: of the new weights and of every other floating parameter
+    (None: the model's non-quantized dtype). The model's quantization config is removed, so save_pretrained writes a
+    plain model. Returns the model.
+    """
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    for name, m in list(model.named_modules()):
+        if not is_4bit_linear(m):
+            continue
+        weight = dequantize_weight(m).to(dtype)
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        plain.weight = nn.Parameter(weight, requires_grad=False)
+        if m.bias is not None:
+            plain.bias = nn.Parameter(m.bias.detach().to(dtype), requires_grad=m.bias.requires_grad)
+        plain.train(m.training)
+        model.set_submodule(name, m.to_dense(plain) if isinstance(m, Linear4bit) else plain)
+    factors = {id(p) for m in model.modules() if isinstance(m, LoRALayer)
+               if "lora_A" in m._parameters for p in (m.lora_A, m.lora_B)}
+    for p in model.parameters():  # norms, embeddings, lm_head; LoRA factors keep their (higher) precision
+        if p.dtype.is_floating_point and p.dtype != dtype and id(p) not in factors:
+            p.data = p.data.to(dtype)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    elif getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for attr in ("is_loaded_in_4bit", "is_quantized"):
+        if getattr(model, attr, False):
+            setattr(model, attr, False)
+    if getattr(model, "config", None) is not None:
+        model.config.dtype = dtype
+    return model
