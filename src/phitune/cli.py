@@ -124,6 +124,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -212,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Preview the training data as the model will see it (phitune.preview).",
     )
     p.add_argument("config", metavar="CONFIG", help="YAML config file (as for `phitune train`)")
-    p.add_argument("-n", "--num-samples", type=_positive_int, default=3, metavar="N",
-                   help="samples to print (default: 3)")
+    p.add_argument("-n", "--num-samples", type=_non_negative_int, default=3, metavar="N",
+                   help="samples to print (default: 3; 0: the statistics only)")
     color = p.add_mutually_exclusive_group()
     color.add_argument("--color", dest="color", action="store_true", default=None,
                        help="highlight trained tokens with terminal colours (default: when stdout is a terminal)")

@@ -646,9 +646,24 @@ def _with_line(message: str, path: str, lines: Mapping[str, int]) -> str:
     return f"{path}: {message}"
 
 
-def save_config(config: RunConfig, path: str | Path) -> None:
-    """Write the resolved config (every default filled in) as YAML."""
-    Path(path).write_text(config.to_yaml(), encoding="utf-8")
+RUN_STATUS_PREFIX = "# phitune run: "
+
+
+def save_config(config: RunConfig, path: str | Path, status: str | None = None) -> None:
+    """Write the resolved config (every default filled in) as YAML; ``status`` (e.g. "incomplete") goes into a
+    first comment line, which run_status reads back."""
+    head = f"{RUN_STATUS_PREFIX}{status}\n" if status else ""
+    Path(path).write_text(head + config.to_yaml(), encoding="utf-8")
+
+
+def run_status(path: str | Path) -> str | None:
+    """The status save_config wrote into a config file ("incomplete", "complete"), or None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+    except OSError:
+        return None
+    return first[len(RUN_STATUS_PREFIX):].split()[0] if first.startswith(RUN_STATUS_PREFIX) else None
 
 
 def config_fields(cls) -> list[tuple[str, Any, str]]:

@@ -340,7 +340,7 @@ def _split_stats(n_records, bad: _Collector, tokenized: tuple, samples: Tokenize
 
 
 def _dropped_text(split: dict) -> str:
-    return ", ".join(f"{n} {DROP_REASONS[r]}" for r, n in split["dropped"].items()) or "none dropped"
+    return ", ".join(f"{DROP_REASONS[r]}: {n}" for r, n in split["dropped"].items()) or "none dropped"
 
 
 def _check_truncation(stats: dict, cfg: DataConfig) -> None:

@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 
+from .render import DROP_REASONS
+
 
 def _runs(labels: np.ndarray):
     """(start, end, trained) runs of consecutive tokens with the same trained status."""
@@ -87,9 +89,7 @@ def data_warnings(split: str, s: dict, examples: int = 3) -> list[str]:
         lines.append(f"data.{split}: {s['truncated']} of {n} samples truncated to fit max_seq_length (samples "
                      f"that lost: {parts}); {fits}")
     if s.get("dropped"):
-        from .render import DROP_REASONS
-
-        why = ", ".join(f"{c} {DROP_REASONS.get(r, r)}" for r, c in s["dropped"].items())
+        why = ", ".join(f"{DROP_REASONS.get(r, r)}: {c}" for r, c in s["dropped"].items())
         lines.append(f"data.{split}: {sum(s['dropped'].values())} of {n} samples dropped, not trained on ({why})"
                      + (f"; {fits}" if s.get("over_max_seq_length") else ""))
         lines += [f"  {m}" for m in s.get("dropped_examples", [])[:examples]]

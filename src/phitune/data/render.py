@@ -58,8 +58,8 @@ class Encoded:
 # Why a sample is not trained on (stats "dropped" keys -> what the console says)
 DROP_REASONS = {
     "no_supervised": "no supervised token left",
-    "lost_user_turn": "truncation would remove its last user turn",
-    "lost_assistant_header": "truncation would remove the assistant header before the answer",
+    "lost_user_turn": "truncation would cut off its last user turn",
+    "lost_assistant_header": "truncation would cut off the assistant header before the answer",
     "too_long": "longer than max_seq_length",
 }
 _EMPTY = np.zeros(0, dtype=np.int32)

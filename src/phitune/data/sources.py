@@ -236,6 +236,16 @@ def _pick_split(dd, split, name):
                     "data.hub_eval_split to one of them")
 
 
+def check_local_path(spec: str, role: str) -> None:
+    """A DataError when ``spec`` names a local file or folder (by its form) that does not exist."""
+    if os.path.exists(spec):
+        return
+    ext = os.path.splitext(spec)[1].lower()
+    if ext in FILE_KINDS or spec.startswith((".", "/", "~")) or os.sep in spec.strip("/") and spec.count("/") > 1:
+        raise DataError(f"data.{role}: file not found: {spec}. Fix: check the path (relative paths are from "
+                        f"the current directory, {os.getcwd()})")
+
+
 def open_source(spec: Any, *, split: str = "train", hub_config: str | None = None, role: str = "train") -> Source:
     """The Source for a config value: path, folder, Hub name, list of dicts or datasets.Dataset."""
     if isinstance(spec, Source):
@@ -253,10 +263,7 @@ def open_source(spec: Any, *, split: str = "train", hub_config: str | None = Non
             return _disk_source(spec, split)
         if os.path.isfile(spec):
             return FileSource(spec)
-        ext = os.path.splitext(spec)[1].lower()
-        if ext in FILE_KINDS or spec.startswith((".", "/", "~")) or os.sep in spec.strip("/") and spec.count("/") > 1:
-            raise DataError(f"data.{role}: file not found: {spec}. Fix: check the path (relative paths are from "
-                            f"the current directory, {os.getcwd()})")
+        check_local_path(spec, role)
         return _hub_source(spec, split, hub_config, role)
     try:
         import datasets
