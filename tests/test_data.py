@@ -130,8 +130,8 @@ def test_samples_without_supervised_tokens_are_dropped_and_counted(tok, tmp_path
     chat = [{"role": "user", "content": "q " * 100}, {"role": "assistant", "content": "yes"}]
     p = prep(tok, tmp_path, [{"messages": CHAT}, {"messages": chat}], max_seq_length=64, train_on="all")
     assert len(p.train) == 2  # train_on all keeps something
-    with pytest.raises(DataError, match=r"no sample is left to train on \(1 truncation would remove the assistant "
-                       r"header.*max_seq_length \(51 fits every sample\)"):
+    with pytest.raises(DataError, match=r"no sample is left to train on \(truncation would cut off the assistant "
+                       r"header.*: 1\). .*max_seq_length \(51 fits every sample\)"):
         prep(tok, tmp_path, [{"messages": CHAT}], max_seq_length=8)
 
 

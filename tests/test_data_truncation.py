@@ -92,7 +92,7 @@ def test_samples_that_would_lose_the_user_turn_or_header_are_dropped_not_trained
     p = prep(tok, [{"messages": q}, {"messages": tiny}], max_seq_length=L)
     st = p.stats["train"]
     assert st["dropped"] == {"lost_user_turn": 1} and st["samples"] == 1
-    assert st["dropped_examples"] == [f"data.train item 0 ({full} tokens): truncation would remove its last user turn"]
+    assert st["dropped_examples"] == [f"data.train item 0 ({full} tokens): truncation would cut off its last user turn"]
     # one token more keeps the "?": trained, with the header
     kept = prep(tok, [{"messages": q}], max_seq_length=L + 1).train[0]["input_ids"]
     assert tok.decode(kept[1:]).startswith("?<|end|><|assistant|>Because.")
@@ -118,7 +118,7 @@ def test_truncation_drop_drops_and_counts(tok):
     st = p.stats["train"]
     assert len(p.train) == 3 and st["dropped"] == {"too_long": 1} and st["truncated"] == 0
     lines = data_warnings("train", st)
-    assert lines[0].startswith("data.train: 1 of 4 samples dropped, not trained on (1 longer than max_seq_length)")
+    assert lines[0].startswith("data.train: 1 of 4 samples dropped, not trained on (longer than max_seq_length: 1)")
 
 
 def test_fitting_length_is_the_share_quantile_of_whole_samples():

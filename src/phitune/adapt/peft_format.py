@@ -203,7 +203,12 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
         from safetensors.torch import load_file
 
         path = directory / WEIGHTS_NAME
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type: a damaged or cut-off file
+            raise AdapterError(f"{path}: not a readable safetensors file ({e}); it is damaged or was cut off. "
+                               "Fix: use another checkpoint of the run (RUN/checkpoints/checkpoint-N), or train "
+                               "again") from None
     elif (directory / LEGACY_WEIGHTS_NAME).is_file():
         path = directory / LEGACY_WEIGHTS_NAME
         try:  # weights_only: a pickle may run code; only plain tensors are accepted

@@ -191,6 +191,9 @@ class Renderer:
         try:
             return self.render(messages)
         except Exception as e:
+            if type(e).__name__ == "SecurityError":  # jinja2's sandbox: the template, not the record, is at fault
+                raise DataError(f"the chat template does something the sandbox forbids ({e}), first seen on "
+                                f"{where}. Fix: correct data.chat_template or the tokenizer's template") from None
             raise DataError(f"{where}: the chat template failed on this record: {e}. Fix: correct the record "
                             "(roles/order the template expects) or set data.on_bad_record: skip") from None
 
