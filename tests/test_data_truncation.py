@@ -134,3 +134,17 @@ def test_console_lines_say_what_was_truncated_and_skipped(tok):
     assert lines[0] == "data.train: 1 bad record(s) skipped (missing field: 1)"
     assert any(line.startswith("data.train: 1 of 2 samples truncated to fit max_seq_length (samples that lost: "
                                "older turns 1)") for line in lines)
+
+
+def test_cache_false_folder_of_a_killed_run_is_removed_by_the_next_one(tok, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f".tmp-{int(dead.stdout)}-abc"  # what a SIGKILLed run with data.cache: false leaves
+    orphan.mkdir()
+    (orphan / "stats.json").write_text("{}")
+    mine = tmp_path / ".tmp-1-live"  # pid 1 is alive: never touched
+    mine.mkdir()
+    prepare_data(DataConfig(train=[{"messages": chat(1)}], cache=False, cache_dir=str(tmp_path)), tok)
+    assert not orphan.exists() and mine.exists()

@@ -193,3 +193,22 @@ def test_run_records_resume_and_unfinished_runs(tiny_model_dir, chat_files, tmp_
     (out / "phitune_config.yaml").write_text(text)
     assert open_run(out).adapter_dir == out / "checkpoints" / "checkpoint-3"
     assert open_run(out / "checkpoints" / "checkpoint-2").adapter_dir == out / "checkpoints" / "checkpoint-2"
+
+
+def test_small_items_bom_line_json_message_and_weights_mode(tmp_path):
+    from phitune.data import DataConfig, prepare_data
+    from phitune.data.sources import parse_jsonl_line
+    from phitune.tokenizer import build_phi3_style_tokenizer
+
+    rec = b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + rec + rec)
+    p = prepare_data(DataConfig(train=str(tmp_path / "bom.jsonl"), cache=False), build_phi3_style_tokenizer())
+    assert p.stats["train"]["samples"] == 2  # a byte order mark is read past, not a bad record
+    problem = parse_jsonl_line(b'{"a": "x\ty"}\n', "f:1")
+    assert problem.detail == "Invalid control character at column 9"  # not "at at column"
+    kw = _lora_state(tmp_path)
+    c = ckpt.save_checkpoint(tmp_path, 1, **kw)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("adapter_model.safetensors", ckpt.TRAINABLE_NAME, ckpt.STATE_NAME):
+        assert (c / name).stat().st_mode & 0o777 == 0o666 & ~mask, name

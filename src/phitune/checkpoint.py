@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .storage import writing
+from .storage import readable_like_the_rest, writing
 
 log = logging.getLogger("phitune")
 
@@ -214,6 +214,7 @@ def _write_checkpoint_files(tmp: Path, step: int, *, model, optimizer, scheduler
     save_adapter(model, tmp, base_model_name_or_path=base_model_name_or_path)
     trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / TRAINABLE_NAME))
+    readable_like_the_rest(tmp / TRAINABLE_NAME)
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),

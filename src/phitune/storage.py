@@ -69,3 +69,11 @@ def writing(path: str | os.PathLike, what: str, keeps: str = ""):
                            f"{' ' + keeps if keeps else ''} Fix: free space or choose a writable "
                            "training_config.output_dir, then run again (resume_from_checkpoint: auto continues from "
                            "the last complete checkpoint)") from None
+
+
+def readable_like_the_rest(path: str | os.PathLike) -> None:
+    """Give a file the mode Python's own files get under the current umask (safetensors writes its files 0600,
+    so the weights of a run were the one file other users of a shared folder could not read)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

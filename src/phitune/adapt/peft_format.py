@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import lora
 from ..errors import AdapterError, ConfigError
+from ..storage import readable_like_the_rest
 from .config import LoraConfig, parse_lora_config
 from .inject import FUSED_SLICES, LoraReport, _lora_modules, _set_trainable, _state, add_lora, lora_report
 
@@ -181,6 +182,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
                         (CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(_adapter_config(model, base_model_name_or_path), indent=2) + "\n"))]:
         tmp = directory / (name + ".tmp")
         write(str(tmp))
+        readable_like_the_rest(tmp)
         os.replace(tmp, directory / name)
     return directory
 

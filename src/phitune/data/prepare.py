@@ -415,7 +415,8 @@ def prepare_data(cfg: DataConfig | dict | Any, tokenizer) -> PreparedData:
                             "nothing left to train on")
 
     os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
+    _remove_orphans(root)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=root)
     try:
         stats: dict = {"cache": {"key": key}}
         f_train, ok_train, bad_train = checked["train"]
@@ -471,6 +472,21 @@ def prepare_data(cfg: DataConfig | dict | Any, tokenizer) -> PreparedData:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_orphans(root: str) -> None:
+    """Delete the temporary folders of processes that are gone: a killed run (SIGKILL skips atexit) leaves its
+    ``.tmp-PID-*`` folder behind, which would otherwise hold its tokens on disk for good."""
+    for name in os.listdir(root):
+        parts = name.split("-")
+        if not name.startswith(".tmp-") or len(parts) < 3 or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        except OSError:  # alive, owned by another user
+            pass
 
 
 def _load(folder: str, cfg: DataConfig, tokenizer, hit: bool) -> PreparedData:

@@ -58,8 +58,15 @@ def _hash(*parts: Any) -> str:
     return h.hexdigest()
 
 
+def _json_msg(e: json.JSONDecodeError) -> str:
+    """json's message without its own trailing "at" ("Invalid control character at"), which we follow with one."""
+    return e.msg[:-3] if e.msg.endswith(" at") else e.msg
+
+
 def parse_jsonl_line(raw: bytes, loc: str) -> Any:
     """One JSON Lines line -> a record, or the Problem (not UTF-8, invalid JSON) that makes it unreadable."""
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Windows editors write one): not part of the data
+        raw = raw[3:]
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -71,7 +78,7 @@ def parse_jsonl_line(raw: bytes, loc: str) -> Any:
         truncated = not raw.endswith(b"\n")
         return Problem(
             "invalid JSON",
-            f"{e.msg} at column {e.colno}" + (" (the last line looks cut off)" if truncated else ""),
+            f"{_json_msg(e)} at column {e.colno}" + (" (the last line looks cut off)" if truncated else ""),
             "write one complete JSON object per line" + (
                 "; the file may have been truncated while writing, re-create it" if truncated else ""),
         )
@@ -146,7 +153,7 @@ class FileSource(Source):
             if e.msg == "Extra data":  # JSON Lines saved as .json
                 yield from self._iter_jsonl()
                 return
-            raise DataError(f"{self.name}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}. Fix: make the "
+            raise DataError(f"{self.name}:{e.lineno}: invalid JSON: {_json_msg(e)} at column {e.colno}. Fix: make the "
                             "file one JSON array of records (or use .jsonl, one object per line)")
         if isinstance(data, dict):
             lists = [k for k, v in data.items() if isinstance(v, list)]
