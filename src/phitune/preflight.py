@@ -24,15 +24,16 @@ def looks_local(value: str) -> bool:
     return value.startswith((".", "/", "~")) or "\\" in value or not _REPO_ID.match(value)
 
 
-def check_model_source(model_cfg: ModelConfig) -> None:
-    """A local model (or tokenizer) folder exists and holds what loading needs; a Hub id is left to the Hub."""
+def check_model_source(model_cfg: ModelConfig, weights: bool = True) -> None:
+    """A local model (or tokenizer) folder exists and holds what loading needs (``weights``: the .safetensors too;
+    preview needs only the tokenizer); a Hub id is left to the Hub."""
     for key in ("name_or_path", "tokenizer"):
         value = getattr(model_cfg, key)
         if value is None:
             continue
         path = Path(os.path.expanduser(str(value)))
         if path.is_dir():
-            if key == "name_or_path":
+            if key == "name_or_path" and weights:
                 _check_model_folder(path)
             continue
         if path.exists():

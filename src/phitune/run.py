@@ -510,7 +510,7 @@ def preview(config: Any, n: int = 3, color: bool | None = None, *, overrides: Se
     run_config = load_config(config, overrides)
     if color is None:
         color = bool(getattr(out, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
-    check_model_source(run_config.model)
+    check_model_source(run_config.model, weights=False)
     check_data_paths(run_config.data)
     tokenizer = load_tokenizer(run_config.model)
     prepared = prepare_data(run_config.data, tokenizer)

@@ -34,7 +34,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed
 from ._typed import suggest
-from .config import SECTIONS, RunConfig, TrainingConfig, load_config, read_yaml, save_config
+from .config import SECTIONS, RunConfig, TrainingConfig, load_config, read_yaml, run_status, save_config
 from .errors import ConfigError, PhituneError
 from .preflight import check_data_paths, check_model_source
 from .data.preview import data_warnings
@@ -246,7 +246,10 @@ def _planned_steps(prepared, cfg: RunConfig, world: int) -> int:
 
 
 def _finished_steps(out: Path) -> int | None:
-    """The steps a finished run in ``out`` trained (its final_metrics.json), or None when it did not finish."""
+    """The steps a finished run in ``out`` trained (its final_metrics.json), or None when it did not finish (no
+    final adapter, or its config still marked incomplete)."""
+    if not (out / "adapter_model.safetensors").is_file() or run_status(out / "phitune_config.yaml") == "incomplete":
+        return None
     try:
         return int(json.loads((out / "final_metrics.json").read_text())["train_steps"])
     except (OSError, ValueError, KeyError, TypeError):
