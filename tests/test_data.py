@@ -109,18 +109,30 @@ def test_truncation_drops_oldest_turns_first(tok, tmp_path):
     assert "a5." in text and "question 0" not in text
 
 
-def test_too_long_answer_is_cut_at_the_end_and_counted(tok, tmp_path):
-    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 200}]
-    p = prep(tok, tmp_path, [{"messages": chat}], max_seq_length=32)
+def test_a_sample_that_would_lose_its_question_is_dropped_and_counted(tok, tmp_path):
+    long_answer = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 200}]
+    p = prep(tok, tmp_path, [{"messages": CHAT}, {"messages": long_answer}], max_seq_length=32)
+    st = p.stats["train"]
+    assert len(p.train) == 1 and st["samples"] == 1
+    assert st["dropped"] == {"lost_assistant_header": 1} and st["over_max_seq_length"] == 2  # CHAT: turns dropped
+    assert st["truncated"] == 1 and st["truncated_parts"]["older turns"] == 1
+    assert st["dropped_examples"][0].startswith("data.train item 1 (")
+    assert st["fit_max_seq_length"]["100%"] == len(expected(tok, long_answer, {1})[0])
+
+
+def test_too_long_text_is_cut_at_the_end_and_counted(tok, tmp_path):
+    p = prep(tok, tmp_path, [{"text": "word " * 200}], max_seq_length=32)
     assert len(p.train[0]["input_ids"]) == 32 and p.stats["train"]["answer_truncated"] == 1
+    assert p.stats["train"]["truncated_parts"]["answer"] == 1 and p.stats["train"]["tag_tokens_cut"] == 1  # eos
 
 
 def test_samples_without_supervised_tokens_are_dropped_and_counted(tok, tmp_path):
     chat = [{"role": "user", "content": "q " * 100}, {"role": "assistant", "content": "yes"}]
     p = prep(tok, tmp_path, [{"messages": CHAT}, {"messages": chat}], max_seq_length=64, train_on="all")
     assert len(p.train) == 2  # train_on all keeps something
-    p = prep(tok, tmp_path, [{"messages": CHAT}], max_seq_length=8)
-    assert p.stats["train"]["answer_truncated"] == 1 or p.stats["train"]["dropped_no_supervised"] == 1
+    with pytest.raises(DataError, match=r"no sample is left to train on \(truncation would cut off the assistant "
+                       r"header.*: 1\). .*max_seq_length \(51 fits every sample\)"):
+        prep(tok, tmp_path, [{"messages": CHAT}], max_seq_length=8)
 
 
 def test_cache_is_reused_without_retokenizing(tok, tmp_path, monkeypatch):

@@ -265,7 +265,6 @@ def test_split_evenly_is_disjoint_ordered_and_balanced():
 @pytest.mark.parametrize("packing", [True, False])
 def test_the_parts_of_a_micro_batch_are_its_rows(packing):
     """What 2 processes train on is exactly the micro-batch of 1 process with the doubled batch, row for row."""
-    from types import SimpleNamespace
 
     from phitune.data import batch_plan, collate
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Mapping, TypeVar
@@ -98,6 +99,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, section: str, *, leg
             raise ConfigError(
                 f"{section}.{key}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})"
             )
+        if isinstance(value, float) and not math.isfinite(value):  # YAML .nan/.inf: never a usable setting
+            raise ConfigError(f"{section}.{key}: must be a finite number, got {value}")
         kwargs[key] = value
     obj = cls(**kwargs)
     if notes and hasattr(obj, "notes"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -36,6 +37,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
+from .storage import readable_like_the_rest, writing
+
+log = logging.getLogger("phitune")
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "checkpoint-"
@@ -173,19 +177,44 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, scheduler, data_
                     base_model_name_or_path: str | None = None, scaler=None, extra: dict | None = None,
                     rng_per_process: list | None = None) -> Path:
     """Write ``checkpoints/checkpoint-STEP`` atomically and return its path (``rng_per_process``: every process's
-    ``rng_state()`` under torchrun, so each resumes its own dropout stream)."""
-    from .adapt import save_adapter
-
+    ``rng_state()`` under torchrun, so each resumes its own dropout stream). A file-system failure (disk full,
+    read-only) is a StorageError naming the path; the earlier checkpoints are untouched."""
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     _remove_temp_folders(root)
     final = root / f"{PREFIX}{step}"
     tmp = root / f".tmp-{PREFIX}{step}-{os.getpid()}"
-    tmp.mkdir()
+    try:
+        with writing(tmp, f"checkpoint {step}", keeps="Earlier checkpoints are intact."):
+            tmp.mkdir()
+            _write_checkpoint_files(tmp, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                    data_position=data_position, settings=settings, scaler=scaler, extra=extra,
+                                    rng_per_process=rng_per_process, base_model_name_or_path=base_model_name_or_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder must not take the free space left
+        raise
+
+    _test_slow_save(step)
+
+    if final.exists():  # re-saving a step after resuming from an older checkpoint
+        old = root / f".tmp-old-{PREFIX}{step}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    return final
+
+
+def _write_checkpoint_files(tmp: Path, step: int, *, model, optimizer, scheduler, data_position, settings, scaler,
+                            extra, rng_per_process, base_model_name_or_path) -> None:
+    from .adapt import save_adapter
 
     save_adapter(model, tmp, base_model_name_or_path=base_model_name_or_path)
     trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / TRAINABLE_NAME))
+    readable_like_the_rest(tmp / TRAINABLE_NAME)
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
@@ -199,23 +228,12 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, scheduler, data_
         state["rng_per_process"] = list(rng_per_process)
     torch.save(state, tmp / STATE_NAME)
     meta = {"step": step, "config_hash": config_hash(settings), "settings": settings,
-            "data_position": dict(data_position), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "data_position": dict(data_position), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "files": {f.name: file_record(f) for f in sorted(tmp.iterdir())}}
     (tmp / META_NAME).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
     for f in tmp.iterdir():
         _fsync_file(f)
     _fsync_dir(tmp)
-
-    _test_slow_save(step)
-
-    if final.exists():  # re-saving a step after resuming from an older checkpoint
-        old = root / f".tmp-old-{PREFIX}{step}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
-    return final
 
 
 def _test_slow_save(step: int) -> None:
@@ -248,6 +266,51 @@ def list_checkpoints(output_dir) -> list[Path]:
 def latest_checkpoint(output_dir) -> Path | None:
     ckpts = list_checkpoints(output_dir)
     return ckpts[-1] if ckpts else None
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """Size and BLAKE2b hash of a checkpoint file, kept in meta.json to find a file cut off or damaged later."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "blake2b": h.hexdigest()}
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint folder (its meta.json, step, every file's size and hash), or None. Checkpoints
+    written before the files were recorded are checked for their step and the files' presence only."""
+    try:
+        meta = json.loads((checkpoint / META_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{META_NAME} is unreadable ({exc})"
+    name_step = checkpoint.name[len(PREFIX):]
+    if not isinstance(meta, dict) or str(meta.get("step")) != name_step:
+        return f"{META_NAME} says step {meta.get('step') if isinstance(meta, dict) else '?'}, the folder {name_step}"
+    files = meta.get("files") or {n: None for n in (STATE_NAME, TRAINABLE_NAME)}
+    for name, want in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if want is None:
+            continue
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {want['bytes']} were written"
+        if file_record(path)["blake2b"] != want["blake2b"]:
+            return f"{name} differs from what was written (hash mismatch)"
+    return None
+
+
+def usable_checkpoint(output_dir, warn=None) -> Path | None:
+    """The newest checkpoint of a run that passes checkpoint_problem; each damaged newer one is reported through
+    ``warn`` (a callable taking a message) and skipped."""
+    for ckpt in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        if warn is not None:
+            warn(f"{ckpt} is damaged ({problem}); falling back to the previous complete checkpoint")
+    return None
 
 
 def rotate_checkpoints(output_dir, save_total_limit: int | None, keep: Path | None = None) -> list[Path]:
@@ -284,15 +347,23 @@ def resolve_resume(resume_from_checkpoint, output_dir) -> Path | None:
     if value is None or value is False:
         return None
     if value is True or (isinstance(value, str) and value.lower() in ("auto", "true", "latest")):
-        found = latest_checkpoint(output_dir)
+        found = usable_checkpoint(output_dir, warn=log.warning)
+        if found is None and list_checkpoints(output_dir):
+            raise CheckpointError(f"resume_from_checkpoint: every checkpoint in {checkpoints_dir(output_dir)} is "
+                                  "damaged (see the warnings above). Fix: delete them and set "
+                                  "overwrite_output_dir: true to start over")
         if found is None and not (isinstance(value, str) and value.lower() == "auto"):
             raise CheckpointError(f"resume_from_checkpoint: no checkpoint in {checkpoints_dir(output_dir)}; "
                                   "use auto to start fresh when there is none")
         return found
     path = Path(value)
     if (path / META_NAME).is_file():
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise CheckpointError(f"resume_from_checkpoint: {path} is damaged ({problem}). Fix: name an earlier "
+                                  "checkpoint, or use auto to take the newest complete one")
         return path
-    found = latest_checkpoint(path)  # a run folder
+    found = usable_checkpoint(path, warn=log.warning)  # a run folder
     if found is None:
         raise CheckpointError(f"resume_from_checkpoint: {path} is neither a checkpoint folder (with {META_NAME}) "
                               f"nor a run folder with checkpoints/")
@@ -311,7 +382,12 @@ def load_checkpoint(checkpoint: str | os.PathLike, *, model, optimizer, schedule
         tensors = load_file(str(checkpoint / TRAINABLE_NAME))
         state = torch.load(checkpoint / STATE_NAME, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file means a broken checkpoint
-        raise CheckpointError(f"{checkpoint}: cannot read the checkpoint ({exc})") from exc
+        raise CheckpointError(f"{checkpoint}: cannot read the checkpoint ({exc})") from None
+    meta_step = read_meta(checkpoint).get("step")
+    if state.get("step") != meta_step:
+        raise CheckpointError(f"{checkpoint}: {STATE_NAME} is from step {state.get('step')}, but {META_NAME} says "
+                              f"step {meta_step}; a file was copied in from another checkpoint. Fix: resume from "
+                              "another checkpoint")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(tensors):
         missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))

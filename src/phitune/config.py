@@ -11,8 +11,11 @@ type before any slow work starts. Errors name the key and, for a YAML file, the 
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
+import functools
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,10 +105,26 @@ class ModelConfig:
     notes: list = _notes()
 
     def __post_init__(self):
+        self.name_or_path = shipped_model(self.name_or_path)
+        self.tokenizer = shipped_model(self.tokenizer)
         if self.model_max_length is not None and self.model_max_length < 1:
             raise ConfigError(f"model.model_max_length must be >= 1, got {self.model_max_length}")
         self.quantization = build_quantization_config(self.quantization)
         self.notes.extend(filter(None, [quantization_note(self.load_in_4bit, self.quantization)]))
+
+
+# Models that ship inside phitune, by the name a config can give them
+SHIPPED_MODELS = {"phitune:demo": Path(__file__).parent / "assets" / "demo" / "model"}
+
+
+def shipped_model(name):
+    """The folder of a shipped model (``phitune:demo``: the demo's tiny Phi-3); any other name unchanged."""
+    if isinstance(name, str) and name.startswith("phitune:"):
+        if name not in SHIPPED_MODELS:
+            raise ConfigError(f"model.name_or_path: {name!r} is not a model shipped with phitune"
+                              f"{suggest(name, SHIPPED_MODELS)}; shipped: {', '.join(SHIPPED_MODELS)}")
+        return str(SHIPPED_MODELS[name])
+    return name
 
 
 _MODEL_ALIASES = {"torch_dtype": "dtype", "model_name_or_path": "name_or_path", "pretrained_model_name_or_path":
@@ -211,6 +230,13 @@ class TrainingConfig:
             raise ConfigError("training_config: bf16 and fp16 are both true; choose one")
         if self.max_grad_norm < 0:
             raise ConfigError(f"training_config.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"training_config.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.adam_epsilon <= 0:
+            raise ConfigError(f"training_config.adam_epsilon must be > 0 (e.g. 1e-8), got {self.adam_epsilon}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"training_config.weight_decay must be >= 0, got {self.weight_decay}")
         self.report_to = _report_to(self.report_to)
         if self.ddp_backend is not None and self.ddp_backend not in DDP_BACKENDS:
             raise ConfigError(f"training_config.ddp_backend: unknown backend '{self.ddp_backend}'"
@@ -325,22 +351,47 @@ _TRAINING_INERT = {
 }
 
 
+_NO_LITERAL = object()  # a default that is not a plain literal: never equal to a config value
+
+
+@functools.lru_cache(maxsize=1)
+def training_arguments_defaults() -> dict[str, Any]:
+    """{field: default} of transformers' TrainingArguments, read from its source file without importing it:
+    importing transformers.training_args imports peft and bitsandbytes (9 s and a bitsandbytes kernel warning on
+    the console, for a config whose only problem is a typo)."""
+    spec = importlib.util.find_spec("transformers")
+    path = Path(spec.origin).parent / "training_args.py" if spec and spec.origin else None
+    if path is None or not path.is_file():  # pragma: no cover - transformers is a dependency
+        return {}
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainingArguments"), None)
+    out: dict[str, Any] = {}
+    for node in cls.body if cls is not None else []:
+        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+            continue
+        default = node.value
+        if isinstance(default, ast.Call) and getattr(default.func, "id", "") == "field":
+            default = next((k.value for k in default.keywords if k.arg == "default"), None)
+        try:
+            out[node.target.id] = ast.literal_eval(default) if default is not None else _NO_LITERAL
+        except ValueError:
+            out[node.target.id] = _NO_LITERAL
+    return out
+
+
 def _training_key_note(key: str, value: Any) -> str | None:
     """A note for a real TrainingArguments key phitune does not implement, if its value asks for nothing;
     a ConfigError if it asks for a behaviour phitune would silently skip. None for keys TrainingArguments lacks."""
-    try:
-        from transformers import TrainingArguments
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
+    defaults = training_arguments_defaults()
     if key not in defaults:
         return None
     default = defaults[key]
     if value == default or value in (None, False, [], {}, "", "no", "none"):
         return f"training_config.{key}: has no effect here (a TrainingArguments option phitune does not implement)"
+    fix = f" or set it to {default!r}" if default is not _NO_LITERAL else ""
     raise ConfigError(
         f"training_config.{key}: {value!r} asks for a TrainingArguments feature phitune does not implement "
-        f"(its own training loop has no such option); remove the key or set it to {default!r}"
+        f"(its own training loop has no such option); remove the key{fix}"
     )
 
 
@@ -463,7 +514,7 @@ def build_run_config(sections: Mapping[str, Any], source: str | None = None) -> 
         if key not in SECTIONS:
             raise ConfigError(f"unknown config section '{key}'{suggest(key, SECTIONS)}; the sections are "
                               f"{', '.join(SECTIONS)}")
-    from .adapt import parse_lora_config
+    from .adapt.config import parse_lora_config  # not phitune.adapt: that imports torch
 
     try:
         from .data import DataConfig
@@ -598,34 +649,69 @@ def load_config(source: str | Path | Mapping[str, Any] | RunConfig, overrides: S
     else:
         raise ConfigError(f"load_config: expected a YAML path or a dict of sections, got {type(source).__name__}")
     data = apply_overrides(data, overrides or [])
+    given = {item.split("=", 1)[0].strip(): item for item in overrides or []}
     try:
         return build_run_config(data, source=name)
     except ConfigError as exc:
+        item = _overridden(str(exc), given)
+        if item is not None:  # the value came from the command line: say so, not a line of the file
+            raise ConfigError(f"--set {item}: {exc}") from None
         if name is None:
             raise
         raise ConfigError(_with_line(str(exc), name, lines)) from None
 
 
+def _overridden(message: str, given: Mapping[str, str]) -> str | None:
+    """The ``--set`` item whose key the error ``message`` names, if any."""
+    for key in _named_keys(message):
+        for dotted, item in given.items():
+            if dotted == key or "." in key and dotted.startswith(key + "."):
+                return item
+    return None
+
+
+def _named_keys(message: str) -> list[str]:
+    """The dotted config keys an error message names (``section.key ...`` or ``section: unknown key 'k'``), most
+    specific first."""
+    m = re.match(r"[A-Za-z_]\w*(?:\.\w+)*", message)
+    head = m.group(0) if m else ""
+    out = []
+    m = re.search(r"unknown key '([^']+)'", message)
+    if m:
+        out.append(f"{head}.{m.group(1)}")
+    m2 = re.search(r"unknown config section '([^']+)'", message)
+    if m2:
+        out.append(m2.group(1))
+    return out + [head]
+
+
 def _with_line(message: str, path: str, lines: Mapping[str, int]) -> str:
     """Prefix ``message`` with ``path:line`` of the key it names (``section.key: ...`` or ``unknown key 'k'``)."""
     head = message.split(":", 1)[0].strip()
-    m = re.search(r"unknown key '([^']+)'", message)
-    candidates = []
-    if m:
-        candidates.append(f"{head}.{m.group(1)}")
-    m2 = re.search(r"unknown config section '([^']+)'", message)
-    if m2:
-        candidates.append(m2.group(1))
-    candidates += [head, head.split(".")[0]]
-    for c in candidates:
+    for c in _named_keys(message) + [head.split(".")[0]]:
         if c in lines:
             return f"{path}:{lines[c]}: {message}"
     return f"{path}: {message}"
 
 
-def save_config(config: RunConfig, path: str | Path) -> None:
-    """Write the resolved config (every default filled in) as YAML."""
-    Path(path).write_text(config.to_yaml(), encoding="utf-8")
+RUN_STATUS_PREFIX = "# phitune run: "
+
+
+def save_config(config: RunConfig, path: str | Path, status: str | None = None) -> None:
+    """Write the resolved config (every default filled in) as YAML; ``status`` (e.g. "incomplete") goes into a
+    first comment line, which run_status reads back."""
+    head = f"{RUN_STATUS_PREFIX}{status}\n" if status else ""
+    Path(path).write_text(head + config.to_yaml(), encoding="utf-8")
+
+
+def run_status(path: str | Path) -> str | None:
+    """The status save_config wrote into a config file ("incomplete", "complete"), or None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+    except OSError:
+        return None
+    return first[len(RUN_STATUS_PREFIX):].split()[0] if first.startswith(RUN_STATUS_PREFIX) else None
 
 
 def config_fields(cls) -> list[tuple[str, Any, str]]:

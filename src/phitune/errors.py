@@ -19,3 +19,7 @@ class AdapterError(PhituneError, ValueError):
 
 class CheckpointError(PhituneError, RuntimeError):
     """A checkpoint is missing, broken or incompatible with the config."""
+
+
+class StorageError(PhituneError, OSError):
+    """A file could not be written (disk full, read-only, no permission): the message names the path."""

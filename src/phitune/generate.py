@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from jinja2.exceptions import TemplateError
 from transformers import GenerationConfig
 
 from .errors import ConfigError
@@ -87,7 +88,12 @@ def build_prompt_ids(tokenizer, messages: Sequence[Message]) -> list[int]:
             "the tokenizer has no chat template; save one with the tokenizer (tokenizer.chat_template = ...) "
             "or use a run folder written by `phitune train`, which saves it"
         )
-    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    try:
+        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    except (TemplateError, ValueError) as exc:  # SecurityError (the sandbox refused it) is a TemplateError
+        raise ConfigError(f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'} "
+                          f"cannot render this conversation ({type(exc).__name__}: {exc}). Fix: correct the "
+                          "template (tokenizer_config.json / chat_template.jinja in the run folder)") from None
     if isinstance(ids, dict) or hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
         ids = ids["input_ids"]
     if ids and isinstance(ids[0], list):

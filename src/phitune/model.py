@@ -117,8 +117,9 @@ def load_tokenizer(model_cfg: ModelConfig):
 
 
 def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | str | None = None,
-                             host_load: bool = False):
-    """(model, tokenizer) for training: safetensors weights, use_cache off, dtype and attention resolved.
+                             host_load: bool = False, tokenizer=None):
+    """(model, tokenizer) for training: safetensors weights, use_cache off, dtype and attention resolved;
+    ``tokenizer``: one already loaded by load_tokenizer (else it is loaded here).
 
     ``host_load``: dtype and attention are chosen for ``device`` but the weights stay in host memory (FSDP then
     shards them onto the device: a base that does not fit one GPU is never placed whole on one).
@@ -138,7 +139,8 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | s
     log.info("model %s: %s, %s, attention %s", model_cfg.name_or_path, device,
              str(dtype).replace("torch.", ""), attn)
 
-    tokenizer = load_tokenizer(model_cfg)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_cfg)
     kwargs = dict(revision=model_cfg.revision, dtype=dtype, attn_implementation=attn, use_safetensors=True,
                   trust_remote_code=model_cfg.trust_remote_code)
     kwargs.update(qlora_kwargs)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import outdir
+from .config import run_status
 from .errors import ConfigError, DataError
 
 CONFIG_FILE = "phitune_config.yaml"
@@ -64,7 +65,21 @@ def open_run(run_dir: str | os.PathLike) -> RunFolder:
         root = path.parent.parent
     if not (root / CONFIG_FILE).is_file():
         raise ConfigError(f"'{path}' is not a phitune run folder: {CONFIG_FILE} is missing. {_hint(path)}")
+    unfinished = path == root and run_status(root / CONFIG_FILE) == "incomplete"
     missing = [name for name in ADAPTER_FILES if not (path / name).is_file()]
+    if unfinished or (missing and path == root):
+        # training has not finished (or was stopped): its newest complete checkpoint stands in for the final adapter
+        from .checkpoint import checkpoint_problem  # torch: imported only for a run that needs it
+
+        usable = [c for c in reversed(_checkpoints(root))
+                  if all((c / n).is_file() for n in ADAPTER_FILES) and checkpoint_problem(c) is None]
+        if usable:
+            print(f"{root}: training has not finished; using its latest checkpoint, {usable[0]}", file=sys.stderr)
+            return RunFolder(root=root, adapter_dir=usable[0])
+        if unfinished and not missing:
+            raise ConfigError(f"run folder '{root}' is unfinished (training has not written its final adapter, and "
+                              "the adapter there is from an earlier run) and has no checkpoint yet. Fix: resume "
+                              "training with training_config.resume_from_checkpoint=auto")
     if missing:
         hint = ""
         ckpts = _checkpoints(root)
@@ -552,11 +567,14 @@ def preview(config: Any, n: int = 3, color: bool | None = None, *, overrides: Se
     from .config import load_config
     from .data import format_stats, prepare_data, preview_text
     from .model import load_tokenizer
+    from .preflight import check_data_paths, check_model_source
 
     out = output if output is not None else sys.stdout
     run_config = load_config(config, overrides)
     if color is None:
         color = bool(getattr(out, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
+    check_model_source(run_config.model, weights=False)
+    check_data_paths(run_config.data)
     tokenizer = load_tokenizer(run_config.model)
     prepared = prepare_data(run_config.data, tokenizer)
     print(format_stats(prepared.stats), file=out)

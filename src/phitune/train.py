@@ -37,12 +37,14 @@ from . import checkpoint as ckpt
 from . import distributed, outdir
 from . import fast as fastpath
 from ._typed import suggest
-from .config import SECTIONS, RunConfig, TrainingConfig, load_config, read_yaml, save_config
+from .config import SECTIONS, RunConfig, TrainingConfig, load_config, read_yaml, run_status, save_config
 from .errors import ConfigError, PhituneError
 from .fast import FastPath
 from .fast.attention import position_masks
 from .interrupt import Interrupted, StopOnSignal, signal_name
 from .labels import IGNORE_INDEX
+from .preflight import check_data_paths, check_model_source
+from .data.preview import data_warnings
 from .metrics import MetricsLog, plot_loss_curve, progress_bar, read_metrics, resolve_backends, setup_logging
 
 log = logging.getLogger("phitune")
@@ -87,10 +89,25 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
 
     # Everything that can refuse does so before the slow work: output folder, checkpoint, report_to packages.
     out = Path(tc.output_dir)
+    existed = out.exists()
     world = distributed.world_size()
     settings = ckpt.resume_settings(cfg, world_size=world)
-    resume_from = distributed.on_main(_prepare_output_dir, out, tc, settings, run_scope)
-    resolve_backends(tc.report_to)
+    try:
+        resume_from = distributed.on_main(_prepare_output_dir, out, tc, settings, run_scope)
+        resolve_backends(tc.report_to)
+        tokenizer, prepared = _checks_before_weights(cfg, main)
+    except BaseException:
+        if not existed and out.is_dir() and all(p.name == outdir.LOCK_NAME for p in out.iterdir()):
+            (out / outdir.LOCK_NAME).unlink(missing_ok=True)  # a run that failed its checks leaves no folder behind
+            out.rmdir()
+        raise
+    done = _finished_steps(out) if tc.resume_from_checkpoint else None
+    if done is not None and done >= _planned_steps(prepared, cfg, world):
+        log.warning("training_config.output_dir: the run in %s is complete (%d steps); nothing to resume. Raise "
+                    "max_steps or num_train_epochs to train further, or set overwrite_output_dir: true to start "
+                    "over", out, done)
+        distributed.finish(created_group)
+        return FinetuneResult(output_dir=out, metrics=json.loads((out / "final_metrics.json").read_text()))
 
     # seed -> model -> LoRA
     seed_everything(tc.seed)
@@ -100,7 +117,9 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
 
     device = resolve_device(tc.use_cpu)  # under torchrun: this process's GPU (LOCAL_RANK)
     _set_tf32(tc.tf32, device)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, host_load=distributed.fsdp_enabled(tc))
+
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, host_load=distributed.fsdp_enabled(tc),
+                                                tokenizer=tokenizer)
     report = add_lora(model, cfg.peft_config, lora_dtype=torch.float32)  # fp32 adapters even on a bf16 base
     log.info("%s", report)
     for note in distributed.prepare_model(model, tc, device):  # same LoRA start everywhere; FSDP2 if asked
@@ -112,9 +131,7 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
     distributed.seed_per_process(tc.seed)  # dropout masks differ between processes
 
     # data: one plan on every process, micro-batches of bs x processes; each process trains on its part
-    prepare_data, batch_plan, collate = data_api()
-    with distributed.local_main_first():  # one process per node writes the data cache, the others read it
-        prepared = prepare_data(cfg.data, tokenizer)
+    _, batch_plan, collate = data_api()
     dc = cfg.data
     make_batch = batch_maker(model, tokenizer, dc, collate, fast)
     my_part = distributed.sharder()
@@ -131,6 +148,13 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
     if steps_per_epoch == 0:
         raise PhituneError("the training data gave no batches: check data.train and data.max_seq_length")
     total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * steps_per_epoch)
+    done = _finished_steps(out) if tc.resume_from_checkpoint else None
+    if done is not None and done >= _planned_steps(prepared, cfg, world):
+        log.warning("training_config.output_dir: the run in %s is complete (%d steps); nothing to resume. Raise "
+                    "max_steps or num_train_epochs to train further, or set overwrite_output_dir: true to start "
+                    "over", out, done)
+        distributed.finish(created_group)
+        return FinetuneResult(output_dir=out, metrics=json.loads((out / "final_metrics.json").read_text()))
 
     # optimizer and schedule
     optimizer = build_optimizer(model, tc, device)
@@ -144,6 +168,8 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
                                      scaler=scaler, rank=distributed.rank(), world_size=world)
         state = TrainState.from_dict(saved["extra"]["train_state"])
         log.info("resumed from %s (step %d of %d)", resume_from, state.step, total_steps)
+        cfg = _kept_from_checkpoint(cfg, optimizer)
+    distributed.on_main(save_config, with_absolute_paths(cfg), out / "phitune_config.yaml", status="incomplete")
 
     metrics_log = MetricsLog(out, tc.report_to, run_name=tc.run_name or out.resolve().name, config=cfg.to_dict(),
                              resume_step=state.step if resume_from is not None else None, write=main)
@@ -221,6 +247,69 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
     return FinetuneResult(output_dir=out, metrics=final, model=model, tokenizer=tokenizer)
 
 
+def _checks_before_weights(cfg: RunConfig, main: bool):
+    """Everything after the config that needs no weights, in the order a user fixes things: model folder or id,
+    data paths, tokenizer and chat template, every record, the data statistics (their warnings printed here).
+    Returns (tokenizer, prepared data)."""
+    from .model import load_tokenizer
+
+    cfg.peft_config.check_targets()
+    check_model_source(cfg.model)
+    check_data_paths(cfg.data)
+    tokenizer = load_tokenizer(cfg.model)
+    prepare_data = data_api()[0]
+    with distributed.local_main_first():  # one process per node writes the data cache, the others read it
+        prepared = prepare_data(cfg.data, tokenizer)
+    if main:
+        for split in ("train", "eval"):
+            for line in data_warnings(split, prepared.stats[split]) if prepared.stats.get(split) else []:
+                log.warning("%s", line)
+    return tokenizer, prepared
+
+
+def _planned_steps(prepared, cfg: RunConfig, world: int) -> int:
+    """The optimizer steps the config asks for (max_steps, or epochs of the batch plan)."""
+    tc, dc = cfg.training_config, cfg.data
+    if tc.max_steps > 0:
+        return tc.max_steps
+    batches = len(data_api()[1](prepared.train, tc.per_device_train_batch_size * world, dc.max_seq_length,
+                                dc.packing, dc.seed, 0))
+    return math.ceil(tc.num_train_epochs * math.ceil(batches / tc.gradient_accumulation_steps))
+
+
+def _finished_steps(out: Path) -> int | None:
+    """The steps a finished run in ``out`` trained (its final_metrics.json), or None when it did not finish (no
+    final adapter, or its config still marked incomplete)."""
+    if not (out / "adapter_model.safetensors").is_file() or run_status(out / "phitune_config.yaml") == "incomplete":
+        return None
+    try:
+        return int(json.loads((out / "final_metrics.json").read_text())["train_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# optimizer hyperparameters a resumed run takes from the checkpoint's optimizer state, not from the config
+_OPTIMIZER_KEYS = {"learning_rate": lambda g: g.get("initial_lr", g["lr"]), "adam_beta1": lambda g: g["betas"][0],
+                   "adam_beta2": lambda g: g["betas"][1], "adam_epsilon": lambda g: g["eps"]}
+
+
+def _kept_from_checkpoint(cfg: RunConfig, optimizer) -> RunConfig:
+    """The config with the values the resumed optimizer really uses; a changed one is said on the console, so the
+    run's phitune_config.yaml and README record what trained, not what was asked."""
+    group = optimizer.param_groups[0]
+    kept = {}
+    for key, read in _OPTIMIZER_KEYS.items():
+        used, asked = float(read(group)), float(getattr(cfg.training_config, key))
+        if not math.isclose(used, asked, rel_tol=1e-9, abs_tol=0.0):
+            log.warning("training_config.%s: %g given, but the resumed run keeps the checkpoint's %g (its optimizer "
+                        "and schedule continue); recorded as %g. Start a new run (overwrite_output_dir: true) to "
+                        "use the new value", key, asked, used, used)
+            kept[key] = used
+    if not kept:
+        return cfg
+    return dataclasses.replace(cfg, training_config=dataclasses.replace(cfg.training_config, **kept))
+
+
 def _logged_eval(metrics_path: Path, step: int) -> dict | None:
     """The evaluation already logged at ``step`` (the loop's last one), if any."""
     records = read_metrics(metrics_path)
@@ -290,6 +379,8 @@ def _prepare_output_dir(out: Path, tc: TrainingConfig, settings: dict, run_scope
         out.mkdir(parents=True, exist_ok=True)
         return resume_from
     earlier = ckpt.list_checkpoints(out) or (out / "adapter_model.safetensors").exists()
+    if earlier and tc.resume_from_checkpoint and _finished_steps(out) is not None:
+        return None  # a finished run: finetune says so once it knows the steps asked for
     if earlier:
         if not tc.overwrite_output_dir:
             raise ConfigError(
@@ -311,7 +402,7 @@ def save_run(out: Path, cfg: RunConfig, model, tokenizer, data_stats: dict, fina
     save_adapter(model, out, base_model_name_or_path=cfg.model.name_or_path)
     tokenizer.save_pretrained(out)
     generation_config_for(model, tokenizer).save_pretrained(out)
-    save_config(cfg, out / "phitune_config.yaml")
+    save_config(cfg, out / "phitune_config.yaml", status="complete")
     (out / "data_stats.json").write_text(json.dumps(data_stats, indent=1, default=str), encoding="utf-8")
     (out / "final_metrics.json").write_text(json.dumps(final, indent=1), encoding="utf-8")
     records = read_metrics(out / "metrics.jsonl")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Literal, Mapping
 
@@ -43,6 +44,8 @@ class LoraConfig:
         for key, value in [("lora_alpha", self.lora_alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 bad(key, f"must be a number (e.g. 32), got {value!r} ({type(value).__name__})")
+            if not math.isfinite(value) or value <= 0:  # 0 makes every update zero: the run would train nothing
+                bad(key, f"must be a finite number > 0 (scaling = lora_alpha / r; e.g. 2 * r), got {value!r}")
         for k, v in self.rank_pattern.items():
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(f"rank_pattern[{k!r}]", f"must be a positive int, got {v!r}")
@@ -55,8 +58,6 @@ class LoraConfig:
         if not any(self.init_lora_weights is m or self.init_lora_weights == m and isinstance(m, str) for m in INIT_MODES):
             bad("init_lora_weights", f"phitune supports True, False and 'gaussian', got {self.init_lora_weights!r}"
                 " (peft's data-driven inits such as pissa/loftq/eva are not implemented)")
-        if self.target_modules is None:
-            bad("target_modules", "not set; use 'all-linear' (the Phi-3 cookbook's choice) or names like ['qkv_proj', 'o_proj']")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
             bad("target_modules", "is empty; name at least one module or use 'all-linear'")
         if isinstance(self.target_modules, str) and self.target_modules.lower() != "all-linear":
@@ -65,6 +66,13 @@ class LoraConfig:
             _compile(self.exclude_modules, "exclude_modules")
         if self.layers_to_transform is not None and not isinstance(self.target_modules, (list, tuple)):
             bad("layers_to_transform", "only works with target_modules as a list of names (as in peft)")
+
+
+    def check_targets(self) -> None:
+        """target_modules must be set before LoRA is added (preview, which adds none, does without)."""
+        if self.target_modules is None:
+            raise ConfigError("peft_config.target_modules: not set; use 'all-linear' (the Phi-3 cookbook's choice) or "
+                              "names like ['qkv_proj', 'o_proj']")
 
 
 def _compile(pattern: str, key: str) -> re.Pattern:

@@ -221,6 +221,7 @@ def add_lora(model: nn.Module, peft_config: Mapping[str, Any] | LoraConfig, *, l
     ``lora_dtype`` keeps lora_A/lora_B in another dtype than the base weights (e.g. float32 on a bf16 model).
     """
     cfg = parse_lora_config(peft_config)
+    cfg.check_targets()
     if lora_modules(model):
         raise AdapterError("the model already has LoRA layers; call merge_lora(model) first or start from a fresh model")
     targets, keep = _select_targets(model, cfg)

@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import lora
 from ..errors import AdapterError, ConfigError
+from ..storage import readable_like_the_rest
 from .config import LoraConfig, parse_lora_config
 from .inject import (
     PEFT_PREFIX, LoraReport, adapter_state_dict, add_lora, lora_modules, lora_report, lora_state, set_trainable,
@@ -127,6 +128,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
                         (CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(_adapter_config(model, base_model_name_or_path), indent=2) + "\n"))]:
         tmp = directory / (name + ".tmp")
         write(str(tmp))
+        readable_like_the_rest(tmp)
         os.replace(tmp, directory / name)
     return directory
 
@@ -149,7 +151,12 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
         from safetensors.torch import load_file
 
         path = directory / WEIGHTS_NAME
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type: a damaged or cut-off file
+            raise AdapterError(f"{path}: not a readable safetensors file ({e}); it is damaged or was cut off. "
+                               "Fix: use another checkpoint of the run (RUN/checkpoints/checkpoint-N), or train "
+                               "again") from None
     elif (directory / LEGACY_WEIGHTS_NAME).is_file():
         path = directory / LEGACY_WEIGHTS_NAME
         try:  # weights_only: a pickle may run code; only plain tensors are accepted

@@ -46,7 +46,11 @@ class DataConfig:
                                                      "e.g. {bot: assistant}")
     chat_template: str | None = field(None, doc="Jinja chat template overriding the tokenizer's ('phi3' = Phi-3's)")
     max_seq_length: int = field(2048, doc="tokens per sample (and per packed sequence); longer conversations "
-                                          "lose their oldest turns first")
+                                          "lose their oldest turns first (see truncation)")
+    truncation: Literal["auto", "drop", "error"] = field(
+        "auto", doc="samples longer than max_seq_length: auto drops the oldest turns, then cuts the prompt from the "
+                    "left (a sample that would lose its last user turn or the assistant header is dropped); drop: "
+                    "drop them; error: stop, listing them")
     packing: bool = field(True, doc="pack several samples per sequence (no attention across samples)")
     train_on: Literal["assistant", "all", "last_assistant"] = field(
         "assistant", doc="which tokens get a loss: assistant turns (with <|end|> and eos), all, or the last reply")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -24,11 +25,11 @@ from ..errors import DataError
 from .batching import packing_efficiency
 from .config import DataConfig
 from .formats import detect_format, normalize
-from .render import Renderer
+from .render import DROP_REASONS, Renderer
 from .sources import Problem, open_source
 from .store import SampleWriter, TokenizedSamples
 
-PIPELINE_VERSION = 1  # bump when tokenization/masking changes, to invalidate caches
+PIPELINE_VERSION = 2  # bump when tokenization/masking changes, to invalidate caches
 CHUNK = 512  # records per encode_batch call: big enough for the Rust tokenizer's threads, small for flat memory
 WORKER_CHUNK = 1024  # records per task of a worker process (it tokenizes single-threaded)
 PARALLEL_MIN_RECORDS = 20_000  # fewer valid records: tokenize in this process (a pool's start is not worth it)
@@ -147,8 +148,10 @@ def _tasks(source, ok: np.ndarray, route: np.ndarray | None, size: int):
 
 def _encode_task(renderer: Renderer, cfg: DataConfig, task) -> tuple:
     """Normalize, render, tokenize, mask and truncate one task's records (in this process or a worker). Returns
-    ``(ids, trained, lengths, to_eval, counters)``: the kept samples concatenated (int32 ids, uint8 trained flags),
-    their lengths and destinations, and the truncation/drop counters by destination."""
+    ``(ids, trained, lengths, to_eval, counters, untruncated)``: the kept samples concatenated (int32 ids, uint8
+    trained flags), their lengths and destinations, the truncation/drop counters by destination (with the first
+    ``max_errors_shown`` dropped or too long samples as "where (N tokens): reason"), and the untruncated length and
+    destination of every sample, dropped ones included."""
     decode, units, dests = task
     pairs = units if decode is None else decode(units)
     items = [normalize(rec, renderer.fmt, cfg, require_alternation=renderer.require_alternation)
@@ -156,20 +159,31 @@ def _encode_task(renderer: Renderer, cfg: DataConfig, task) -> tuple:
     wheres = [w for w, _ in pairs]
     del pairs, units
     counters: dict = {}
+    examples: dict = {}
     ids, trained, lens, to_eval = [], [], [], []
-    for e, d in zip(renderer.encode_chunk(items, wheres), dests):
+    encoded = renderer.encode_chunk(items, wheres)
+    for e, d, where in zip(encoded, dests, wheres):
         c = counters.get(d)
         if c is None:
             c = counters[d] = Counter()
-        if e is None:
-            c["dropped_no_supervised"] += 1
+            examples[d] = []
+        if e.original_length > cfg.max_seq_length:
+            c["over_max_seq_length"] += 1
+        if e.dropped is not None:
+            c["dropped:" + e.dropped] += 1
+            if len(examples[d]) < cfg.max_errors_shown:
+                examples[d].append(f"{where} ({e.original_length} tokens): {DROP_REASONS[e.dropped]}")
             continue
         if e.turns_dropped or e.prompt_tokens_cut or e.answer_tokens_cut:
             c["truncated"] += 1
+            c["turns_truncated"] += bool(e.turns_dropped)
+            c["prompt_truncated"] += bool(e.prompt_tokens_cut)
+            c["answer_truncated"] += bool(e.answer_tokens_cut)
+            c["tags_truncated"] += bool(e.tag_tokens_cut)
             c["turns_dropped"] += e.turns_dropped
             c["prompt_tokens_cut"] += e.prompt_tokens_cut
             c["answer_tokens_cut"] += e.answer_tokens_cut
-            c["answer_truncated"] += bool(e.answer_tokens_cut)
+            c["tag_tokens_cut"] += e.tag_tokens_cut
         ids.append(e.ids)
         trained.append(e.trained)
         lens.append(len(e.ids))
@@ -179,7 +193,9 @@ def _encode_task(renderer: Renderer, cfg: DataConfig, task) -> tuple:
         tr_a = np.concatenate(trained).astype(np.uint8, copy=False)
     else:
         ids_a, tr_a = np.zeros(0, np.int32), np.zeros(0, np.uint8)
-    return ids_a, tr_a, np.array(lens, dtype=np.int64), np.array(to_eval, dtype=bool), counters
+    untruncated = (np.array([e.original_length for e in encoded], dtype=np.int64), np.array(dests, dtype=bool))
+    return (ids_a, tr_a, np.array(lens, dtype=np.int64), np.array(to_eval, dtype=bool), counters,
+            (examples, *untruncated))
 
 
 # -- worker processes ------------------------------------------------------------------------------------------------
@@ -251,12 +267,18 @@ def _tokenize(source, ok: np.ndarray, renderer: Renderer, cfg: DataConfig, write
               name: str = "train"):
     """Pass 2: normalize, render, tokenize, mask, truncate; stream into the writers. Returns per-split stats."""
     st = {k: Counter() for k in writers}
-    lengths = {k: writers[k].lengths for k in writers}
+    examples = {k: [] for k in writers}
+    untruncated = {k: [] for k in writers}
     workers = num_workers(int(ok.sum()))
     tasks = _tasks(source, ok, route, WORKER_CHUNK if workers else CHUNK)
-    for ids, trained, lens, to_eval, counters in _results(tasks, renderer, cfg, workers):
+    for ids, trained, lens, to_eval, counters, (ex, full, full_eval) in _results(tasks, renderer, cfg, workers):
         for d, c in counters.items():
-            st["eval" if d else name].update(c)
+            split = "eval" if d else name
+            st[split].update(c)
+            examples[split] += ex[d][:max(0, cfg.max_errors_shown - len(examples[split]))]
+        for d, part in ((False, full[~full_eval]), (True, full[full_eval])):
+            if len(part):
+                untruncated["eval" if d else name].append(part)
         if not to_eval.any():
             writers[name].add_many(ids, trained, lens)
         elif to_eval.all():
@@ -265,12 +287,22 @@ def _tokenize(source, ok: np.ndarray, renderer: Renderer, cfg: DataConfig, write
             tok_eval = np.repeat(to_eval, lens)
             writers[name].add_many(ids[~tok_eval], trained[~tok_eval], lens[~to_eval])
             writers["eval"].add_many(ids[tok_eval], trained[tok_eval], lens[to_eval])
-    return st, lengths
+    return {k: (st[k], examples[k], np.concatenate(untruncated[k]) if untruncated[k] else np.zeros(0, np.int64))
+            for k in writers}
 
 
-def _split_stats(n_records, bad: _Collector, counters: Counter, lengths: list, samples: TokenizedSamples, fmt: str,
+def fitting_length(lengths: np.ndarray, share: float) -> int:
+    """The smallest max_seq_length that holds ``share`` of samples with these (untruncated) lengths whole."""
+    if not len(lengths):
+        return 0
+    ordered = np.sort(lengths)
+    return int(ordered[max(math.ceil(share * len(ordered)) - 1, 0)])
+
+
+def _split_stats(n_records, bad: _Collector, tokenized: tuple, samples: TokenizedSamples, fmt: str,
                  cfg: DataConfig) -> dict:
     arr = np.asarray(samples.lengths, dtype=np.int64)
+    counters, examples, untruncated = tokenized
     pct = {f"p{q}": int(np.percentile(arr, q)) for q in (5, 50, 90, 95, 99)} if len(arr) else {}
     if len(arr):
         pct["max"] = int(arr.max())
@@ -291,12 +323,42 @@ def _split_stats(n_records, bad: _Collector, counters: Counter, lengths: list, s
         "prompt_tokens_cut": int(counters["prompt_tokens_cut"]),
         "answer_truncated": int(counters["answer_truncated"]),
         "answer_tokens_cut": int(counters["answer_tokens_cut"]),
-        "dropped_no_supervised": int(counters["dropped_no_supervised"]),
+        "tag_tokens_cut": int(counters["tag_tokens_cut"]),
+        # samples that lost each part (one sample can lose several)
+        "truncated_parts": {"older turns": int(counters["turns_truncated"]), "prompt": int(counters["prompt_truncated"]),
+                            "answer": int(counters["answer_truncated"]), "role tags": int(counters["tags_truncated"])},
+        "dropped_no_supervised": int(counters["dropped:no_supervised"]),
+        "dropped": {r: int(counters["dropped:" + r]) for r in DROP_REASONS if counters["dropped:" + r]},
+        "dropped_examples": examples,
+        "over_max_seq_length": int(counters["over_max_seq_length"]),
+        "fit_max_seq_length": {"95%": fitting_length(untruncated, 0.95), "100%": fitting_length(untruncated, 1.0)},
     }
     if cfg.packing and len(samples):
         pk = packing_efficiency(samples, cfg.max_seq_length, cfg.seed)
         out["packing"] = {"max_seq_length": cfg.max_seq_length, **pk}
     return out
+
+
+def _dropped_text(split: dict) -> str:
+    return ", ".join(f"{DROP_REASONS[r]}: {n}" for r, n in split["dropped"].items()) or "none dropped"
+
+
+def _check_truncation(stats: dict, cfg: DataConfig) -> None:
+    """data.truncation: error: any sample longer than max_seq_length stops here, before any weights load."""
+    if cfg.truncation != "error":
+        return
+    over = {k: v for k, v in stats.items() if isinstance(v, dict) and v.get("over_max_seq_length")}
+    if not over:
+        return
+    lines = []
+    for name, s in over.items():
+        fit = s["fit_max_seq_length"]
+        lines.append(f"data.{name}: {s['over_max_seq_length']} of {s['samples'] + sum(s['dropped'].values())} "
+                     f"samples are longer than data.max_seq_length={cfg.max_seq_length} (max_seq_length "
+                     f"{fit['95%']} fits 95% of them, {fit['100%']} all):")
+        lines += [f"  {e}" for e in s["dropped_examples"]]
+    raise DataError("\n".join(lines) + "\nFix: raise data.max_seq_length, shorten those records, or set "
+                    "data.truncation: auto (or drop)")
 
 
 def _eval_route(ok: np.ndarray, eval_split, seed: int) -> np.ndarray:
@@ -353,7 +415,8 @@ def prepare_data(cfg: DataConfig | dict | Any, tokenizer) -> PreparedData:
                             "nothing left to train on")
 
     os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
+    _remove_orphans(root)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=root)
     try:
         stats: dict = {"cache": {"key": key}}
         f_train, ok_train, bad_train = checked["train"]
@@ -361,14 +424,12 @@ def prepare_data(cfg: DataConfig | dict | Any, tokenizer) -> PreparedData:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         if "eval" in sources:
             w = {"train": SampleWriter(os.path.join(tmp, "train"))}
-            st, lens = _tokenize(sources["train"], ok_train, renderer, cfg, w, None)
+            st = _tokenize(sources["train"], ok_train, renderer, cfg, w, None)
             f_eval, ok_eval, bad_eval = checked["eval"]
             r_eval = renderer if f_eval == f_train else Renderer(tokenizer, cfg, f_eval)
             we = {"eval": SampleWriter(os.path.join(tmp, "eval"))}
-            st_e, lens_e = _tokenize(sources["eval"], ok_eval, r_eval, cfg, we, None, "eval")
+            st.update(_tokenize(sources["eval"], ok_eval, r_eval, cfg, we, None, "eval"))
             w.update(we)
-            st.update(st_e)
-            lens.update(lens_e)
             n_rec = {"train": len(ok_train), "eval": len(ok_eval)}
             bads = {"train": bad_train, "eval": bad_eval}
             fmts = {"train": f_train, "eval": f_eval}
@@ -377,7 +438,7 @@ def prepare_data(cfg: DataConfig | dict | Any, tokenizer) -> PreparedData:
             w = {"train": SampleWriter(os.path.join(tmp, "train"))}
             if route is not None:
                 w["eval"] = SampleWriter(os.path.join(tmp, "eval"))
-            st, lens = _tokenize(sources["train"], ok_train, renderer, cfg, w, route)
+            st = _tokenize(sources["train"], ok_train, renderer, cfg, w, route)
             if route is not None:
                 n_rec = {"train": int((~route).sum()), "eval": int(route.sum())}
             else:
@@ -387,11 +448,14 @@ def prepare_data(cfg: DataConfig | dict | Any, tokenizer) -> PreparedData:
         for name, wr in w.items():
             wr.close(pad_token_id=pad)
             s = TokenizedSamples(os.path.join(tmp, name))
-            stats[name] = _split_stats(n_rec[name], bads[name], st[name], lens[name], s, fmts[name], cfg)
-            if len(s) == 0:
-                raise DataError(f"data.{name}: no sample has a supervised token left "
-                                f"({st[name]['dropped_no_supervised']} dropped). Fix: raise data.max_seq_length, "
-                                "or check data.train_on")
+            stats[name] = _split_stats(n_rec[name], bads[name], st[name], s, fmts[name], cfg)
+        _check_truncation(stats, cfg)
+        for name in w:
+            if stats[name]["samples"] == 0:
+                sn = stats[name]
+                raise DataError(f"data.{name}: no sample is left to train on ({_dropped_text(sn)}). Fix: raise "
+                                f"data.max_seq_length ({sn['fit_max_seq_length']['100%']} fits every sample), or "
+                                "check data.train_on")
         stats["options"] = {"max_seq_length": cfg.max_seq_length, "train_on": cfg.train_on,
                             "packing": cfg.packing, "on_bad_record": cfg.on_bad_record,
                             "bos": renderer.bos_id is not None, "require_alternation": renderer.require_alternation}
@@ -408,6 +472,21 @@ def prepare_data(cfg: DataConfig | dict | Any, tokenizer) -> PreparedData:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_orphans(root: str) -> None:
+    """Delete the temporary folders of processes that are gone: a killed run (SIGKILL skips atexit) leaves its
+    ``.tmp-PID-*`` folder behind, which would otherwise hold its tokens on disk for good."""
+    for name in os.listdir(root):
+        parts = name.split("-")
+        if not name.startswith(".tmp-") or len(parts) < 3 or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        except OSError:  # alive, owned by another user
+            pass
 
 
 def _load(folder: str, cfg: DataConfig, tokenizer, hit: bool) -> PreparedData:

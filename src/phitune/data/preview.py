@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from ..labels import IGNORE_INDEX
+from .render import DROP_REASONS
 
 
 def _runs(labels: np.ndarray):
@@ -72,6 +73,30 @@ def preview_text(prepared, tokenizer=None, n: int = 3, color: bool | None = None
     return legend + "\n".join(parts)
 
 
+def data_warnings(split: str, s: dict, examples: int = 3) -> list[str]:
+    """What the data preparation changed or left out in one split, in words: bad records skipped (by reason),
+    samples truncated (which part) and dropped (why), with the max_seq_length that would fit them. Printed before
+    training starts and by preview."""
+    lines = []
+    if s.get("bad_records"):
+        reasons = ", ".join(f"{r}: {c}" for r, c in sorted(s["bad_by_reason"].items(), key=lambda x: -x[1]))
+        lines.append(f"data.{split}: {s['bad_records']} bad record(s) skipped ({reasons})")
+        lines += [f"  {m}" for m in s.get("bad_examples", [])[:examples]]
+    fit = s.get("fit_max_seq_length") or {}
+    fits = f"max_seq_length {fit.get('95%')} fits 95% of the samples whole, {fit.get('100%')} all of them"
+    n = s["samples"] + sum((s.get("dropped") or {}).values())
+    if s.get("truncated"):
+        parts = ", ".join(f"{k} {v}" for k, v in (s.get("truncated_parts") or {}).items() if v)
+        lines.append(f"data.{split}: {s['truncated']} of {n} samples truncated to fit max_seq_length (samples "
+                     f"that lost: {parts}); {fits}")
+    if s.get("dropped"):
+        why = ", ".join(f"{DROP_REASONS.get(r, r)}: {c}" for r, c in s["dropped"].items())
+        lines.append(f"data.{split}: {sum(s['dropped'].values())} of {n} samples dropped, not trained on ({why})"
+                     + (f"; {fits}" if s.get("over_max_seq_length") else ""))
+        lines += [f"  {m}" for m in s.get("dropped_examples", [])[:examples]]
+    return lines
+
+
 def format_stats(stats: dict) -> str:
     """The data statistics as a short human-readable report."""
     lines = []
@@ -81,19 +106,16 @@ def format_stats(stats: dict) -> str:
             continue
         lines.append(f"{split}: {s['records']} records ({s['format']}), {s['samples']} samples, "
                      f"{s['tokens']} tokens")
-        if s.get("bad_records"):
-            reasons = ", ".join(f"{r}: {c}" for r, c in sorted(s["bad_by_reason"].items(), key=lambda x: -x[1]))
-            lines.append(f"  bad records skipped: {s['bad_records']} ({reasons})")
-            for m in s.get("bad_examples", [])[:5]:
-                lines.append(f"    {m}")
         lines.append(f"  supervised tokens: {s['supervised_tokens']} ({100 * s['supervised_share']:.1f}%)")
         p = s.get("length_percentiles") or {}
         if p:
             lines.append("  tokens per sample: " + ", ".join(
                 f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in p.items()))
-        lines.append(f"  truncated: {s['truncated']} (turns dropped {s['turns_dropped']}, prompt tokens cut "
-                     f"{s['prompt_tokens_cut']}, answers cut {s['answer_truncated']})")
-        lines.append(f"  dropped (no supervised token left): {s['dropped_no_supervised']}")
+        lines += [f"  {line}" for line in data_warnings(split, s, examples=5)]
+        if not s.get("truncated"):
+            lines.append("  truncated: 0")
+        if not s.get("dropped"):
+            lines.append("  dropped: 0")
         if s.get("packing"):
             pk = s["packing"]
             lines.append(f"  packing: {pk['rows']} rows of {pk['max_seq_length']} tokens, "

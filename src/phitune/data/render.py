@@ -18,13 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any
 
 import numpy as np
 
 from ..errors import DataError
 from .config import DataConfig
-from .formats import alternation_problem
 
 
 def _lcp(a: str, b: str) -> int:
@@ -43,14 +41,31 @@ def _lcp(a: str, b: str) -> int:
 
 @dataclass
 class Encoded:
-    """One tokenized sample: ids, which tokens are trained, and what truncation did to it."""
+    """One tokenized sample: ids, which tokens are trained, and what truncation did to it. ``dropped`` names the
+    reason (a key of DROP_REASONS) when the sample is not trained on; its ids are then empty."""
 
     ids: np.ndarray
     trained: np.ndarray
     turns_dropped: int = 0
     prompt_tokens_cut: int = 0
     answer_tokens_cut: int = 0
+    tag_tokens_cut: int = 0
     original_length: int = 0
+    dropped: str | None = None
+
+
+# Why a sample is not trained on (stats "dropped" keys -> what the console says)
+DROP_REASONS = {
+    "no_supervised": "no supervised token left",
+    "lost_user_turn": "truncation would cut off its last user turn",
+    "lost_assistant_header": "truncation would cut off the assistant header before the answer",
+    "too_long": "longer than max_seq_length",
+}
+_EMPTY = np.zeros(0, dtype=np.int32)
+
+
+def _dropped(reason: str, original_length: int) -> Encoded:
+    return Encoded(_EMPTY, np.zeros(0, dtype=bool), original_length=original_length, dropped=reason)
 
 
 class Renderer:
@@ -91,6 +106,12 @@ class Renderer:
             raise DataError("data.add_bos: true, but the tokenizer has no bos_token. Fix: set data.add_bos: null")
         self.eos_id = tokenizer.eos_token_id
         self.max_len = cfg.max_seq_length
+        self.truncation = cfg.truncation
+        # role tags: the template's special tokens (<|user|>, <|assistant|>, <|end|>, ...), counted apart when cut
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        tags = {i for i, t in decoder.items() if getattr(t, "special", False)}
+        tags.update(getattr(tokenizer, "all_special_ids", []) or [])
+        self.tag_ids = np.array(sorted(tags), dtype=np.int64)
         self.require_alternation = bool(cfg.require_alternation)
         if cfg.require_alternation is None and self.compiled is not None:
             self.require_alternation = self._template_demands_alternation()
@@ -164,17 +185,25 @@ class Renderer:
         return False
 
     # -- spans ---------------------------------------------------------------------------------------------------
-    def spans(self, messages: list, where: str = "") -> tuple[str, list[tuple[int, int, int]]]:
+    def render_full(self, messages: list, where: str = "") -> str:
+        """The whole conversation as text; a template error becomes a DataError naming the record."""
+        try:
+            return self.render(messages)
+        except Exception as e:
+            if type(e).__name__ == "SecurityError":  # jinja2's sandbox: the template, not the record, is at fault
+                raise DataError(f"the chat template does something the sandbox forbids ({e}), first seen on "
+                                f"{where}. Fix: correct data.chat_template or the tokenizer's template") from None
+            raise DataError(f"{where}: the chat template failed on this record: {e}. Fix: correct the record "
+                            "(roles/order the template expects) or set data.on_bad_record: skip") from None
+
+    def spans(self, messages: list, where: str = "", full: str | None = None) -> tuple[str, list[tuple[int, int, int]]]:
         """The full rendering and the spans that get a loss, as (start, end, limit) character positions: a token is
         trained when it starts in [start, end) and ends by ``limit``. ``end`` leaves out the whitespace after a
         turn (the next turn's); ``limit`` is where the rendering of ``messages[:i+1]`` stops agreeing with the
         full one, so a token that reaches into the next turn (``<|user|>``) is never trained, while an end-of-turn
-        token that absorbs the newline after it (Phi-3's rstrip added tokens) is."""
-        try:
-            full = self.render(messages)
-        except Exception as e:
-            raise DataError(f"{where}: the chat template failed on this record: {e}. Fix: correct the record "
-                            "(roles/order the template expects) or set data.on_bad_record: skip") from None
+        token that absorbs the newline after it (Phi-3's rstrip added tokens) is. ``full``: the rendering, if known."""
+        if full is None:
+            full = self.render_full(messages, where)
         mode = self.cfg.train_on
         if mode == "all":
             return full, [(0, len(full), len(full))]
@@ -223,18 +252,33 @@ class Renderer:
         kk = np.maximum(k, 0)
         return (k >= 0) & (off[:, 0] < sp[kk, 1]) & (off[:, 1] <= sp[kk, 2])
 
+    def _finished_length(self, ids) -> int:
+        """len(ids) after _finish (exactly one BOS), without building the array."""
+        if self.bos_id is None:
+            return len(ids)
+        n_bos = 0
+        while n_bos < len(ids) and ids[n_bos] == self.bos_id:
+            n_bos += 1
+        return len(ids) - n_bos + 1
+
     def encode_chunk(self, items: list, wheres: list) -> list:
-        """Tokenize a chunk of normalized records (message lists or texts): a list of Encoded or None (dropped)."""
-        if self.fmt == "text":
-            texts = items
-            spans = [[(0, len(t), len(t))] for t in texts]
-        else:
-            texts, spans = [], []
-            for msgs, where in zip(items, wheres):
-                t, s = self.spans(msgs, where)
-                texts.append(t)
-                spans.append(s)
+        """Tokenize a chunk of normalized records (message lists or texts): a list of Encoded (``dropped`` set for
+        the samples not trained on).
+
+        Every conversation is rendered and tokenized once; only those that fit max_seq_length get their loss spans
+        (one render per assistant turn) here. A longer one goes to ``_fit``, which never renders more than the part
+        it keeps, so the work stays linear in the conversation's length (re-rendering the rest after each dropped
+        turn took 239 s for one 1,600-turn conversation)."""
+        L = self.max_len
+        texts = items if self.fmt == "text" else [self.render_full(m, w) for m, w in zip(items, wheres)]
         encs = self.backend.encode_batch(texts, add_special_tokens=False)
+        extra = 1 if self.fmt == "text" and self.eos_id is not None else 0
+        lengths = [self._finished_length(e.ids) + extra for e in encs]
+        if self.fmt == "text":
+            spans = [[(0, len(t), len(t))] for t in texts]
+        else:  # an overlong conversation gets its spans once it is cut to size (in _fit)
+            spans = [self.spans(m, w, full=t)[1] if n <= L else []
+                     for m, w, t, n in zip(items, wheres, texts, lengths)]
         if self.fast:
             pairs = self._chunk_masks(texts, spans, encs)
         else:
@@ -243,14 +287,21 @@ class Renderer:
         del encs
         out = []
         for k, (ids, trained) in enumerate(pairs):
-            if self.fmt == "text" and self.eos_id is not None:
+            n = lengths[k]
+            if n > L and self.truncation != "auto":  # drop, or error (prepare_data raises after counting them all)
+                out.append(_dropped("too_long", n))
+                continue
+            if n > L and self.fmt != "text":
+                out.append(self._fit(items[k], wheres[k], n))
+                continue
+            if extra:
                 ids = np.append(ids, np.int32(self.eos_id))
                 trained = np.append(trained, True)
             ids, trained = self._finish(ids, trained)
-            e = Encoded(ids, trained, original_length=len(ids))
-            if len(ids) > self.max_len:
-                e = self._truncate(items[k], wheres[k], e)
-            out.append(e if e.trained.any() else None)
+            e = Encoded(ids, trained, original_length=n)
+            if n > L:  # a text: it is all answer
+                e = self._cut(e, 0)
+            out.append(e if e.trained.any() else _dropped("no_supervised", n))
         return out
 
     def _chunk_masks(self, texts: list, spans: list, encs: list) -> list:
@@ -283,44 +334,97 @@ class Renderer:
             trained = np.zeros(total, dtype=bool)
         return [(ids[bounds[k]:bounds[k + 1]], trained[bounds[k]:bounds[k + 1]]) for k in range(len(encs))]
 
-    def _encode_one(self, msgs: list, where: str) -> tuple[np.ndarray, np.ndarray]:
-        text, spans = self.spans(msgs, where)
-        enc = self.backend.encode(text, add_special_tokens=False)
-        return self._finish(np.array(enc.ids, dtype=np.int32), self._mask(enc.offsets, spans))
-
-    def _truncate(self, item: Any, where: str, e: Encoded) -> Encoded:
-        """Fit max_seq_length: drop the oldest turns (keeping a system message), then cut prompt tokens from the
-        left, and only then cut the end of the answer."""
+    def _fit(self, msgs: list, where: str, n_full: int) -> Encoded:
+        """An overlong conversation cut to max_seq_length: first the oldest turns are dropped (whole rounds from a
+        user message on; a leading system message stays), then prompt tokens are cut from the left, up to the first
+        trained token. A sample whose cut would reach its last user turn's content or the assistant header before
+        the answer is dropped instead: an answer fragment without its question teaches nothing wanted."""
         L = self.max_len
-        ids, trained = e.ids, e.trained
-        dropped = 0
-        if self.fmt != "text":
-            msgs = item
-            head = msgs[:1] if msgs[0]["role"] == "system" else []
-            body = msgs[len(head):]
-            while len(ids) > L:
-                # the next round starts at the next user message; keep at least the last assistant reply
-                nxt = next((j for j in range(1, len(body)) if body[j]["role"] == "user"), None)
-                if nxt is None or not any(m["role"] == "assistant" for m in body[nxt:]):
-                    break
-                dropped += sum(1 for m in body[:nxt])
-                body = body[nxt:]
-                new = head + body
-                if self.require_alternation and alternation_problem(new):
-                    break
-                ids, trained = self._encode_one(new, where)
-        prompt_cut = answer_cut = 0
+        head = msgs[:1] if msgs[0]["role"] == "system" else []
+        body = msgs[len(head):]
+        last_reply = max((j for j, m in enumerate(body) if m["role"] == "assistant"), default=-1)
+        # candidate starts of the kept body: 0 (everything) and every later user message with a reply after it
+        starts = [0] + [j for j in range(1, last_reply) if body[j]["role"] == "user"]
+        lengths = {0: n_full}
+
+        def length(k: int) -> int:
+            if k not in lengths:
+                text = self.render_full(head + body[starts[k]:], where)
+                lengths[k] = self._finished_length(self.backend.encode(text, add_special_tokens=False).ids)
+            return lengths[k]
+
+        # The fewest dropped rounds that fit (lengths shrink as rounds go): gallop back from the newest round, then
+        # bisect, so only about twice what is kept is ever rendered, whatever the conversation's length.
+        k = len(starts) - 1
+        if k > 0 and length(k) <= L:
+            step = 1
+            while k - step > 0 and length(k - step) <= L:
+                k, step = k - step, 2 * step
+            bad = max(k - step, 0)
+            while k - bad > 1:
+                mid = (k + bad) // 2
+                if length(mid) <= L:
+                    k = mid
+                else:
+                    bad = mid
+        kept = head + body[starts[k]:]
+        text, spans = self.spans(kept, where)
+        enc = self.backend.encode(text, add_special_tokens=False)
+        raw = np.array(enc.ids, dtype=np.int32)
+        ids, trained = self._finish(raw, self._mask(enc.offsets, spans))
+        e = Encoded(ids, trained, turns_dropped=starts[k], original_length=n_full)
         if len(ids) > L:
             first = int(np.argmax(trained)) if trained.any() else len(ids)
             keep_head = 1 if self.bos_id is not None else 0
             cut = max(0, min(len(ids) - L, first - keep_head))
-            if cut:
-                ids = np.concatenate([ids[:keep_head], ids[keep_head + cut:]])
-                trained = np.concatenate([trained[:keep_head], trained[keep_head + cut:]])
-                prompt_cut = cut
-            if len(ids) > L:
-                answer_cut = len(ids) - L
-                ids, trained = ids[:L], trained[:L]
+            if cut and self.cfg.train_on != "all":
+                offsets = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(enc.offsets))
+                lost = self._lost_part(kept, text, ids, offsets, len(ids) - len(raw), keep_head + cut)
+                if lost:
+                    return _dropped(lost, n_full)
+            e = self._cut(e, cut)
+        return e if e.trained.any() else _dropped("no_supervised", n_full)
+
+    def _lost_part(self, kept: list, text: str, ids: np.ndarray, offsets: np.ndarray, shift: int,
+                   cut_to: int) -> str | None:
+        """Whether removing tokens before ``cut_to`` takes the assistant header of the first trained reply, or all
+        of the content of the user turn before it: the DROP_REASONS key, or None."""
+        replies = [j for j, m in enumerate(kept) if m["role"] == "assistant"]
+        if not replies:
+            return None
+        i = replies[-1] if self.cfg.train_on == "last_assistant" else replies[0]
+
+        def token_at(j: int) -> int:
+            """The token where kept[j:] starts: the one holding the first character that the rendering of kept[:j]
+            does not share with the whole (that common prefix may run into a tag, '<|' of '<|assistant|>')."""
+            char = _lcp(self.render(kept[:j]), text) if j else 0
+            return max(int(np.searchsorted(offsets, char, side="right")) - 1, 0) + shift
+
+        header = token_at(i)
+        if cut_to > header:
+            return "lost_assistant_header"
+        user = max((j for j in range(i) if kept[j]["role"] == "user"), default=None)
+        if user is None:
+            return None
+        turn = ids[token_at(user):header]
+        content = np.flatnonzero(~np.isin(turn, self.tag_ids))
+        last = token_at(user) + (int(content[-1]) if len(content) else 0)
+        return "lost_user_turn" if cut_to > last else None
+
+    def _cut(self, e: Encoded, prompt_cut: int) -> Encoded:
+        """Remove ``prompt_cut`` tokens after the BOS, then the end beyond max_seq_length; counts what went."""
+        L = self.max_len
+        ids, trained = e.ids, e.trained
+        keep_head = 1 if self.bos_id is not None else 0
+        gone = [ids[keep_head:keep_head + prompt_cut]]
+        if prompt_cut:
+            ids = np.concatenate([ids[:keep_head], ids[keep_head + prompt_cut:]])
+            trained = np.concatenate([trained[:keep_head], trained[keep_head + prompt_cut:]])
+        answer_cut = max(0, len(ids) - L)
+        if answer_cut:
+            gone.append(ids[L:])
+            ids, trained = ids[:L], trained[:L]
         if len(trained):
             trained[0] = False
-        return Encoded(ids, trained, dropped, prompt_cut, answer_cut, e.original_length)
+        tags = sum(int(np.isin(g, self.tag_ids).sum()) for g in gone)
+        return Encoded(ids, trained, e.turns_dropped, prompt_cut, answer_cut, tags, e.original_length)

@@ -58,8 +58,15 @@ def _hash(*parts: Any) -> str:
     return h.hexdigest()
 
 
+def _json_msg(e: json.JSONDecodeError) -> str:
+    """json's message without its own trailing "at" ("Invalid control character at"), which we follow with one."""
+    return e.msg[:-3] if e.msg.endswith(" at") else e.msg
+
+
 def parse_jsonl_line(raw: bytes, loc: str) -> Any:
     """One JSON Lines line -> a record, or the Problem (not UTF-8, invalid JSON) that makes it unreadable."""
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Windows editors write one): not part of the data
+        raw = raw[3:]
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -71,7 +78,7 @@ def parse_jsonl_line(raw: bytes, loc: str) -> Any:
         truncated = not raw.endswith(b"\n")
         return Problem(
             "invalid JSON",
-            f"{e.msg} at column {e.colno}" + (" (the last line looks cut off)" if truncated else ""),
+            f"{_json_msg(e)} at column {e.colno}" + (" (the last line looks cut off)" if truncated else ""),
             "write one complete JSON object per line" + (
                 "; the file may have been truncated while writing, re-create it" if truncated else ""),
         )
@@ -146,7 +153,7 @@ class FileSource(Source):
             if e.msg == "Extra data":  # JSON Lines saved as .json
                 yield from self._iter_jsonl()
                 return
-            raise DataError(f"{self.name}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}. Fix: make the "
+            raise DataError(f"{self.name}:{e.lineno}: invalid JSON: {_json_msg(e)} at column {e.colno}. Fix: make the "
                             "file one JSON array of records (or use .jsonl, one object per line)")
         if isinstance(data, dict):
             lists = [k for k, v in data.items() if isinstance(v, list)]
@@ -236,6 +243,16 @@ def _pick_split(dd, split, name):
                     "data.hub_eval_split to one of them")
 
 
+def check_local_path(spec: str, role: str) -> None:
+    """A DataError when ``spec`` names a local file or folder (by its form) that does not exist."""
+    if os.path.exists(spec):
+        return
+    ext = os.path.splitext(spec)[1].lower()
+    if ext in FILE_KINDS or spec.startswith((".", "/", "~")) or os.sep in spec.strip("/") and spec.count("/") > 1:
+        raise DataError(f"data.{role}: file not found: {spec}. Fix: check the path (relative paths are from "
+                        f"the current directory, {os.getcwd()})")
+
+
 def open_source(spec: Any, *, split: str = "train", hub_config: str | None = None, role: str = "train") -> Source:
     """The Source for a config value: path, folder, Hub name, list of dicts or datasets.Dataset."""
     if isinstance(spec, Source):
@@ -253,10 +270,7 @@ def open_source(spec: Any, *, split: str = "train", hub_config: str | None = Non
             return _disk_source(spec, split)
         if os.path.isfile(spec):
             return FileSource(spec)
-        ext = os.path.splitext(spec)[1].lower()
-        if ext in FILE_KINDS or spec.startswith((".", "/", "~")) or os.sep in spec.strip("/") and spec.count("/") > 1:
-            raise DataError(f"data.{role}: file not found: {spec}. Fix: check the path (relative paths are from "
-                            f"the current directory, {os.getcwd()})")
+        check_local_path(spec, role)
         return _hub_source(spec, split, hub_config, role)
     try:
         import datasets

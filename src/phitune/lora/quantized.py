@@ -10,7 +10,7 @@ base's ``weight`` (a ``Params4bit`` with its quant state) and ``bias`` Parameter
 group layout as ``lora.MergedLinear``).
 
 ``merge()`` refuses: rounding W + ΔW back to 4 bits would lose most of ΔW. ``to_dense(linear)`` moves the adapter
-onto a 16/32-bit copy of the base (``phitune.quant.dequantize_model`` does that for a whole model), where it merges
+onto a 16/32-bit copy of the base (``dequantize_model`` below does that for a whole model), where it merges
 as usual. Importing this module does not import bitsandbytes; running a forward does.
 """
 
