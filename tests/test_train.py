@@ -218,3 +218,25 @@ def test_saved_config_uses_absolute_local_paths(tiny_model_dir, chat_files, tmp_
     assert saved["data"]["train"] == str(chat_files[0].resolve())
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         tiny_model_dir.resolve())
+
+
+def test_report_to_tensorboard_writes_events_that_tensorboard_reads(tiny_model_dir, chat_files, tmp_path):  # noqa: F811
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                      reason="tensorboard is not installed (pip install phitune[tensorboard])")
+    out = tmp_path / "run"
+    finetune(tiny_config(tiny_model_dir, chat_files, out, report_to="tensorboard", eval_strategy="steps",
+                         eval_steps=3))
+    events = list((out / "runs").rglob("events.out.tfevents.*"))
+    assert events, sorted(p.name for p in out.rglob("*"))
+    acc = accumulator.EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    loss_tag = next(t for t in tags if t.endswith("loss") and "eval" not in t)
+    steps = [e.step for e in acc.Scalars(loss_tag)]
+    assert steps == [r["step"] for r in logged if "loss" in r]
+    for event, record in zip(acc.Scalars(loss_tag), (r for r in logged if "loss" in r)):
+        assert event.value == pytest.approx(record["loss"], rel=1e-6)  # float32 in the event file
+    evals = [r for r in logged if "eval_loss" in r]
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars("eval/loss")] == \
+        [(r["step"], r["eval_loss"]) for r in evals] and evals
