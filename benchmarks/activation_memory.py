@@ -3,7 +3,8 @@ the peer's LoRA step (HF Phi-3 + peft, bf16 autocast as the Trainer's bf16=True,
 phitune's fast path (bf16 base, float32 adapters, chunked loss), at the Phi-3-mini width.
 
 With gradient checkpointing, the count is derived: each layer keeps its input (bf16 hidden states), plus one
-layer's full set while it is recomputed. Saved tensors are counted through torch.autograd.graph.saved_tensors_hooks, once per storage (views of one buffer
+layer's full set while it is recomputed. Saved tensors are counted through torch.autograd.graph.saved_tensors_hooks,
+once per storage (views of one buffer
 count once); the model's parameters are not counted (they are the weights). The model is built with 1 and 2 decoder
 layers, each at --tokens and half as many: "per layer" is the difference between the layer counts and "head"
 (embedding, final norm, lm_head and loss) the rest, and each is fitted as fixed bytes (e.g. casts of LoRA weights)
@@ -81,7 +82,8 @@ def saved_bytes(kind: str, layers: int, tokens: int) -> int:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=64, help="tokens of the larger counted forward pass (kept small: on an AVX2 CPU the bf16 "
+    p.add_argument("--tokens", type=int, default=64,
+                   help="tokens of the larger counted forward pass (kept small: on an AVX2 CPU the bf16 "
                         "lm_head gradient matmul takes about a second per token)")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batches", default="4,8")
@@ -90,9 +92,9 @@ def main(argv=None):
     from transformers import Phi3Config
 
     cfg = Phi3Config()
-    H, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, a.layers
-    weights = (2 * V * H + L * (H * 3 * H + H * H + H * 2 * I + I * H + 2 * H) + H) * 2  # bf16
-    lora = L * 16 * ((H + 3 * H) + (H + H) + (H + 2 * I) + (I + H)) * 4  # float32 A and B
+    H, F, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, a.layers  # F: the MLP's intermediate width
+    weights = (2 * V * H + L * (H * 3 * H + H * H + H * 2 * F + F * H + 2 * H) + H) * 2  # bf16
+    lora = L * 16 * ((H + 3 * H) + (H + H) + (H + 2 * F) + (F + H)) * 4  # float32 A and B
     t1, t2 = a.tokens // 2, a.tokens
     for kind in ("peer", "phitune"):
         s = {(n, t): saved_bytes(kind, n, t) for n in (1, 2) for t in (t1, t2)}

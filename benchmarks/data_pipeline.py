@@ -7,7 +7,8 @@ Each size runs in a fresh child process so its peak RSS (ru_maxrss) is its own. 
 runs in worker processes (one per core) once a data set has 20k records (``PHITUNE_DATA_WORKERS`` overrides); their
 peak RSS is reported apart (``worker_peak_rss_MB``: the largest worker, ru_maxrss of RUSAGE_CHILDREN). The machine
 may be shared: the load average is printed with each result, and ``cpu_s`` (this process and its workers) gives the
-throughput the same work would reach on idle cores (``tokens_per_cpu_s`` x cores) for comparison. The synthetic data: 1-4 rounds per
+throughput the same work would reach on idle cores (``tokens_per_cpu_s`` x cores) for comparison. The synthetic data:
+1-4 rounds per
 conversation, a system prompt half the time, English-like words, replies of 2-14 sentences
 (about 450 tokens a conversation, ultrachat_200k averages more); the tokenizer is phitune's Phi-3-style BPE
 (4096 entries) trained on 2000 of the generated conversations.
@@ -66,8 +67,6 @@ def _cpu_s() -> float:
 
 
 def child(n: int, max_seq_length: int) -> dict:
-    import numpy as np
-
     from phitune.data import DataConfig, batch_plan, collate, prepare_data
     from phitune.tokenizer import build_phi3_style_tokenizer
 

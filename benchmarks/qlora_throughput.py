@@ -108,7 +108,8 @@ def run_phitune(a) -> dict:
     from phitune.adapt import add_lora
     from phitune.config import ModelConfig, TrainingConfig
     from phitune.loss import apply_fast_path, forward_loss
-    from phitune.train import autocast_context, build_optimizer, build_scheduler, enable_gradient_checkpointing, train_step
+    from phitune.train import (autocast_context, build_optimizer, build_scheduler, enable_gradient_checkpointing,
+                               train_step)
 
     dev = torch.device(a.device)
     mc = ModelConfig(name_or_path=a.model_dir, load_in_4bit=True,
@@ -190,7 +191,7 @@ def run_peer(a) -> dict:
                      "train_loss": round(result.training_loss, 4)})
 
 
-# --- the parent ---------------------------------------------------------------------------------------------------------
+# --- the parent -------------------------------------------------------------------------------------------------------
 
 
 def run_measured(cmd: list[str], env: dict) -> tuple[dict | None, float, str]:
@@ -253,7 +254,8 @@ def main(argv=None):
     ours, peer = results.get("phitune", {}), results.get("peer", {})
     if "tokens_per_s" in ours and "tokens_per_s" in peer:
         mem = "peak_mem_gib" if a.device == "cuda" else "peak_rss_gib"
-        print(json.dumps({"ratio": f"phitune / peer (best of {a.repeat})", "tokens_per_s": round(ours["tokens_per_s"] / peer["tokens_per_s"], 3),
+        print(json.dumps({"ratio": f"phitune / peer (best of {a.repeat})",
+                          "tokens_per_s": round(ours["tokens_per_s"] / peer["tokens_per_s"], 3),
                           "peak_memory": round(ours[mem] / peer[mem], 3)}), flush=True)
 
 

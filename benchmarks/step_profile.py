@@ -143,10 +143,10 @@ def main(argv=None):
         rows[kind] = profile_step(kind, a, rate)
         print(json.dumps(rows[kind]), flush=True)
     peer, ours = rows["peer"], rows["phitune"]
-    print(json.dumps({"ratio": "phitune / peer step time (profiled)", "speedup": round(peer["profiled_s"]
-                                                                                     / ours["profiled_s"], 3),
-                      "ceiling_if_only_matmul_and_attention": round(peer["profiled_s"]
-                                                                    / (ours["matmul_s"] + ours["attention_s"]), 3)}), flush=True)
+    print(json.dumps({"ratio": "phitune / peer step time (profiled)",
+                      "speedup": round(peer["profiled_s"] / ours["profiled_s"], 3),
+                      "ceiling_if_only_matmul_and_attention": round(
+                          peer["profiled_s"] / (ours["matmul_s"] + ours["attention_s"]), 3)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -57,10 +57,10 @@ def model_config(size: str):
 
 def flops_per_token(cfg, attn_len: float) -> float:
     """Forward FLOPs per token: 2 x linear weights (layers + lm_head) + attention (as peer_baseline.py counts)."""
-    H, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    H, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size  # F: MLP width
     hd = H // cfg.num_attention_heads
     kv = cfg.num_key_value_heads * hd
-    lin = L * (H * (H + 2 * kv) + H * H + H * 2 * I + I * H) + H * V
+    lin = L * (H * (H + 2 * kv) + H * H + H * 2 * F + F * H) + H * V
     return 2 * lin + 4 * attn_len * H * L
 
 
@@ -190,7 +190,7 @@ def child(a) -> dict:
     return out
 
 
-# --- the parent: runs, memory, ratios ----------------------------------------------------------------------------------
+# --- the parent: runs, memory, ratios ---------------------------------------------------------------------------------
 
 
 def _json(line: str) -> dict:

@@ -2,7 +2,9 @@
 
 Everything here is written for phitune and generated from a seed, so the assets can be rebuilt and checked:
 
-    nice -n 5 .venv/bin/python scripts/build_demo_assets.py          # writes src/phitune/assets/demo/ (~16 min CPU-contended; weights reproduce bit for bit with the default --threads 1)
+    nice -n 5 .venv/bin/python scripts/build_demo_assets.py          # writes src/phitune/assets/demo/ (~16 min
+                                                                     # CPU-contended; weights reproduce bit for bit
+                                                                     # with the default --threads 1)
 
 The story the demo tells. A made-up village world: a few hundred invented people, each with a home town, a job and a
 favourite colour. The base model is pretrained (here, on the CPU, in a few minutes) on plain prose about *all* of
@@ -235,7 +237,8 @@ def pretrain(model, tokenizer, people, *, steps: int, batch_size: int = 32, seq_
         n_tok += batch[:, 1:].numel()
         if step % log_every == 0 or step == steps:
             el = time.time() - t0
-            msg = f"step {step}/{steps} loss {loss.item():.3f} lr {sched.get_last_lr()[0]:.2e} {n_tok / el:.0f} tok/s {el:.0f}s"
+            msg = (f"step {step}/{steps} loss {loss.item():.3f} lr {sched.get_last_lr()[0]:.2e} "
+                   f"{n_tok / el:.0f} tok/s {el:.0f}s")
             if probe is not None:
                 msg += " " + probe(model)
             print(msg, flush=True)

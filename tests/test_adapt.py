@@ -1,4 +1,5 @@
-"""phitune.adapt against peft on tiny random models: same parameters, same loss/gradients, adapters in both directions."""
+"""phitune.adapt against peft on tiny random models: same parameters, same loss/gradients, adapters in both
+directions."""
 
 import json
 
@@ -31,7 +32,8 @@ def phi3(gqa: bool = False) -> Phi3ForCausalLM:
 
 def qwen2() -> Qwen2ForCausalLM:  # q/k/v carry biases, unlike Phi-3
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(Qwen2Config(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, **SMALL)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                        **SMALL)).eval()
 
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -89,11 +91,14 @@ def test_loss_and_gradients_match_peft(case):
     loss_ours.backward(), loss_theirs.backward()
     torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-5, atol=1e-6)
     their_grads = {k.replace(".default", "").replace("base_model.model.", "").replace("modules_to_save.", "")
-                   .replace("base_layer.", "").replace("lora_embedding_", "lora_"): p.grad for k, p in theirs.named_parameters() if p.requires_grad}
+                   .replace("base_layer.", "").replace("lora_embedding_", "lora_"): p.grad
+                   for k, p in theirs.named_parameters() if p.requires_grad}
     our_grads = {k: p.grad for k, p in ours.named_parameters() if p.requires_grad}
-    assert {k.replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B") for k in their_grads} == set(our_grads)
+    assert ({k.replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B") for k in their_grads}
+            == set(our_grads))
     for k, g in their_grads.items():
-        torch.testing.assert_close(our_grads[k.replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")],
+        torch.testing.assert_close(our_grads[k.replace(".lora_A.weight", ".lora_A")
+                                             .replace(".lora_B.weight", ".lora_B")],
                                    g, rtol=1e-4, atol=1e-6)
 
 
@@ -192,7 +197,8 @@ def test_legacy_bin_with_code_is_refused(tmp_path):
 
 def _adapted(**extra):
     model = phi3()
-    add_lora(model, {"r": 2, "lora_alpha": 4, "target_modules": ["qkv_proj", "o_proj"], "init_lora_weights": False, **extra})
+    add_lora(model, {"r": 2, "lora_alpha": 4, "target_modules": ["qkv_proj", "o_proj"], "init_lora_weights": False,
+                     **extra})
     return model
 
 
@@ -205,7 +211,8 @@ def test_merge_gives_plain_model_with_same_logits(targets, tmp_path):
     merged, diff = merge_lora_checked(model, IDS)
     assert merged is model and diff < 1e-4, diff
     assert not [m for m in model.modules() if isinstance(m, (lora.Linear, lora.MergedLinear, lora.Embedding))]
-    assert type(model.model.layers[0].self_attn.qkv_proj) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
+    assert (type(model.model.layers[0].self_attn.qkv_proj) is nn.Linear
+            and type(model.model.embed_tokens) is nn.Embedding)
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     max_diff = (logits(reloaded) - expected).abs().max().item()
@@ -247,7 +254,8 @@ def test_adapter_state_dict_is_what_save_writes(tmp_path):
 
 def test_exclude_modules_and_regex_targets():
     model = phi3()
-    report = add_lora(model, {"target_modules": r".*\.(qkv_proj|o_proj)", "exclude_modules": ["layers.1.self_attn.o_proj"]})
+    report = add_lora(model, {"target_modules": r".*\.(qkv_proj|o_proj)",
+                              "exclude_modules": ["layers.1.self_attn.o_proj"]})
     assert sorted(report.modules) == ["model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.qkv_proj",
                                       "model.layers.1.self_attn.qkv_proj"]
     model = phi3()
@@ -304,7 +312,8 @@ def test_fused_slice_target_on_model_without_fused_module():
             super().__init__()
             self.fc_in, self.fc_out = nn.Linear(8, 16), nn.Linear(16, 8)
 
-    with pytest.raises(ConfigError, match="slice of Phi-3's fused 'gate_up_proj'.*neither 'gate_proj' nor 'gate_up_proj'"
+    with pytest.raises(ConfigError, match="slice of Phi-3's fused 'gate_up_proj'"
+                                          ".*neither 'gate_proj' nor 'gate_up_proj'"
                                           ".*Linear layers in this model: fc_in, fc_out"):
         add_lora(TwoLayer(), {"target_modules": ["gate_proj"]})
 
@@ -338,12 +347,14 @@ def test_strict_load_errors(tmp_path):
 
     save_adapter(_adapted(), tmp_path)
     _rewrite(tmp_path, lambda t: t.update({key: torch.zeros(3, 64)}))
-    with pytest.raises(AdapterError, match=r"'model\.layers\.1\.self_attn\.o_proj': lora_A\.weight has shape \(3, 64\) in the "
-                                           r"adapter but \(2, 64\) in the model \(a different LoRA rank\)"):
+    with pytest.raises(AdapterError, match=r"'model\.layers\.1\.self_attn\.o_proj': lora_A\.weight has shape "
+                                           r"\(3, 64\) in the adapter but \(2, 64\) in the model "
+                                           r"\(a different LoRA rank\)"):
         load_adapter(phi3(), tmp_path)
 
     save_adapter(_adapted(), tmp_path)
-    _rewrite(tmp_path, lambda t: t.update({"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": torch.zeros(2, 128)}))
+    _rewrite(tmp_path, lambda t: t.update({"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight":
+                                           torch.zeros(2, 128)}))
     with pytest.raises(AdapterError, match=r"weights for 'model\.layers\.0\.mlp\.down_proj'"):
         load_adapter(phi3(), tmp_path)
 

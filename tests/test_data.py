@@ -60,7 +60,7 @@ def test_multi_turn_with_system_exact_ids(tok, tmp_path):
     # the same ids the tokenizer's own template gives (plus the one BOS)
     assert s["input_ids"][1:] == tok.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
     end, eos = ids_of(tok, "<|end|>", "<|endoftext|>")
-    trained = [i for i, l in zip(s["input_ids"], s["labels"]) if l != -100]
+    trained = [i for i, label in zip(s["input_ids"], s["labels"]) if label != -100]
     assert trained.count(end) == 2 and trained[-1] == eos  # every assistant <|end|> and the final eos
     assert s["input_ids"].count(tok.bos_token_id) == 1 and s["input_ids"][0] == tok.bos_token_id
 

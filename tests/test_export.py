@@ -210,7 +210,8 @@ def test_gguf_of_a_longrope_phi3_carries_the_rope_factors_and_attention_factor(t
     saved = json.loads((folder / "config.json").read_text())
     export(folder, "gguf", tmp_path / "out", outtype="f32", verbose=False)
     fields, tensors = _fields(next((tmp_path / "out").glob("*.gguf")))
-    assert np.allclose(tensors["rope_factors_long.weight"], long) and np.allclose(tensors["rope_factors_short.weight"], short)
+    assert (np.allclose(tensors["rope_factors_long.weight"], long)
+            and np.allclose(tensors["rope_factors_short.weight"], short))
     assert fields["phi3.rope.scaling.original_context_length"] == 64
     factor = saved.get("rope_parameters", {}).get("attention_factor") or math.sqrt(1 + math.log(4) / math.log(64))
     assert fields["phi3.rope.scaling.attn_factor"] == pytest.approx(factor, rel=1e-6)
@@ -258,7 +259,8 @@ def test_gguf_lora_folds_each_modules_scale_for_mixed_slices_and_rslora(tmp_path
     layers = dict(model.named_modules())
     checked = 0
     for i in range(4):
-        for hf, g in (("self_attn.qkv_proj", "attn_qkv"), ("mlp.gate_up_proj", "ffn_up"), ("self_attn.o_proj", "attn_output")):
+        for hf, g in (("self_attn.qkv_proj", "attn_qkv"), ("mlp.gate_up_proj", "ffn_up"),
+                      ("self_attn.o_proj", "attn_output")):
             delta = layers[f"model.layers.{i}.{hf}"].delta_weight().numpy()  # the layer's own scaled delta
             got = tensors[f"blk.{i}.{g}.weight.lora_b"] @ tensors[f"blk.{i}.{g}.weight.lora_a"]
             assert np.abs(got - delta).max() <= 1e-6 * np.abs(delta).max() * 4 * 2, (i, hf)
@@ -321,7 +323,8 @@ def test_ollama_modelfile_template_renders_the_prompt_ids_training_uses(demo_run
     for messages in (CHAT, CHAT[1:2], CHAT[1:]):
         prompt = _render_go(template, messages)
         # Ollama tokenizes with the GGUF's add_bos_token (true): one BOS in front
-        assert [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"] == build_prompt_ids(tok, messages)
+        assert ([tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+                == build_prompt_ids(tok, messages))
     stops = re.findall(r'^PARAMETER stop "(.+)"$', text, re.M)
     assert {"<|end|>", "<|endoftext|>"} <= set(stops)
 
@@ -361,7 +364,8 @@ def test_vllm_adapter_has_scale_one_everywhere_and_loads_to_the_same_logits(tmp_
     assert config["r"] == config["lora_alpha"] == 8 and not config["use_rslora"]
     assert all(config["alpha_pattern"][k] == v for k, v in config["rank_pattern"].items())
     assert result.details["max_lora_rank"] == 8
-    assert "--max-lora-rank 8" in result.details["serve_command"] and "--lora-modules tuned=" in result.details["serve_command"]
+    assert ("--max-lora-rank 8" in result.details["serve_command"]
+            and "--lora-modules tuned=" in result.details["serve_command"])
     fresh = AutoModelForCausalLM.from_pretrained(DEMO, dtype=torch.float32)
     load_adapter(fresh, tmp_path / "v")
     fresh.eval()

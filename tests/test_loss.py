@@ -85,7 +85,8 @@ def test_packed_4d_mask_equals_position_ids():
     pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]])
     seg = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 2, 2, 2]])
     mask = ((seg[:, :, None] == seg[:, None, :]) & torch.ones(10, 10, dtype=torch.bool).tril())[:, None]
-    labels = ids.clone(); labels[0, [0, 4, 7]] = -100
+    labels = ids.clone()
+    labels[0, [0, 4, 7]] = -100
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask}
     assert mask_matches_positions(mask, pos)
     assert "attention_mask" not in model_inputs(model, batch)
@@ -98,6 +99,7 @@ def test_packed_4d_mask_equals_position_ids():
     alone = model(input_ids=ids[:, 4:7]).logits
     torch.testing.assert_close(ref[:, 4:7], alone, rtol=1e-4, atol=1e-5)
     # a mask that says something else is kept
-    other = mask.clone(); other[0, 0, 5, 1] = True
+    other = mask.clone()
+    other[0, 0, 5, 1] = True
     assert not mask_matches_positions(other, pos)
     assert "attention_mask" in model_inputs(model, dict(batch, attention_mask=other))

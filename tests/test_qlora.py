@@ -276,11 +276,13 @@ def test_quantization_config_keys():
         ("fp4", False, "float16")
     default = build_model_config({"name_or_path": "m", "load_in_4bit": True}).quantization
     assert (default.type, default.double_quant, default.compute_dtype) == ("nf4", True, "auto")
-    with pytest.raises(ConfigError, match="model.quantization: unknown key 'dobule_quant' .did you mean 'double_quant'"):
+    with pytest.raises(ConfigError,
+                       match="model.quantization: unknown key 'dobule_quant' .did you mean 'double_quant'"):
         build_model_config({"name_or_path": "m", "quantization": {"dobule_quant": True}})
     with pytest.raises(ConfigError, match="model.quantization.type: expected 'nf4' | 'fp4'"):
         build_model_config({"name_or_path": "m", "quantization": {"type": "int4"}})
-    with pytest.raises(ConfigError, match="model.quantization.load_in_4bit: .*set model.load_in_4bit: true one level up"):
+    with pytest.raises(ConfigError,
+                       match="model.quantization.load_in_4bit: .*set model.load_in_4bit: true one level up"):
         build_model_config({"name_or_path": "m", "quantization": {"load_in_4bit": True}})
     note = build_model_config({"name_or_path": "m", "quantization": {"type": "fp4"}}).notes
     assert note == ["model.quantization: has no effect without model.load_in_4bit: true"]

@@ -15,7 +15,8 @@ import torch
 from phitune.errors import ConfigError
 
 CHATS = [
-    [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+    [{"role": "user", "content": f"What is {a} plus {b}?"},
+     {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
     for a in range(3) for b in range(4)
 ]
 

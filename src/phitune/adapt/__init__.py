@@ -18,5 +18,6 @@ from .peft_format import (
 )
 
 __all__ = ["LoraConfig", "LoraReport", "add_lora", "adapter_state_dict", "load_adapter", "load_adapter_state_dict",
-           "lora_report", "merge_checked", "merge_lora", "merge_lora_checked", "parse_lora_config", "read_adapter", "save_adapter",
+           "lora_report", "merge_checked", "merge_lora", "merge_lora_checked", "parse_lora_config", "read_adapter",
+           "save_adapter",
            "FUSED_SLICES", "PEFT_PREFIX", "CONFIG_NAME", "WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME"]

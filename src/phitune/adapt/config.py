@@ -21,7 +21,8 @@ class LoraConfig:
     r: int = field(8, doc="LoRA rank (a positive int)")
     lora_alpha: float = field(8, doc="scaling numerator: scaling = lora_alpha / r (or / sqrt(r) with use_rslora)")
     lora_dropout: float = field(0.0, doc="dropout on the LoRA branch input, in [0, 1)")
-    bias: Literal["none", "all", "lora_only"] = field("none", doc="which biases train: none, all, or those of LoRA layers")
+    bias: Literal["none", "all", "lora_only"] = field(
+        "none", doc="which biases train: none, all, or those of LoRA layers")
     task_type: str | None = field(None, doc="peft task type, written to adapter_config.json (e.g. CAUSAL_LM)")
     target_modules: list[str] | str | None = field(
         None, doc="'all-linear', module names (suffix match; q_proj etc. also pick Phi-3 fused slices) or a regex")
@@ -30,10 +31,12 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict, doc="{name or regex: r} overriding r per module")
     alpha_pattern: dict[str, float] = field(default_factory=dict, doc="{name or regex: alpha} per module")
     use_rslora: bool = field(False, doc="rank-stabilised scaling lora_alpha / sqrt(r) (arXiv:2312.03732)")
-    init_lora_weights: bool | str = field(True, doc="True: kaiming A, zero B; 'gaussian': A ~ N(0, 1/r); False: random B")
+    init_lora_weights: bool | str = field(
+        True, doc="True: kaiming A, zero B; 'gaussian': A ~ N(0, 1/r); False: random B")
     fan_in_fan_out: bool = field(False, doc="for (in, out) weights (GPT-2 Conv1D); ignored on nn.Linear, as in peft")
     layers_to_transform: list[int] | int | None = field(None, doc="only adapt these layer indices")
-    layers_pattern: list[str] | str | None = field(None, doc="name of the layer list (e.g. 'layers') for layers_to_transform")
+    layers_pattern: list[str] | str | None = field(
+        None, doc="name of the layer list (e.g. 'layers') for layers_to_transform")
 
     def __post_init__(self):
         def bad(key, msg):
@@ -41,7 +44,8 @@ class LoraConfig:
 
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             bad("r", f"must be a positive int (e.g. 16), got {self.r!r}")
-        for key, value in [("lora_alpha", self.lora_alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
+        for key, value in [("lora_alpha", self.lora_alpha),
+                           *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 bad(key, f"must be a number (e.g. 32), got {value!r} ({type(value).__name__})")
             if not math.isfinite(value) or value <= 0:  # 0 makes every update zero: the run would train nothing
@@ -49,13 +53,17 @@ class LoraConfig:
         for k, v in self.rank_pattern.items():
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(f"rank_pattern[{k!r}]", f"must be a positive int, got {v!r}")
-        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+        if (isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float))
+                or not 0 <= self.lora_dropout < 1):
             bad("lora_dropout", f"must be a number in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
-            bad("bias", f"must be 'none', 'all' or 'lora_only', got {self.bias!r}{suggest(self.bias, ['none', 'all', 'lora_only'])}")
+            bad("bias", f"must be 'none', 'all' or 'lora_only', got {self.bias!r}"
+                f"{suggest(self.bias, ['none', 'all', 'lora_only'])}")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
-            bad("task_type", f"{self.task_type!r} is not a peft task type{suggest(self.task_type, TASK_TYPES)}; use one of {', '.join(TASK_TYPES)}")
-        if not any(self.init_lora_weights is m or self.init_lora_weights == m and isinstance(m, str) for m in INIT_MODES):
+            bad("task_type", f"{self.task_type!r} is not a peft task type{suggest(self.task_type, TASK_TYPES)}; "
+                f"use one of {', '.join(TASK_TYPES)}")
+        if not any(self.init_lora_weights is m or self.init_lora_weights == m and isinstance(m, str)
+                   for m in INIT_MODES):
             bad("init_lora_weights", f"phitune supports True, False and 'gaussian', got {self.init_lora_weights!r}"
                 " (peft's data-driven inits such as pissa/loftq/eva are not implemented)")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
@@ -90,7 +98,8 @@ _PEFT_ONLY = {"use_dora": False, "lora_bias": False, "use_qalora": False, "layer
               "velora_config": None, "monteclora_config": None, "kasa_config": None, "qalora_group_size": 16,
               "ensure_weight_tying": False, "runtime_config": {}}
 # Bookkeeping peft writes to adapter_config.json; no effect on the adapter itself.
-_PEFT_BOOKKEEPING = ("peft_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping")
+_PEFT_BOOKKEEPING = ("peft_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+                     "auto_mapping")
 
 
 def parse_lora_config(peft_config: Mapping[str, Any] | LoraConfig | None, section: str = "peft_config") -> LoraConfig:
@@ -114,5 +123,6 @@ def parse_lora_config(peft_config: Mapping[str, Any] | LoraConfig | None, sectio
             value = data.pop(key)
             inert = value == default or not value or (isinstance(value, Mapping) and not any(value.values()))
             if not inert:
-                raise ConfigError(f"{section}.{key}={value!r}: phitune does not implement this peft option; remove the key")
+                raise ConfigError(f"{section}.{key}={value!r}: phitune does not implement this peft option; "
+                                  "remove the key")
     return from_dict(LoraConfig, data, section)

@@ -102,18 +102,21 @@ def _select_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[_Target], l
     keep = [n for n in modules if n and cfg.modules_to_save and _name_matches(cfg.modules_to_save, n)]
     for wanted in cfg.modules_to_save or []:
         if not any(_name_matches([wanted], n) for n in keep):
-            raise ConfigError(f"peft_config.modules_to_save: {wanted!r} matches no module{suggest(wanted, [n.rsplit('.', 1)[-1] for n in modules])}")
+            raise ConfigError(f"peft_config.modules_to_save: {wanted!r} matches no module"
+                              f"{suggest(wanted, [n.rsplit('.', 1)[-1] for n in modules])}")
     in_keep = lambda n: any(n == k or n.startswith(k + ".") for k in keep)  # noqa: E731
     all_linear = isinstance(cfg.target_modules, str) and cfg.target_modules.lower() == "all-linear"
     head = _output_head_name(model)
     targets_spec = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
 
     def wanted(name: str) -> bool:
-        return (_name_matches(targets_spec, name) and not (cfg.exclude_modules and _name_matches(cfg.exclude_modules, name))
+        return (_name_matches(targets_spec, name)
+                and not (cfg.exclude_modules and _name_matches(cfg.exclude_modules, name))
                 and _layer_index_ok(cfg, name))
 
     def make(name: str, **kw) -> _Target:
-        return _Target(name, _pattern_value(cfg.rank_pattern, name, cfg.r), _pattern_value(cfg.alpha_pattern, name, cfg.lora_alpha), **kw)
+        return _Target(name, _pattern_value(cfg.rank_pattern, name, cfg.r),
+                       _pattern_value(cfg.alpha_pattern, name, cfg.lora_alpha), **kw)
 
     found: list[_Target] = []
     used: set[str] = set()  # names (real or slice) that matched, to find list entries that matched nothing
@@ -136,13 +139,16 @@ def _select_targets(model: nn.Module, cfg: LoraConfig) -> tuple[list[_Target], l
                 continue
             splits = _fused_splits(model, leaf, module)
             if splits is None:
-                raise ConfigError(f"peft_config.target_modules: {enabled[0]!r} is a slice of {name!r}, but the slice sizes "
-                                  f"implied by model.config do not add up to its {module.out_features} outputs")
+                raise ConfigError(f"peft_config.target_modules: {enabled[0]!r} is a slice of {name!r}, "
+                                  f"but the slice sizes implied by model.config do not add up to its "
+                                  f"{module.out_features} outputs")
             per = [make(s) for s in enabled]
             if len({(t.r, t.lora_alpha) for t in per}) > 1:
-                raise ConfigError(f"rank_pattern/alpha_pattern give different r or lora_alpha to the slices of {name!r} "
-                                  f"({', '.join(f'{t.name}: r={t.r}, alpha={t.lora_alpha}' for t in per)}); they share one layer")
-            found.append(_Target(name, per[0].r, per[0].lora_alpha, slices=[s.rsplit('.', 1)[-1] for s in enabled], splits=splits))
+                raise ConfigError(f"rank_pattern/alpha_pattern give different r or lora_alpha to the slices of "
+                                  f"{name!r} ({', '.join(f'{t.name}: r={t.r}, alpha={t.lora_alpha}' for t in per)}); "
+                                  "they share one layer")
+            found.append(_Target(name, per[0].r, per[0].lora_alpha, slices=[s.rsplit('.', 1)[-1] for s in enabled],
+                                 splits=splits))
             used.update(enabled)
 
     if isinstance(targets_spec, list):
@@ -159,11 +165,13 @@ def _no_match_message(target, modules: dict[str, nn.Module], linear_names: list[
     msg = f"peft_config.target_modules: {target!r} matches no nn.Linear or nn.Embedding module"
     fused = next((f for f, parts in FUSED_SLICES.items() if target in parts), None) if isinstance(target, str) else None
     if fused and not any(n.endswith("." + fused) or n == fused for n in linear_names):
-        msg += f" ({target!r} is a slice of Phi-3's fused {fused!r}, and this model has neither {target!r} nor {fused!r})"
+        msg += (f" ({target!r} is a slice of Phi-3's fused {fused!r}, "
+                f"and this model has neither {target!r} nor {fused!r})")
     else:
         msg += suggest(target, leaves) if isinstance(target, str) else ""
     example = next((n for n in linear_names if "." in n), "")
-    return (msg + f". Linear layers in this model: {', '.join(leaves) or 'none'}" + (f" (e.g. {example!r})" if example else "")
+    return (msg + f". Linear layers in this model: {', '.join(leaves) or 'none'}"
+            + (f" (e.g. {example!r})" if example else "")
             + "; use one of these names, a regex, or 'all-linear'")
 
 
@@ -215,7 +223,8 @@ def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 LORA_LAYERS = (lora.Linear, lora.MergedLinear, lora.Embedding, qlora.Linear4bit)
 
 
-def add_lora(model: nn.Module, peft_config: Mapping[str, Any] | LoraConfig, *, lora_dtype: torch.dtype | None = None) -> LoraReport:
+def add_lora(model: nn.Module, peft_config: Mapping[str, Any] | LoraConfig, *,
+             lora_dtype: torch.dtype | None = None) -> LoraReport:
     """Replace the targeted modules of ``model`` in place with phitune.lora layers and freeze everything else.
 
     ``lora_dtype`` keeps lora_A/lora_B in another dtype than the base weights (e.g. float32 on a bf16 model).
@@ -223,11 +232,13 @@ def add_lora(model: nn.Module, peft_config: Mapping[str, Any] | LoraConfig, *, l
     cfg = parse_lora_config(peft_config)
     cfg.check_targets()
     if lora_modules(model):
-        raise AdapterError("the model already has LoRA layers; call merge_lora(model) first or start from a fresh model")
+        raise AdapterError("the model already has LoRA layers; call merge_lora(model) first "
+                           "or start from a fresh model")
     targets, keep = _select_targets(model, cfg)
     _check_quantized_targets(model, targets, keep)
     if cfg.fan_in_fan_out:
-        warnings.warn("peft_config.fan_in_fan_out=True has no meaning for nn.Linear weights (out, in); ignored, as peft does")
+        warnings.warn("peft_config.fan_in_fan_out=True has no meaning for nn.Linear weights (out, in); "
+                      "ignored, as peft does")
     slices = {}
     for t in targets:
         base = model.get_submodule(t.name)
@@ -255,8 +266,9 @@ def add_lora(model: nn.Module, peft_config: Mapping[str, Any] | LoraConfig, *, l
 def _check_quantized_targets(model: nn.Module, targets: list[_Target], keep: list[str]) -> None:
     for t in targets:
         if is_8bit_linear(model.get_submodule(t.name)):
-            raise ConfigError(f"peft_config.target_modules: '{t.name}' is a bitsandbytes 8-bit layer; phitune trains LoRA "
-                              "on 16/32-bit or 4-bit bases only (set model.load_in_4bit: true for QLoRA)")
+            raise ConfigError(f"peft_config.target_modules: '{t.name}' is a bitsandbytes 8-bit layer; "
+                              "phitune trains LoRA on 16/32-bit or 4-bit bases only "
+                              "(set model.load_in_4bit: true for QLoRA)")
     for name in keep:
         if any(is_4bit_linear(m) or is_8bit_linear(m) for m in model.get_submodule(name).modules()):
             raise ConfigError(f"peft_config.modules_to_save: '{name}' holds quantized weights, which cannot be trained "
@@ -266,8 +278,9 @@ def _check_quantized_targets(model: nn.Module, targets: list[_Target], keep: lis
 def _wrap_embedding(base: nn.Embedding, r, lora_alpha, use_rslora, lora_dtype, merge_weights) -> lora.Embedding:
     # phitune.lora has no Embedding.from_embedding yet: build on the meta device (no vocab-sized allocation), then
     # share the base weight and create the factors with loralib's init (A zero, B normal).
-    new = lora.Embedding(base.num_embeddings, base.embedding_dim, r=r, lora_alpha=lora_alpha, merge_weights=merge_weights,
-                         use_rslora=use_rslora, lora_dtype=lora_dtype, padding_idx=base.padding_idx, max_norm=base.max_norm,
+    new = lora.Embedding(base.num_embeddings, base.embedding_dim, r=r, lora_alpha=lora_alpha,
+                         merge_weights=merge_weights, use_rslora=use_rslora, lora_dtype=lora_dtype,
+                         padding_idx=base.padding_idx, max_norm=base.max_norm,
                          norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
                          device="meta")
     new.weight = base.weight
@@ -294,7 +307,8 @@ def _init_lora(layer: nn.Module, mode) -> None:
 
 def _untie(model: nn.Module, keep: list[str]) -> None:
     # peft trains a copy of each modules_to_save module, so a tied partner (embed_tokens <-> lm_head) stays unchanged.
-    outside = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if not any(n.startswith(k + ".") for k in keep)}
+    outside = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
+               if not any(n.startswith(k + ".") for k in keep)}
     for name in keep:
         module = model.get_submodule(name)
         for pname, p in list(module.named_parameters(recurse=False)):
@@ -328,7 +342,8 @@ def lora_report(model: nn.Module) -> LoraReport:
     names = [f"{n}[{','.join(state.slices[n][0])}]" if n in state.slices else n for n, _ in lora_modules(model)]
     params = list(model.parameters())
     return LoraReport(names, list(state.modules_to_save), sum(p.numel() for p in params if p.requires_grad),
-                      sum(_param_count(p) for p in params), sum(t.numel() * t.element_size() for t in adapter_state_dict(model).values()))
+                      sum(_param_count(p) for p in params),
+                      sum(t.numel() * t.element_size() for t in adapter_state_dict(model).values()))
 
 
 def _param_count(p: torch.Tensor) -> int:
@@ -340,7 +355,8 @@ def lora_state(model: nn.Module) -> LoraState:
     """The LoRA config, fused-slice layout and modules_to_save that ``add_lora`` recorded on ``model``."""
     state = getattr(model, "_phitune_lora", None)
     if state is None or not lora_modules(model):
-        raise AdapterError("the model has no phitune LoRA layers; call add_lora(model, peft_config) or load_adapter first")
+        raise AdapterError("the model has no phitune LoRA layers; "
+                           "call add_lora(model, peft_config) or load_adapter first")
     return state
 
 

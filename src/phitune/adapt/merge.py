@@ -30,7 +30,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, m in lora_modules(model):
         if m.merged:
             m.unmerge()  # restores the base weight bit-exactly, then fold again in float32 below
-        weight = nn.Parameter((m.weight.float() + m.delta_weight()).to(m.weight.dtype), requires_grad=m.weight.requires_grad)
+        weight = nn.Parameter((m.weight.float() + m.delta_weight()).to(m.weight.dtype),
+                              requires_grad=m.weight.requires_grad)
         if isinstance(m, lora.Embedding):
             plain = nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx, max_norm=m.max_norm,
                                  norm_type=m.norm_type, scale_grad_by_freq=m.scale_grad_by_freq, sparse=m.sparse,

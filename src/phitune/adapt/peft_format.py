@@ -51,13 +51,14 @@ def load_adapter_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor
     for key in given:
         if key not in expected:
             raise AdapterError(f"{source}: has weights for '{module_of(key)}' ({key}), which this model has no "
-                               f"LoRA/saved module for; adapted here: {', '.join(sorted({module_of(k) for k in expected}))}")
+                               f"LoRA/saved module for; adapted here: "
+                               f"{', '.join(sorted({module_of(k) for k in expected}))}")
     for key in expected:
         if key not in given and key.endswith(".base_layer.weight"):  # peft's save_embedding_layers=False
             continue
         if key not in given:
-            raise AdapterError(f"{source}: no weights for module '{module_of(key)}' ({key} is missing); the adapter does "
-                               "not fit this model or its adapter_config.json")
+            raise AdapterError(f"{source}: no weights for module '{module_of(key)}' ({key} is missing); "
+                               "the adapter does not fit this model or its adapter_config.json")
         want, got = tuple(expected[key].shape), tuple(given[key].shape)
         if want != got:
             rank = " (a different LoRA rank)" if ".lora_" in key and (want[0] != got[0] or want[-1] != got[-1]) else ""
@@ -84,8 +85,9 @@ def _compact_b(full: torch.Tensor, name: str, m: lora.MergedLinear, enabled, sou
     try:
         return m.compact_B(full)
     except ValueError:
-        raise AdapterError(f"{source}: module '{name}': lora_B is not block-structured per slice ({', '.join(enabled)}), "
-                           "so it cannot load into per-slice LoRA layers; load it onto a fresh model instead") from None
+        raise AdapterError(f"{source}: module '{name}': lora_B is not block-structured per slice "
+                           f"({', '.join(enabled)}), so it cannot load into per-slice LoRA layers; "
+                           "load it onto a fresh model instead") from None
 
 
 def _adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> dict[str, Any]:
@@ -110,7 +112,8 @@ def _adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> di
         "lora_dropout": cfg.lora_dropout, "bias": cfg.bias, "target_modules": sorted(n for n, _ in lora_modules(model)),
         "exclude_modules": None, "modules_to_save": list(state.modules_to_save) or None, "rank_pattern": ranks,
         "alpha_pattern": alphas, "use_rslora": cfg.use_rslora, "init_lora_weights": cfg.init_lora_weights,
-        "fan_in_fan_out": False, "layers_to_transform": None, "layers_pattern": None, "use_dora": False, "lora_bias": False,
+        "fan_in_fan_out": False, "layers_to_transform": None, "layers_pattern": None, "use_dora": False,
+        "lora_bias": False,
     }
 
 
@@ -125,7 +128,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     # Clone: safetensors refuses tensors sharing storage (tied weights) and non-contiguous views.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
     for name, write in [(WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-                        (CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(_adapter_config(model, base_model_name_or_path), indent=2) + "\n"))]:
+                        (CONFIG_NAME, lambda p: Path(p).write_text(
+                            json.dumps(_adapter_config(model, base_model_name_or_path), indent=2) + "\n"))]:
         tmp = directory / (name + ".tmp")
         write(str(tmp))
         readable_like_the_rest(tmp)
@@ -162,7 +166,8 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
         try:  # weights_only: a pickle may run code; only plain tensors are accepted
             tensors = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise AdapterError(f"{path}: not a plain tensor file ({type(e).__name__}: {e}); phitune never unpickles code") from None
+            raise AdapterError(f"{path}: not a plain tensor file ({type(e).__name__}: {e}); "
+                               "phitune never unpickles code") from None
     else:
         raise AdapterError(f"{directory}: no {WEIGHTS_NAME} (or legacy {LEGACY_WEIGHTS_NAME}) next to {CONFIG_NAME}")
     return cfg, tensors, path

@@ -325,7 +325,8 @@ def _split_stats(n_records, bad: _Collector, tokenized: tuple, samples: Tokenize
         "answer_tokens_cut": int(counters["answer_tokens_cut"]),
         "tag_tokens_cut": int(counters["tag_tokens_cut"]),
         # samples that lost each part (one sample can lose several)
-        "truncated_parts": {"older turns": int(counters["turns_truncated"]), "prompt": int(counters["prompt_truncated"]),
+        "truncated_parts": {"older turns": int(counters["turns_truncated"]),
+                            "prompt": int(counters["prompt_truncated"]),
                             "answer": int(counters["answer_truncated"]), "role tags": int(counters["tags_truncated"])},
         "dropped_no_supervised": int(counters["dropped:no_supervised"]),
         "dropped": {r: int(counters["dropped:" + r]) for r in DROP_REASONS if counters["dropped:" + r]},

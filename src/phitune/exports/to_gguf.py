@@ -40,7 +40,8 @@ _GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 _PRE_TOKENIZERS = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
         "qwen2",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+    (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+     r"|\s*[\r\n]+|\s+(?!\S)|\s+"):
         "llama-bpe",
     _GPT2_REGEX: "gpt-2",
 }
@@ -103,8 +104,8 @@ def _architecture(config: dict) -> tuple[str, bool]:
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ExportError(f"config.json: model_type {model_type!r} is not one phitune writes as GGUF (it writes "
-                          f"{', '.join(sorted(ARCHITECTURES))}); run `phitune merge` and convert the merged folder with "
-                          "llama.cpp's convert_hf_to_gguf.py")
+                          f"{', '.join(sorted(ARCHITECTURES))}); run `phitune merge` and convert the merged folder "
+                          "with llama.cpp's convert_hf_to_gguf.py")
     return ARCHITECTURES[model_type]
 
 
@@ -347,7 +348,8 @@ def _turn_end_id(tokenizer) -> int | None:
         return None
     marker = "PHITUNEMARKER"
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": marker}],
                                              tokenize=False)
     except Exception:  # a template that needs more than two plain messages: no end-of-turn id
         return None
@@ -407,8 +409,8 @@ def _bpe_vocab(folder: Path, tokenizer, n_vocab: int):
     pre = _pre_tokenizer_name(data)
     if model.get("type") != "BPE" or pre is None:
         raise ExportError(f"{path}: phitune writes byte-level BPE tokenizers (GPT-2, Qwen2, Llama-3 pre-tokenizers) "
-                          "and SentencePiece ones (tokenizer.model); this one is neither. For a SentencePiece vocabulary "
-                          "copy the base model's tokenizer.model next to tokenizer.json")
+                          "and SentencePiece ones (tokenizer.model); this one is neither. "
+                          "For a SentencePiece vocabulary copy the base model's tokenizer.model next to tokenizer.json")
     vocab = dict(model["vocab"])
     flags = _token_flags(tokenizer)
     size = max(n_vocab, len(tokenizer))

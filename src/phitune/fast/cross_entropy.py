@@ -133,11 +133,11 @@ def _chunked_module_loss(hidden, head, targets, chunk):
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start:start + chunk], targets[start:start + chunk]
         if torch.is_grad_enabled():
-            l, c = checkpoint(piece, h, t, use_reentrant=False)
+            piece_loss, piece_correct = checkpoint(piece, h, t, use_reentrant=False)
         else:
-            l, c = piece(h, t)
-        loss = loss + l
-        correct += c
+            piece_loss, piece_correct = piece(h, t)
+        loss = loss + piece_loss
+        correct += piece_correct
     return loss, correct
 
 

@@ -9,4 +9,4 @@ from .quantized import Linear4bit, MergedLinear4bit  # LoRA on a bitsandbytes 4-
 from .utils import lora_state_dict, mark_only_lora_as_trainable
 
 __all__ = ["LoRALayer", "Linear", "Embedding", "MergedLinear", "Conv1d", "Conv2d", "Conv3d",
-           "mark_only_lora_as_trainable", "lora_state_dict"]
+           "Linear4bit", "MergedLinear4bit", "mark_only_lora_as_trainable", "lora_state_dict"]
