@@ -28,17 +28,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import ConfigError, PhituneError
-from ..run import CONFIG_FILE, RunFolder, load_run_config, merge, open_run
+from ..errors import ConfigError
+from ..run import CONFIG_FILE, load_run_config, merge, open_run
+from .common import ExportError, Source
 
 TARGETS = ("gguf", "ollama", "onnx", "vllm")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 MARKER = "phitune_export.json"
 INSTALL_HINT = 'pip install "phitune[export]"'
-
-
-class ExportError(PhituneError, ValueError):
-    """An export cannot be made as asked (the message says why and what to do instead)."""
 
 
 @dataclasses.dataclass
@@ -54,19 +51,6 @@ class ExportResult:
 
     def __str__(self) -> str:
         return f"{self.target} export -> {self.path} ({_human(self.size_bytes)}); {self.parity}"
-
-
-@dataclasses.dataclass
-class Source:
-    """Where an export reads from: a run folder (``run`` set) or an already merged model folder (``model_dir``)."""
-
-    run: RunFolder | None
-    model_dir: Path | None
-    config: object | None  # the run's RunConfig
-
-    @property
-    def quantized(self) -> bool:
-        return bool(self.config is not None and getattr(self.config.model, "load_in_4bit", False))
 
 
 def export(

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import AdapterError
-from . import ExportError, Source
+from .common import ExportError, Source
 
 # HF model_type -> (gguf architecture name, q/k rows to reorder for llama.cpp's interleaved RoPE)
 ARCHITECTURES = {"phi3": ("PHI3", False), "llama": ("LLAMA", True), "mistral": ("LLAMA", True),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import ExportError
+from .common import ExportError
 from .to_gguf import _load_tokenizer, template_writes_bos
 
 _NOT_PER_MESSAGE = ("the chat template does more than wrap each message in fixed text, so a Modelfile TEMPLATE cannot "

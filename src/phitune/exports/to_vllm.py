@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..adapt import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, read_adapter
-from . import Source
+from .common import Source
 from .to_gguf import lora_scale
 
 # The values vLLM accepts for --max-lora-rank.
