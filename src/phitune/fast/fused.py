@@ -293,7 +293,7 @@ def _dropout_p(layer) -> float:
 
 
 def _fusable(layer) -> bool:
-    return (not layer.merged and layer._has_lora() and not layer.fan_in_fan_out
+    return (layer._lora_active() and not layer.fan_in_fan_out
             and not getattr(layer.weight, "requires_grad", False))
 
 

@@ -98,7 +98,7 @@ class Linear4bit(LoRALayer, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_forward(x)
-        if not self._has_lora():
+        if not self._lora_active():
             return result
         A = self.lora_A
         h = F.linear(self.lora_dropout(x).to(A.dtype), A) * self.scaling  # scaling the (N, r) tensor is cheapest
