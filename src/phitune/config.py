@@ -113,6 +113,9 @@ class TrainingConfig:
     eval_steps: int | None = field(None, doc="evaluate every this many steps (eval_strategy: steps); default: "
                                                 "logging_steps")
     eval_on_start: bool = field(False, doc="evaluate once before the first step")
+    eval_generate: int = field(0, doc="at each evaluation also generate (greedy, up to 256 tokens) the answers to the "
+                                      "first N eval conversations and log them with their scores (metrics.jsonl, "
+                                      "the eval report)")
     save_strategy: Literal["no", "steps", "epoch"] = field("steps", doc="when to write checkpoints")
     save_steps: int = field(500, doc="write a checkpoint every this many optimizer steps")
     save_total_limit: int | None = field(None, doc="keep at most this many checkpoints (the newest always kept)")
@@ -142,6 +145,8 @@ class TrainingConfig:
                     "logging_steps", "save_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"training_config.{key} must be >= 1, got {getattr(self, key)}")
+        if self.eval_generate < 0:
+            raise ConfigError(f"training_config.eval_generate must be >= 0 (0: off), got {self.eval_generate}")
         if self.eval_steps is not None and self.eval_steps < 1:
             raise ConfigError(f"training_config.eval_steps must be >= 1, got {self.eval_steps}")
         if self.learning_rate <= 0:

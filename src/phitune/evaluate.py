@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from . import report
+from .data import prepare_data
 from .errors import ConfigError, DataError
 from .fast import attention as fast_attention
 from .fast import varlen
@@ -109,9 +110,11 @@ def rouge_l(prediction: str, reference: str) -> float:
 BUILTIN_SCORES = ("exact_match", "token_f1", "rouge_l")
 
 
-def load_metric(spec: str | MetricFn) -> tuple[str, MetricFn]:
+def load_metric(spec: str | MetricFn | tuple[str, MetricFn]) -> tuple[str, MetricFn]:
     """``(name, function)`` for a custom metric: a callable, ``"module:function"`` (a module importable from the
-    current folder or the installed packages) or ``"path/to/file.py:function"``."""
+    current folder or the installed packages), ``"path/to/file.py:function"``, or a ``(name, function)`` pair."""
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and callable(spec[1]):
+        return spec
     if callable(spec):
         return getattr(spec, "__name__", "metric"), spec
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
@@ -198,6 +201,17 @@ def generation_data_config(data_cfg):
     if data_cfg.train_on == "all":
         return dataclasses.replace(data_cfg, train_on="last_assistant")
     return data_cfg
+
+
+def generation_samples(prepared, data_cfg, tokenizer, split: str):
+    """The tokenized ``split`` ("train" or "eval") of ``prepared`` (made with ``data_cfg``) as generation needs it:
+    the same samples, or, for ``train_on: all``, the same data prepared again with the last assistant turn marked.
+    A clear error for data without assistant turns."""
+    gen_cfg = generation_data_config(data_cfg)
+    if gen_cfg is not data_cfg:
+        prepared = prepare_data(gen_cfg, tokenizer)
+    check_chat_format(prepared.stats, split)
+    return getattr(prepared, split)
 
 
 def check_chat_format(stats: dict, split: str) -> None:
@@ -542,7 +556,7 @@ def flat_metrics(summary: dict) -> dict[str, float]:
 
 
 def training_probe(model, tokenizer, prompts: Sequence[Prompt], *, stop_ids: Sequence[int],
-                   max_new_tokens: int = 64, batch_size: int = 8, context: int | None = None) -> dict[str, Any]:
+                   max_new_tokens: int = 256, batch_size: int = 8, context: int | None = None) -> dict[str, Any]:
     """Greedy answers to a few fixed eval prompts during training, for metrics.jsonl: the mean scores as
     ``gen_exact_match``, ``gen_token_f1``, ``gen_rouge_l`` and ``generations``, one ``{index, answer, exact_match,
     rouge_l, stopped}`` per prompt."""
@@ -563,6 +577,5 @@ def training_probe(model, tokenizer, prompts: Sequence[Prompt], *, stop_ids: Seq
 
 
 def probe_prompts_record(prompts: Sequence[Prompt]) -> dict[str, Any]:
-    """The fixed prompts of the training probe, logged once (step 0) so the report can show them with the answers."""
-    return {"step": 0, "generation_prompts": [{"index": p.index, "prompt": p.text, "reference": p.reference}
-                                              for p in prompts]}
+    """The fixed prompts of the training probe, logged with its first answers so the report can show them."""
+    return {"generation_prompts": [{"index": p.index, "prompt": p.text, "reference": p.reference} for p in prompts]}

@@ -75,7 +75,7 @@ def _metrics_table(summary: dict) -> str:
         cells += f"<td>{_fmt(key, value)}</td>"
         if base is not None:
             d = delta.get(key)
-            cls = "" if d is None or d == 0 else (" class='up'" if (d > 0) != (key in ("eval_loss",
+            cls = "" if d is None or d == 0 or key == "answer_tokens" else (" class='up'" if (d > 0) != (key in ("eval_loss",
                                                                                          "eval_perplexity")) else
                                                    " class='down'")
             cells += f"<td{cls}>{_fmt(key, d, signed=True)}</td>"

@@ -228,13 +228,10 @@ def evaluate(
     tokenizer = load_run_tokenizer(run.root, config)
     prepared = prepare_data(data_cfg, tokenizer)
     samples = prepared.train if data is not None else prepared.eval
-    split = "train" if data is not None else "eval"
-    if generate:  # the prompts are the prepared conversations up to their last assistant turn
-        from .evaluate import check_chat_format, generation_data_config
+    if generate:  # the prompts: the prepared conversations up to their last assistant turn
+        from .evaluate import generation_samples
 
-        gen_cfg = generation_data_config(data_cfg)
-        gen_prepared = prepared if gen_cfg is data_cfg else prepare_data(gen_cfg, tokenizer)
-        check_chat_format(gen_prepared.stats, split)
+        gen_samples = generation_samples(prepared, data_cfg, tokenizer, "train" if data is not None else "eval")
     if samples is not None and max_samples is not None and max_samples < len(samples):
         samples = samples[:max_samples]
     if samples is None or len(samples) == 0:
@@ -266,7 +263,7 @@ def evaluate(
             with disable_adapters(model):
                 base_metrics = evaluate_samples(model, samples, data_cfg, batch_size, tokenizer=tokenizer)
         result = evaluate_samples_by_generation(
-            model, tokenizer, getattr(gen_prepared, split), stop_ids=stop_token_ids(run.root, tokenizer),
+            model, tokenizer, gen_samples, stop_ids=stop_token_ids(run.root, tokenizer),
             settings=settings, batch_size=batch_size, max_samples=max_samples, compare_base=compare_base,
             metrics=metric_fns, eval_metrics=metrics, base_eval_metrics=base_metrics,
             out_dir=run.adapter_dir / EVAL_DIR, train_records=read_metrics(run.root / METRICS_NAME),

@@ -36,7 +36,10 @@ from . import distributed
 from ._typed import suggest
 from .config import SECTIONS, RunConfig, TrainingConfig, load_config, read_yaml, save_config
 from .errors import ConfigError, PhituneError
+from .evaluate import generation_samples, probe_prompts_record, prompts_from_samples, training_probe
+from .generate import context_length
 from .metrics import MetricsLog, plot_loss_curve, progress_bar, read_metrics, resolve_backends, setup_logging
+from .model import stop_token_ids
 
 log = logging.getLogger("phitune")
 
@@ -139,9 +142,12 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
              total_steps, steps_per_epoch, bs, accum, f" x {world} processes" if world > 1 else "",
              len(prepared.train), len(prepared.eval or []))
 
+    probe = generation_probe(model, tokenizer, prepared, dc, tc)
+
     def run_eval() -> dict[str, float]:
         with autocast:
-            return evaluate_samples(model, prepared.eval, dc, tc.per_device_eval_batch_size, tokenizer=tokenizer)
+            metrics = evaluate_samples(model, prepared.eval, dc, tc.per_device_eval_batch_size, tokenizer=tokenizer)
+            return {**metrics, **probe()}
 
     # the loop
     model.train()
@@ -593,6 +599,30 @@ def should_save(tc: TrainingConfig, step: int, epoch_done: bool) -> bool:
 
 
 # --- evaluation -------------------------------------------------------------------------------------------------------
+
+
+def generation_probe(model, tokenizer, prepared, data_cfg, tc: TrainingConfig):
+    """``probe() -> dict``: with ``eval_generate: N``, greedy answers to the first N eval conversations and their
+    scores (phitune.evaluate.training_probe), the prompts added the first time; otherwise an empty dict. Every
+    process generates (an FSDP-sharded model needs all of them in each forward); rank 0 logs."""
+    if not tc.eval_generate or not prepared.eval:
+        return dict
+    with distributed.local_main_first():
+        samples = generation_samples(prepared, data_cfg, tokenizer, "eval")
+    stops, context = stop_token_ids(tokenizer, model), context_length(model, tokenizer)
+    prompts, _ = prompts_from_samples(samples, tokenizer, stop_ids=stops, context=context,
+                                      max_samples=tc.eval_generate)
+    first = [True]
+
+    def probe() -> dict:
+        record = training_probe(model, tokenizer, prompts, stop_ids=stops, context=context,
+                                batch_size=tc.per_device_eval_batch_size)
+        if first[0]:
+            record.update(probe_prompts_record(prompts))
+            first[0] = False
+        return record
+
+    return probe
 
 
 def data_api():
