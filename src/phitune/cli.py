@@ -104,7 +104,8 @@ examples:
 
 _DEMO_EPILOG = """\
 Fine-tunes the tiny Phi-3-architecture model shipped inside phitune on the bundled chat dataset (no network, CPU is
-enough, about 3 minutes on 2 cores), then prints the held-out metric and answers before and after fine-tuning.
+enough, about 3 minutes on 2 cores), then prints the held-out metric and answers before and after fine-tuning
+(the base model is the tuned one with its LoRA layers switched off) and writes them to RUN/eval/report.html.
 
 examples:
   phitune demo
