@@ -342,3 +342,20 @@ def test_cli_eval_generate(run_dir, capsys):
     assert out["gen_samples"] == 2 and "base_gen_rouge_l" in out
     assert cli.main(["eval", str(run_dir["run"]), "--compare-base"]) == 2
     assert "add --generate" in capsys.readouterr().err
+
+
+def test_eval_generate_logs_answers_at_every_evaluation_and_training_goes_on(run_dir, tmp_path):
+    from phitune.train import finetune
+
+    result = finetune(model={"name_or_path": str(run_dir["base"])},
+                      data={"train": str(run_dir["data"]), "eval_split": 3, "max_seq_length": 96, "cache": False},
+                      training_config={"output_dir": str(tmp_path / "out"), "max_steps": 3, "eval_strategy": "steps",
+                                       "eval_steps": 1, "eval_generate": 2, "per_device_train_batch_size": 2,
+                                       "logging_steps": 1, "disable_tqdm": True, "save_strategy": "no"},
+                      peft_config={"r": 2, "target_modules": ["qkv_proj"]})
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    probes = [r for r in records if "generations" in r]
+    assert [r["step"] for r in probes] == [1, 2, 3]
+    assert all(len(r["generations"]) == 2 and 0 <= r["gen_rouge_l"] <= 1 for r in probes)
+    assert [p["index"] for p in probes[0]["generation_prompts"]] == [g["index"] for g in probes[-1]["generations"]]
+    assert result.metrics["train_steps"] == 3 and "eval_loss" in result.metrics

@@ -284,7 +284,7 @@ def _pick(logits: torch.Tensor, settings: GenerationSettings, generator) -> torc
     return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: during training, tensors a module caches here are used again by backward
 def generate_batch(model, prompts: Sequence[Sequence[int]], *, stop_ids: Sequence[int], pad_id: int,
                    max_new_tokens: int | Sequence[int], settings: GenerationSettings | None = None,
                    generator: torch.Generator | None = None) -> list[Generation]:
