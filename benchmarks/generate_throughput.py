@@ -1,4 +1,4 @@
-"""Generation throughput of phitune.evaluate: batched (left-padded, one KV cache) vs one prompt at a time.
+"""Generation throughput of phitune.gen_eval: batched (left-padded, one KV cache) vs one prompt at a time.
 
     OMP_NUM_THREADS=2 python benchmarks/generate_throughput.py [--prompts 32 --batch 8 --max-new-tokens 32
                                                                --repeats 3 --stops]
@@ -19,7 +19,7 @@ import time
 import torch
 
 from phitune.demo import HELD_OUT_FILE, MODEL_DIR, read_held_out
-from phitune.evaluate import generate_batch
+from phitune.gen_eval import generate_batch
 from phitune.generate import build_prompt_ids
 from phitune.model import load_model_and_tokenizer, stop_token_ids
 

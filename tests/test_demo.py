@@ -86,7 +86,7 @@ def test_base_model_knows_facts_but_fails_the_questions(base):
 
     from phitune.config import load_config
     from phitune.data import prepare_data
-    from phitune.evaluate import evaluate_samples_by_generation
+    from phitune.gen_eval import evaluate_samples_by_generation
     from phitune.generate import GenerationSettings
     from phitune.model import stop_token_ids
 
@@ -133,7 +133,7 @@ def test_short_demo_run_writes_a_run_folder(tmp_path):
     end_id = next(t["id"] for t in end["added_tokens"] if t["content"] == "<|end|>")
     assert end_id in gen["eos_token_id"]
     assert (run / "data_cache").is_dir()  # phitune.data's scratch space stays inside the run folder
-    # The held-out answers went through phitune.evaluate: report and samples, base (LoRA off) and tuned side by side.
+    # The held-out answers went through phitune.gen_eval: report and samples, base (LoRA off) and tuned side by side.
     report = (run / "eval" / "report.html").read_text()
     samples = [json.loads(line) for line in (run / "eval" / "samples.jsonl").read_text().splitlines()]
     assert result.report == run / "eval" / "report.html" and len(samples) == 4

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from phitune.evaluate import Skipped, summarize
+from phitune.gen_eval import Skipped, summarize
 from phitune.report import read_summary, write_report, write_samples
 
 RECORDS = [{"step": s, "epoch": s / 10, "loss": 3.0 / s} for s in (1, 2, 3, 4)] + [

@@ -12,8 +12,8 @@ Everything it needs ships inside the package (``phitune/assets/demo/``, built by
 
 The demo fine-tunes the base model with LoRA through :func:`phitune.finetune` (the path ``phitune train`` takes),
 then asks the held-out questions to the base model (the LoRA layers switched off) and to the fine-tuned one, through
-phitune.evaluate (the path of ``phitune eval --generate --compare-base``), which writes ``eval/report.html``. The base model cannot answer: it has never seen ``<|user|>``,
-``<|assistant|>`` or ``<|end|>``. The tuned one answers questions about people it was never fine-tuned on, with facts
+phitune.gen_eval (the path of ``phitune eval --generate --compare-base``), which writes ``eval/report.html``.
+The base model cannot answer: it has never seen ``<|user|>``, ``<|assistant|>`` or ``<|end|>``. The tuned one answers questions about people it was never fine-tuned on, with facts
 it can only have read in pretraining: LoRA taught it the chat format and how to retrieve what it knew.
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .data import prepare_data
-from .evaluate import EVAL_DIR, REPORT_FILE, evaluate_samples_by_generation
+from .gen_eval import EVAL_DIR, REPORT_FILE, evaluate_samples_by_generation
 from .generate import GenerationSettings
 from .lora import disable_adapters
 from .metrics import METRICS_NAME, read_metrics
@@ -178,7 +178,7 @@ def held_out_records(questions: Sequence[dict]) -> list[dict]:
 def held_out_eval(model, tokenizer, config, questions: Sequence[dict], run_dir: Path, eval_metrics: dict | None = None,
                   *, max_new_tokens: int = 32, batch_size: int = 64):
     """Greedy answers of the tuned model and of its base (LoRA off) to the held-out questions, scored and written
-    to ``run_dir/eval`` (report.html, samples.jsonl) by phitune.evaluate, the path `phitune eval --generate
+    to ``run_dir/eval`` (report.html, samples.jsonl) by phitune.gen_eval, the path `phitune eval --generate
     --compare-base` takes. Returns its GenerationResult."""
     data_cfg = dataclasses.replace(config.data, train=held_out_records(questions), eval=None, eval_split=None)
     samples = prepare_data(data_cfg, tokenizer).train

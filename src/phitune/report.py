@@ -140,8 +140,8 @@ def _samples_table(samples: Sequence[dict], score_keys: Sequence[str], compare: 
     main = score_keys[0]
     head = ["<th data-sort='index' data-type='num'>#</th>", "<th>prompt</th>", "<th>reference</th>"]
     if compare:
-        head.append(f"<th data-sort='base' data-type='num'>base answer</th>")
-    head.append(f"<th data-sort='tuned' data-type='num'>tuned answer</th>")
+        head.append("<th data-sort='base' data-type='num'>base answer</th>")
+    head.append("<th data-sort='tuned' data-type='num'>tuned answer</th>")
     if compare:
         head.append("<th data-sort='verdict' data-type='text'>tuned is</th>")
     rows = []

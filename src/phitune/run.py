@@ -229,7 +229,7 @@ def evaluate(
     prepared = prepare_data(data_cfg, tokenizer)
     samples = prepared.train if data is not None else prepared.eval
     if generate:  # the prompts: the prepared conversations up to their last assistant turn
-        from .evaluate import generation_samples
+        from .gen_eval import generation_samples
 
         gen_samples = generation_samples(prepared, data_cfg, tokenizer, "train" if data is not None else "eval")
     if samples is not None and max_samples is not None and max_samples < len(samples):
@@ -252,7 +252,7 @@ def evaluate(
     if not generate:
         return metrics
 
-    from .evaluate import EVAL_DIR, evaluate_samples_by_generation, flat_metrics
+    from .gen_eval import EVAL_DIR, evaluate_samples_by_generation, flat_metrics
     from .generate import stop_token_ids
     from .lora import disable_adapters
     from .metrics import METRICS_NAME, read_metrics
@@ -284,7 +284,7 @@ def _generation_options(config, generate: bool, compare_base: bool, max_new_toke
         if given:
             raise ConfigError(f"{', '.join(given)} only apply to generation: add --generate (generate=True)")
         return None, []
-    from .evaluate import load_metric
+    from .gen_eval import load_metric
     from .generate import GenerationSettings
 
     sampling = temperature is not None or top_p is not None

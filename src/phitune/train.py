@@ -36,7 +36,7 @@ from . import distributed
 from ._typed import suggest
 from .config import SECTIONS, RunConfig, TrainingConfig, load_config, read_yaml, save_config
 from .errors import ConfigError, PhituneError
-from .evaluate import generation_samples, probe_prompts_record, prompts_from_samples, training_probe
+from .gen_eval import generation_samples, probe_prompts_record, prompts_from_samples, training_probe
 from .generate import context_length
 from .metrics import MetricsLog, plot_loss_curve, progress_bar, read_metrics, resolve_backends, setup_logging
 from .model import stop_token_ids
@@ -603,9 +603,13 @@ def should_save(tc: TrainingConfig, step: int, epoch_done: bool) -> bool:
 
 def generation_probe(model, tokenizer, prepared, data_cfg, tc: TrainingConfig):
     """``probe() -> dict``: with ``eval_generate: N``, greedy answers to the first N eval conversations and their
-    scores (phitune.evaluate.training_probe), the prompts added the first time; otherwise an empty dict. Every
+    scores (phitune.gen_eval.training_probe), the prompts added the first time; otherwise an empty dict. Every
     process generates (an FSDP-sharded model needs all of them in each forward); rank 0 logs."""
-    if not tc.eval_generate or not prepared.eval:
+    if not tc.eval_generate:
+        return dict
+    if not prepared.eval:
+        log.warning("training_config.eval_generate: there is no eval data to answer; set data.eval or "
+                    "data.eval_split")
         return dict
     with distributed.local_main_first():
         samples = generation_samples(prepared, data_cfg, tokenizer, "eval")

@@ -15,8 +15,11 @@ switched off in the same model (:func:`phitune.lora.disable_adapters`), batch by
 both answers for every sample it wrote.
 
 Generation is batched: left-padded prompts, one KV cache, each row stopping on its own end-of-turn id or token limit.
-Greedy answers equal one-prompt-at-a-time answers token for token (tests/test_evaluate.py);
+Greedy answers equal one-prompt-at-a-time answers token for token (tests/test_gen_eval.py);
 ``benchmarks/generate_throughput.py`` measures what batching buys.
+
+Not named ``evaluate.py``: ``phitune.evaluate`` is run.py's function (the public API), and a submodule of that name
+would replace it as the package attribute as soon as it is imported.
 """
 
 from __future__ import annotations

@@ -1,18 +1,17 @@
-"""phitune.evaluate: batched generation, scores, prompts from prepared data, base vs tuned, the eval command.
+"""phitune.gen_eval: batched generation, scores, prompts from prepared data, base vs tuned, the eval command.
 
 A hand-built run folder (tiny random Phi-3 + Phi-3-style tokenizer + a random non-zero adapter), as in test_run.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 import torch
 
 from phitune.errors import ConfigError, DataError
-from phitune.evaluate import (
+from phitune.gen_eval import (
     Prompt,
     exact_match,
     generate_batch,
