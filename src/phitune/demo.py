@@ -13,8 +13,9 @@ Everything it needs ships inside the package (``phitune/assets/demo/``, built by
 The demo fine-tunes the base model with LoRA through :func:`phitune.finetune` (the path ``phitune train`` takes),
 then asks the held-out questions to the base model (the LoRA layers switched off) and to the fine-tuned one, through
 phitune.gen_eval (the path of ``phitune eval --generate --compare-base``), which writes ``eval/report.html``.
-The base model cannot answer: it has never seen ``<|user|>``, ``<|assistant|>`` or ``<|end|>``. The tuned one answers questions about people it was never fine-tuned on, with facts
-it can only have read in pretraining: LoRA taught it the chat format and how to retrieve what it knew.
+The base model cannot answer: it has never seen ``<|user|>``, ``<|assistant|>`` or ``<|end|>``. The tuned one
+answers questions about people it was never fine-tuned on, with facts it can only have read in pretraining: LoRA
+taught it the chat format and how to retrieve what it knew.
 """
 
 from __future__ import annotations

@@ -75,9 +75,11 @@ def _metrics_table(summary: dict) -> str:
         cells += f"<td>{_fmt(key, value)}</td>"
         if base is not None:
             d = delta.get(key)
-            cls = "" if d is None or d == 0 or key == "answer_tokens" else (" class='up'" if (d > 0) != (key in ("eval_loss",
-                                                                                         "eval_perplexity")) else
-                                                   " class='down'")
+            lower_is_better = key in ("eval_loss", "eval_perplexity")
+            if d is None or d == 0 or key == "answer_tokens":  # a shorter answer is neither better nor worse
+                cls = ""
+            else:
+                cls = " class='up'" if (d > 0) != lower_is_better else " class='down'"
             cells += f"<td{cls}>{_fmt(key, d, signed=True)}</td>"
         rows.append(f"<tr>{cells}</tr>")
     return f"<table id='metrics'>{head}{''.join(rows)}</table>"
@@ -190,7 +192,8 @@ def _history_table(history: dict) -> str:
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:20px} h2{font-size:16px;margin-top:28px}
-table{border-collapse:collapse;margin:8px 0} th,td{border:1px solid #ddd;padding:4px 8px;vertical-align:top;text-align:left}
+table{border-collapse:collapse;margin:8px 0}
+th,td{border:1px solid #ddd;padding:4px 8px;vertical-align:top;text-align:left}
 th[data-sort]{cursor:pointer;background:#f4f4f4} th[data-sort]:after{content:" \\2195";color:#999}
 #metrics td:not(:first-child){text-align:right;font-variant-numeric:tabular-nums}
 .up{color:#1a7f37} .down{color:#c62828}
@@ -198,7 +201,8 @@ pre{white-space:pre-wrap;word-break:break-word;margin:0;font:13px/1.35 ui-monosp
 .scores{color:#666;font-size:12px;margin-top:4px}
 .v-better{background:#e6f4ea} .v-worse{background:#fdecea} .v-same{background:#f4f4f4}
 td.ok{background:#e6f4ea} .wide{overflow-x:auto}
-.filters button{margin-right:6px;padding:3px 10px;border:1px solid #bbb;background:#fff;border-radius:4px;cursor:pointer}
+.filters button{margin-right:6px;padding:3px 10px;border:1px solid #bbb;background:#fff;border-radius:4px;
+  cursor:pointer}
 .filters button.on{background:#222;color:#fff}
 .note{background:#fff8e1;padding:6px 10px;border-left:3px solid #f9a825}
 """
