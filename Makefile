@@ -1,4 +1,5 @@
 # make test: creates .venv unless a virtualenv is active, installs phitune with its test extras, runs pytest.
+# make lint: ruff (line length 120, pycodestyle + pyflakes), as CI runs it.
 # make demo: the embedded default (tiny Phi-3 + bundled chat data), fine-tuned and evaluated on the CPU.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch: a bare "torch" requirement would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install test lint demo bench clean
 
 $(VENV)/.installed-%: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ install: $(VENV)/.installed-test
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check .
 
 demo: $(VENV)/.installed-test
 	$(VENV)/bin/phitune demo

@@ -13,8 +13,9 @@ import os
 import pytest
 
 from phitune import demo as demo_mod
-from phitune.demo import (CONFIG_FILE, EVAL_FILE, HELD_OUT_FILE, MODEL_DIR, TRAIN_FILE, answer_questions, demo,
-                          exact_match, prompt_ids, prose_recall, read_held_out)
+from phitune.demo import (CONFIG_FILE, EVAL_FILE, HELD_OUT_FILE, MODEL_DIR, TRAIN_FILE, demo, held_out_records,
+                          prose_recall, read_held_out)
+from phitune.generate import build_prompt_ids
 from phitune.tokenizer import CHAT_SPECIAL_TOKENS, PHI3_CHAT_TEMPLATE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +50,7 @@ def test_tokenizer_has_phi3_special_tokens_and_template(base):
     assert tok.chat_template == PHI3_CHAT_TEMPLATE
     assert len(tok) <= model.get_input_embeddings().weight.shape[0]
     msgs = [{"role": "user", "content": "Where does Tiltou Nerdale live?"}]
-    text = tok.decode(prompt_ids(tok, msgs))
+    text = tok.decode(build_prompt_ids(tok, msgs))
     assert text == "<s><|user|>Where does Tiltou Nerdale live?<|end|><|assistant|>"  # chat tokens absorb the "\n"
 
 
@@ -81,16 +82,25 @@ def test_data_variety_and_no_leak():
 
 
 def test_base_model_knows_facts_but_fails_the_questions(base):
+    import dataclasses
+
+    from phitune.config import load_config
+    from phitune.data import prepare_data
+    from phitune.gen_eval import evaluate_samples_by_generation
+    from phitune.generate import GenerationSettings
+    from phitune.model import stop_token_ids
+
     model, tok = base
     questions = read_held_out(HELD_OUT_FILE)[:16]
-    answers = answer_questions(model, tok, questions, max_new_tokens=20)
-    assert exact_match(answers, [q["answer"] for q in questions]) == 0.0
+    cfg = load_config(CONFIG_FILE, [f"model.name_or_path={MODEL_DIR}", f"data.train={TRAIN_FILE}",
+                                    f"data.eval={EVAL_FILE}"])
+    data = dataclasses.replace(cfg.data, train=held_out_records(questions), eval=None)
+    result = evaluate_samples_by_generation(model, tok, prepare_data(data, tok).train,
+                                            stop_ids=stop_token_ids(tok, model), progress=False,
+                                            settings=GenerationSettings(max_new_tokens=20, greedy=True))
+    assert result.summary["samples"] == 16 and result.summary["tuned"]["exact_match"] == 0.0  # the model given
+    assert [s["reference"] for s in result.samples] == [q["answer"] for q in questions]
     assert prose_recall(model, tok, questions) >= 0.9  # pretraining stored the facts
-
-
-def test_exact_match():
-    assert exact_match(["a ", "b"], ["a", "c"]) == 0.5
-    assert exact_match([], []) == 0.0
 
 
 def test_examples_demo_yaml_loads_and_is_the_shipped_one():
@@ -108,7 +118,8 @@ def test_examples_demo_yaml_loads_and_is_the_shipped_one():
 
 def test_short_demo_run_writes_a_run_folder(tmp_path):
     out = io.StringIO()
-    result = demo(tmp_path / "run", max_steps=2, max_questions=4, show=2, out=out)
+    result = demo(tmp_path / "run", max_steps=2, max_questions=4, show=2, out=out,
+                  overrides=["training_config.eval_generate=2"])
     text = out.getvalue()
     assert "exact match on 4 held-out questions" in text and "base model" in text
     assert result.before == 0.0 and result.n_questions == 4
@@ -122,6 +133,16 @@ def test_short_demo_run_writes_a_run_folder(tmp_path):
     end_id = next(t["id"] for t in end["added_tokens"] if t["content"] == "<|end|>")
     assert end_id in gen["eos_token_id"]
     assert (run / "data_cache").is_dir()  # phitune.data's scratch space stays inside the run folder
+    # The held-out answers went through phitune.gen_eval: report and samples, base (LoRA off) and tuned side by side.
+    report = (run / "eval" / "report.html").read_text()
+    samples = [json.loads(line) for line in (run / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert result.report == run / "eval" / "report.html" and len(samples) == 4
+    assert [s["base"]["answer"] for s in samples] == [r["base"] for r in result.answers]
+    # training_config.eval_generate: answers to 2 fixed eval prompts logged at the evaluation, shown in the report
+    logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "generations" in r]
+    assert logged and len(logged[-1]["generations"]) == 2 and "gen_exact_match" in logged[-1]
+    assert len(logged[0]["generation_prompts"]) == 2
+    assert "Answers during training" in report
 
 
 def test_missing_assets_are_a_clear_error(monkeypatch, tmp_path):

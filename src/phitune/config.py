@@ -62,8 +62,8 @@ def build_quantization_config(data: Any) -> QuantizationConfig:
     if data is None:
         return QuantizationConfig()
     if not isinstance(data, Mapping):
-        raise ConfigError(f"model.quantization: expected a mapping like {{type: nf4, double_quant: true, compute_dtype: "
-                          f"bfloat16}}, got {data!r}")
+        raise ConfigError("model.quantization: expected a mapping like {type: nf4, double_quant: true, "
+                          f"compute_dtype: bfloat16}}, got {data!r}")
     data = dict(data)
     for key in ("load_in_4bit", "load_in_8bit"):
         if key in data:
@@ -99,7 +99,8 @@ class ModelConfig:
         "auto", doc="attention kernel; auto: flash_attention_2 when installed on a supporting GPU, else sdpa")
     trust_remote_code: bool = field(False, doc="run the model repo's own Python code (Phi-3 needs none); warns")
     model_max_length: int | None = field(None, doc="tokenizer's model_max_length; default: the tokenizer's")
-    load_in_4bit: bool = field(False, doc="QLoRA: quantize the base to 4-bit with bitsandbytes (pip install phitune[qlora])")
+    load_in_4bit: bool = field(
+        False, doc="QLoRA: quantize the base to 4-bit with bitsandbytes (pip install phitune[qlora])")
     quantization: QuantizationConfig | dict = field(
         default_factory=QuantizationConfig, doc="4-bit settings: type (nf4|fp4), double_quant, compute_dtype")
     notes: list = _notes()
@@ -180,6 +181,9 @@ class TrainingConfig:
     eval_steps: int | None = field(None, doc="evaluate every this many steps (eval_strategy: steps); default: "
                                                 "logging_steps")
     eval_on_start: bool = field(False, doc="evaluate once before the first step")
+    eval_generate: int = field(0, doc="at each evaluation also generate (greedy, up to 256 tokens) the answers to the "
+                                      "first N eval conversations and log them with their scores (metrics.jsonl, "
+                                      "the eval report)")
     save_strategy: Literal["no", "steps", "epoch"] = field("steps", doc="when to write checkpoints")
     save_steps: int = field(500, doc="write a checkpoint every this many optimizer steps")
     save_total_limit: int | None = field(None, doc="keep at most this many checkpoints (the newest always kept)")
@@ -209,6 +213,8 @@ class TrainingConfig:
                     "logging_steps", "save_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"training_config.{key} must be >= 1, got {getattr(self, key)}")
+        if self.eval_generate < 0:
+            raise ConfigError(f"training_config.eval_generate must be >= 0 (0: off), got {self.eval_generate}")
         if self.eval_steps is not None and self.eval_steps < 1:
             raise ConfigError(f"training_config.eval_steps must be >= 1, got {self.eval_steps}")
         if self.learning_rate <= 0:

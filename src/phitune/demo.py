@@ -10,14 +10,17 @@ Everything it needs ships inside the package (``phitune/assets/demo/``, built by
 - ``held_out.jsonl``: questions about the *other* people, with the expected answers.
 - ``demo.yaml``: the run settings (the same as ``examples/demo.yaml``).
 
-The demo asks the held-out questions to the base model, fine-tunes it with LoRA through :func:`phitune.finetune`
-(the path ``phitune train`` takes), and asks again. The base model cannot answer: it has never seen ``<|user|>``,
-``<|assistant|>`` or ``<|end|>``. The tuned one answers questions about people it was never fine-tuned on, with facts
-it can only have read in pretraining: LoRA taught it the chat format and how to retrieve what it knew.
+The demo fine-tunes the base model with LoRA through :func:`phitune.finetune` (the path ``phitune train`` takes),
+then asks the held-out questions to the base model (the LoRA layers switched off) and to the fine-tuned one, through
+phitune.gen_eval (the path of ``phitune eval --generate --compare-base``), which writes ``eval/report.html``.
+The base model cannot answer: it has never seen ``<|user|>``, ``<|assistant|>`` or ``<|end|>``. The tuned one
+answers questions about people it was never fine-tuned on, with facts it can only have read in pretraining: LoRA
+taught it the chat format and how to retrieve what it knew.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -28,6 +31,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import outdir
+from .data import prepare_data
+from .gen_eval import EVAL_DIR, REPORT_FILE, evaluate_samples_by_generation
+from .generate import GenerationSettings
+from .lora import disable_adapters
+from .metrics import METRICS_NAME, read_metrics
+from .model import stop_token_ids
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "demo"
 MODEL_DIR = ASSETS / "model"
@@ -51,6 +60,7 @@ class DemoResult:
     base_prose_recall: float = 0.0
     answers: list[dict] = field(default_factory=list, repr=False)
     train_metrics: dict[str, Any] = field(default_factory=dict, repr=False)
+    report: Path | None = None
 
 
 def demo(output_dir: str | os.PathLike | None = None, *, max_steps: int | None = None,
@@ -106,32 +116,30 @@ def demo(output_dir: str | os.PathLike | None = None, *, max_steps: int | None =
         f"  LoRA        r={pc.r}, lora_alpha={pc.lora_alpha}, target_modules={pc.target_modules}; "
         f"lr {tc.learning_rate:g}, {tc.max_steps} steps")
     say("")
+    del model  # finetune loads its own; the base model is that one with the LoRA layers switched off
 
     t = time.perf_counter()
-    say(f"[1/3] the base model answers the {len(questions)} held-out questions")
-    before = answer_questions(model, tokenizer, questions)
-    knows = prose_recall(model, tokenizer, questions)
-    del model
-    timings = {"base_answers_s": time.perf_counter() - t}
-    t = time.perf_counter()
-    say(f"[2/3] LoRA fine-tuning with phitune.finetune (settings: examples/demo.yaml) -> {output_dir}")
+    say(f"[1/2] LoRA fine-tuning with phitune.finetune (settings: examples/demo.yaml) -> {output_dir}")
     result = finetune(config)
-    timings["finetune_s"] = time.perf_counter() - t
+    timings = {"finetune_s": time.perf_counter() - t}
     t = time.perf_counter()
-    say("[3/3] the fine-tuned model answers the same questions")
-    after = answer_questions(result.model, tokenizer, questions)
-    timings["tuned_answers_s"] = time.perf_counter() - t
+    say(f"[2/2] the base model (LoRA switched off) and the fine-tuned one answer the {len(questions)} held-out "
+        f"questions -> {Path(result.output_dir) / EVAL_DIR / REPORT_FILE}")
+    model = result.model
+    with disable_adapters(model):
+        knows = prose_recall(model, tokenizer, questions)
+    gen = held_out_eval(model, tokenizer, config, questions, Path(result.output_dir), result.metrics)
+    timings["answers_s"] = time.perf_counter() - t
 
-    rows = [{"question": q["messages"][-1]["content"], "expected": q["answer"], "base": b, "tuned": a}
-            for q, b, a in zip(questions, before, after)]
-    em_before = exact_match(before, [q["answer"] for q in questions])
-    em_after = exact_match(after, [q["answer"] for q in questions])
+    rows = [{"question": questions[s["index"]]["messages"][-1]["content"], "expected": s["reference"],
+             "base": s["base"]["answer"], "tuned": s["tuned"]["answer"], "base_ok": bool(s["base"]["exact_match"]),
+             "tuned_ok": bool(s["tuned"]["exact_match"])} for s in gen.samples]
+    em_before, em_after = gen.summary["base"]["exact_match"], gen.summary["tuned"]["exact_match"]
     wall = time.perf_counter() - started
     peak = peak_rss_mb()
     demo_result = DemoResult(output_dir=result.output_dir, before=em_before, after=em_after,
                              n_questions=len(questions), wall_s=wall, peak_rss_mb=peak, base_prose_recall=knows,
-                             answers=rows,
-                             train_metrics=dict(result.metrics))
+                             answers=rows, train_metrics=dict(result.metrics), report=gen.report_path)
     (Path(result.output_dir) / "demo_answers.json").write_text(
         json.dumps({"exact_match_before": em_before, "exact_match_after": em_after, "base_prose_recall": knows,
                     "wall_s": round(wall, 1), **{k: round(v, 1) for k, v in timings.items()},
@@ -140,8 +148,8 @@ def demo(output_dir: str | os.PathLike | None = None, *, max_steps: int | None =
     say("")
     for row in rows[:show]:
         say(f"  Q: {row['question']}")
-        say(f"     base model : {_clip(row['base'])!s:<60} {'ok' if row['base'] == row['expected'] else 'wrong'}")
-        say(f"     fine-tuned : {_clip(row['tuned'])!s:<60} {'ok' if row['tuned'] == row['expected'] else 'wrong'}")
+        say(f"     base model : {_clip(row['base'])!s:<60} {'ok' if row['base_ok'] else 'wrong'}")
+        say(f"     fine-tuned : {_clip(row['tuned'])!s:<60} {'ok' if row['tuned_ok'] else 'wrong'}")
     say("")
     say(f"exact match on {len(questions)} held-out questions (people never seen in the chat data): "
         f"base {em_before:.0%} -> fine-tuned {em_after:.0%}")
@@ -149,10 +157,10 @@ def demo(output_dir: str | os.PathLike | None = None, *, max_steps: int | None =
         f"{knows:.0%} of them; it could not answer a chat question)")
     if "eval_loss" in result.metrics:
         say(f"eval loss {result.metrics['eval_loss']:.3f}, token accuracy {result.metrics['eval_token_accuracy']:.1%}")
-    say(f"wall time {wall:.0f} s (base answers {timings['base_answers_s']:.0f} s, fine-tuning "
-        f"{timings['finetune_s']:.0f} s, tuned answers {timings['tuned_answers_s']:.0f} s), peak memory {peak:.0f} MB "
-        f"(RSS), {torch.get_num_threads()} CPU threads")
+    say(f"wall time {wall:.0f} s (fine-tuning {timings['finetune_s']:.0f} s, base and tuned answers "
+        f"{timings['answers_s']:.0f} s), peak memory {peak:.0f} MB (RSS), {torch.get_num_threads()} CPU threads")
     say(f"run folder: {result.output_dir}   (next: phitune chat {result.output_dir})")
+    say(f"report: {gen.report_path}   (every answer side by side; samples.jsonl next to it)")
     return demo_result
 
 
@@ -169,49 +177,24 @@ def read_held_out(path: str | os.PathLike = HELD_OUT_FILE) -> list[dict]:
     return rows
 
 
-def answer_questions(model, tokenizer, questions: Sequence[dict], *, max_new_tokens: int = 32,
-                     batch_size: int = 64) -> list[str]:
-    """Greedy answers to each question's messages, cut at the first end-of-turn token (``<|end|>`` and co).
-
-    An answer that never ends its turn within ``max_new_tokens`` is returned with a trailing `` ...``, so it cannot
-    count as an exact match: a chat model that does not stop is not answering.
-    """
-    import torch
-
-    from .model import stop_token_ids
-
-    stops = stop_token_ids(tokenizer, model)
-    pad = tokenizer.pad_token_id
-    answers: list[str] = []
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(questions), batch_size):
-            chunk = questions[start:start + batch_size]
-            prompts = [prompt_ids(tokenizer, q["messages"]) for q in chunk]
-            width = max(len(p) for p in prompts)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding for generation
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=stops, pad_token_id=pad, use_cache=True)
-            for row in gen[:, width:].tolist():
-                cut = next((i for i, t in enumerate(row) if t in stops), None)
-                text = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
-                answers.append(text if cut is not None else text + " ...")
-    model.train(was_training)
-    return answers
+def held_out_records(questions: Sequence[dict]) -> list[dict]:
+    """The held-out questions as chat records ending with the expected answer (the turn generation is scored on)."""
+    return [{"messages": list(q["messages"]) + [{"role": "assistant", "content": q["answer"]}]} for q in questions]
 
 
-def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
-    """``<s>`` + the chat template with the assistant header: exactly what training saw before an answer
-    (phitune.data prepends one bos to the rendered conversation)."""
-    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-    if hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    ids = list(ids)
-    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
-        ids = [tokenizer.bos_token_id] + ids
-    return ids
+def held_out_eval(model, tokenizer, config, questions: Sequence[dict], run_dir: Path, eval_metrics: dict | None = None,
+                  *, max_new_tokens: int = 32, batch_size: int = 64):
+    """Greedy answers of the tuned model and of its base (LoRA off) to the held-out questions, scored and written
+    to ``run_dir/eval`` (report.html, samples.jsonl) by phitune.gen_eval, the path `phitune eval --generate
+    --compare-base` takes. Returns its GenerationResult."""
+    data_cfg = dataclasses.replace(config.data, train=held_out_records(questions), eval=None, eval_split=None)
+    samples = prepare_data(data_cfg, tokenizer).train
+    return evaluate_samples_by_generation(
+        model, tokenizer, samples, stop_ids=stop_token_ids(tokenizer, model),
+        settings=GenerationSettings(max_new_tokens=max_new_tokens, greedy=True), batch_size=batch_size,
+        compare_base=True, out_dir=run_dir / EVAL_DIR, eval_metrics=eval_metrics,
+        train_records=read_metrics(run_dir / METRICS_NAME), title="phitune demo, held-out questions",
+        progress=False)
 
 
 def prose_recall(model, tokenizer, questions: Sequence[dict]) -> float:
@@ -230,13 +213,6 @@ def prose_recall(model, tokenizer, questions: Sequence[dict]) -> float:
             ok += logits.argmax(-1).tolist() == target
     model.train(was_training)
     return ok / max(len(questions), 1)
-
-
-def exact_match(answers: Sequence[str], expected: Sequence[str]) -> float:
-    """Fraction of answers equal to the expected text (after stripping surrounding whitespace)."""
-    if not expected:
-        return 0.0
-    return sum(a.strip() == e.strip() for a, e in zip(answers, expected)) / len(expected)
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------------

@@ -75,6 +75,16 @@ def stop_token_ids(run_dir: str | Path | None, tokenizer) -> list[int]:
     return ids
 
 
+def context_length(model, tokenizer) -> int:
+    """Tokens the model can attend over: its ``max_position_embeddings`` (4096 when it says nothing), or the
+    tokenizer's ``model_max_length`` when that is smaller (tokenizers without a limit report a huge number)."""
+    limit = getattr(model.config, "max_position_embeddings", None) or 4096
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < limit:
+        limit = tok_limit
+    return limit
+
+
 def _token_id(tokenizer, token: str) -> int | None:
     """The id of ``token`` if it is a single token of the vocabulary, else None."""
     vocab = tokenizer.get_vocab()

@@ -132,12 +132,17 @@ def format_record(record: dict[str, Any]) -> str:
     """``step 20 (epoch 0.31): loss 1.234  lr 2.00e-04  grad_norm 0.51  tokens_per_s 2048``."""
     parts = []
     for k, v in record.items():
-        if k in ("step", "epoch"):
+        if k in ("step", "epoch") or isinstance(v, (list, dict)):  # generated answers: one line each, below
             continue
         if isinstance(v, float):
             v = f"{v:.2e}" if k == "lr" else f"{v:.4g}"
         parts.append(f"{k} {v}")
-    return f"step {record.get('step')} (epoch {record.get('epoch', 0):.2f}): " + "  ".join(parts)
+    line = f"step {record.get('step')} (epoch {record.get('epoch', 0):.2f}): " + "  ".join(parts)
+    for g in record.get("generations") or []:  # training_config.eval_generate
+        answer = " ".join(str(g.get("answer", "")).split())
+        answer = answer if len(answer) <= 100 else answer[:97] + "..."
+        line += f"\n  eval #{g.get('index')}{' (exact)' if g.get('exact_match') else ''}: {answer}"
+    return line
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -41,11 +41,14 @@ from .config import SECTIONS, RunConfig, TrainingConfig, load_config, read_yaml,
 from .errors import ConfigError, PhituneError
 from .fast import FastPath
 from .fast.attention import position_masks
+from .gen_eval import generation_samples, probe_prompts_record, prompts_from_samples, training_probe
+from .generate import context_length
 from .interrupt import Interrupted, StopOnSignal, signal_name
 from .labels import IGNORE_INDEX
 from .preflight import check_data_paths, check_model_source
 from .data.preview import data_warnings
 from .metrics import MetricsLog, plot_loss_curve, progress_bar, read_metrics, resolve_backends, setup_logging
+from .model import stop_token_ids
 
 log = logging.getLogger("phitune")
 
@@ -177,10 +180,13 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
              total_steps, steps_per_epoch, bs, accum, f" x {world} processes" if world > 1 else "",
              len(prepared.train), len(prepared.eval or []))
 
+    probe = generation_probe(model, tokenizer, prepared, dc, tc)
+
     def run_eval() -> dict[str, float]:
         with autocast:
-            return evaluate_samples(model, prepared.eval, dc, tc.per_device_eval_batch_size, tokenizer=tokenizer,
-                                    fast=fast)
+            metrics = evaluate_samples(model, prepared.eval, dc, tc.per_device_eval_batch_size, tokenizer=tokenizer,
+                                       fast=fast)
+            return {**metrics, **probe()}
 
     # the loop; SIGINT/SIGTERM stop it at a step boundary with a checkpoint (phitune.interrupt)
     stop = run_scope.enter_context(StopOnSignal())
@@ -411,7 +417,8 @@ def save_run(out: Path, cfg: RunConfig, model, tokenizer, data_stats: dict, fina
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
-    """A copy of ``cfg`` whose local paths (base model, tokenizer, data files) are absolute; Hub ids stay as they are."""
+    """A copy of ``cfg`` whose local paths (base model, tokenizer, data files) are absolute; Hub ids stay as they
+    are."""
 
     def absolute(value):
         if isinstance(value, (str, os.PathLike)) and Path(value).exists():
@@ -720,6 +727,34 @@ def should_save(tc: TrainingConfig, step: int, epoch_done: bool) -> bool:
 
 
 # --- evaluation -------------------------------------------------------------------------------------------------------
+
+
+def generation_probe(model, tokenizer, prepared, data_cfg, tc: TrainingConfig):
+    """``probe() -> dict``: with ``eval_generate: N``, greedy answers to the first N eval conversations and their
+    scores (phitune.gen_eval.training_probe), the prompts added the first time; otherwise an empty dict. Every
+    process generates (an FSDP-sharded model needs all of them in each forward); rank 0 logs."""
+    if not tc.eval_generate:
+        return dict
+    if not prepared.eval:
+        log.warning("training_config.eval_generate: there is no eval data to answer; set data.eval or "
+                    "data.eval_split")
+        return dict
+    with distributed.local_main_first():
+        samples = generation_samples(prepared, data_cfg, tokenizer, "eval")
+    stops, context = stop_token_ids(tokenizer, model), context_length(model, tokenizer)
+    prompts, _ = prompts_from_samples(samples, tokenizer, stop_ids=stops, context=context,
+                                      max_samples=tc.eval_generate)
+    first = [True]
+
+    def probe() -> dict:
+        record = training_probe(model, tokenizer, prompts, stop_ids=stops, context=context,
+                                batch_size=tc.per_device_eval_batch_size)
+        if first[0]:
+            record.update(probe_prompts_record(prompts))
+            first[0] = False
+        return record
+
+    return probe
 
 
 def data_api():

@@ -211,3 +211,53 @@ def test_loralib_merge_state_pitfalls_reproduced_by_loralib_but_fixed_here():
         reloaded = nn.Sequential(lib.Linear(8, 8, r=2))
         reloaded.load_state_dict(trained.state_dict())
         assert torch.allclose(reloaded(x), expected, atol=1e-5) == fixed
+
+
+def _block_with_adapters(seed=0):
+    torch.manual_seed(seed)
+    model = Block()
+    with torch.no_grad():  # non-zero adapters everywhere (B starts at zero, Embedding's A too)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+def _base_forward(model, idx):
+    """The block computed with every LoRA layer's plain base op (what 'no adapter' means)."""
+    h = model.ln(nn.functional.embedding(idx, model.emb.weight))
+    h = nn.functional.linear(h, model.q.weight, model.q.bias) + model.k(h)
+    return nn.functional.linear(h, model.qkv.weight, model.qkv.bias)
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged-on-eval"])
+def test_disable_adapters_runs_the_base_layers_and_restores_the_adapters(merged):
+    model = _block_with_adapters()
+    idx = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        tuned = model(idx)
+        base = _base_forward(model, idx)  # before any merge: the weights are the base ones
+        if merged:
+            model.eval()  # loralib's merge_weights: eval() folds the adapters into the weights
+            assert model.q.merged
+        with lora.disable_adapters(model):
+            assert torch.equal(model(idx), base)
+            model.eval()  # must not fold the adapters back in while they are off
+            assert torch.equal(model(idx), base) and not model.q.merged
+        assert model.q.merged == merged and not model.q.adapter_disabled
+        torch.testing.assert_close(model(idx), tuned, rtol=0, atol=1e-6)  # merged: one rounding of W + BA
+
+
+def test_disable_adapters_nests_and_survives_an_exception():
+    model = _block_with_adapters()
+    idx = torch.tensor([[5, 6]])
+    with torch.no_grad():
+        tuned = model(idx)
+        with pytest.raises(RuntimeError):
+            with lora.disable_adapters(model):
+                with lora.disable_adapters(model):
+                    pass
+                assert model.qkv.adapter_disabled  # the inner block restored the outer one's state
+                raise RuntimeError("boom")
+        assert not any(m.adapter_disabled for m in model.modules() if isinstance(m, lora.LoRALayer))
+        assert torch.equal(model(idx), tuned)

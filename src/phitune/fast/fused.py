@@ -293,7 +293,7 @@ def _dropout_p(layer) -> float:
 
 
 def _fusable(layer) -> bool:
-    return (not layer.merged and layer._has_lora() and not layer.fan_in_fan_out
+    return (layer._lora_active() and not layer.fan_in_fan_out
             and not getattr(layer.weight, "requires_grad", False))
 
 
@@ -439,7 +439,8 @@ def _rope_attention(module) -> bool:
             and getattr(module, "head_dim", None) and getattr(module, "num_key_value_heads", None))
 
 
-# Attention classes whose forward is qkv_proj -> split q, k, v -> RoPE (rotate_half, partial rotary) -> kernel -> o_proj.
+# Attention classes whose forward is qkv_proj -> split q, k, v -> RoPE (rotate_half, partial rotary) -> kernel
+# -> o_proj.
 _QKV_ROPE_ATTENTIONS = ("Phi3Attention",)
 
 

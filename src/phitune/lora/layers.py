@@ -41,7 +41,12 @@ class LoRALayer:
 
     A concrete layer creates ``lora_A``/``lora_B`` and implements ``_delta_parts(dtype)``, which yields
     ``(index, delta)`` pairs: ``weight[index] += delta`` merges the adapter (scaling included).
+    ``adapter_disabled`` (set by :func:`phitune.lora.disable_adapters`) makes forward the base layer's alone.
     """
+
+    # A class default rather than an __init__ attribute, so layers built around existing modules or unpickled from
+    # older versions have it too.
+    adapter_disabled = False
 
     def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool, *,
                  use_rslora: bool = False, lora_dtype: torch.dtype | None = None):
@@ -67,6 +72,10 @@ class LoRALayer:
     def _has_lora(self) -> bool:
         return self.r > 0 and "lora_A" in self._parameters
 
+    def _lora_active(self) -> bool:
+        """Whether forward adds the LoRA branch: an adapter that is neither merged nor switched off."""
+        return not self.merged and not self.adapter_disabled and self._has_lora()
+
     def _delta_parts(self, dtype):
         raise NotImplementedError(f"{type(self).__name__} does not define _delta_parts")
 
@@ -81,8 +90,9 @@ class LoRALayer:
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ΔW·scaling into the weight (float32 math, one rounding); a no-op when already merged."""
-        if self.merged:
+        """Fold ΔW·scaling into the weight (float32 math, one rounding); a no-op when already merged, or while the
+        adapter is switched off (phitune.lora.disable_adapters: eval() must not fold it back in)."""
+        if self.merged or self.adapter_disabled:
             return
         if self._has_lora():
             w = self.weight
@@ -209,7 +219,7 @@ class Linear(LoRALayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.t() if self.fan_in_fan_out else self.weight
-        if self.merged or not self._has_lora():
+        if not self._lora_active():
             return F.linear(x, weight, self.bias)
         return _lora_linear(x, weight, self.bias, self.lora_dropout(x), self.lora_A, self.lora_B, self.scaling)
 
@@ -261,7 +271,8 @@ class MergedLinear(LoRALayer, nn.Linear):
     def _group_sizes(out_features, enable_lora, out_splits):
         if isinstance(enable_lora, (str, bytes)) or not isinstance(enable_lora, Sequence) or not enable_lora \
                 or not all(isinstance(e, bool) for e in enable_lora):
-            raise ValueError(f"enable_lora must be a non-empty list of bools (one per output group), got {enable_lora!r}")
+            raise ValueError("enable_lora must be a non-empty list of bools (one per output group), "
+                             f"got {enable_lora!r}")
         groups = len(enable_lora)
         if out_splits is None:
             if out_features % groups:
@@ -339,7 +350,7 @@ class MergedLinear(LoRALayer, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight.t() if self.fan_in_fan_out else self.weight
-        if self.merged or not self._has_lora():
+        if not self._lora_active():
             return F.linear(x, weight, self.bias)
         return _lora_linear(x, weight, self.bias, self.lora_dropout(x), self.lora_A, self.expanded_B(), self.scaling)
 
@@ -368,7 +379,7 @@ class Embedding(LoRALayer, nn.Embedding):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = nn.Embedding.forward(self, x)
-        if self.merged or not self._has_lora():
+        if not self._lora_active():
             return result
         after_A = F.embedding(x, self.lora_A.t(), self.padding_idx, self.max_norm, self.norm_type,
                               self.scale_grad_by_freq, self.sparse)
@@ -416,7 +427,7 @@ class _ConvLoRA(LoRALayer):
         yield (), self._delta(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self._has_lora():
+        if not self._lora_active():
             return self._conv_forward(x, self.weight, self.bias)
         delta = self._delta()
         if isinstance(self.lora_dropout, nn.Identity) and delta.dtype == self.weight.dtype:

@@ -31,7 +31,8 @@ log = logging.getLogger("phitune")
 __all__ = ["Linear4bit", "MergedLinear4bit"]
 
 MERGE_REFUSED = ("cannot merge LoRA into 4-bit weights: rounding W + ΔW back to 4 bits would lose most of ΔW. "
-                 "Merge into a 16/32-bit base instead: phitune.merge(run_dir, out_dir) (or `phitune merge`) reloads the "
+                 "Merge into a 16/32-bit base instead: phitune.merge(run_dir, out_dir) (or `phitune merge`) reloads "
+                 "the "
                  "base dequantized from NF4 (or the original weights), or call "
                  "phitune.lora.quantized.dequantize_model(model, dtype) first and then merge_lora(model)")
 INSTALL_HINT = "pip install phitune[qlora]"
@@ -103,7 +104,7 @@ class Linear4bit(LoRALayer, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_forward(x)
-        if not self._has_lora():
+        if not self._lora_active():
             return result
         A = self.lora_A
         h = F.linear(self.lora_dropout(x).to(A.dtype), A) * self.scaling  # scaling the (N, r) tensor is cheapest

@@ -1,13 +1,17 @@
-"""loralib's two helpers: freeze all but LoRA (and optionally biases), and the LoRA-only state dict."""
+"""loralib's two helpers: freeze all but LoRA (and optionally biases), and the LoRA-only state dict; plus
+``disable_adapters``, the base model inside the adapted one."""
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 
 from .layers import LoRALayer
 
-__all__ = ["mark_only_lora_as_trainable", "lora_state_dict"]
+__all__ = ["mark_only_lora_as_trainable", "lora_state_dict", "disable_adapters"]
 
 _BIAS_MODES = ("none", "all", "lora_only")
 
@@ -73,3 +77,31 @@ def _selected_names(model: nn.Module, bias: str) -> set[str]:
     for name, layer in _lora_layers(model):
         names.update(_lora_param_names(name, layer))
     return names
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its base model inside the block: every LoRA layer computes its base layer alone.
+
+    No second copy of the model: merged layers are unmerged (their exact pre-merge weight comes back) and re-merged
+    on exit; ``eval()`` inside the block does not merge. Nests, and restores each layer's own state on exit, also
+    after an exception::
+
+        with disable_adapters(model):
+            base_logits = model(ids).logits
+    """
+    layers = [m for _, m in _lora_layers(model)]
+    saved = [(m, m.__dict__.get("adapter_disabled"), m.merged) for m in layers]
+    try:
+        for m in layers:
+            m.unmerge()
+            m.adapter_disabled = True
+        yield model
+    finally:
+        for m, flag, merged in saved:
+            if flag is None:
+                m.__dict__.pop("adapter_disabled", None)  # back to the class default
+            else:
+                m.adapter_disabled = flag
+            if merged:
+                m.merge()
