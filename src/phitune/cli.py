@@ -25,7 +25,7 @@ PROG = "phitune"
 
 _MAIN_EPILOG = """\
 examples:
-  phitune demo                                   # tiny bundled model + data, no network, ~40 s on 2 CPU cores
+  phitune demo                                   # tiny bundled model + data, no network, under a minute on 2 CPU cores
   phitune preview examples/phi3-mini-lora.yaml   # check the data: stats and samples, trained tokens highlighted
   phitune train examples/phi3-mini-lora.yaml --set training_config.learning_rate=1e-4
   phitune eval runs/phi3-lora
@@ -129,7 +129,7 @@ examples:
 
 _DEMO_EPILOG = """\
 Fine-tunes the tiny Phi-3-architecture model shipped inside phitune on the bundled chat dataset (no network, CPU is
-enough, about a minute on 2 cores), then prints the held-out metric and answers before and after fine-tuning
+enough, under a minute on 2 cores), then prints the held-out metric and answers before and after fine-tuning
 (the base model is the tuned one with its LoRA layers switched off) and writes them to RUN/eval/report.html.
 
 examples:
