@@ -108,8 +108,8 @@ def run_phitune(a) -> dict:
     from phitune.adapt import add_lora
     from phitune.config import ModelConfig, TrainingConfig
     from phitune.loss import apply_fast_path, forward_loss
-    from phitune.train import (autocast_context, build_optimizer, build_scheduler, enable_gradient_checkpointing,
-                               train_step)
+    from phitune.optim import autocast_context, build_optimizer, build_scheduler, enable_gradient_checkpointing
+    from phitune.step import train_step
 
     dev = torch.device(a.device)
     mc = ModelConfig(name_or_path=a.model_dir, load_in_4bit=True,

@@ -121,10 +121,10 @@ def child(a) -> dict:
 
     from phitune.adapt import add_lora
     from phitune.config import TrainingConfig
-    from phitune.data import batch_plan, collate
+    from phitune.data import batch_plan
     from phitune.loss import Pieces, apply_fast_path, forward_loss
-    from phitune.train import (autocast_context, batch_maker, build_optimizer, build_scheduler,
-                               enable_gradient_checkpointing, train_step)
+    from phitune.optim import autocast_context, build_optimizer, build_scheduler, enable_gradient_checkpointing
+    from phitune.step import batch_maker, train_step
 
     variant = a.child
     base, _, extra = variant.partition("+")
@@ -154,7 +154,7 @@ def child(a) -> dict:
     plan = batch_plan(samples, a.batch, a.seq, packing=True, seed=0, epoch=0)
     if a.data == "blocks":
         plan.sort()  # sequential, as the peer's sampler
-    make = batch_maker(model, None, argparse.Namespace(max_seq_length=a.seq, packing=True), collate, fast)
+    make = batch_maker(model, None, argparse.Namespace(max_seq_length=a.seq, packing=True), fast)
     batches = [make(samples, plan[i]) for i in range(steps)]
     optimizer = build_optimizer(model, tc, dev)
     scheduler = build_scheduler(optimizer, tc, steps)

@@ -143,7 +143,7 @@ def test_train_resume_eval_chat_merge(workspace, tmp_path, capsys):
     assert "max |logit difference|" in capsys.readouterr().out
     from transformers import AutoModelForCausalLM
 
-    from phitune.run import load_run_model
+    from phitune.run_folder import load_run_model
 
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     adapter_model, _, _ = load_run_model(run, device="cpu")

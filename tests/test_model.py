@@ -9,7 +9,7 @@ import torch
 
 from phitune import model as model_mod
 from phitune.config import TrainingConfig
-from phitune.train import autocast_context
+from phitune.optim import autocast_context
 
 CPU = torch.device("cpu")
 

@@ -168,7 +168,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_with_a_warning(t
 
 
 def test_run_records_resume_and_unfinished_runs(tiny_model_dir, chat_files, tmp_path, capfd):  # noqa: F811
-    from phitune.run import open_run
+    from phitune.run_folder import open_run
     from phitune.train import finetune
 
     out = tmp_path / "run"

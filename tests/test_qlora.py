@@ -350,7 +350,8 @@ def test_trained_adapter_loads_in_peft_on_the_4bit_base(qlora_run, tiny_model_di
 
 @pytest.mark.parametrize("dequantize", [True, False])
 def test_merge_after_qlora_gives_a_plain_model_within_the_reported_tolerance(qlora_run, tmp_path, dequantize):
-    from phitune.run import load_run_model, merge
+    from phitune.run import merge
+    from phitune.run_folder import load_run_model
 
     out = merge(qlora_run.output_dir, tmp_path / "merged", dtype="float32", dequantize=dequantize, verbose=False)
     info = json.loads((out / "phitune_merge.json").read_text())

@@ -71,7 +71,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_open_run_accepts_a_run_and_its_checkpoints(run_dir, tmp_path):
-    from phitune.run import open_run
+    from phitune.run_folder import open_run
 
     r = open_run(run_dir["run"])
     assert r.root == r.adapter_dir == run_dir["run"]
@@ -258,7 +258,8 @@ def test_preview_needs_no_model_weights(run_dir, tmp_path):
 def test_checkpoint_folder_works_as_a_run_dir(run_dir, tmp_path):
     import shutil
 
-    from phitune.run import chat, open_run
+    from phitune.run import chat
+    from phitune.run_folder import open_run
 
     run = tmp_path / "run"
     shutil.copytree(run_dir["run"], run)
@@ -280,7 +281,8 @@ def test_relative_paths_of_the_training_folder_work_from_anywhere(run_dir, tmp_p
 
     import yaml
 
-    from phitune.run import chat, load_run_config
+    from phitune.run import chat
+    from phitune.run_folder import load_run_config
 
     proj = tmp_path / "proj"
     shutil.copytree(run_dir["base"], proj / "base")

@@ -11,8 +11,10 @@ from test_train_helpers import chat_files, losses, tiny_config, tiny_model_dir  
 
 from phitune.config import build_training_config, load_config
 from phitune.errors import ConfigError, PhituneError
-from phitune.train import (batch_maker, data_api, enable_gradient_checkpointing, finetune, lr_multiplier,
-                           train_step)
+from phitune.data import prepare_data
+from phitune.optim import enable_gradient_checkpointing, lr_multiplier
+from phitune.step import batch_maker, train_step
+from phitune.train import finetune
 
 
 def test_loss_goes_down_and_the_output_folder_describes_itself(tiny_model_dir, chat_files, tmp_path):
@@ -82,7 +84,6 @@ def _setup(tiny_model_dir, chat_files, tmp_path, **training):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
-    prepare_data = data_api()[0]
     data = prepare_data(cfg.data, tok)
     return cfg, model, tok, data
 

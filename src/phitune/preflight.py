@@ -7,16 +7,23 @@ only then are weights read. A mistake in any of them costs seconds, not a model 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 
+from . import distributed
 from .config import ModelConfig
+from .data import prepare_data
+from .data.preview import data_warnings
 from .data.sources import check_local_path
 from .errors import ConfigError
+from .model import load_tokenizer
 
 # what the Hub accepts as a repo id ("name" or "namespace/name")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}(/[\w.\-]{1,96})?$")
+
+log = logging.getLogger("phitune")
 
 
 def looks_local(value: str) -> bool:
@@ -63,3 +70,20 @@ def check_data_paths(data_cfg) -> None:
         for item in spec if isinstance(spec, (list, tuple)) else [spec]:
             if isinstance(item, (str, os.PathLike)):
                 check_local_path(os.fspath(item), role)
+
+
+def checks_before_weights(cfg, main: bool):
+    """Everything after the config that needs no weights, in the order a user fixes things: model folder or id,
+    data paths, tokenizer and chat template, every record, the data statistics (their warnings printed here).
+    Returns (tokenizer, prepared data)."""
+    cfg.peft_config.check_targets()
+    check_model_source(cfg.model)
+    check_data_paths(cfg.data)
+    tokenizer = load_tokenizer(cfg.model)
+    with distributed.local_main_first():  # one process per node writes the data cache, the others read it
+        prepared = prepare_data(cfg.data, tokenizer)
+    if main:
+        for split in ("train", "eval"):
+            for line in data_warnings(split, prepared.stats[split]) if prepared.stats.get(split) else []:
+                log.warning("%s", line)
+    return tokenizer, prepared

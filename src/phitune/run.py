@@ -10,7 +10,7 @@ model, the tokenizer with its chat template and the generation config. Every fun
     phitune.preview("config.yaml", n=3)                                # data stats and samples, no model weights
 
 A checkpoint folder (``RUN/checkpoints/checkpoint-STEP``) works wherever a run dir does: its adapter is used with
-the run's config and tokenizer.
+the run's config and tokenizer. Opening the folder is ``phitune.run_folder``'s job.
 """
 
 from __future__ import annotations
@@ -25,178 +25,23 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from . import outdir
-from .config import run_status
+from .adapt import add_lora, adapter_state_dict, load_adapter_state_dict, merge_checked, merge_lora_checked
+from .adapt.inject import lora_state
+from .config import load_config
+from .data import format_stats, prepare_data, preview_text
 from .errors import ConfigError, DataError
-
-CONFIG_FILE = "phitune_config.yaml"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-# --- the run folder -------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class RunFolder:
-    """Where a run's pieces are: ``root`` holds the config, tokenizer and generation config; ``adapter_dir`` the
-    adapter (``root`` itself, or one of its checkpoints)."""
-
-    root: Path
-    adapter_dir: Path
-
-    @property
-    def config_path(self) -> Path:
-        return self.root / CONFIG_FILE
-
-
-def open_run(run_dir: str | os.PathLike) -> RunFolder:
-    """Check that ``run_dir`` is a run folder (or a checkpoint of one) before anything slow is loaded."""
-    path = Path(run_dir).expanduser()
-    if not path.exists():
-        raise ConfigError(
-            f"run folder '{path}' does not exist: pass the training_config.output_dir of a `phitune train` run "
-            f"(a folder holding {CONFIG_FILE} and {ADAPTER_FILES[0]})"
-        )
-    if not path.is_dir():
-        raise ConfigError(f"'{path}' is a file, not a run folder: pass the folder `phitune train` wrote")
-    root = path
-    # A checkpoint: RUN/checkpoints/checkpoint-STEP (adapter only; config and tokenizer live in RUN).
-    if not (path / CONFIG_FILE).is_file() and path.parent.name == "checkpoints":
-        root = path.parent.parent
-    if not (root / CONFIG_FILE).is_file():
-        raise ConfigError(f"'{path}' is not a phitune run folder: {CONFIG_FILE} is missing. {_hint(path)}")
-    unfinished = path == root and run_status(root / CONFIG_FILE) == "incomplete"
-    missing = [name for name in ADAPTER_FILES if not (path / name).is_file()]
-    if unfinished or (missing and path == root):
-        # training has not finished (or was stopped): its newest complete checkpoint stands in for the final adapter
-        from .checkpoint import checkpoint_problem  # torch: imported only for a run that needs it
-
-        usable = [c for c in reversed(_checkpoints(root))
-                  if all((c / n).is_file() for n in ADAPTER_FILES) and checkpoint_problem(c) is None]
-        if usable:
-            print(f"{root}: training has not finished; using its latest checkpoint, {usable[0]}", file=sys.stderr)
-            return RunFolder(root=root, adapter_dir=usable[0])
-        if unfinished and not missing:
-            raise ConfigError(f"run folder '{root}' is unfinished (training has not written its final adapter, and "
-                              "the adapter there is from an earlier run) and has no checkpoint yet. Fix: resume "
-                              "training with training_config.resume_from_checkpoint=auto")
-    if missing:
-        hint = ""
-        ckpts = _checkpoints(root)
-        if ckpts:
-            hint = f" The run has checkpoints; the latest is '{ckpts[-1]}' (pass it instead, or resume training)."
-        else:
-            hint = " Training may not have finished: rerun it with training_config.resume_from_checkpoint=auto."
-        raise ConfigError(f"run folder '{path}' has no final adapter ({', '.join(missing)} missing).{hint}")
-    return RunFolder(root=root, adapter_dir=path)
-
-
-def _checkpoints(root: Path) -> list[Path]:
-    from .checkpoint import list_checkpoints
-
-    return list_checkpoints(root)
-
-
-def _hint(path: Path) -> str:
-    if (path / "config.json").is_file():
-        return "It looks like a full model folder (config.json); load it with AutoModelForCausalLM instead."
-    return f"Pass the output folder of `phitune train` (it holds {CONFIG_FILE}, the adapter and the tokenizer)."
-
-
-def load_run_config(run_dir: str | os.PathLike, *, trust_remote_code: bool = False):
-    """The resolved :class:`phitune.config.RunConfig` a run was trained with.
-
-    Every command that opens a run folder reads its config here, so this is where the folder's own request to run
-    code is refused: ``model.trust_remote_code: true`` in a run folder (data someone may have sent you) only takes
-    effect with ``trust_remote_code=True`` from the caller (``--trust-remote-code`` on the command line).
-    """
-    from .config import load_config
-
-    run = open_run(run_dir)
-    config = load_config(str(run.config_path))
-    if config.model.trust_remote_code and not trust_remote_code:
-        raise ConfigError(
-            f"run folder '{run.root}' asks to run the Python code that comes with its model "
-            f"(model.trust_remote_code: true in {run.config_path}, model.name_or_path: "
-            f"'{config.model.name_or_path}'). phitune never runs code because a run folder asks for it: if you "
-            "trust that code, pass --trust-remote-code (trust_remote_code=True in Python)"
-        )
-    return _rebase_paths(config, run)
-
-
-def _training_cwd(config, run: RunFolder) -> Path | None:
-    """The folder training ran in, recovered from a relative ``output_dir`` (``runs/x`` in /home/me/proj -> proj)."""
-    out = Path(config.training_config.output_dir)
-    if out.is_absolute():
-        return None
-    root = run.root.resolve()
-    parts = [p for p in out.parts if p not in (".", "")]
-    if ".." in parts or not parts or list(root.parts[-len(parts):]) != parts:
-        return None
-    return Path(*root.parts[: len(root.parts) - len(parts)])
-
-
-def _rebase_paths(config, run: RunFolder):
-    """Relative local paths in the saved config (base model, tokenizer, data files) were relative to the folder
-    training ran in; make them work from anywhere."""
-    origin = _training_cwd(config, run)
-    if origin is None or origin.resolve() == Path.cwd().resolve():
-        return config
-
-    def fix(value):
-        if not isinstance(value, str) or not value or Path(value).is_absolute() or Path(value).exists():
-            return value
-        candidate = origin / value
-        return str(candidate) if candidate.exists() else value
-
-    model = dataclasses.replace(config.model, name_or_path=fix(config.model.name_or_path),
-                                tokenizer=fix(config.model.tokenizer))
-    data = config.data
-    changes = {k: fix(getattr(data, k)) for k in ("train", "eval", "cache_dir") if hasattr(data, k)}
-    if changes.get("cache_dir") is not None and not Path(changes["cache_dir"]).is_absolute():
-        changes["cache_dir"] = str(origin / changes["cache_dir"])
-    data = dataclasses.replace(data, **changes)
-    return dataclasses.replace(config, model=model, data=data)
-
-
-def load_run_tokenizer(run_dir: str | os.PathLike, config=None, *, trust_remote_code: bool = False):
-    """The tokenizer saved in the run folder (with its chat template); the base model's if the run saved none.
-    ``config``: the run's, from :func:`load_run_config` (read here when None)."""
-    from .model import load_tokenizer, set_pad_token
-
-    run = open_run(run_dir)
-    config = config if config is not None else load_run_config(run.root, trust_remote_code=trust_remote_code)
-    if (run.root / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        try:  # trust_remote_code explicit: never transformers' interactive prompt, never the folder's say-so
-            tokenizer = AutoTokenizer.from_pretrained(str(run.root),
-                                                      trust_remote_code=config.model.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{run.root}: the saved tokenizer cannot be loaded ({exc})") from exc
-        set_pad_token(tokenizer)
-        return tokenizer
-    return load_tokenizer(config.model)
-
-
-def load_run_model(run_dir: str | os.PathLike, *, device: str | None = None, dtype: str | None = None,
-                   trust_remote_code: bool = False):
-    """A run's base model with its adapter (eval mode, use_cache on), the run's tokenizer and its config:
-    ``(model, tokenizer, config)``. ``dtype``: "auto", "float32", "bfloat16", "float16" (None: the run's).
-    ``trust_remote_code``: see :func:`load_run_config`."""
-    from .adapt import load_adapter
-    from .model import load_model_and_tokenizer, resolve_device
-
-    run = open_run(run_dir)
-    config = load_run_config(run.root, trust_remote_code=trust_remote_code)
-    tokenizer = load_run_tokenizer(run.root, config)
-    model_cfg = config.model if dtype is None else dataclasses.replace(config.model, dtype=dtype)
-    model, _ = load_model_and_tokenizer(model_cfg, device=resolve_device(device=device))
-    load_adapter(model, run.adapter_dir)
-    model.config.use_cache = True  # training turned it off; generation wants it
-    model.eval()
-    return model, tokenizer, config
-
+from .evaluation import evaluate_samples
+from .gen_eval import EVAL_DIR, evaluate_samples_by_generation, flat_metrics, generation_samples, load_metric
+from .generate import GenerationSettings, build_prompt_ids, context_length, generate_reply, stop_token_ids
+from .lora import disable_adapters
+from .metrics import METRICS_NAME, read_metrics
+from .model import load_model_and_tokenizer, load_tokenizer
+from .optim import autocast_context
+from .preflight import check_data_paths, check_model_source
+from .run_folder import copy_base_tokenizer_files, load_run_config, load_run_model, load_run_tokenizer, open_run
 
 # --- evaluate -------------------------------------------------------------------------------------------------------
 
@@ -245,13 +90,11 @@ def evaluate(
             f"run '{run.root}' has no eval data (its config sets neither data.eval nor data.eval_split): "
             "pass a data source, e.g. `phitune eval RUN_DIR --data eval.jsonl` or evaluate(run_dir, data=...)"
         )
-    from .data import prepare_data
 
     tokenizer = load_run_tokenizer(run.root, config)
     prepared = prepare_data(data_cfg, tokenizer)
     samples = prepared.train if data is not None else prepared.eval
     if generate:  # the prompts: the prepared conversations up to their last assistant turn
-        from .gen_eval import generation_samples
 
         gen_samples = generation_samples(prepared, data_cfg, tokenizer, "train" if data is not None else "eval")
     if samples is not None and max_samples is not None and max_samples < len(samples):
@@ -261,7 +104,6 @@ def evaluate(
                         "is empty after preparation)")
     batch_size = batch_size or config.training_config.per_device_eval_batch_size
 
-    from .train import autocast_context, evaluate_samples
 
     model, tokenizer, _ = load_run_model(run.adapter_dir, device=device, trust_remote_code=trust_remote_code)
     device_ = next(model.parameters()).device
@@ -274,10 +116,6 @@ def evaluate(
     if not generate:
         return metrics
 
-    from .gen_eval import EVAL_DIR, evaluate_samples_by_generation, flat_metrics
-    from .generate import stop_token_ids
-    from .lora import disable_adapters
-    from .metrics import METRICS_NAME, read_metrics
 
     base_metrics = None
     with autocast_context(config.training_config, device_):
@@ -306,8 +144,6 @@ def _generation_options(config, generate: bool, compare_base: bool, max_new_toke
         if given:
             raise ConfigError(f"{', '.join(given)} only apply to generation: add --generate (generate=True)")
         return None, []
-    from .gen_eval import load_metric
-    from .generate import GenerationSettings
 
     sampling = temperature is not None or top_p is not None
     settings = GenerationSettings(max_new_tokens=max_new_tokens, greedy=not sampling,
@@ -353,7 +189,6 @@ def chat(
     Generation stops on every end-of-turn id of the run's ``generation_config.json``. ``trust_remote_code``: allow
     the code of a run whose config asks for it (see :func:`load_run_config`).
     """
-    from .generate import GenerationSettings, context_length, generate_reply, stop_token_ids
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                   greedy=greedy, seed=seed)
@@ -429,7 +264,6 @@ def chat(
 
 def _fit_context(tokenizer, messages: list[dict], budget: int) -> list[dict]:
     """Drop the oldest turns (never the system prompt or the last user message) until the prompt fits ``budget``."""
-    from .generate import build_prompt_ids
 
     messages = list(messages)
     head = 1 if messages and messages[0]["role"] == "system" else 0
@@ -486,10 +320,7 @@ def merge(
         raise ConfigError(f"merge --out: '{out}' holds an earlier merged model; pass --force (force=True) to replace "
                           "it, or choose a new or empty folder (--out DIR)")
 
-    import torch
 
-    from .adapt import merge_lora_checked
-    from .generate import build_prompt_ids, stop_token_ids
 
     started = time.time()
     config = load_run_config(run.root, trust_remote_code=trust_remote_code)
@@ -503,7 +334,6 @@ def merge(
         tokenizer("Hello! Explain what a low-rank adapter is.")["input_ids"][:64]
     input_ids = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
     if quantized:  # QLoRA: dequantize the 4-bit base to ``dtype`` and merge there (adapt.merge_checked)
-        from .adapt import merge_checked
 
         full = None if dequantize else functools.partial(_full_precision_copy, model, config.model, dtype,
                                                          input_ids.device)
@@ -558,48 +388,6 @@ def merge(
     return out
 
 
-# Files transformers 5 no longer writes with save_pretrained, which converters still need: llama.cpp's converter stops
-# without tokenizer.model on a SentencePiece vocabulary (Phi-3), and reads the special tokens from the other two.
-BASE_TOKENIZER_FILES = ("tokenizer.model", "special_tokens_map.json", "added_tokens.json")
-
-
-def base_tokenizer_file(model_cfg, run_root: Path, name: str) -> Path | None:
-    """``name`` from the run folder, else from the base model's tokenizer (local folder or Hub cache); None if
-    neither has it."""
-    if (run_root / name).is_file():
-        return run_root / name
-    source = model_cfg.tokenizer or model_cfg.name_or_path
-    if Path(source).is_dir():
-        return Path(source) / name if (Path(source) / name).is_file() else None
-    try:
-        from transformers.utils import cached_file
-
-        found = cached_file(source, name, revision=model_cfg.revision, _raise_exceptions_for_missing_entries=False,
-                            _raise_exceptions_for_connection_errors=False)
-    except (OSError, ValueError):
-        return None
-    return Path(found) if found else None
-
-
-def copy_base_tokenizer_files(model_cfg, run_root: Path, out: Path, tokenizer) -> list[str]:
-    """Copy :data:`BASE_TOKENIZER_FILES` the saved tokenizer lacks into ``out``; special_tokens_map.json gets the
-    run tokenizer's special tokens (its pad may differ from the base's). Returns the names copied."""
-    copied = []
-    for name in BASE_TOKENIZER_FILES:
-        source = None if (out / name).exists() else base_tokenizer_file(model_cfg, run_root, name)
-        if source is None:
-            continue
-        shutil.copyfile(source, out / name)
-        copied.append(name)
-    if "special_tokens_map.json" in copied:
-        path = out / "special_tokens_map.json"
-        data = json.loads(path.read_text(encoding="utf-8"))
-        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-            value = getattr(tokenizer, key, None)
-            if isinstance(value, str):
-                data[key] = value
-        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    return copied
 
 
 def _merge_dtype(config, dtype: str) -> str:
@@ -627,10 +415,6 @@ def preview(config: Any, n: int = 3, color: bool | None = None, *, overrides: Se
     """Prepare a config's data as training would (tokenizer only, no model weights) and print the stats and ``n``
     samples with the trained tokens highlighted (``color``: None = when the output is a terminal). Returns the
     prepared data."""
-    from .config import load_config
-    from .data import format_stats, prepare_data, preview_text
-    from .model import load_tokenizer
-    from .preflight import check_data_paths, check_model_source
 
     out = output if output is not None else sys.stdout
     run_config = load_config(config, overrides)
@@ -648,9 +432,6 @@ def preview(config: Any, n: int = 3, color: bool | None = None, *, overrides: Se
 
 def _full_precision_copy(model, model_cfg, dtype, device):
     """The base reloaded without quantization, carrying ``model``'s LoRA layers and weights (merge --no-dequantize)."""
-    from .adapt import add_lora, adapter_state_dict, load_adapter_state_dict
-    from .adapt.inject import lora_state
-    from .model import load_model_and_tokenizer
 
     state = lora_state(model)
     tensors = {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}

@@ -18,37 +18,33 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import logging
 import math
-import random
-import shutil
 import signal
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import distributed, outdir
+from . import distributed, loss, outdir
 from . import fast as fastpath
 from ._typed import suggest
-from .config import SECTIONS, RunConfig, TrainingConfig, load_config, read_yaml, run_status, save_config
+from .adapt import add_lora
+from .config import SECTIONS, RunConfig, TrainingConfig, load_config, read_yaml, save_config
+from .data import batch_plan
 from .errors import ConfigError, PhituneError
-from .fast import FastPath
-from .fast.attention import position_masks
-from .gen_eval import generation_samples, probe_prompts_record, prompts_from_samples, training_probe
-from .generate import context_length
+from .evaluation import evaluate_samples, generation_probe
 from .interrupt import Interrupted, StopOnSignal, signal_name
-from .labels import IGNORE_INDEX
-from .preflight import check_data_paths, check_model_source
-from .data.preview import data_warnings
-from .metrics import MetricsLog, plot_loss_curve, progress_bar, read_metrics, resolve_backends, setup_logging
-from .model import stop_token_ids
+from .metrics import MetricsLog, progress_bar, resolve_backends, setup_logging
+from .model import load_model_and_tokenizer, resolve_device
+from .optim import autocast_context, build_optimization, enable_gradient_checkpointing, seed_everything, set_tf32
+from .preflight import checks_before_weights
+from .run_folder import finished_steps, logged_eval, prepare_output_dir, save_run, with_absolute_paths
+from .step import batch_maker, process_batch, train_step
 
 log = logging.getLogger("phitune")
 
@@ -83,110 +79,43 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
 
 
 def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
-    tc = cfg.training_config
+    tc, dc = cfg.training_config, cfg.data
     created_group = distributed.init(tc)  # under torchrun: join the other processes (nothing in one process)
     main = distributed.is_main()
     setup_logging(tc.log_level if main else "warning")
     for note in cfg.notes + distributed.check_supported(cfg):
         log.info(note)
 
-    # Everything that can refuse does so before the slow work: output folder, checkpoint, report_to packages.
-    out = Path(tc.output_dir)
-    existed = out.exists()
-    world = distributed.world_size()
+    # Everything that can refuse does so before the slow work: output folder, report_to packages, model, data.
+    out, world = Path(tc.output_dir), distributed.world_size()
     settings = ckpt.resume_settings(cfg, world_size=world)
-    try:
-        resume_from = distributed.on_main(_prepare_output_dir, out, tc, settings, run_scope)
-        resolve_backends(tc.report_to)
-        tokenizer, prepared = _checks_before_weights(cfg, main)
-    except BaseException:
-        if not existed and out.is_dir() and all(p.name == outdir.LOCK_NAME for p in out.iterdir()):
-            (out / outdir.LOCK_NAME).unlink(missing_ok=True)  # a run that failed its checks leaves no folder behind
-            out.rmdir()
-        raise
-    done = _finished_steps(out) if tc.resume_from_checkpoint else None
-    if done is not None and done >= _planned_steps(prepared, cfg, world):
-        log.warning("training_config.output_dir: the run in %s is complete (%d steps); nothing to resume. Raise "
-                    "max_steps or num_train_epochs to train further, or set overwrite_output_dir: true to start "
-                    "over", out, done)
+    resume_from, tokenizer, prepared = _before_weights(cfg, out, settings, run_scope)
+    plans = EpochPlans(prepared.train, dc, tc.per_device_train_batch_size * world, tc.gradient_accumulation_steps)
+    total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * plans.steps_per_epoch)
+    if _already_complete(out, tc, total_steps):
         distributed.finish(created_group)
         return FinetuneResult(output_dir=out, metrics=json.loads((out / "final_metrics.json").read_text()))
 
-    # seed -> model -> LoRA
+    # seed -> model -> LoRA -> fast path
     seed_everything(tc.seed)
-    from .adapt import add_lora
-    from .loss import apply_fast_path, forward_loss
-    from .model import load_model_and_tokenizer, resolve_device
-
     device = resolve_device(tc.use_cpu)  # under torchrun: this process's GPU (LOCAL_RANK)
-    _set_tf32(tc.tf32, device)
+    model, tokenizer, report, fast = _model_with_lora(cfg, device, tokenizer)
+    make_batch, my_part = batch_maker(model, tokenizer, dc, fast), distributed.sharder()
 
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, host_load=distributed.fsdp_enabled(tc),
-                                                tokenizer=tokenizer)
-    report = add_lora(model, cfg.peft_config, lora_dtype=torch.float32)  # fp32 adapters even on a bf16 base
-    log.info("%s", report)
-    for note in distributed.prepare_model(model, tc, device):  # same LoRA start everywhere; FSDP2 if asked
-        log.info("%s", note)
-    enable_gradient_checkpointing(model, tc)
-    fast = apply_fast_path(model, tc)
-    for note in fast.notes:
-        log.info("fast path: %s", note)
-    distributed.seed_per_process(tc.seed)  # dropout masks differ between processes
-
-    # data: one plan on every process, micro-batches of bs x processes; each process trains on its part
-    _, batch_plan, collate = data_api()
-    dc = cfg.data
-    make_batch = batch_maker(model, tokenizer, dc, collate, fast)
-    my_part = distributed.sharder()
-    bs, accum = tc.per_device_train_batch_size, tc.gradient_accumulation_steps
-    plans: dict[int, list] = {}
-
-    def plan(epoch: int) -> list:
-        if epoch not in plans:
-            plans.clear()
-            plans[epoch] = batch_plan(prepared.train, bs * world, dc.max_seq_length, dc.packing, dc.seed, epoch)
-        return plans[epoch]
-
-    steps_per_epoch = math.ceil(len(plan(0)) / accum)
-    if steps_per_epoch == 0:
-        raise PhituneError("the training data gave no batches: check data.train and data.max_seq_length")
-    total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * steps_per_epoch)
-    done = _finished_steps(out) if tc.resume_from_checkpoint else None
-    if done is not None and done >= _planned_steps(prepared, cfg, world):
-        log.warning("training_config.output_dir: the run in %s is complete (%d steps); nothing to resume. Raise "
-                    "max_steps or num_train_epochs to train further, or set overwrite_output_dir: true to start "
-                    "over", out, done)
-        distributed.finish(created_group)
-        return FinetuneResult(output_dir=out, metrics=json.loads((out / "final_metrics.json").read_text()))
-
-    # optimizer and schedule
-    optimizer = build_optimizer(model, tc, device)
-    scheduler = build_scheduler(optimizer, tc, total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=tc.fp16 and device.type == "cuda")
+    # optimizer and schedule; a resume restores them with the loop position
+    optimizer, scheduler, scaler = build_optimization(model, tc, device, total_steps)
     autocast = autocast_context(tc, device)
-
     state = TrainState()
     if resume_from is not None:
-        saved = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
-                                     scaler=scaler, rank=distributed.rank(), world_size=world)
-        state = TrainState.from_dict(saved["extra"]["train_state"])
-        log.info("resumed from %s (step %d of %d)", resume_from, state.step, total_steps)
-        cfg = _kept_from_checkpoint(cfg, optimizer)
+        state, cfg = _resume(resume_from, cfg, model, optimizer, scheduler, scaler, world, total_steps)
     distributed.on_main(save_config, with_absolute_paths(cfg), out / "phitune_config.yaml", status="incomplete")
-
     metrics_log = MetricsLog(out, tc.report_to, run_name=tc.run_name or out.resolve().name, config=cfg.to_dict(),
                              resume_step=state.step if resume_from is not None else None, write=main)
-    log.info("training %d steps (%d per epoch; %d sequences x %d accumulation%s), %d train samples, %d eval samples",
-             total_steps, steps_per_epoch, bs, accum, f" x {world} processes" if world > 1 else "",
-             len(prepared.train), len(prepared.eval or []))
-
-    probe = generation_probe(model, tokenizer, prepared, dc, tc)
-
-    def run_eval() -> dict[str, float]:
-        with autocast:
-            metrics = evaluate_samples(model, prepared.eval, dc, tc.per_device_eval_batch_size, tokenizer=tokenizer,
-                                       fast=fast)
-            return {**metrics, **probe()}
+    _log_plan(tc, total_steps, plans.steps_per_epoch, world, prepared)
+    run_eval = _evaluator(model, tokenizer, prepared, cfg, fast, autocast)
+    step_loss = functools.partial(loss.forward_loss, fast=fast)
+    save = functools.partial(save_checkpoint, out, model=model, optimizer=optimizer, scheduler=scheduler,
+                             scaler=scaler, settings=settings, cfg=cfg)
 
     # the loop; SIGINT/SIGTERM stop it at a step boundary with a checkpoint (phitune.interrupt)
     stop = run_scope.enter_context(StopOnSignal())
@@ -197,54 +126,34 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
     if tc.eval_on_start and state.step == 0 and prepared.eval:
         metrics_log.log({"step": 0, "epoch": 0.0, **run_eval()})
     while state.step < total_steps:
-        entries = plan(state.epoch)[state.micro:state.micro + accum]
+        entries = plans(state.epoch)[state.micro:state.micro + tc.gradient_accumulation_steps]
         batches = [process_batch(make_batch, prepared.train, e, my_part) for e in entries]
-        step = train_step(model, batches, optimizer, scheduler, scaler, tc, device, autocast,
-                          functools.partial(forward_loss, fast=fast))
+        step = train_step(model, batches, optimizer, scheduler, scaler, tc, device, autocast, step_loss)
         if not math.isfinite(step["loss"]) or not math.isfinite(step["grad_norm"]):
             stop_on_nonfinite(out, state, step, batches)
-
-        state.step += 1
-        state.micro += len(entries)
-        epoch_done = state.micro >= len(plan(state.epoch))
-        if epoch_done:
-            state.epoch, state.micro = state.epoch + 1, 0
-        state.add(step)
+        epoch_done = state.advance(len(entries), len(plans(state.epoch)), step)
         bar.update(1)
-        bar.set_postfix(loss=f"{step['loss']:.4f}", lr=f"{step['lr']:.2e}", gnorm=f"{step['grad_norm']:.3f}",
-                        tok_s=f"{state.tokens_per_s():.0f}", refresh=False)
+        bar.set_postfix(loss=f"{step['loss']:.4f}", lr=f"{step['lr']:.2e}", tok_s=f"{state.tokens_per_s():.0f}",
+                        gnorm=f"{step['grad_norm']:.3f}", refresh=False)
 
         last = state.step == total_steps
-        epoch_f = state.epoch + state.micro / max(len(plan(state.epoch)), 1)
+        epoch_f = round(state.epoch + state.micro / max(len(plans(state.epoch)), 1), 4)
         if should_log(tc, state.step, epoch_done, last):
-            metrics_log.log({"step": state.step, "epoch": round(epoch_f, 4), **state.window_metrics()})
+            metrics_log.log({"step": state.step, "epoch": epoch_f, **state.window_metrics()})
             state.reset_window()
         if prepared.eval and should_eval(tc, state.step, epoch_done, last):
-            metrics_log.log({"step": state.step, "epoch": round(epoch_f, 4), **run_eval()})
+            metrics_log.log({"step": state.step, "epoch": epoch_f, **run_eval()})
         if should_save(tc, state.step, epoch_done):
             with stop.saving():
-                save_checkpoint(out, state, model, optimizer, scheduler, scaler, settings, cfg)
+                save(state)
             saved_step = state.step
         if distributed.sum_ints(int(stop.signum is not None))[0] and not last:  # any process got a signal
             bar.close()
-            if saved_step != state.step:
-                with stop.saving():
-                    save_checkpoint(out, state, model, optimizer, scheduler, scaler, settings, cfg)
-            metrics_log.close()
-            signum = stop.signum or signal.SIGTERM
-            raise Interrupted(signum, f"stopped by {signal_name(signum)} after step {state.step} of {total_steps}; "
-                              f"checkpoint saved to {ckpt.checkpoints_dir(out) / f'{ckpt.PREFIX}{state.step}'}. "
-                              "Resume with training_config.resume_from_checkpoint: auto",
-                              checkpoint=ckpt.checkpoints_dir(out) / f"{ckpt.PREFIX}{state.step}", output_dir=out)
+            _stop_on_signal(stop, out, state, total_steps, metrics_log, save if saved_step != state.step else None)
     bar.close()
 
     # save
-    final = {"train_loss": state.mean_loss(), "train_steps": state.step, "train_tokens": state.total_tokens,
-             "train_runtime_s": round(time.perf_counter() - started, 2)}
-    if prepared.eval:
-        last_eval = distributed.on_main(_logged_eval, metrics_log.path, state.step)
-        final.update({k: v for k, v in (last_eval or run_eval()).items() if k.startswith("eval_")})
-    metrics_log.close()
+    final = _final_metrics(state, time.perf_counter() - started, metrics_log, run_eval if prepared.eval else None)
     with stop.saving():  # a signal during the final save is honoured once the run folder is complete
         distributed.on_main(save_run, out, cfg, model, tokenizer, prepared.stats, final, report)
     log.info("saved to %s", out)
@@ -253,46 +162,128 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
     return FinetuneResult(output_dir=out, metrics=final, model=model, tokenizer=tokenizer)
 
 
-def _checks_before_weights(cfg: RunConfig, main: bool):
-    """Everything after the config that needs no weights, in the order a user fixes things: model folder or id,
-    data paths, tokenizer and chat template, every record, the data statistics (their warnings printed here).
-    Returns (tokenizer, prepared data)."""
-    from .model import load_tokenizer
-
-    cfg.peft_config.check_targets()
-    check_model_source(cfg.model)
-    check_data_paths(cfg.data)
-    tokenizer = load_tokenizer(cfg.model)
-    prepare_data = data_api()[0]
-    with distributed.local_main_first():  # one process per node writes the data cache, the others read it
-        prepared = prepare_data(cfg.data, tokenizer)
-    if main:
-        for split in ("train", "eval"):
-            for line in data_warnings(split, prepared.stats[split]) if prepared.stats.get(split) else []:
-                log.warning("%s", line)
-    return tokenizer, prepared
+# --- the story's named steps ------------------------------------------------------------------------------------------
 
 
-def _planned_steps(prepared, cfg: RunConfig, world: int) -> int:
-    """The optimizer steps the config asks for (max_steps, or epochs of the batch plan)."""
-    tc, dc = cfg.training_config, cfg.data
-    if tc.max_steps > 0:
-        return tc.max_steps
-    batches = len(data_api()[1](prepared.train, tc.per_device_train_batch_size * world, dc.max_seq_length,
-                                dc.packing, dc.seed, 0))
-    return math.ceil(tc.num_train_epochs * math.ceil(batches / tc.gradient_accumulation_steps))
-
-
-def _finished_steps(out: Path) -> int | None:
-    """The steps a finished run in ``out`` trained (its final_metrics.json), or None when it did not finish (no
-    final adapter, or its config still marked incomplete)."""
-    if not (out / "adapter_model.safetensors").is_file() or run_status(out / "phitune_config.yaml") == "incomplete":
-        return None
+def _before_weights(cfg: RunConfig, out: Path, settings: dict, run_scope: ExitStack):
+    """(checkpoint to resume from or None, tokenizer, prepared data): the output folder claimed and locked, the
+    report_to packages found, the model source, data, tokenizer and every record checked. A run that fails here
+    leaves no folder behind it created."""
+    existed = out.exists()
     try:
-        return int(json.loads((out / "final_metrics.json").read_text())["train_steps"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        resume_from = distributed.on_main(prepare_output_dir, out, cfg.training_config, settings, run_scope)
+        resolve_backends(cfg.training_config.report_to)
+        tokenizer, prepared = checks_before_weights(cfg, distributed.is_main())
+    except BaseException:
+        if not existed and out.is_dir() and all(p.name == outdir.LOCK_NAME for p in out.iterdir()):
+            (out / outdir.LOCK_NAME).unlink(missing_ok=True)
+            out.rmdir()
+        raise
+    return resume_from, tokenizer, prepared
 
+
+def _already_complete(out: Path, tc: TrainingConfig, total_steps: int) -> bool:
+    """A resume of a run that already trained the steps asked for: say so (it trains nothing)."""
+    done = finished_steps(out) if tc.resume_from_checkpoint else None
+    if done is None or done < total_steps:
+        return False
+    log.warning("training_config.output_dir: the run in %s is complete (%d steps); nothing to resume. Raise "
+                "max_steps or num_train_epochs to train further, or set overwrite_output_dir: true to start over",
+                out, done)
+    return True
+
+
+def _model_with_lora(cfg: RunConfig, device: torch.device, tokenizer):
+    """(model, tokenizer, LoRA report, FastPath): the base loaded, LoRA added (float32 factors even on a bf16 base),
+    the same start on every process (FSDP2 if asked), gradient checkpointing, the fast path."""
+    tc = cfg.training_config
+    set_tf32(tc.tf32, device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, host_load=distributed.fsdp_enabled(tc),
+                                                tokenizer=tokenizer)
+    report = add_lora(model, cfg.peft_config, lora_dtype=torch.float32)
+    log.info("%s", report)
+    for note in distributed.prepare_model(model, tc, device):
+        log.info("%s", note)
+    enable_gradient_checkpointing(model, tc)
+    fast = loss.apply_fast_path(model, tc)
+    for note in fast.notes:
+        log.info("fast path: %s", note)
+    distributed.seed_per_process(tc.seed)  # dropout masks differ between processes
+    return model, tokenizer, report, fast
+
+
+class EpochPlans:
+    """``plans(epoch)``: the batch plan of an epoch (one on every process, micro-batches of the per-device batch x
+    processes; each process trains on its part), built when first asked and kept while that epoch runs."""
+
+    def __init__(self, samples, data_cfg, batch_size: int, accumulation: int):
+        self.samples, self.data_cfg, self.batch_size = samples, data_cfg, batch_size
+        self._epoch, self._plan = None, None
+        self.steps_per_epoch = math.ceil(len(self(0)) / accumulation)
+        if self.steps_per_epoch == 0:
+            raise PhituneError("the training data gave no batches: check data.train and data.max_seq_length")
+
+    def __call__(self, epoch: int) -> list:
+        if epoch != self._epoch:
+            dc = self.data_cfg
+            self._plan = batch_plan(self.samples, self.batch_size, dc.max_seq_length, dc.packing, dc.seed, epoch)
+            self._epoch = epoch
+        return self._plan
+
+
+def _resume(resume_from: Path, cfg: RunConfig, model, optimizer, scheduler, scaler, world: int, total_steps: int):
+    """(TrainState, config as it really trains) after restoring model, optimizer, schedule and RNG states."""
+    saved = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                 rank=distributed.rank(), world_size=world)
+    state = TrainState.from_dict(saved["extra"]["train_state"])
+    log.info("resumed from %s (step %d of %d)", resume_from, state.step, total_steps)
+    return state, _kept_from_checkpoint(cfg, optimizer)
+
+
+def _log_plan(tc: TrainingConfig, total_steps: int, steps_per_epoch: int, world: int, prepared) -> None:
+    log.info("training %d steps (%d per epoch; %d sequences x %d accumulation%s), %d train samples, %d eval samples",
+             total_steps, steps_per_epoch, tc.per_device_train_batch_size, tc.gradient_accumulation_steps,
+             f" x {world} processes" if world > 1 else "", len(prepared.train), len(prepared.eval or []))
+
+
+def _final_metrics(state: "TrainState", runtime_s: float, metrics_log: MetricsLog, run_eval) -> dict:
+    """train_loss/steps/tokens/runtime, and the eval numbers of the last evaluation (run now if the loop's last
+    step did not evaluate; ``run_eval`` None: no eval data). Closes the metrics log."""
+    final = {"train_loss": state.mean_loss(), "train_steps": state.step, "train_tokens": state.total_tokens,
+             "train_runtime_s": round(runtime_s, 2)}
+    if run_eval is not None:
+        last_eval = distributed.on_main(logged_eval, metrics_log.path, state.step)
+        final.update({k: v for k, v in (last_eval or run_eval()).items() if k.startswith("eval_")})
+    metrics_log.close()
+    return final
+
+
+def _evaluator(model, tokenizer, prepared, cfg: RunConfig, fast, autocast):
+    """``run_eval() -> metrics``: eval loss/perplexity/accuracy, plus the eval_generate answers when asked."""
+    tc = cfg.training_config
+    probe = generation_probe(model, tokenizer, prepared, cfg.data, tc)
+
+    def run_eval() -> dict[str, float]:
+        with autocast:
+            metrics = evaluate_samples(model, prepared.eval, cfg.data, tc.per_device_eval_batch_size,
+                                       tokenizer=tokenizer, fast=fast)
+            return {**metrics, **probe()}
+
+    return run_eval
+
+
+def _stop_on_signal(stop: StopOnSignal, out: Path, state: "TrainState", total_steps: int, metrics_log, save) -> None:
+    """After SIGINT/SIGTERM: a checkpoint at this step (``save``; None when one was just written), then
+    ``Interrupted`` carrying the exit code and the checkpoint."""
+    if save is not None:
+        with stop.saving():
+            save(state)
+    metrics_log.close()
+    signum = stop.signum or signal.SIGTERM
+    where = ckpt.checkpoints_dir(out) / f"{ckpt.PREFIX}{state.step}"
+    raise Interrupted(signum, f"stopped by {signal_name(signum)} after step {state.step} of {total_steps}; "
+                      f"checkpoint saved to {where}. Resume with training_config.resume_from_checkpoint: auto",
+                      checkpoint=where, output_dir=out)
 
 # optimizer hyperparameters a resumed run takes from the checkpoint's optimizer state, not from the config
 _OPTIMIZER_KEYS = {"learning_rate": lambda g: g.get("initial_lr", g["lr"]), "adam_beta1": lambda g: g["betas"][0],
@@ -314,12 +305,6 @@ def _kept_from_checkpoint(cfg: RunConfig, optimizer) -> RunConfig:
     if not kept:
         return cfg
     return dataclasses.replace(cfg, training_config=dataclasses.replace(cfg.training_config, **kept))
-
-
-def _logged_eval(metrics_path: Path, step: int) -> dict | None:
-    """The evaluation already logged at ``step`` (the loop's last one), if any."""
-    records = read_metrics(metrics_path)
-    return next((r for r in reversed(records) if "eval_loss" in r and r["step"] == step), None)
 
 
 def save_checkpoint(out: Path, state: "TrainState", model, optimizer, scheduler, scaler, settings: dict,
@@ -372,259 +357,10 @@ def _as_plain_sections(sections: dict) -> dict:
     return out
 
 
-def _prepare_output_dir(out: Path, tc: TrainingConfig, settings: dict, run_scope: ExitStack) -> Path | None:
-    """The checkpoint to resume from (checked against the config), or None for a fresh run; refuses to mix runs,
-    to write into a folder phitune did not create, and to share the folder with a running run (the lock is held
-    until ``run_scope`` closes)."""
-    outdir.check_output_folder(out, what="training_config.output_dir", owned=outdir.is_run_folder,
-                               choose="choose another folder (--set training_config.output_dir=NEW_DIR)")
-    run_scope.enter_context(outdir.lock_output_dir(out))
-    resume_from = ckpt.resolve_resume(tc.resume_from_checkpoint, out)
-    if resume_from is not None:
-        ckpt.check_compatible(resume_from, settings)
-        out.mkdir(parents=True, exist_ok=True)
-        return resume_from
-    earlier = ckpt.list_checkpoints(out) or (out / "adapter_model.safetensors").exists()
-    if earlier and tc.resume_from_checkpoint and _finished_steps(out) is not None:
-        return None  # a finished run: finetune says so once it knows the steps asked for
-    if earlier:
-        if not tc.overwrite_output_dir:
-            raise ConfigError(
-                f"training_config.output_dir: {out} already holds a run. Set resume_from_checkpoint: auto to continue "
-                "it, overwrite_output_dir: true to start over, or choose another output_dir."
-            )
-        shutil.rmtree(ckpt.checkpoints_dir(out), ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return None
-
-
-def save_run(out: Path, cfg: RunConfig, model, tokenizer, data_stats: dict, final: dict, report) -> None:
-    """The final run folder: adapter, tokenizer + chat template, generation config, resolved config, metrics, README."""
-    from .adapt import save_adapter
-    from .model import generation_config_for
-
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = with_absolute_paths(cfg)  # the folder must reopen from any working directory (eval/chat/merge)
-    save_adapter(model, out, base_model_name_or_path=cfg.model.name_or_path)
-    tokenizer.save_pretrained(out)
-    generation_config_for(model, tokenizer).save_pretrained(out)
-    save_config(cfg, out / "phitune_config.yaml", status="complete")
-    (out / "data_stats.json").write_text(json.dumps(data_stats, indent=1, default=str), encoding="utf-8")
-    (out / "final_metrics.json").write_text(json.dumps(final, indent=1), encoding="utf-8")
-    records = read_metrics(out / "metrics.jsonl")
-    plot_loss_curve(records, out / "loss_curve.png")
-    (out / "README.md").write_text(run_readme(out, cfg, final, report, data_stats), encoding="utf-8")
-
-
-def with_absolute_paths(cfg: RunConfig) -> RunConfig:
-    """A copy of ``cfg`` whose local paths (base model, tokenizer, data files) are absolute; Hub ids stay as they
-    are."""
-
-    def absolute(value):
-        if isinstance(value, (str, os.PathLike)) and Path(value).exists():
-            return str(Path(value).resolve())
-        return value
-
-    model = dataclasses.replace(cfg.model, name_or_path=absolute(cfg.model.name_or_path),
-                                tokenizer=absolute(cfg.model.tokenizer))
-    data = dataclasses.replace(cfg.data, train=absolute(cfg.data.train), eval=absolute(cfg.data.eval))
-    return dataclasses.replace(cfg, model=model, data=data)
-
-
-def run_readme(out: Path, cfg: RunConfig, final: dict, report, data_stats: dict) -> str:
-    tc = cfg.training_config
-    lines = [
-        f"# {out.name}: LoRA fine-tune of `{cfg.model.name_or_path}`",
-        "",
-        f"Trained with phitune: {final['train_steps']} optimizer steps, learning rate {tc.learning_rate:g} "
-        f"({tc.lr_scheduler_type}), {tc.per_device_train_batch_size} x {tc.gradient_accumulation_steps} "
-        f"sequences per step, max_seq_length {cfg.data.max_seq_length}, packing {cfg.data.packing}.",
-        "",
-        f"- adapter: {report}",
-        f"- peft_config: r={cfg.peft_config.r}, lora_alpha={cfg.peft_config.lora_alpha}, "
-        f"lora_dropout={cfg.peft_config.lora_dropout}, target_modules={cfg.peft_config.target_modules}",
-        "",
-        "## Final metrics",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
-    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in final.items()]
-    lines += [
-        "",
-        "## Files",
-        "",
-        "adapter_config.json + adapter_model.safetensors (PEFT layout), tokenizer files and chat template, "
-        "generation_config.json (stops on every end-of-turn id), phitune_config.yaml (the resolved config), "
-        "metrics.jsonl, loss_curve.png, data_stats.json, checkpoints/.",
-        "",
-        "## Use",
-        "",
-        "```",
-        f"phitune chat {out}",
-        f"phitune eval {out}",
-        f"phitune merge {out} --out {out}-merged",
-        "```",
-        "",
-        "With peft: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
-        f"\"{out}\")`.",
-        "",
-    ]
-    if data_stats:
-        lines += ["## Data", "", "```", json.dumps(data_stats, indent=1, default=str)[:3000], "```", ""]
-    return "\n".join(lines)
-
-
 # --- seed, optimizer, schedule, precision -----------------------------------------------------------------------------
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def _set_tf32(tf32: bool | None, device: torch.device) -> None:
-    if tf32 is not None and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-
-
-def build_optimizer(model, tc: TrainingConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on biases and norms (1-D); fused on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise PhituneError("no trainable parameters: peft_config targets nothing trainable")
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    fused = device.type == "cuda" or tc.optim == "adamw_torch_fused"
-    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon,
-                             fused=fused)
-
-
-def lr_multiplier(step: int, *, kind: str, warmup: int, total: int) -> float:
-    """Learning-rate factor for optimizer step ``step`` (0-based): linear warmup, then the decay ``kind``."""
-    if kind == "constant":
-        return 1.0
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if kind == "constant_with_warmup":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return max(0.0, 1.0 - progress)  # linear
-
-
-def build_scheduler(optimizer, tc: TrainingConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = tc.warmup_steps_for(total_steps)
-    if tc.lr_scheduler_type == "constant" and warmup:
-        log.info("lr_scheduler_type constant ignores warmup (%d steps); use constant_with_warmup", warmup)
-    kind = tc.lr_scheduler_type
-
-    def factor(step: int) -> float:
-        return lr_multiplier(step, kind=kind, warmup=warmup, total=total_steps)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def autocast_context(tc: TrainingConfig, device: torch.device):
-    """bf16/fp16 mixed precision for forward passes (the base weights keep model.dtype)."""
-    if tc.bf16:
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("training_config.bf16: this GPU has no bfloat16 support; set fp16: true instead")
-        from .model import cpu_has_fast_half
-
-        if device.type == "cpu" and not cpu_has_fast_half(torch.bfloat16):
-            log.warning("training_config.bf16: this CPU has no bfloat16 matrix hardware (AVX512-BF16 or AMX), where "
-                        "bfloat16 autocast makes each backward matmul about 100x slower than float32; training in "
-                        "the model's dtype instead. Set bf16: false to silence this.")
-            return nullcontext()
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if tc.fp16:
-        if device.type != "cuda":
-            log.info("training_config.fp16: float16 autocast needs a CUDA GPU; training in the model's dtype")
-            return nullcontext()
-        return torch.autocast("cuda", dtype=torch.float16)
-    return nullcontext()
-
-
-def enable_gradient_checkpointing(model, tc: TrainingConfig) -> None:
-    """Recompute activations in backward; non-reentrant so LoRA weights inside frozen blocks get gradients."""
-    from .model import enable_checkpointing
-
-    if tc.gradient_checkpointing:
-        enable_checkpointing(model, tc.gradient_checkpointing_kwargs)
-
-
 # --- one optimizer step -----------------------------------------------------------------------------------------------
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def supervised_tokens(batch: dict) -> int:
-    """Tokens that carry a loss: labels[:, 1:] != -100 (labels are unshifted)."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def _input_tokens(batch: dict) -> int:
-    mask = batch.get("attention_mask")
-    if mask is not None and mask.dim() == 2:
-        return int(mask.sum())
-    return batch["input_ids"].numel()
-
-
-def train_step(model, batches: list[dict], optimizer, scheduler, scaler, tc: TrainingConfig, device, autocast,
-               forward_loss) -> dict[str, float]:
-    """Forward/backward every micro-batch, clip, step. Each micro-batch's summed loss is divided by the supervised
-    tokens of the WHOLE step, so the accumulated gradient equals that of one batch holding all of them."""
-    n_tokens, input_tokens = distributed.sum_ints(sum(supervised_tokens(b) for b in batches),
-                                                  sum(_input_tokens(b) for b in batches))  # over all processes
-    divisor = max(n_tokens, 1)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-    for batch in batches:
-        batch = _to_device(batch, device)
-        with autocast:
-            out = forward_loss(model, batch)
-        scaler.scale(out.loss_sum.float() / divisor).backward()
-        loss_sum += out.loss_sum.detach().float()
-
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    distributed.sum_gradients(params)  # one all-reduce after accumulation (nothing in one process)
-    distributed.sum_(loss_sum)
-    scaler.unscale_(optimizer)
-    max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    lr = optimizer.param_groups[0]["lr"]
-    loss = (loss_sum / divisor).item()
-    grad_norm = float(grad_norm)
-    if n_tokens == 0:  # cannot happen with packed data (samples without supervised tokens are dropped), but say so
-        log.warning("an optimizer step had no supervised tokens in any of its micro-batches; its update was skipped")
-    if math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled()) and n_tokens > 0:
-        scaler.step(optimizer)  # with fp16 loss scaling, a step with overflowed gradients is skipped
-        scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    if scaler.is_enabled() and not math.isfinite(grad_norm):
-        grad_norm = 0.0  # an fp16 overflow that the scaler handled, not a divergence
-    return {"loss": loss, "loss_sum": float(loss_sum), "tokens": n_tokens, "grad_norm": grad_norm, "lr": lr,
-            "input_tokens": input_tokens}
-
-
-def process_batch(make_batch, samples, entry: list[int], part=list) -> dict:
-    """This process's micro-batch of plan ``entry`` (``part``: phitune.distributed.sharder). An empty part (end of
-    an epoch, more processes than rows) becomes a batch without labels: no loss, but the process still takes part
-    in the step's collectives."""
-    mine = part(entry)
-    return make_batch(samples, mine) if mine else _without_labels(make_batch(samples, entry[:1]))
-
-
-def _without_labels(batch: dict) -> dict:
-    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
-    return batch
 
 
 def stop_on_nonfinite(out: Path, state: "TrainState", step: dict, batches: list[dict]) -> None:
@@ -662,6 +398,17 @@ class TrainState:
     window_lr: float = 0.0
     _window_start: float = field(default_factory=time.perf_counter, repr=False)
     _window_input_tokens: int = 0
+
+    def advance(self, micro_batches: int, plan_length: int, step: dict) -> bool:
+        """Count one optimizer step over ``micro_batches`` of an epoch's plan and add its sums; True when the step
+        finished the epoch (the next one starts at its first micro-batch)."""
+        self.step += 1
+        self.micro += micro_batches
+        epoch_done = self.micro >= plan_length
+        if epoch_done:
+            self.epoch, self.micro = self.epoch + 1, 0
+        self.add(step)
+        return epoch_done
 
     def add(self, s: dict) -> None:
         self.total_loss_sum += s["loss_sum"]
@@ -729,85 +476,3 @@ def should_save(tc: TrainingConfig, step: int, epoch_done: bool) -> bool:
 # --- evaluation -------------------------------------------------------------------------------------------------------
 
 
-def generation_probe(model, tokenizer, prepared, data_cfg, tc: TrainingConfig):
-    """``probe() -> dict``: with ``eval_generate: N``, greedy answers to the first N eval conversations and their
-    scores (phitune.gen_eval.training_probe), the prompts added the first time; otherwise an empty dict. Every
-    process generates (an FSDP-sharded model needs all of them in each forward); rank 0 logs."""
-    if not tc.eval_generate:
-        return dict
-    if not prepared.eval:
-        log.warning("training_config.eval_generate: there is no eval data to answer; set data.eval or "
-                    "data.eval_split")
-        return dict
-    with distributed.local_main_first():
-        samples = generation_samples(prepared, data_cfg, tokenizer, "eval")
-    stops, context = stop_token_ids(tokenizer, model), context_length(model, tokenizer)
-    prompts, _ = prompts_from_samples(samples, tokenizer, stop_ids=stops, context=context,
-                                      max_samples=tc.eval_generate)
-    first = [True]
-
-    def probe() -> dict:
-        record = training_probe(model, tokenizer, prompts, stop_ids=stops, context=context,
-                                batch_size=tc.per_device_eval_batch_size)
-        if first[0]:
-            record.update(probe_prompts_record(prompts))
-            first[0] = False
-        return record
-
-    return probe
-
-
-def data_api():
-    """(prepare_data, batch_plan, collate) of phitune.data."""
-    try:
-        from .data import batch_plan, collate, prepare_data
-    except ImportError:  # phitune.data's package file not there yet
-        from .data.batching import batch_plan, collate
-        from .data.prepare import prepare_data
-    return prepare_data, batch_plan, collate
-
-
-def batch_maker(model, tokenizer, data_cfg, collate=None, fast: FastPath | None = None):
-    """``make(samples, plan_entry) -> batch`` with the model's attention kernel, mask dtype and sliding window.
-    Whether packed rows need a dense 4-D mask is decided here, once per model (``fast``: what apply_fast_path
-    turned on)."""
-    if collate is None:
-        collate = data_api()[2]
-    attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    kwargs = {"mask_dtype": model.dtype, "sliding_window": getattr(model.config, "sliding_window", None),
-              "position_masks": position_masks(model, (fast or FastPath()).position_masks)}
-    if tokenizer is not None and tokenizer.pad_token_id is not None:
-        kwargs["pad_token_id"] = tokenizer.pad_token_id
-
-    def make(samples, entry):
-        return collate(samples, entry, data_cfg.max_seq_length, data_cfg.packing, attn, **kwargs)
-
-    return make
-
-
-@torch.no_grad()
-def evaluate_samples(model, samples, data_cfg, batch_size: int, *, tokenizer=None,
-                     fast: FastPath | None = None) -> dict[str, float]:
-    """Loss, perplexity and token accuracy over the supervised tokens of tokenized ``samples``."""
-    from .loss import forward_loss
-
-    batch_plan = data_api()[1]
-    make_batch = batch_maker(model, tokenizer, data_cfg, fast=fast)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    loss_sum, n_tokens, n_correct = 0.0, 0, 0
-    plan = batch_plan(samples, batch_size, data_cfg.max_seq_length, data_cfg.packing, data_cfg.seed, 0)
-    for entry in distributed.striped(plan):  # under torchrun: every world_size-th entry; None keeps in step
-        batch = make_batch(samples, entry) if entry is not None else _without_labels(make_batch(samples, plan[0]))
-        out = forward_loss(model, _to_device(batch, device), with_accuracy=True, fast=fast)
-        loss_sum += float(out.loss_sum)
-        n_tokens += int(out.n_tokens)
-        n_correct += int(out.n_correct)
-    if distributed.active():
-        loss_sum, n_tokens, n_correct = distributed.sum_floats(loss_sum, n_tokens, n_correct)
-        n_tokens, n_correct = int(n_tokens), int(n_correct)
-    model.train(was_training)
-    loss = loss_sum / max(n_tokens, 1)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-            "eval_token_accuracy": n_correct / max(n_tokens, 1), "eval_tokens": n_tokens}

@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..run import CONFIG_FILE, load_run_config, merge, open_run
+from ..run import merge
+from ..run_folder import CONFIG_FILE, base_tokenizer_file, load_run_config, open_run
 from .common import ExportError, Source
 
 TARGETS = ("gguf", "ollama", "onnx", "vllm")
@@ -75,7 +76,8 @@ def export(
     ``precision`` (onnx): fp32 or int4 on the CPU (default fp32), fp16 or int4 with ``execution_provider`` cuda/dml.
     ``name``: the model's name in the GGUF metadata / the vLLM LoRA name (default: the run folder's name).
     ``force``: replace ``out`` if an earlier ``phitune export`` wrote it (never another folder).
-    ``trust_remote_code``: allow the code of a run whose config asks for it (see ``phitune.run.load_run_config``).
+    ``trust_remote_code``: allow the code of a run whose config asks for it
+    (see ``phitune.run_folder.load_run_config``).
     Prints where it wrote, the size, and the parity figure it measured; returns an :class:`ExportResult`.
     """
     if to not in TARGETS:
@@ -186,7 +188,6 @@ def _merged(source: Source, folder: Path, device: str | None, trust_remote_code:
 def _needs_sentencepiece(source: Source) -> bool:
     if source.model_dir is not None:
         return (source.model_dir / "tokenizer.model").is_file()
-    from ..run import base_tokenizer_file
 
     return base_tokenizer_file(source.config.model, source.run.root, "tokenizer.model") is not None
 

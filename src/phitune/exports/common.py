@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import PhituneError
-from ..run import RunFolder
+from ..run_folder import RunFolder
 
 
 class ExportError(PhituneError, ValueError):
