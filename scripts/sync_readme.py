@@ -11,25 +11,14 @@ import json
 import sys
 from pathlib import Path
 
+from phitune.config import REQUIRED, config_fields, config_sections
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 
-def _sections():
-    from phitune.adapt import LoraConfig
-    from phitune.config import ModelConfig, TrainingConfig
-    from phitune.data import DataConfig
-
-    return [("model", ModelConfig), ("data", DataConfig), ("training_config", TrainingConfig),
-            ("peft_config", LoraConfig)]
-
-
-def _default(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-    else:
+def _shown(value) -> str:
+    if value == REQUIRED:
         return "required"
     if dataclasses.is_dataclass(value):
         value = dataclasses.asdict(value)
@@ -41,13 +30,11 @@ def _default(f: dataclasses.Field) -> str:
 
 def config_reference_markdown() -> str:
     out = []
-    for section, cls in _sections():
+    for section, cls in config_sections():
         out += [f"**`{section}`**", "", "| key | default | meaning |", "|---|---|---|"]
-        for f in dataclasses.fields(cls):
-            if not f.init or f.name == "notes":
-                continue
-            doc = f.metadata.get("doc", "").replace("|", "\\|")
-            out.append(f"| `{f.name}` | {_default(f)} | {doc} |")
+        for key, default, doc in config_fields(cls):
+            escaped = doc.replace("|", "\\|")
+            out.append(f"| `{key}` | {_shown(default)} | {escaped} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

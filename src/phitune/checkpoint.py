@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .adapt import save_adapter
 from .errors import CheckpointError
 from .storage import readable_like_the_rest, writing
 
@@ -209,8 +210,6 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, scheduler, data_
 
 def _write_checkpoint_files(tmp: Path, step: int, *, model, optimizer, scheduler, data_position, settings, scaler,
                             extra, rng_per_process, base_model_name_or_path) -> None:
-    from .adapt import save_adapter
-
     save_adapter(model, tmp, base_model_name_or_path=base_model_name_or_path)
     trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / TRAINABLE_NAME))

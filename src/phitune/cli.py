@@ -10,6 +10,7 @@ the resume command.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -18,6 +19,7 @@ import traceback
 from typing import Sequence
 
 from . import __version__
+from .config import config_fields, config_sections, load_config
 from .errors import PhituneError
 from .interrupt import Interrupted
 
@@ -332,10 +334,8 @@ def _cmd_train(args) -> int:
         return 0
     if args.config is None:
         raise _Usage("train: the CONFIG argument is required (a YAML file; see `phitune train --help`)")
-    from .config import load_config
-
     config = load_config(args.config, args.overrides)  # config errors before importing torch-heavy modules
-    from .train import finetune
+    from .train import finetune  # lazy: torch and transformers load only when a command runs
 
     result = finetune(config)
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
@@ -349,7 +349,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .run import evaluate
+    from .run import evaluate  # lazy: torch and transformers load only when a command runs
 
     metrics = evaluate(args.run_dir, data=args.data, batch_size=args.batch_size, max_samples=args.max_samples,
                        device=args.device, verbose=not args.json, trust_remote_code=args.trust_remote_code,
@@ -360,7 +360,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_chat(args) -> int:
-    from .run import chat
+    from .run import chat  # lazy: torch and transformers load only when a command runs
 
     chat(args.run_dir, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
          temperature=args.temperature, top_p=args.top_p, greedy=args.greedy, seed=args.seed, device=args.device,
@@ -369,7 +369,7 @@ def _cmd_chat(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from .run import merge
+    from .run import merge  # lazy: torch and transformers load only when a command runs
 
     merge(args.run_dir, args.out, dtype=args.dtype, force=args.force, device=args.device, dequantize=args.dequantize,
           trust_remote_code=args.trust_remote_code)
@@ -377,7 +377,7 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .exports import export
+    from .exports import export  # lazy: torch and transformers load only when a command runs
 
     export(args.run_dir, args.to, args.out, outtype=args.outtype, adapter=args.adapter, precision=args.precision,
            execution_provider=args.execution_provider, name=args.name, force=args.force, device=args.device,
@@ -386,14 +386,14 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_preview(args) -> int:
-    from .run import preview
+    from .run import preview  # lazy: torch and transformers load only when a command runs
 
     preview(args.config, n=args.num_samples, color=args.color, overrides=args.overrides)
     return 0
 
 
 def _cmd_demo(args) -> int:
-    from .demo import demo
+    from .demo import demo  # lazy: torch and transformers load only when a command runs
 
     demo(args.out, max_steps=args.max_steps, overrides=args.overrides)
     return 0
@@ -401,31 +401,16 @@ def _cmd_demo(args) -> int:
 
 def config_help() -> str:
     """Every config key of every section with its default and one-line doc (``phitune train --help-config``)."""
-    import dataclasses
-    import importlib
-
-    sections = [("model", "phitune.config", "ModelConfig"), ("data", "phitune.data", "DataConfig"),
-                ("training_config", "phitune.config", "TrainingConfig"), ("peft_config", "phitune.adapt", "LoraConfig")]
     lines = []
-    for section, module, name in sections:
+    for section, cls in config_sections():
+        rows = config_fields(cls)
+        width = max((len(key) for key, _, _ in rows), default=0)
         lines.append(f"{section}:")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-            fields = [f for f in dataclasses.fields(cls) if f.init and f.name != "notes"]
-        except (ImportError, AttributeError, TypeError):
-            lines += ["  (not available in this installation)", ""]
-            continue
-        width = max((len(f.name) for f in fields), default=0)
-        for f in fields:
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                default = f.default_factory()
-            else:
-                default = "(required)"
+        for key, default, doc in rows:
+            if dataclasses.is_dataclass(default):
+                default = dataclasses.asdict(default)
             shown = json.dumps(default) if isinstance(default, (str, bool, type(None), list, dict)) else repr(default)
-            doc = f.metadata.get("doc", "")
-            lines.append(f"  {f.name:<{width}}  {doc} [default: {shown}]")
+            lines.append(f"  {key:<{width}}  {doc} [default: {shown}]")
         lines.append("")
     return "\n".join(lines).rstrip()
 

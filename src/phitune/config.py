@@ -24,6 +24,8 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 
 from ._typed import field, from_dict, suggest
+from .adapt.config import LoraConfig, parse_lora_config
+from .data.config import DataConfig
 from .errors import ConfigError
 
 SECTIONS = ("model", "data", "training_config", "peft_config")
@@ -520,32 +522,19 @@ def build_run_config(sections: Mapping[str, Any], source: str | None = None) -> 
         if key not in SECTIONS:
             raise ConfigError(f"unknown config section '{key}'{suggest(key, SECTIONS)}; the sections are "
                               f"{', '.join(SECTIONS)}")
-    from .adapt.config import parse_lora_config  # not phitune.adapt: that imports torch
-
-    try:
-        from .data import DataConfig
-    except ImportError:  # phitune.data still being assembled
-        from .data.config import DataConfig
-
     model = build_model_config(sections.get("model"))
     training = build_training_config(sections.get("training_config"))
-    data = _build_data_config(DataConfig, sections.get("data"))
+    data = _build_data_config(sections.get("data"))
     peft = parse_lora_config(sections.get("peft_config"), "peft_config")
     return RunConfig(model=model, data=data, training_config=training, peft_config=peft, source=source)
 
 
-def _build_data_config(DataConfig, value):
+def _build_data_config(value) -> DataConfig:
     if isinstance(value, DataConfig):
         return value
     if value is None:
         raise ConfigError("data: the section is required (at least data.train: a file, folder or Hub dataset)")
-    if hasattr(DataConfig, "from_any"):
-        return DataConfig.from_any(value)
-    if isinstance(value, (str, Path)):
-        value = {"train": str(value)}
-    if value is None:
-        raise ConfigError("data: the section is required (at least data.train: a file, folder or Hub dataset)")
-    return from_dict(DataConfig, value, "data")
+    return DataConfig.from_any(value)
 
 
 # --- YAML, overrides --------------------------------------------------------------------------------------------------
@@ -720,12 +709,27 @@ def run_status(path: str | Path) -> str | None:
     return first[len(RUN_STATUS_PREFIX):].split()[0] if first.startswith(RUN_STATUS_PREFIX) else None
 
 
+REQUIRED = "(required)"  # the default config_fields reports for a key without one
+
+
+def config_sections() -> list[tuple[str, type]]:
+    """(section name, its dataclass) of a run config, in the order of the YAML file."""
+    return [("model", ModelConfig), ("data", DataConfig), ("training_config", TrainingConfig),
+            ("peft_config", LoraConfig)]
+
+
 def config_fields(cls) -> list[tuple[str, Any, str]]:
-    """(key, default, doc) of every key of a section class, for --help-config and the README."""
+    """(key, default, doc) of every key of a section class: the one list behind --help-config and the README's
+    config reference (and the test that keeps them in sync)."""
     rows = []
     for f in dataclasses.fields(cls):
         if not f.init or f.name == "notes":
             continue
-        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = REQUIRED
         rows.append((f.name, default, f.metadata.get("doc", "")))
     return rows

@@ -31,12 +31,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import outdir
+from .config import load_config
 from .data import prepare_data
+from .errors import PhituneError
 from .gen_eval import EVAL_DIR, REPORT_FILE, evaluate_samples_by_generation
 from .generate import GenerationSettings
 from .lora import disable_adapters
 from .metrics import METRICS_NAME, read_metrics
-from .model import stop_token_ids
+from .model import load_model_and_tokenizer, stop_token_ids
+from .train import finetune
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "demo"
 MODEL_DIR = ASSETS / "model"
@@ -80,10 +83,6 @@ def demo(output_dir: str | os.PathLike | None = None, *, max_steps: int | None =
     _check_assets()
 
     import torch
-
-    from .config import load_config
-    from .model import load_model_and_tokenizer
-    from .train import finetune
 
     output_dir = Path(output_dir if output_dir is not None else DEFAULT_OUTPUT_DIR)
     # The demo's config starts over in its folder (overwrite_output_dir): only ever in an earlier demo's.
@@ -225,8 +224,6 @@ def peak_rss_mb() -> float:
 
 
 def _check_assets() -> None:
-    from .errors import PhituneError
-
     missing = [p for p in (MODEL_DIR / "config.json", MODEL_DIR / "model.safetensors", CONFIG_FILE, TRAIN_FILE,
                            EVAL_FILE, HELD_OUT_FILE) if not p.exists()]
     if missing:

@@ -35,7 +35,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .adapt import adapter_state_dict
 from .errors import ConfigError, PhituneError
+from .fast.cross_entropy import decoder_of
 
 log = logging.getLogger("phitune")
 
@@ -328,9 +330,6 @@ def shard_model(model, tc, device: torch.device) -> int:
     (the loss calls the body and the lm_head separately, so only the body is an FSDP root)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-
-    from .adapt import adapter_state_dict
-    from .fast.cross_entropy import decoder_of
 
     opts, fcfg = tc.fsdp, tc.fsdp_config
     wanted = fcfg.get("transformer_layer_cls_to_wrap")

@@ -19,6 +19,7 @@ from jinja2.exceptions import TemplateError
 from transformers import GenerationConfig
 
 from .errors import ConfigError
+from .tokenizer import end_of_turn_ids
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -47,32 +48,17 @@ class GenerationSettings:
 
 
 def stop_token_ids(run_dir: str | Path | None, tokenizer) -> list[int]:
-    """Every id that ends an assistant turn.
-
-    Read from the folder's ``generation_config.json`` (``eos_token_id``, an int or a list), plus the tokenizer's eos
-    and, when the vocabulary has it, ``<|end|>``: a Phi-3 turn ends with ``<|end|>`` (32007), which is not the
-    tokenizer's eos, and a model stopping only on eos never stops.
-    """
-    ids: list[int] = []
-
-    def add(value):
-        if value is None:
-            return
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(v, int) and v >= 0 and v not in ids:
-                ids.append(v)
-
+    """Every id that ends an assistant turn (``tokenizer.end_of_turn_ids``): those of the folder's
+    ``generation_config.json`` (``eos_token_id``, an int or a list), the tokenizer's eos, and ``<|end|>``."""
+    configured = None
     if run_dir is not None:
         path = Path(run_dir) / "generation_config.json"
         if path.is_file():
             try:
-                add(json.loads(path.read_text(encoding="utf-8")).get("eos_token_id"))
+                configured = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{path}: not valid JSON ({exc}); delete it or fix it") from exc
-    add(tokenizer.eos_token_id)
-    end_id = _token_id(tokenizer, "<|end|>")
-    add(end_id)
-    return ids
+    return end_of_turn_ids(tokenizer, configured, tokens=("<|end|>",))
 
 
 def context_length(model, tokenizer) -> int:
@@ -83,12 +69,6 @@ def context_length(model, tokenizer) -> int:
     if isinstance(tok_limit, int) and 0 < tok_limit < limit:
         limit = tok_limit
     return limit
-
-
-def _token_id(tokenizer, token: str) -> int | None:
-    """The id of ``token`` if it is a single token of the vocabulary, else None."""
-    vocab = tokenizer.get_vocab()
-    return vocab.get(token)
 
 
 def build_prompt_ids(tokenizer, messages: Sequence[Message]) -> list[int]:

@@ -16,6 +16,7 @@ import torch
 from .config import ModelConfig, build_model_config
 from .errors import ConfigError
 from .lora.quantized import is_4bit_linear, keep_float_4bit_path, require_bitsandbytes
+from .tokenizer import end_of_turn_ids
 
 log = logging.getLogger("phitune")
 
@@ -171,25 +172,10 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | s
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """Every id that ends an assistant turn: eos, ``<|end|>``, ``<|assistant|>``, ``<|endoftext|>`` when present,
-    plus the model's own generation_config eos ids (Phi-3: 32000, 32001, 32007)."""
-    ids: list[int] = []
-
-    def add(value):
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(v, int) and v >= 0 and v not in ids:
-                ids.append(v)
-
+    """Every id that ends an assistant turn (``tokenizer.end_of_turn_ids``), the model's own generation_config eos
+    ids included, sorted (Phi-3: 32000, 32001, 32007)."""
     gen = getattr(model, "generation_config", None) if model is not None else None
-    if gen is not None and gen.eos_token_id is not None:
-        add(gen.eos_token_id)
-    if tokenizer.eos_token_id is not None:
-        add(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    for token in ("<|endoftext|>", "<|assistant|>", "<|end|>"):
-        if token in vocab:
-            add(vocab[token])
-    return sorted(ids)
+    return sorted(end_of_turn_ids(tokenizer, gen.eos_token_id if gen is not None else None))
 
 
 def generation_config_for(model, tokenizer):

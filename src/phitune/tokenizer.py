@@ -148,13 +148,20 @@ def build_phi3_style_tokenizer(
     return fast
 
 
+def end_of_turn_ids(tokenizer, configured=None, tokens: Iterable[str] = PHI3_END_OF_TURN_TOKENS) -> list[int]:
+    """The one rule for the ids that end an assistant turn, in order and without repeats: ``configured`` first (a
+    generation config's ``eos_token_id``: an int, a list or None), then the tokenizer's eos, then each of ``tokens``
+    that is a single token of the vocabulary. A Phi-3 turn ends with ``<|end|>`` (32007), which is not the
+    tokenizer's eos: a model that stops only on eos never stops."""
+    ids: list[int] = []
+    vocab = tokenizer.get_vocab()
+    configured = configured if isinstance(configured, (list, tuple)) else [configured]
+    for value in [*configured, tokenizer.eos_token_id, *(vocab.get(t) for t in tokens)]:
+        if isinstance(value, int) and value >= 0 and value not in ids:
+            ids.append(value)
+    return ids
+
+
 def chat_stop_token_ids(tokenizer) -> list[int]:
     """Ids generation must stop on: eos plus every Phi-3 end-of-turn token the tokenizer knows."""
-    ids = []
-    for t in [tokenizer.eos_token] + PHI3_END_OF_TURN_TOKENS:
-        if t is None:
-            continue
-        i = tokenizer.convert_tokens_to_ids(t)
-        if i is not None and i != tokenizer.unk_token_id and i not in ids:
-            ids.append(i)
-    return ids
+    return end_of_turn_ids(tokenizer)

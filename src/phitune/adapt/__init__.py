@@ -10,14 +10,26 @@ config.py: LoraConfig (peft's keys); inject.py: add_lora (target matching, Phi-3
 peft_format.py: load_adapter_state_dict (pure key conversion), save_adapter, load_adapter.
 """
 
-from .config import LoraConfig, parse_lora_config
-from .inject import FUSED_SLICES, PEFT_PREFIX, LoraReport, adapter_state_dict, add_lora, lora_report
-from .merge import merge_checked, merge_lora, merge_lora_checked
-from .peft_format import (
-    CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, load_adapter, load_adapter_state_dict, read_adapter, save_adapter,
-)
+import importlib
 
-__all__ = ["LoraConfig", "LoraReport", "add_lora", "adapter_state_dict", "load_adapter", "load_adapter_state_dict",
-           "lora_report", "merge_checked", "merge_lora", "merge_lora_checked", "parse_lora_config", "read_adapter",
-           "save_adapter",
-           "FUSED_SLICES", "PEFT_PREFIX", "CONFIG_NAME", "WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME"]
+# Imported on first use (PEP 562), so ``phitune.adapt.config`` is a leaf that phitune.config can import without
+# loading the LoRA machinery (torch).
+_EXPORTS = {
+    "LoraConfig": "config", "parse_lora_config": "config",
+    "FUSED_SLICES": "inject", "PEFT_PREFIX": "inject", "LoraReport": "inject", "adapter_state_dict": "inject",
+    "add_lora": "inject", "lora_report": "inject",
+    "merge_checked": "merge", "merge_lora": "merge", "merge_lora_checked": "merge",
+    "CONFIG_NAME": "peft_format", "LEGACY_WEIGHTS_NAME": "peft_format", "WEIGHTS_NAME": "peft_format",
+    "load_adapter": "peft_format", "load_adapter_state_dict": "peft_format", "read_adapter": "peft_format",
+    "save_adapter": "peft_format",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'phitune.adapt' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -6,27 +6,26 @@
     print(format_stats(prepared.stats)); print(preview_text(prepared, tokenizer, n=3))
 """
 
-from .batching import batch_plan, collate, pack_rows, packing_efficiency
-from .config import DataConfig
-from .prepare import PreparedData, default_cache_dir, prepare_data
-from .preview import format_stats, preview_text
-from .render import Renderer
-from .sources import Problem, open_source
-from .store import TokenizedSamples
+import importlib
 
-__all__ = [
-    "DataConfig",
-    "PreparedData",
-    "Problem",
-    "Renderer",
-    "TokenizedSamples",
-    "batch_plan",
-    "collate",
-    "default_cache_dir",
-    "format_stats",
-    "open_source",
-    "pack_rows",
-    "packing_efficiency",
-    "prepare_data",
-    "preview_text",
-]
+# Imported on first use (PEP 562), so ``phitune.data.config`` is a leaf that phitune.config can import without
+# loading the pipeline (torch, tokenizers, numpy).
+_EXPORTS = {
+    "batch_plan": "batching", "collate": "batching", "pack_rows": "batching", "packing_efficiency": "batching",
+    "DataConfig": "config",
+    "PreparedData": "prepare", "default_cache_dir": "prepare", "prepare_data": "prepare",
+    "format_stats": "preview", "preview_text": "preview",
+    "Renderer": "render",
+    "Problem": "sources", "open_source": "sources",
+    "TokenizedSamples": "store",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'phitune.data' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

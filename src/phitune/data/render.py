@@ -22,6 +22,7 @@ from itertools import chain
 import numpy as np
 
 from ..errors import DataError
+from ..tokenizer import PHI3_CHAT_TEMPLATE
 from .config import DataConfig
 
 
@@ -84,8 +85,6 @@ class Renderer:
                             "AutoTokenizer.from_pretrained(..., use_fast=True)")
         template = cfg.chat_template
         if template == "phi3":
-            from ..tokenizer import PHI3_CHAT_TEMPLATE
-
             template = PHI3_CHAT_TEMPLATE
         template = template or getattr(tokenizer, "chat_template", None)
         if isinstance(template, dict):

@@ -32,6 +32,10 @@ from ..errors import ConfigError
 from ..run import merge
 from ..run_folder import CONFIG_FILE, base_tokenizer_file, load_run_config, open_run
 from .common import ExportError, Source
+from .to_gguf import write_gguf_adapter, write_gguf_model
+from .to_ollama import write_modelfile
+from .to_onnx import check_precision, write_onnx
+from .to_vllm import write_vllm
 
 TARGETS = ("gguf", "ollama", "onnx", "vllm")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -100,8 +104,6 @@ def export(
     if to in ("gguf", "ollama"):
         _require("gguf", "sentencepiece" if _needs_sentencepiece(source) else None)
     if to == "onnx":
-        from .to_onnx import check_precision
-
         precision = check_precision(precision, execution_provider)
         _require("onnxruntime_genai", "onnx", "onnx_ir", "onnxruntime")
 
@@ -114,29 +116,19 @@ def export(
     try:
         label = name or (source.run.root.name if source.run else source.model_dir.name)
         if to == "vllm":
-            from .to_vllm import write_vllm
-
             parity, details = write_vllm(source, staging, label, out.resolve())
         elif adapter:
-            from .to_gguf import write_gguf_adapter
-
             parity, details = write_gguf_adapter(source, staging / f"{_slug(label)}-lora.gguf", outtype or "f32", label)
         else:
             work = Path(tempfile.mkdtemp(prefix=".phitune-merged-", dir=out.parent))
             try:
                 model_dir = _merged(source, work / "merged", device, trust_remote_code)
                 if to == "onnx":
-                    from .to_onnx import write_onnx
-
                     parity, details = write_onnx(model_dir, staging, precision, execution_provider, work / "cache")
                 else:
-                    from .to_gguf import write_gguf_model
-
                     gguf_path = staging / f"{_slug(label)}-{outtype or 'f16'}.gguf"
                     parity, details = write_gguf_model(model_dir, gguf_path, outtype or "f16", label)
                     if to == "ollama":
-                        from .to_ollama import write_modelfile
-
                         details.update(write_modelfile(model_dir, staging, gguf_path.name))
                         details["next_steps"] = [f"ollama: cd {out} && ollama create {_slug(label).lower()} -f "
                                                  f"Modelfile && ollama run {_slug(label).lower()}"]

@@ -29,6 +29,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..adapt import PEFT_PREFIX, read_adapter
 from ..errors import AdapterError
 from .common import ExportError, Source
 
@@ -446,7 +447,6 @@ def _pre_tokenizer_name(data: dict) -> str | None:
 def folded_lora(source: Source) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], object]:
     """``{module name: (A, B * scale)}`` of a run's adapter (float32), each module's own scale folded into B, and
     the adapter's LoraConfig. Refuses what a plain A/B pair cannot carry."""
-    from ..adapt import PEFT_PREFIX, read_adapter
 
     cfg, tensors, path = read_adapter(source.run.adapter_dir)
     if cfg.modules_to_save:

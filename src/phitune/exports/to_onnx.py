@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..generate import build_prompt_ids
 from .common import ExportError
 
 PRECISIONS = {"cpu": ("fp32", "int4"), "cuda": ("fp16", "int4", "fp32"), "dml": ("fp16", "int4")}
@@ -77,7 +78,6 @@ def greedy_parity(model_dir: Path, onnx_dir: Path, stops: list[int]) -> tuple[in
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..generate import build_prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     prompt = build_prompt_ids(tokenizer, _PROMPT)
