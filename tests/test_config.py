@@ -10,7 +10,7 @@ from phitune.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# ../shared/specs/phi3.md: the model card's sample_finetune.py, pasted verbatim.
+# The Phi-3 model card's sample_finetune.py, pasted verbatim.
 COOKBOOK_TRAINING_CONFIG = {
     "bf16": True,
     "do_eval": False,

@@ -2,7 +2,7 @@
 
 Decisions made here (each logged once): the device, the dtype (``auto``: bfloat16 on a CUDA GPU that supports it,
 else float32), the attention kernel (``auto``: flash_attention_2 when the package is installed and the GPU is Ampere
-or newer, else sdpa), and the pad token (../shared/specs/phi3.md: the cookbook pads with ``<unk>``, not eos, so
+or newer, else sdpa), and the pad token (the Phi-3 cookbook's sample_finetune.py pads with ``<unk>``, not eos, so
 that masking padding never masks the real end of a turn; right padding for training).
 """
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-# The chat template of microsoft/Phi-3-mini-4k-instruct, verbatim (../shared/specs/phi3.md).
+# The chat template of microsoft/Phi-3-mini-4k-instruct, verbatim (its tokenizer_config.json on the Hub).
 PHI3_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"

@@ -1,4 +1,4 @@
-"""phitune.lora layers against the loralib 0.1.2 spec (../shared/specs/loralib-behaviour.md, sections 12 and 14)."""
+"""phitune.lora layers against the loralib 0.1.2 spec (loralib 0.1.2's documented behaviour and its known bugs)."""
 
 import math
 

@@ -3,7 +3,7 @@
 Two streaming passes, memory flat in the number of records: pass 1 parses and validates every record (one flag
 per record kept); pass 2 reads the valid ones again in tasks of ~1k records, renders, tokenizes, masks and truncates
 them (in forked worker processes, one per core, for large data sets; at most 2 tasks per worker in flight) and
-appends each task's samples, in order, to memory-mapped files."""
+appends each task's samples, in order, to the store's files (read back with pread, see store.py)."""
 
 from __future__ import annotations
 

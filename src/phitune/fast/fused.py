@@ -2,8 +2,9 @@
 
 Why: LoRA adds about 1% of the FLOPs, yet a module-by-module autograd graph (base matmul, dropout, two skinny
 matmuls, a scaling multiply, an add; SwiGLU as chunk/SiLU/multiply) costs 35-42% of the step on an H200 and about
-40% of a CPU step outside the matmuls (../shared/bench/README.md; a torch.profiler run of the peer on the `small`
-shape here). These functions do the same arithmetic with fewer passes over memory and save only what backward needs:
+40% of a CPU step outside the matmuls (the transformers Trainer + peft peer measured side by side; a torch.profiler
+run of the peer on the `small` shape, benchmarks/step_profile.py). These functions do the same arithmetic with fewer
+passes over memory and save only what backward needs:
 
   lora_linear   y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ. Saves drop(x) and the (N, r) product; backward forms grad_x,
                 grad_A, grad_B with skinny matmuls accumulated in place (no (N, out) temporaries).

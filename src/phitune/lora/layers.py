@@ -1,6 +1,6 @@
 """LoRA layers with loralib 0.1.2's API (names, arguments, shapes, init, scaling, merge on eval).
 
-What differs from loralib, on purpose (../shared/specs/loralib-behaviour.md section 14):
+What differs from loralib 0.1.2 (microsoft/LoRA, loralib/layers.py), on purpose, fixing its known bugs:
 - ``train()``/``eval()`` return the layer; ``merge()``/``unmerge()``/``delta_weight()`` are explicit methods.
 - merge then unmerge restores the frozen weight bit-exactly in any dtype: ``merge()`` keeps a copy of the pre-merge
   weight (a non-persistent buffer) and ``unmerge()`` restores it. Cost: one extra copy of the weight while merged.
