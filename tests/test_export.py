@@ -441,36 +441,112 @@ def test_merge_writes_every_stop_id_and_the_bases_tokenizer_files(tmp_path):
 
 
 # --- a real llama.cpp -----------------------------------------------------------------------------------------------
+# Both runtimes compute in float32 (f32 weights, f32 KV cache), so the logits differ by rounding only. Estimate: an f32
+# dot product of length n is off by about u * sqrt(n) relative (u = 2^-24, random-walk rounding); the steps of a layer
+# reduce over hidden (qkv), head_dim (scores), the sequence (weighted values), hidden (o_proj, gate_up) and
+# intermediate (down), lm_head over hidden; independent errors add in quadrature, and two implementations differ by
+# sqrt(2) of one: sigma = sqrt(2) * u * sqrt(sum of the n) * rms(logits), about 1.2e-5 for the demo model. The issue's
+# 1e-4 is then over 5 sigma (the largest of ~5e4 logits stays below 5 sigma but for a few percent); the tests check
+# that relation, so a bigger model cannot turn 1e-4 into a figure tuned to what was observed.
+LLAMA_CPP_TOL = 1e-4
+
+
+def _llama_cpp_sigma(config: dict, logits: np.ndarray) -> float:
+    import math
+
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    per_layer = 3 * hidden + head_dim + len(logits) + inner
+    total = config["num_hidden_layers"] * per_layer + hidden
+    return math.sqrt(2) * 2.0 ** -24 * math.sqrt(total) * float(np.sqrt((logits ** 2).mean()))
+
+
+def _llama_cpp_logits(llama_cpp, gguf_path: Path, ids: list[int], lora: Path | None = None) -> np.ndarray:
+    llm = llama_cpp.Llama(str(gguf_path), lora_path=str(lora) if lora else None, n_ctx=256, logits_all=True,
+                          verbose=False, type_k=0, type_v=0, n_threads=2)  # 0 = GGML_TYPE_F32 KV cache
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[:len(ids)])
+    finally:
+        llm.close()
 
 
 @pytest.mark.slow
 def test_llama_cpp_runs_the_gguf_like_transformers(demo_run, tmp_path):
-    """Logits within 1e-4 of transformers (f32 weights and KV cache), greedy tokens and chat tokenization equal."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (README: how to build it)")
+    """Logits within 1e-4 of transformers (f32 weights and KV cache), greedy tokens and chat tokenization equal,
+    llama.cpp's own rendering of the GGUF's chat template equal to training's text."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (README: how to build it)",
+                                    exc_type=ImportError)
+    import ctypes
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from phitune.generate import build_prompt_ids
 
     export(demo_run["run"], "gguf", tmp_path / "g", outtype="f32", verbose=False)
+    (path,) = (tmp_path / "g").glob("*.gguf")
     phitune.merge(demo_run["run"], tmp_path / "merged", dtype="float32", verbose=False)
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    llm = llama_cpp.Llama(str(next((tmp_path / "g").glob("*.gguf"))), n_ctx=256, logits_all=True, verbose=False,
-                          type_k=0, type_v=0, n_threads=2)  # 0 = GGML_TYPE_F32 KV cache
     ids = build_prompt_ids(tok, CHAT)
     text = tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
-    assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids
-    llm.eval(ids)
-    theirs = np.asarray(llm.scores[:len(ids)])
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(theirs - ours).max() <= 1e-4
-    greedy = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=[1024, 1025, 1031],
-                            pad_token_id=0)[0, len(ids):].tolist()
-    llm.reset()
-    got = []
-    for token in llm.generate(ids, temp=0.0, top_k=1):
-        got.append(token)
-        if token in (1024, 1025, 1031) or len(got) == len(greedy):
-            break
-    assert got == greedy
+    theirs = _llama_cpp_logits(llama_cpp, path, ids)
+    sigma = _llama_cpp_sigma(model.config.to_dict(), ours)
+    assert LLAMA_CPP_TOL >= 5 * sigma, sigma
+    assert np.abs(theirs - ours).max() <= LLAMA_CPP_TOL, (np.abs(theirs - ours).max(), sigma)
+
+    out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=[1024, 1025, 1031],
+                         pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    greedy = out.sequences[0, len(ids):].tolist()
+    # a step whose top two logits are within twice the tolerance may legitimately go either way: compare up to it
+    margins = [float(torch.topk(s[0], 2).values.diff().abs()) for s in out.scores]
+    n = next((i for i, m in enumerate(margins) if m <= 2 * LLAMA_CPP_TOL), len(greedy))
+    assert n > 0, margins
+    llm = llama_cpp.Llama(str(path), n_ctx=256, verbose=False, type_k=0, type_v=0, n_threads=2)
+    try:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids  # one BOS, chat tokens as trained
+        got = []
+        for token in llm.generate(ids, temp=0.0, top_k=1):
+            got.append(token)
+            if token in (1024, 1025, 1031) or len(got) == len(greedy):
+                break
+        assert got[:n] == greedy[:n], (got, greedy, margins)
+        # llama-cli / llama-server without --jinja render the template with llama.cpp's built-in Phi-3 format
+        messages = (llama_cpp.llama_chat_message * len(CHAT))(
+            *[llama_cpp.llama_chat_message(role=m["role"].encode(), content=m["content"].encode()) for m in CHAT])
+        buf = ctypes.create_string_buffer(4096)
+        size = llama_cpp.llama_chat_apply_template(llm.metadata["tokenizer.chat_template"].encode(), messages,
+                                                   len(CHAT), True, buf, len(buf))
+        assert buf.raw[:size].decode() == text
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+def test_llama_cpp_applies_the_gguf_lora_like_the_runs_adapter(tmp_path):
+    """The base model as GGUF plus ``--adapter``'s GGUF LoRA in llama.cpp give the run's logits (LoRA unmerged in
+    transformers) within the same 1e-4, for mixed slices of fused modules, rsLoRA and an alpha_pattern, where
+    llama.cpp's own alpha / rank would be off."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (README: how to build it)",
+                                    exc_type=ImportError)
+    from transformers import AutoTokenizer
+
+    from phitune.generate import build_prompt_ids
+
+    peft = {"r": 4, "lora_alpha": 16, "use_rslora": True, "alpha_pattern": {"o_proj": 3.0},
+            "target_modules": ["q_proj", "v_proj", "gate_proj", "o_proj", "down_proj"]}
+    run, model = _make_run(tmp_path / "r", peft)
+    export(DEMO, "gguf", tmp_path / "base", outtype="f32", verbose=False)
+    export(run, "gguf", tmp_path / "lora", adapter=True, outtype="f32", verbose=False)
+    (base,), (lora,) = (tmp_path / "base").glob("*.gguf"), (tmp_path / "lora").glob("*.gguf")
+    ids = build_prompt_ids(AutoTokenizer.from_pretrained(run), CHAT)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    # the LoRA path adds x @ A^T @ B^T (rank <= 8) next to each matmul: rounding of the same order as the merged model
+    assert LLAMA_CPP_TOL >= 5 * _llama_cpp_sigma(model.config.to_dict(), ours)
+    with_lora = _llama_cpp_logits(llama_cpp, base, ids, lora=lora)
+    assert np.abs(with_lora - ours).max() <= LLAMA_CPP_TOL, np.abs(with_lora - ours).max()
+    without = _llama_cpp_logits(llama_cpp, base, ids)
+    assert np.abs(without - ours).max() > 100 * LLAMA_CPP_TOL  # the adapter was applied, not a no-op
