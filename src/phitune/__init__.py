@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 
+from ._lazy import exports
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -54,13 +56,13 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["lora", "__version__"]
 
 
+_exported = exports(__name__, _EXPORTS)
+
+
 def __getattr__(name: str):
     if name == "lora":
         return importlib.import_module(".lora", __name__)
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'phitune' has no attribute '{name}'")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
+    return _exported(name)
 
 
 def __dir__():

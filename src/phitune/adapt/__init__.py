@@ -10,7 +10,7 @@ config.py: LoraConfig (peft's keys); inject.py: add_lora (target matching, Phi-3
 peft_format.py: load_adapter_state_dict (pure key conversion), save_adapter, load_adapter.
 """
 
-import importlib
+from .._lazy import exports
 
 # Imported on first use (PEP 562), so ``phitune.adapt.config`` is a leaf that phitune.config can import without
 # loading the LoRA machinery (torch).
@@ -26,10 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'phitune.adapt' has no attribute '{name}'")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = exports(__name__, _EXPORTS)

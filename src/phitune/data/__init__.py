@@ -6,7 +6,7 @@
     print(format_stats(prepared.stats)); print(preview_text(prepared, tokenizer, n=3))
 """
 
-import importlib
+from .._lazy import exports
 
 # Imported on first use (PEP 562), so ``phitune.data.config`` is a leaf that phitune.config can import without
 # loading the pipeline (torch, tokenizers, numpy).
@@ -22,10 +22,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'phitune.data' has no attribute '{name}'")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = exports(__name__, _EXPORTS)
