@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_train_helpers import write_run_folder
 import torch
 
 from phitune.errors import ConfigError, DataError
@@ -57,27 +58,10 @@ def tok():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tok):
     from phitune.adapt import add_lora, save_adapter
-    from phitune.config import load_config
 
     root = tmp_path_factory.mktemp("run")
-    base = root / "base"
     model = _tiny_model(tok)
-    model.save_pretrained(base)
-    tok.save_pretrained(base)
-    data = root / "chats.jsonl"
-    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS))
-    run = root / "out"
-    config = load_config({
-        "model": {"name_or_path": str(base)},
-        "data": {"train": str(data), "eval_split": 5, "max_seq_length": 96, "cache_dir": str(root / "cache")},
-        "training_config": {"output_dir": str(run), "per_device_eval_batch_size": 2},
-        "peft_config": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
-    })
-    run.mkdir()
-    (run / "phitune_config.yaml").write_text(config.to_yaml())
-    tok.save_pretrained(run)
-    eot = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
-    (run / "generation_config.json").write_text(json.dumps({"eos_token_id": eot, "pad_token_id": tok.pad_token_id}))
+    run, base, data, config, eot = write_run_folder(root, tok, model, CHATS, eval_split=5, max_seq_length=96)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
         {"step": 10, "epoch": 0.5, "loss": 3.0}, {"step": 20, "epoch": 1.0, "loss": 2.0},
         {"step": 20, "epoch": 1.0, "eval_loss": 2.5})))

@@ -10,6 +10,7 @@ import io
 import json
 
 import pytest
+from test_train_helpers import write_run_folder
 import torch
 
 from phitune.errors import ConfigError
@@ -35,31 +36,12 @@ def _tiny_model(tokenizer):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     from phitune.adapt import add_lora, save_adapter
-    from phitune.config import load_config
     from phitune.tokenizer import build_phi3_style_tokenizer
 
     root = tmp_path_factory.mktemp("run")
     tok = build_phi3_style_tokenizer(vocab_size=300)
-    base = root / "base"
     model = _tiny_model(tok)
-    model.save_pretrained(base)
-    tok.save_pretrained(base)
-
-    data = root / "chats.jsonl"
-    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS))
-
-    run = root / "out"
-    config = load_config({
-        "model": {"name_or_path": str(base)},
-        "data": {"train": str(data), "eval_split": 4, "max_seq_length": 64, "cache_dir": str(root / "cache")},
-        "training_config": {"output_dir": str(run), "per_device_eval_batch_size": 2},
-        "peft_config": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
-    })
-    run.mkdir()
-    (run / "phitune_config.yaml").write_text(config.to_yaml())
-    tok.save_pretrained(run)
-    eot = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
-    (run / "generation_config.json").write_text(json.dumps({"eos_token_id": eot, "pad_token_id": tok.pad_token_id}))
+    run, base, data, _, _ = write_run_folder(root, tok, model, CHATS, eval_split=4, max_seq_length=64)
     add_lora(model, {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})
     with torch.no_grad():  # a non-zero adapter, so merged != base
         for name, p in model.named_parameters():

@@ -15,6 +15,31 @@ import torch
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "glass", "mouse", "candle", "forest", "rocket"]
 
 
+def write_run_folder(root: Path, tok, model, chats: list, *, eval_split: int, max_seq_length: int):
+    """A run folder as `phitune train` leaves it (config, tokenizer, generation config with every end-of-turn id)
+    around ``model`` (saved as the base in root/base) and ``chats`` (root/chats.jsonl); the adapter is the caller's.
+    Returns (run, base, data, config, end-of-turn ids)."""
+    from phitune.config import load_config
+
+    base, data, run = root / "base", root / "chats.jsonl", root / "out"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    config = load_config({
+        "model": {"name_or_path": str(base)},
+        "data": {"train": str(data), "eval_split": eval_split, "max_seq_length": max_seq_length,
+                 "cache_dir": str(root / "cache")},
+        "training_config": {"output_dir": str(run), "per_device_eval_batch_size": 2},
+        "peft_config": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+    })
+    run.mkdir()
+    (run / "phitune_config.yaml").write_text(config.to_yaml())
+    tok.save_pretrained(run)
+    eot = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
+    (run / "generation_config.json").write_text(json.dumps({"eos_token_id": eot, "pad_token_id": tok.pad_token_id}))
+    return run, base, data, config, eot
+
+
 def make_tiny_model_dir(folder: Path) -> Path:
     """A 2-layer Phi-3 (hidden 64) with a Phi-3-style tokenizer, saved as safetensors."""
     from transformers import Phi3Config, Phi3ForCausalLM
