@@ -47,12 +47,12 @@ from .errors import ConfigError, DataError
 from .fast import attention as fast_attention
 from .fast import varlen
 from .generate import GenerationSettings, context_length
+from .labels import IGNORE_INDEX
 from .lora import disable_adapters
 
 EVAL_DIR = "eval"
 SAMPLES_FILE = "samples.jsonl"
 REPORT_FILE = "report.html"
-IGNORE_INDEX = -100
 
 MetricFn = Callable[[str, str], float]
 

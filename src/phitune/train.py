@@ -92,9 +92,8 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
     resume_from, tokenizer, prepared = _before_weights(cfg, out, settings, run_scope)
     plans = EpochPlans(prepared.train, dc, tc.per_device_train_batch_size * world, tc.gradient_accumulation_steps)
     total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * plans.steps_per_epoch)
-    if _already_complete(out, tc, total_steps):
-        distributed.finish(created_group)
-        return FinetuneResult(output_dir=out, metrics=json.loads((out / "final_metrics.json").read_text()))
+    if (complete := _already_complete(out, tc, total_steps, created_group)) is not None:
+        return complete
 
     # seed -> model -> LoRA -> fast path
     seed_everything(tc.seed)
@@ -105,9 +104,7 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
     # optimizer and schedule; a resume restores them with the loop position
     optimizer, scheduler, scaler = build_optimization(model, tc, device, total_steps)
     autocast = autocast_context(tc, device)
-    state = TrainState()
-    if resume_from is not None:
-        state, cfg = _resume(resume_from, cfg, model, optimizer, scheduler, scaler, world, total_steps)
+    state, cfg = _resume(resume_from, cfg, model, optimizer, scheduler, scaler, world, total_steps)
     distributed.on_main(save_config, with_absolute_paths(cfg), out / "phitune_config.yaml", status="incomplete")
     metrics_log = MetricsLog(out, tc.report_to, run_name=tc.run_name or out.resolve().name, config=cfg.to_dict(),
                              resume_step=state.step if resume_from is not None else None, write=main)
@@ -182,15 +179,17 @@ def _before_weights(cfg: RunConfig, out: Path, settings: dict, run_scope: ExitSt
     return resume_from, tokenizer, prepared
 
 
-def _already_complete(out: Path, tc: TrainingConfig, total_steps: int) -> bool:
-    """A resume of a run that already trained the steps asked for: say so (it trains nothing)."""
+def _already_complete(out: Path, tc: TrainingConfig, total_steps: int, created_group) -> FinetuneResult | None:
+    """A resume of a run that already trained the steps asked for says so and trains nothing: its result (the
+    run's final metrics), or None for a run to train."""
     done = finished_steps(out) if tc.resume_from_checkpoint else None
     if done is None or done < total_steps:
-        return False
+        return None
     log.warning("training_config.output_dir: the run in %s is complete (%d steps); nothing to resume. Raise "
                 "max_steps or num_train_epochs to train further, or set overwrite_output_dir: true to start over",
                 out, done)
-    return True
+    distributed.finish(created_group)
+    return FinetuneResult(output_dir=out, metrics=json.loads((out / "final_metrics.json").read_text()))
 
 
 def _model_with_lora(cfg: RunConfig, device: torch.device, tokenizer):
@@ -231,8 +230,12 @@ class EpochPlans:
         return self._plan
 
 
-def _resume(resume_from: Path, cfg: RunConfig, model, optimizer, scheduler, scaler, world: int, total_steps: int):
-    """(TrainState, config as it really trains) after restoring model, optimizer, schedule and RNG states."""
+def _resume(resume_from: Path | None, cfg: RunConfig, model, optimizer, scheduler, scaler, world: int,
+            total_steps: int):
+    """(TrainState, config as it really trains): a fresh start, or the checkpoint's position after restoring model,
+    optimizer, schedule and RNG states."""
+    if resume_from is None:
+        return TrainState(), cfg
     saved = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                  rank=distributed.rank(), world_size=world)
     state = TrainState.from_dict(saved["extra"]["train_state"])
