@@ -659,3 +659,86 @@ def test_llama_cpp_runs_a_sentencepiece_phi3_like_transformers(legacy, tmp_path)
         assert got[:n] == greedy[:n], (got, greedy, margins)
     finally:
         llm.close()
+
+
+# --- a real llama.cpp: f16 and q8_0 ---------------------------------------------------------------------------------
+# Rounded weights move the logits far more than float32 arithmetic, so these exports get their own estimate, in the
+# same form as the one above. ggml's CPU matmul rounds both operands to the weight's type first (vec_dot_type: an f16
+# weight takes f16 activations, a q8_0 weight q8_0 activations in blocks of 32), so each product w*x carries two
+# independent roundings. With per-element bounds b_w, b_x, one output y = sum_j w_j x_j of a reduction of length n is
+# off by about sqrt(n) * sqrt(rms(b_w)^2 rms(x)^2 + rms(w)^2 rms(b_x)^2), while |y| is about sqrt(n) rms(w) rms(x):
+# the sqrt(n) cancels and the matmul's relative error is eps = sqrt(e_w^2 + e_x^2), e = rms(bound) / rms(value).
+# f16: e = 2^-11 (half an ulp). q8_0: bound = d (0.5 + 127 * 2^-11) per block, d = block max / 127 (the block's step,
+# plus 127 times the rounding of d itself to f16), e from the exported weights and from the activations transformers
+# feeds each Linear. As above, relative errors of the matmuls (4 a layer, lm_head, and the embedding lookup with its
+# weight rounding only) reach the logits at their size and add in quadrature:
+# sigma = rms(logits) * sqrt(sum eps^2), the float32 sigma added in quadrature; tolerance 5 sigma as above. The bounds
+# are maxima (a uniform rounding error's rms is bound / sqrt 3); measured on the demo run with llama-cpp-python 0.3.36
+# built as in the README: f16 0.0102 = 1.5 sigma, q8_0 0.294 = 1.8 sigma.
+
+
+def _rounding_bound_ratio(x: torch.Tensor, outtype: str) -> float:
+    """rms of the rounding bound of ``x`` stored as ``outtype`` (rows in blocks of 32 for q8_0) over rms of ``x``."""
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    if outtype == "f16":
+        return 2.0 ** -11
+    blocks = x.reshape(x.shape[0], -1, 32)
+    bound = blocks.abs().amax(-1) / 127 * (0.5 + 127 * 2.0 ** -11)
+    return float(bound.pow(2).mean().sqrt() / blocks.pow(2).mean().sqrt())
+
+
+def _quantized_sigma(model, ids: list[int], outtype: str) -> tuple[float, np.ndarray]:
+    """The estimate above for ``model`` (float32, merged) run on ``ids``; also returns transformers' logits."""
+    eps2, hooks = [], []
+
+    def record(module, args):
+        eps2.append(_rounding_bound_ratio(module.weight, outtype) ** 2 + _rounding_bound_ratio(args[0], outtype) ** 2)
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            hooks.append(module.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].numpy()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    layers = model.config.num_hidden_layers
+    assert len(eps2) == 4 * layers + 1, len(eps2)  # qkv, o, gate_up, down per layer, lm_head
+    eps2.append(_rounding_bound_ratio(model.get_input_embeddings().weight, outtype) ** 2)
+    rms = float(np.sqrt((logits ** 2).mean()))
+    return float(np.sqrt(rms ** 2 * sum(eps2) + _llama_cpp_sigma(model.config.to_dict(), logits) ** 2)), logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_llama_cpp_runs_f16_and_q8_0_ggufs_within_their_rounding(outtype, demo_run, tmp_path):
+    """llama.cpp's logits of an f16 / q8_0 export are within 5 sigma of the rounding estimate above of transformers'
+    float32 ones, and its greedy choice is transformers' wherever the top two logits are further apart than that."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (README: how to build it)",
+                                    exc_type=ImportError)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from phitune.generate import build_prompt_ids
+
+    export(demo_run["run"], "gguf", tmp_path / "g", outtype=outtype, verbose=False)
+    (path,) = (tmp_path / "g").glob("*.gguf")
+    phitune.merge(demo_run["run"], tmp_path / "merged", dtype="float32", verbose=False)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    prompt = build_prompt_ids(tok, CHAT)
+    stops = [1024, 1025, 1031]
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=stops,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+    ids = prompt + greedy  # teacher-forced: every position compared, not only those before a first divergence
+    sigma, ours = _quantized_sigma(model, ids, outtype)
+    tol = 5 * sigma
+    theirs = _llama_cpp_logits(llama_cpp, path, ids)
+    diff = float(np.abs(theirs - ours).max())
+    assert diff <= tol, (diff, sigma)
+    assert diff > LLAMA_CPP_TOL  # the weights really were rounded: not an f32 file
+    top2 = np.sort(ours, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * tol
+    assert clear[len(prompt) - 1:].sum() >= len(greedy) // 2, (top2, tol)
+    assert np.array_equal(theirs.argmax(-1)[clear], ours.argmax(-1)[clear])
