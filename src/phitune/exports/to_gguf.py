@@ -11,7 +11,9 @@ Layout decisions, each what llama.cpp's own loader expects (learned from its con
   sqrt(1 + ln(s) / ln(original context)), s = context / original context, unless the config gives one.
 - Tokenizer: SentencePiece ("llama") from tokenizer.model, or byte-level BPE ("gpt2") from tokenizer.json; the
   vocabulary padded to the embedding's rows with unused tokens; special ids (bos, eos, end-of-turn, unk, pad); one BOS
-  added by the runtime and none by the chat template, as phitune trains (``generate.build_prompt_ids``).
+  added by the runtime and none by the chat template, as phitune trains (``generate.build_prompt_ids``); for
+  SentencePiece, llama.cpp's ``add_space_prefix`` as the tokenizer treats text after a chat token
+  (:func:`_space_after_special_token`).
 - ``general.name`` contains "Phi-3" for a Phi-3 whose chat tokens eat the whitespace after them: llama.cpp gives its
   special tokens that behaviour only for a model named phi3/phi-3, and tokenizes the chat wrongly otherwise.
 - LoRA: each module's scale (alpha/r, alpha/sqrt(r) with rsLoRA, per-module r and alpha) is folded into B and the
