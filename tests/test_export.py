@@ -550,3 +550,195 @@ def test_llama_cpp_applies_the_gguf_lora_like_the_runs_adapter(tmp_path):
     assert np.abs(with_lora - ours).max() <= LLAMA_CPP_TOL, np.abs(with_lora - ours).max()
     without = _llama_cpp_logits(llama_cpp, base, ids)
     assert np.abs(without - ours).max() > 100 * LLAMA_CPP_TOL  # the adapter was applied, not a no-op
+
+
+# --- a real llama.cpp: a SentencePiece Phi-3 -----------------------------------------------------------------------
+
+
+def _sentencepiece_phi3(folder: Path, legacy: bool) -> Path:
+    """A tiny random Phi-3 whose tokenizer is a real SentencePiece model laid out like Phi-3's: Llama's <unk> 0,
+    <s> 1, </s> 2 and byte pieces 3..258 in tokenizer.model, the eleven chat tokens added right after its pieces in
+    Phi-3's order (rstrip, as on the Hub), the embedding padded past them (32011 -> 32064 in Phi-3).
+    ``legacy`` is the tokenizer_config.json flag (Phi-3's own is false)."""
+    import io
+
+    import sentencepiece as spm
+    import transformers
+    from transformers import AutoTokenizer
+
+    from phitune.tokenizer import CHAT_SPECIAL_TOKENS, PHI3_CHAT_TEMPLATE, default_corpus
+
+    folder.mkdir(parents=True)
+    corpus = default_corpus(300) + [m["content"] for m in CHAT] * 3
+    buf = io.BytesIO()
+    # Llama-2's normalizer settings: identity, a dummy prefix, spaces kept as they are, digits split, byte fallback
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=600, model_type="bpe",
+                                   byte_fallback=True, character_coverage=1.0, split_digits=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(buf.getvalue())
+    n_pieces = spm.SentencePieceProcessor(model_proto=buf.getvalue()).vocab_size()
+    added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": t == "</s>", "single_word": False,
+                      "special": t != "</s>"} for i, t in enumerate(["<unk>", "<s>", "</s>"])}
+    for k, t in enumerate(CHAT_SPECIAL_TOKENS):
+        added[str(n_pieces + k)] = {"content": t, "lstrip": False, "normalized": False,
+                                    "rstrip": t != "<|endoftext|>", "single_word": False, "special": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": added, "bos_token": "<s>",
+        "chat_template": PHI3_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>",
+        "legacy": legacy, "model_max_length": 4096, "pad_token": "<unk>", "padding_side": "right",
+        "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>", "use_default_system_prompt": False}))
+    tok = AutoTokenizer.from_pretrained(folder)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert eos == n_pieces and len(tok) == n_pieces + len(CHAT_SPECIAL_TOKENS)
+    cfg = transformers.Phi3Config(vocab_size=-(-len(tok) // 64) * 64, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                  max_position_embeddings=128, bos_token_id=1, eos_token_id=eos, pad_token_id=0)
+    torch.manual_seed(2)
+    transformers.Phi3ForCausalLM(cfg).save_pretrained(folder)
+    stops = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": stops}))
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("legacy", [False, True])
+def test_llama_cpp_runs_a_sentencepiece_phi3_like_transformers(legacy, tmp_path):
+    """Phi-3's real tokenizer kind: tokenizer.model is written as a "llama" vocabulary, llama.cpp tokenizes the chat
+    prompt to training's ids (one BOS, chat tokens as single ids, the whitespace around them as transformers puts it),
+    and its logits and greedy tokens equal transformers' as for the demo model."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (README: how to build it)",
+                                    exc_type=ImportError)
+    pytest.importorskip("sentencepiece", reason="sentencepiece is not installed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from phitune.generate import build_prompt_ids
+
+    base = _sentencepiece_phi3(tmp_path / "base", legacy)
+    run, _ = _make_run(tmp_path / "r", {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}, base=base)
+    export(run, "gguf", tmp_path / "g", outtype="f32", verbose=False)
+    (path,) = (tmp_path / "g").glob("*.gguf")
+    fields, _ = _fields(path)
+    assert fields["tokenizer.ggml.model"] == "llama" and "phi-3" in fields["general.name"].lower()
+    # transformers 5 puts SentencePiece's "▁" after a chat token only for a legacy tokenizer; llama.cpp follows this
+    assert fields["tokenizer.ggml.add_space_prefix"] == legacy
+    phitune.merge(run, tmp_path / "merged", dtype="float32", verbose=False)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    stops = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
+    llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0, n_threads=2)
+    try:
+        for messages in (CHAT, CHAT[1:2], CHAT[1:]):
+            ids = build_prompt_ids(tok, messages)
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            assert ids.count(1) == 1 and set(stops[1:]) <= set(ids)
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == ids, (
+                tok.convert_ids_to_tokens(ids), [llm.detokenize([i], special=True) for i in
+                                                 llm.tokenize(text.encode(), add_bos=True, special=True)])
+        ids = build_prompt_ids(tok, CHAT)
+        with torch.no_grad():
+            ours = model(torch.tensor([ids])).logits[0].numpy()
+        llm.eval(ids)
+        theirs = np.array(llm.scores[:len(ids)])
+        sigma = _llama_cpp_sigma(model.config.to_dict(), ours)
+        assert LLAMA_CPP_TOL >= 5 * sigma, sigma
+        assert np.abs(theirs - ours).max() <= LLAMA_CPP_TOL, (np.abs(theirs - ours).max(), sigma)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=stops,
+                             pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        greedy = out.sequences[0, len(ids):].tolist()
+        margins = [float(torch.topk(s[0], 2).values.diff().abs()) for s in out.scores]
+        n = next((i for i, m in enumerate(margins) if m <= 2 * LLAMA_CPP_TOL), len(greedy))
+        assert n > 0, margins
+        llm.reset()
+        got = []
+        for token in llm.generate(ids, temp=0.0, top_k=1):
+            got.append(token)
+            if token in stops or len(got) == len(greedy):
+                break
+        assert got[:n] == greedy[:n], (got, greedy, margins)
+    finally:
+        llm.close()
+
+
+# --- a real llama.cpp: f16 and q8_0 ---------------------------------------------------------------------------------
+# Rounded weights move the logits far more than float32 arithmetic, so these exports get their own estimate, in the
+# same form as the one above. ggml's CPU matmul rounds both operands to the weight's type first (vec_dot_type: an f16
+# weight takes f16 activations, a q8_0 weight q8_0 activations in blocks of 32), so each product w*x carries two
+# independent roundings. With per-element bounds b_w, b_x, one output y = sum_j w_j x_j of a reduction of length n is
+# off by about sqrt(n) * sqrt(rms(b_w)^2 rms(x)^2 + rms(w)^2 rms(b_x)^2), while |y| is about sqrt(n) rms(w) rms(x):
+# the sqrt(n) cancels and the matmul's relative error is eps = sqrt(e_w^2 + e_x^2), e = rms(bound) / rms(value).
+# f16: e = 2^-11 (half an ulp). q8_0: bound = d (0.5 + 127 * 2^-11) per block, d = block max / 127 (the block's step,
+# plus 127 times the rounding of d itself to f16), e from the exported weights and from the activations transformers
+# feeds each Linear. As above, relative errors of the matmuls (4 a layer, lm_head, and the embedding lookup with its
+# weight rounding only) reach the logits at their size and add in quadrature:
+# sigma = rms(logits) * sqrt(sum eps^2), the float32 sigma added in quadrature; tolerance 5 sigma as above. The bounds
+# are maxima (a uniform rounding error's rms is bound / sqrt 3); measured on the demo run with llama-cpp-python 0.3.36
+# built as in the README: f16 0.0102 = 1.5 sigma, q8_0 0.294 = 1.8 sigma.
+
+
+def _rounding_bound_ratio(x: torch.Tensor, outtype: str) -> float:
+    """rms of the rounding bound of ``x`` stored as ``outtype`` (rows in blocks of 32 for q8_0) over rms of ``x``."""
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    if outtype == "f16":
+        return 2.0 ** -11
+    blocks = x.reshape(x.shape[0], -1, 32)
+    bound = blocks.abs().amax(-1) / 127 * (0.5 + 127 * 2.0 ** -11)
+    return float(bound.pow(2).mean().sqrt() / blocks.pow(2).mean().sqrt())
+
+
+def _quantized_sigma(model, ids: list[int], outtype: str) -> tuple[float, np.ndarray]:
+    """The estimate above for ``model`` (float32, merged) run on ``ids``; also returns transformers' logits."""
+    eps2, hooks = [], []
+
+    def record(module, args):
+        eps2.append(_rounding_bound_ratio(module.weight, outtype) ** 2 + _rounding_bound_ratio(args[0], outtype) ** 2)
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            hooks.append(module.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].numpy()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    layers = model.config.num_hidden_layers
+    assert len(eps2) == 4 * layers + 1, len(eps2)  # qkv, o, gate_up, down per layer, lm_head
+    eps2.append(_rounding_bound_ratio(model.get_input_embeddings().weight, outtype) ** 2)
+    rms = float(np.sqrt((logits ** 2).mean()))
+    return float(np.sqrt(rms ** 2 * sum(eps2) + _llama_cpp_sigma(model.config.to_dict(), logits) ** 2)), logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_llama_cpp_runs_f16_and_q8_0_ggufs_within_their_rounding(outtype, demo_run, tmp_path):
+    """llama.cpp's logits of an f16 / q8_0 export are within 5 sigma of the rounding estimate above of transformers'
+    float32 ones, and its greedy choice is transformers' wherever the top two logits are further apart than that."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (README: how to build it)",
+                                    exc_type=ImportError)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from phitune.generate import build_prompt_ids
+
+    export(demo_run["run"], "gguf", tmp_path / "g", outtype=outtype, verbose=False)
+    (path,) = (tmp_path / "g").glob("*.gguf")
+    phitune.merge(demo_run["run"], tmp_path / "merged", dtype="float32", verbose=False)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    prompt = build_prompt_ids(tok, CHAT)
+    stops = [1024, 1025, 1031]
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=stops,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+    ids = prompt + greedy  # teacher-forced: every position compared, not only those before a first divergence
+    sigma, ours = _quantized_sigma(model, ids, outtype)
+    tol = 5 * sigma
+    theirs = _llama_cpp_logits(llama_cpp, path, ids)
+    diff = float(np.abs(theirs - ours).max())
+    assert diff <= tol, (diff, sigma)
+    assert diff > LLAMA_CPP_TOL  # the weights really were rounded: not an f32 file
+    top2 = np.sort(ours, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * tol
+    assert clear[len(prompt) - 1:].sum() >= len(greedy) // 2, (top2, tol)
+    assert np.array_equal(theirs.argmax(-1)[clear], ours.argmax(-1)[clear])

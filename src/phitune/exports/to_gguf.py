@@ -11,7 +11,9 @@ Layout decisions, each what llama.cpp's own loader expects (learned from its con
   sqrt(1 + ln(s) / ln(original context)), s = context / original context, unless the config gives one.
 - Tokenizer: SentencePiece ("llama") from tokenizer.model, or byte-level BPE ("gpt2") from tokenizer.json; the
   vocabulary padded to the embedding's rows with unused tokens; special ids (bos, eos, end-of-turn, unk, pad); one BOS
-  added by the runtime and none by the chat template, as phitune trains (``generate.build_prompt_ids``).
+  added by the runtime and none by the chat template, as phitune trains (``generate.build_prompt_ids``); for
+  SentencePiece, llama.cpp's ``add_space_prefix`` as the tokenizer treats text after a chat token
+  (:func:`_space_after_special_token`).
 - ``general.name`` contains "Phi-3" for a Phi-3 whose chat tokens eat the whitespace after them: llama.cpp gives its
   special tokens that behaviour only for a model named phi3/phi-3, and tokenizes the chat wrongly otherwise.
 - LoRA: each module's scale (alpha/r, alpha/sqrt(r) with rsLoRA, per-module r and alpha) is folded into B and the
@@ -313,6 +315,7 @@ def add_tokenizer(writer, folder: Path, tokenizer, config: dict) -> dict:
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
+        writer.add_add_space_prefix(_space_after_special_token(tokenizer))
     else:
         tokens, types, merges, pre = _bpe_vocab(folder, tokenizer, n_vocab)
         writer.add_tokenizer_model("gpt2")
@@ -331,6 +334,24 @@ def add_tokenizer(writer, folder: Path, tokenizer, config: dict) -> dict:
     if template:
         writer.add_chat_template(template)
     return ids
+
+
+def _space_after_special_token(tokenizer) -> bool:
+    """Whether ``tokenizer`` starts the text after a special token with SentencePiece's dummy-prefix "▁".
+
+    llama.cpp prefixes a space to every piece of text that follows a special token when the GGUF's
+    ``add_space_prefix`` is true, and to none when it is false. transformers 5 rebuilds a Llama-style tokenizer from
+    tokenizer_config.json's ``legacy`` flag: legacy prefixes every piece, non-legacy (Phi-3's own setting) only the
+    text at the very start, so after ``<|user|>`` it writes "Who" where llama.cpp's default writes "▁Who" (a tiny
+    SentencePiece Phi-3 measured 3 of 3 chat prompts tokenized differently). A chat prompt starts with a special token,
+    so asking the tokenizer what follows one makes llama.cpp tokenize every chat turn as training did; only plain text
+    at the very start of a non-chat prompt then differs (no leading "▁"), which llama.cpp cannot express."""
+    marker = tokenizer.eos_token or tokenizer.bos_token
+    if not marker:
+        return True  # llama.cpp's default for SentencePiece
+    ids = tokenizer(marker + "a", add_special_tokens=False)["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    return len(pieces) > 1 and pieces[1].startswith("\u2581")
 
 
 def special_ids(tokenizer, folder: Path) -> dict[str, int | None]:
