@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train_helpers import save_nonzero_adapter
 
 import phitune
 from phitune.errors import ConfigError
@@ -30,7 +31,6 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 def _make_run(root: Path, peft: dict, seed: int = 0, base: Path = DEMO) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from phitune.adapt import add_lora, save_adapter
     from phitune.config import load_config
 
     root.mkdir(parents=True, exist_ok=True)
@@ -46,13 +46,8 @@ def _make_run(root: Path, peft: dict, seed: int = 0, base: Path = DEMO) -> Path:
     tok.save_pretrained(run)
     stops = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
     (run / "generation_config.json").write_text(json.dumps({"eos_token_id": stops, "pad_token_id": tok.pad_token_id}))
-    add_lora(model, peft)
-    torch.manual_seed(seed)
-    with torch.no_grad():  # a non-zero adapter, so merged != base
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    save_adapter(model, run, base_model_name_or_path=str(base))
+    torch.manual_seed(seed)  # the adapter's draw (lora_A's init and lora_B), reproducible per run
+    save_nonzero_adapter(model, run, base, peft, std=0.05)
     model.eval()
     return run, model
 

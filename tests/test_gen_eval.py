@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train_helpers import write_run_folder
+from test_train_helpers import save_nonzero_adapter, write_run_folder
 import torch
 
 from phitune.errors import ConfigError, DataError
@@ -57,7 +57,6 @@ def tok():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tok):
-    from phitune.adapt import add_lora, save_adapter
 
     root = tmp_path_factory.mktemp("run")
     model = _tiny_model(tok)
@@ -65,12 +64,7 @@ def run_dir(tmp_path_factory, tok):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
         {"step": 10, "epoch": 0.5, "loss": 3.0}, {"step": 20, "epoch": 1.0, "loss": 2.0},
         {"step": 20, "epoch": 1.0, "eval_loss": 2.5})))
-    add_lora(model, {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})
-    with torch.no_grad():  # a non-zero adapter, so tuned != base
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    save_adapter(model, run, base_model_name_or_path=str(base))
+    save_nonzero_adapter(model, run, base, {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}, std=0.5)
     return {"run": run, "base": base, "model": model, "data": data, "root": root, "config": config, "stops": eot}
 
 

@@ -10,7 +10,7 @@ import io
 import json
 
 import pytest
-from test_train_helpers import write_run_folder
+from test_train_helpers import save_nonzero_adapter, write_run_folder
 import torch
 
 from phitune.errors import ConfigError
@@ -35,19 +35,13 @@ def _tiny_model(tokenizer):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from phitune.adapt import add_lora, save_adapter
     from phitune.tokenizer import build_phi3_style_tokenizer
 
     root = tmp_path_factory.mktemp("run")
     tok = build_phi3_style_tokenizer(vocab_size=300)
     model = _tiny_model(tok)
     run, base, data, _, _ = write_run_folder(root, tok, model, CHATS, eval_split=4, max_seq_length=64)
-    add_lora(model, {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})
-    with torch.no_grad():  # a non-zero adapter, so merged != base
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    save_adapter(model, run, base_model_name_or_path=str(base))
+    save_nonzero_adapter(model, run, base, {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}, std=0.5)
     model.eval()
     return {"run": run, "base": base, "model": model, "tokenizer": tok, "data": data, "root": root}
 

@@ -40,6 +40,19 @@ def write_run_folder(root: Path, tok, model, chats: list, *, eval_split: int, ma
     return run, base, data, config, eot
 
 
+def save_nonzero_adapter(model, run: Path, base: Path, peft_config: dict, std: float) -> None:
+    """Add LoRA to ``model`` with lora_B drawn from N(0, std) (a fresh adapter is zero, so merged == base would
+    prove nothing) and save it into the run folder ``run``."""
+    from phitune.adapt import add_lora, save_adapter
+
+    add_lora(model, peft_config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    save_adapter(model, run, base_model_name_or_path=str(base))
+
+
 def make_tiny_model_dir(folder: Path) -> Path:
     """A 2-layer Phi-3 (hidden 64) with a Phi-3-style tokenizer, saved as safetensors."""
     from transformers import Phi3Config, Phi3ForCausalLM
