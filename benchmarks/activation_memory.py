@@ -50,7 +50,7 @@ def build(kind: str, layers: int, tokens: int):
                 return model(input_ids=ids, labels=ids).loss
     else:
         from phitune.adapt import add_lora
-        from phitune.loss import apply_fast_path, forward_loss
+        from phitune.training.loss import apply_fast_path, forward_loss
 
         add_lora(model, {**lora, "target_modules": "all-linear"}, lora_dtype=torch.float32)
         fast = apply_fast_path(model, {"fast_path": "auto"})

@@ -1,6 +1,7 @@
 """Half-precision matmuls on this CPU against float32, in the two layouts a linear layer uses in training:
 forward x @ Wᵀ (W stored out x in) and the input gradient dY @ W. Why phitune trains in float32 on CPUs without
-bfloat16/float16 matrix hardware (phitune.model.cpu_has_fast_half), and warns when asked for half precision there.
+bfloat16/float16 matrix hardware (phitune.models.loading.cpu_has_fast_half), and warns when asked for half precision
+there.
 
   OMP_NUM_THREADS=2 python benchmarks/cpu_half_matmul.py            # 512 tokens, Phi-3-mini's qkv_proj (3072 -> 9216)
 """
@@ -30,7 +31,7 @@ def main(argv=None):
     p.add_argument("--in-features", type=int, default=3072)
     p.add_argument("--out-features", type=int, default=9216)
     a = p.parse_args(argv)
-    from phitune.model import cpu_has_fast_half
+    from phitune.models.loading import cpu_has_fast_half
 
     print(json.dumps({"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
                       "bf16_hardware": cpu_has_fast_half(torch.bfloat16)}), flush=True)

@@ -68,7 +68,7 @@ def _cpu_s() -> float:
 
 def child(n: int, max_seq_length: int) -> dict:
     from phitune.data import DataConfig, batch_plan, collate, prepare_data
-    from phitune.tokenizer import build_phi3_style_tokenizer
+    from phitune.models.tokenizer import build_phi3_style_tokenizer
 
     tmp = tempfile.mkdtemp(prefix="phitune-bench-")
     path = os.path.join(tmp, "chats.jsonl")

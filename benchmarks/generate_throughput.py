@@ -1,9 +1,9 @@
-"""Generation throughput of phitune.gen_eval: batched (left-padded, one KV cache) vs one prompt at a time.
+"""Generation throughput of phitune.evals.generation: batched (left-padded, one KV cache) vs one prompt at a time.
 
     OMP_NUM_THREADS=2 python benchmarks/generate_throughput.py [--prompts 32 --batch 8 --max-new-tokens 32
                                                                --repeats 3 --stops]
 
-The demo's base model (the tiny Phi-3 shipped in phitune/assets/demo) answers the demo's held-out questions, greedy,
+The demo's base model (the tiny Phi-3 shipped in phitune/embedded/assets) answers the demo's held-out questions, greedy,
 on the CPU. Without ``--stops`` no token ends a row, so every answer is exactly ``--max-new-tokens`` long and both
 ways do the same work (with ``--stops``, rows end on ``<|end|>``; the untuned base model rarely emits it). The
 answers of both ways are checked to be equal token for token first; then each way runs ``--repeats`` times,
@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from phitune.demo import HELD_OUT_FILE, MODEL_DIR, read_held_out
-from phitune.gen_eval import generate_batch
-from phitune.generate import build_prompt_ids
-from phitune.model import load_model_and_tokenizer, stop_token_ids
+from phitune.embedded.demo import HELD_OUT_FILE, MODEL_DIR, read_held_out
+from phitune.evals.generation import generate_batch
+from phitune.generation.generate import build_prompt_ids
+from phitune.models.loading import load_model_and_tokenizer, stop_token_ids
 
 
 def run(model, prompts, batch, max_new, stops, pad):

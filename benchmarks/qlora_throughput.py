@@ -3,7 +3,8 @@ bitsandbytes 4-bit), in one invocation.
 
 The parent writes one random Phi-3-shaped model (safetensors) and runs each side as its own child process, both
 loading it with the same BitsAndBytesConfig (nf4, double quant, compute dtype = bf16 on CUDA, fp32 on CPU):
-  phitune  phitune.model.load_kwargs -> prepare_kbit_training -> add_lora (fp32 adapters) -> gradient checkpointing
+  phitune  phitune.models.loading.load_kwargs -> prepare_kbit_training -> add_lora (fp32 adapters) -> gradient
+  checkpointing
            -> apply_fast_path -> build_optimizer -> train_step(forward_loss), as train.py runs them
   peer     prepare_model_for_kbit_training -> get_peft_model -> transformers Trainer (the Phi-3 cookbook's QLoRA)
 Same LoRA (r=16, alpha=32, dropout 0.05, all-linear), same random blocks (batch x seq, every token supervised), same
@@ -104,12 +105,12 @@ def _peak(a, out: dict) -> dict:
 def run_phitune(a) -> dict:
     import torch
 
-    from phitune.model import load_kwargs, prepare_kbit_training
+    from phitune.models.loading import load_kwargs, prepare_kbit_training
     from phitune.adapt import add_lora
     from phitune.config import ModelConfig, TrainingConfig
-    from phitune.loss import apply_fast_path, forward_loss
-    from phitune.optim import autocast_context, build_optimizer, build_scheduler, enable_gradient_checkpointing
-    from phitune.step import train_step
+    from phitune.training.loss import apply_fast_path, forward_loss
+    from phitune.training.optim import autocast_context, build_optimizer, build_scheduler, enable_gradient_checkpointing
+    from phitune.training.step import train_step
 
     dev = torch.device(a.device)
     mc = ModelConfig(name_or_path=a.model_dir, load_in_4bit=True,

@@ -122,9 +122,9 @@ def child(a) -> dict:
     from phitune.adapt import add_lora
     from phitune.config import TrainingConfig
     from phitune.data import batch_plan
-    from phitune.loss import Pieces, apply_fast_path, forward_loss
-    from phitune.optim import autocast_context, build_optimizer, build_scheduler, enable_gradient_checkpointing
-    from phitune.step import batch_maker, train_step
+    from phitune.training.loss import Pieces, apply_fast_path, forward_loss
+    from phitune.training.optim import autocast_context, build_optimizer, build_scheduler, enable_gradient_checkpointing
+    from phitune.training.step import batch_maker, train_step
 
     variant = a.child
     base, _, extra = variant.partition("+")

@@ -7,7 +7,7 @@ import sys
 import time
 
 from phitune.data import DataConfig, prepare_data
-from phitune.tokenizer import build_phi3_style_tokenizer
+from phitune.models.tokenizer import build_phi3_style_tokenizer
 
 
 def main(turns: list[int]) -> None:

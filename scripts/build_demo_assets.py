@@ -2,7 +2,7 @@
 
 Everything here is written for phitune and generated from a seed, so the assets can be rebuilt and checked:
 
-    nice -n 5 .venv/bin/python scripts/build_demo_assets.py          # writes src/phitune/assets/demo/ (~16 min
+    nice -n 5 .venv/bin/python scripts/build_demo_assets.py          # writes src/phitune/embedded/assets/ (~16 min
                                                                      # CPU-contended; weights reproduce bit for bit
                                                                      # with the default --threads 1)
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "src" / "phitune" / "assets" / "demo"
+DEFAULT_OUT = REPO / "src" / "phitune" / "embedded" / "assets"
 SEED = 20240607
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def tokenizer_corpus(people: list[Person]) -> list[str]:
 
 
 def build_tokenizer(people: list[Person]):
-    from phitune.tokenizer import build_phi3_style_tokenizer
+    from phitune.models.tokenizer import build_phi3_style_tokenizer
 
     return build_phi3_style_tokenizer(tokenizer_corpus(people), VOCAB_SIZE)
 

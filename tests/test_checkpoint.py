@@ -1,4 +1,5 @@
-"""phitune.checkpoint: atomic checkpoints, exact resume on CPU, rotation, refusal of incompatible configs, SIGKILL."""
+"""phitune.training.checkpoint: atomic checkpoints, exact resume on CPU, rotation, refusal of incompatible configs,
+SIGKILL."""
 
 import json
 import os
@@ -17,9 +18,9 @@ import yaml
 from safetensors.torch import load_file
 from test_train_helpers import chat_files, losses, tiny_config, tiny_model_dir  # noqa: F401 - fixtures
 
-from phitune import checkpoint as ckpt
+from phitune.training import checkpoint as ckpt
 from phitune.errors import CheckpointError
-from phitune.train import finetune
+from phitune.training.train import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,7 +155,7 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
 
 _CHILD = """
 import sys, yaml
-from phitune.train import finetune
+from phitune.training.train import finetune
 finetune(yaml.safe_load(open(sys.argv[1])))
 """
 

@@ -176,8 +176,10 @@ def test_python_dash_m_and_entry_point_agree():
 
 
 def test_every_command_is_a_public_python_function():
-    from phitune import run
-
-    assert phitune.evaluate is run.evaluate and phitune.chat is run.chat
-    assert phitune.merge is run.merge and phitune.preview is run.preview
+    from phitune.evals.evaluate import evaluate
+    from phitune.generation.chat import chat
+    from phitune.runs.merge import merge
+    from phitune.training.preview import preview
+    assert phitune.evaluate is evaluate and phitune.chat is chat
+    assert phitune.merge is merge and phitune.preview is preview
     assert callable(phitune.finetune)

@@ -7,7 +7,7 @@ import pytest
 
 from phitune.data import DataConfig, format_stats, prepare_data, preview_text
 from phitune.errors import DataError
-from phitune.tokenizer import build_phi3_style_tokenizer
+from phitune.models.tokenizer import build_phi3_style_tokenizer
 
 CHAT = [
     {"role": "system", "content": "Be nice."},
@@ -205,7 +205,7 @@ def test_cache_false_leaves_no_folder_behind(tmp_path):
 
     code = (
         "from phitune.data import DataConfig, prepare_data\n"
-        "from phitune.tokenizer import build_phi3_style_tokenizer\n"
+        "from phitune.models.tokenizer import build_phi3_style_tokenizer\n"
         "tok = build_phi3_style_tokenizer(vocab_size=300)\n"
         "conv = [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'hello'}]\n"
         f"p = prepare_data(DataConfig(train=[{{'messages': conv}}], cache=False, cache_dir={str(tmp_path)!r}), tok)\n"

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from phitune.data import DataConfig, prepare_data, render
-from phitune.tokenizer import build_phi3_style_tokenizer
+from phitune.models.tokenizer import build_phi3_style_tokenizer
 
 WORDS = ("the a of to and in is you that it for on with as are this be at have or from by one what all code "
          "train token loss model").split()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from phitune.data import DataConfig, batch_plan, collate, pack_rows, prepare_data
-from phitune.tokenizer import build_phi3_style_tokenizer
+from phitune.models.tokenizer import build_phi3_style_tokenizer
 
 
 @pytest.fixture(scope="module")

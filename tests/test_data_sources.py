@@ -6,7 +6,7 @@ import pytest
 
 from phitune.data import DataConfig, prepare_data
 from phitune.errors import ConfigError, DataError
-from phitune.tokenizer import build_phi3_style_tokenizer
+from phitune.models.tokenizer import build_phi3_style_tokenizer
 
 MSGS = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 

@@ -10,7 +10,7 @@ from phitune.data import DataConfig, prepare_data
 from phitune.data.prepare import fitting_length
 from phitune.data.preview import data_warnings
 from phitune.errors import DataError
-from phitune.tokenizer import build_phi3_style_tokenizer
+from phitune.models.tokenizer import build_phi3_style_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,18 @@ import os
 
 import pytest
 
-from phitune import demo as demo_mod
-from phitune.demo import (CONFIG_FILE, EVAL_FILE, HELD_OUT_FILE, MODEL_DIR, TRAIN_FILE, demo, held_out_records,
+from phitune.embedded import demo as demo_mod
+from phitune.embedded.demo import (CONFIG_FILE, EVAL_FILE, HELD_OUT_FILE, MODEL_DIR, TRAIN_FILE, demo, held_out_records,
                           prose_recall, read_held_out)
-from phitune.generate import build_prompt_ids
-from phitune.tokenizer import CHAT_SPECIAL_TOKENS, PHI3_CHAT_TEMPLATE
+from phitune.generation.generate import build_prompt_ids
+from phitune.models.tokenizer import CHAT_SPECIAL_TOKENS, PHI3_CHAT_TEMPLATE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def base():
-    from phitune.model import load_model_and_tokenizer
+    from phitune.models.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer({"name_or_path": str(MODEL_DIR)}, device="cpu")
 
@@ -86,9 +86,9 @@ def test_base_model_knows_facts_but_fails_the_questions(base):
 
     from phitune.config import load_config
     from phitune.data import prepare_data
-    from phitune.gen_eval import evaluate_samples_by_generation
-    from phitune.generate import GenerationSettings
-    from phitune.model import stop_token_ids
+    from phitune.evals.generation import evaluate_samples_by_generation
+    from phitune.generation.generate import GenerationSettings
+    from phitune.models.loading import stop_token_ids
 
     model, tok = base
     questions = read_held_out(HELD_OUT_FILE)[:16]
@@ -133,7 +133,8 @@ def test_short_demo_run_writes_a_run_folder(tmp_path):
     end_id = next(t["id"] for t in end["added_tokens"] if t["content"] == "<|end|>")
     assert end_id in gen["eos_token_id"]
     assert (run / "data_cache").is_dir()  # phitune.data's scratch space stays inside the run folder
-    # The held-out answers went through phitune.gen_eval: report and samples, base (LoRA off) and tuned side by side.
+    # The held-out answers went through phitune.evals.generation: report and samples, base (LoRA off) and tuned side
+    # by side.
     report = (run / "eval" / "report.html").read_text()
     samples = [json.loads(line) for line in (run / "eval" / "samples.jsonl").read_text().splitlines()]
     assert result.report == run / "eval" / "report.html" and len(samples) == 4

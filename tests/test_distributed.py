@@ -1,4 +1,5 @@
-"""phitune.distributed: 2 processes under torchrun (CPU, gloo) train like 1 process with the doubled batch; a killed
+"""phitune.training.distributed: 2 processes under torchrun (CPU, gloo) train like 1 process with the doubled batch; a
+killed
 2-process run resumes to the same end; FSDP2 trains and saves an adapter that loads in peft.
 
 The reference 2-process run is started as users start one, `python -m torch.distributed.run --standalone
@@ -23,11 +24,11 @@ import yaml
 from safetensors.torch import load_file
 from test_train_helpers import chat_files, losses, tiny_config, tiny_model_dir  # noqa: F401 - fixtures
 
-from phitune import checkpoint as ckpt
-from phitune import distributed
+from phitune.training import checkpoint as ckpt
+from phitune.training import distributed
 from phitune.config import build_training_config
 from phitune.errors import ConfigError
-from phitune.train import finetune
+from phitune.training.train import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_DEVICE = 2  # x 2 processes = the 1-process batch of 4

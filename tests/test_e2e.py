@@ -28,7 +28,7 @@ def _chats():
 def workspace(tmp_path_factory):
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    from phitune.tokenizer import build_phi3_style_tokenizer
+    from phitune.models.tokenizer import build_phi3_style_tokenizer
 
     root = tmp_path_factory.mktemp("e2e")
     tok = build_phi3_style_tokenizer(vocab_size=300)
@@ -133,7 +133,7 @@ def test_train_resume_eval_chat_merge(workspace, tmp_path, capsys):
     # --- chat, one shot ---
     assert main(["chat", str(run), "--prompt", "What is 2 plus 3?", "--greedy", "--max-new-tokens", "12"]) == 0
     answer = capsys.readouterr().out.strip()
-    from phitune.run import chat
+    from phitune.generation.chat import chat
 
     assert answer == chat(run, prompt="What is 2 plus 3?", greedy=True, max_new_tokens=12, stream=False)
 
@@ -143,11 +143,11 @@ def test_train_resume_eval_chat_merge(workspace, tmp_path, capsys):
     assert "max |logit difference|" in capsys.readouterr().out
     from transformers import AutoModelForCausalLM
 
-    from phitune.run_folder import load_run_model
+    from phitune.runs.folder import load_run_model
 
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     adapter_model, _, _ = load_run_model(run, device="cpu")
-    from phitune.generate import build_prompt_ids
+    from phitune.generation.generate import build_prompt_ids
 
     ids = torch.tensor([build_prompt_ids(tok, [{"role": "user", "content": "What is 4 plus 1?"}])])
     with torch.no_grad():

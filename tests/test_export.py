@@ -23,7 +23,7 @@ from phitune.exports import ExportError, export
 
 gguf = pytest.importorskip("gguf", reason="the export extra (gguf) is not installed")
 
-DEMO = Path(phitune.__file__).parent / "assets" / "demo" / "model"
+DEMO = Path(phitune.__file__).parent / "embedded" / "assets" / "model"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Ada?"},
         {"role": "assistant", "content": "A person.\nShe codes."}, {"role": "user", "content": "And  Bob ?"}]
 
@@ -91,7 +91,7 @@ def test_gguf_of_a_run_holds_the_merged_model_tokenizer_and_chat_template(demo_r
     from transformers import AutoTokenizer
 
     from phitune.adapt import merge_lora
-    from phitune.generate import build_prompt_ids
+    from phitune.generation.generate import build_prompt_ids
 
     result = export(demo_run["run"], "gguf", tmp_path / "g", outtype="f32", verbose=False)
     (path,) = (tmp_path / "g").glob("*.gguf")
@@ -219,7 +219,7 @@ def test_sentencepiece_vocabulary_keeps_pieces_scores_types_and_marks_added_toke
     from transformers import AutoTokenizer
 
     from phitune.exports.to_gguf import _sentencepiece_vocab
-    from phitune.tokenizer import default_corpus
+    from phitune.models.tokenizer import default_corpus
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(default_corpus(300)), model_writer=buf, vocab_size=400,
@@ -307,7 +307,7 @@ def _render_go(template: str, messages: list[dict]) -> str:
 def test_ollama_modelfile_template_renders_the_prompt_ids_training_uses(demo_run, tmp_path):
     from transformers import AutoTokenizer
 
-    from phitune.generate import build_prompt_ids
+    from phitune.generation.generate import build_prompt_ids
 
     export(demo_run["run"], "ollama", tmp_path / "o", outtype="q8_0", verbose=False)
     text = (tmp_path / "o" / "Modelfile").read_text()
@@ -476,7 +476,7 @@ def test_llama_cpp_runs_the_gguf_like_transformers(demo_run, tmp_path):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from phitune.generate import build_prompt_ids
+    from phitune.generation.generate import build_prompt_ids
 
     export(demo_run["run"], "gguf", tmp_path / "g", outtype="f32", verbose=False)
     (path,) = (tmp_path / "g").glob("*.gguf")
@@ -528,7 +528,7 @@ def test_llama_cpp_applies_the_gguf_lora_like_the_runs_adapter(tmp_path):
                                     exc_type=ImportError)
     from transformers import AutoTokenizer
 
-    from phitune.generate import build_prompt_ids
+    from phitune.generation.generate import build_prompt_ids
 
     peft = {"r": 4, "lora_alpha": 16, "use_rslora": True, "alpha_pattern": {"o_proj": 3.0},
             "target_modules": ["q_proj", "v_proj", "gate_proj", "o_proj", "down_proj"]}
@@ -561,7 +561,7 @@ def _sentencepiece_phi3(folder: Path, legacy: bool) -> Path:
     import transformers
     from transformers import AutoTokenizer
 
-    from phitune.tokenizer import CHAT_SPECIAL_TOKENS, PHI3_CHAT_TEMPLATE, default_corpus
+    from phitune.models.tokenizer import CHAT_SPECIAL_TOKENS, PHI3_CHAT_TEMPLATE, default_corpus
 
     folder.mkdir(parents=True)
     corpus = default_corpus(300) + [m["content"] for m in CHAT] * 3
@@ -608,7 +608,7 @@ def test_llama_cpp_runs_a_sentencepiece_phi3_like_transformers(legacy, tmp_path)
     pytest.importorskip("sentencepiece", reason="sentencepiece is not installed")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from phitune.generate import build_prompt_ids
+    from phitune.generation.generate import build_prompt_ids
 
     base = _sentencepiece_phi3(tmp_path / "base", legacy)
     run, _ = _make_run(tmp_path / "r", {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}, base=base)
@@ -714,7 +714,7 @@ def test_llama_cpp_runs_f16_and_q8_0_ggufs_within_their_rounding(outtype, demo_r
                                     exc_type=ImportError)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from phitune.generate import build_prompt_ids
+    from phitune.generation.generate import build_prompt_ids
 
     export(demo_run["run"], "gguf", tmp_path / "g", outtype=outtype, verbose=False)
     (path,) = (tmp_path / "g").glob("*.gguf")

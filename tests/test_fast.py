@@ -1,4 +1,5 @@
-"""phitune.fast: fused LoRA/SwiGLU/RMSNorm functions and apply_fast_path keep the plain path's loss and gradients."""
+"""phitune.training.fast: fused LoRA/SwiGLU/RMSNorm functions and apply_fast_path keep the plain path's loss and
+gradients."""
 
 import pytest
 import torch
@@ -7,8 +8,8 @@ from transformers import Phi3Config, Phi3ForCausalLM
 
 from phitune import lora
 from phitune.adapt import adapter_state_dict, add_lora
-from phitune.fast import fused
-from phitune.loss import apply_fast_path, forward_loss
+from phitune.training.fast import fused
+from phitune.training.loss import apply_fast_path, forward_loss
 
 torch.set_num_threads(1)
 
@@ -210,7 +211,7 @@ def packed_batch(vocab=101):
 
 
 def test_varlen_attention_equals_dense_mask():
-    from phitune.fast import attention, varlen
+    from phitune.training.fast import attention, varlen
 
     model = model_with_lora()
     b = packed_batch()
@@ -258,7 +259,7 @@ def test_gpu_fast_path_bf16_equals_plain():
 @pytest.mark.gpu
 @cuda
 def test_gpu_varlen_kernel_matches_sdpa():
-    from phitune.fast import varlen
+    from phitune.training.fast import varlen
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, 4, 24, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))

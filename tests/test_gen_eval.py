@@ -1,4 +1,4 @@
-"""phitune.gen_eval: batched generation, scores, prompts from prepared data, base vs tuned, the eval command.
+"""phitune.evals.generation: batched generation, scores, prompts from prepared data, base vs tuned, the eval command.
 
 A hand-built run folder (tiny random Phi-3 + Phi-3-style tokenizer + a random non-zero adapter), as in test_run.py.
 """
@@ -12,7 +12,7 @@ from test_train_helpers import save_nonzero_adapter, write_run_folder
 import torch
 
 from phitune.errors import ConfigError, DataError
-from phitune.gen_eval import (
+from phitune.evals.generation import (
     Prompt,
     exact_match,
     generate_batch,
@@ -23,7 +23,7 @@ from phitune.gen_eval import (
     score_answer,
     token_f1,
 )
-from phitune.generate import GenerationSettings, build_prompt_ids
+from phitune.generation.generate import GenerationSettings, build_prompt_ids
 from phitune.lora import disable_adapters
 
 SYSTEM = {"role": "system", "content": "Answer in words."}
@@ -50,7 +50,7 @@ def _tiny_model(tokenizer, seed=0):
 
 @pytest.fixture(scope="module")
 def tok():
-    from phitune.tokenizer import build_phi3_style_tokenizer
+    from phitune.models.tokenizer import build_phi3_style_tokenizer
 
     return build_phi3_style_tokenizer(vocab_size=300)
 
@@ -129,7 +129,7 @@ def test_sampling_is_reproducible_with_a_seeded_generator(tok, run_dir):
 
 
 def test_disable_adapters_gives_the_base_models_logits_exactly(tok, run_dir):
-    from phitune.loss import apply_fast_path
+    from phitune.training.loss import apply_fast_path
 
     base = _tiny_model(tok)  # the same seed: the weights the adapter was added to
     tuned = run_dir["model"]
@@ -246,9 +246,9 @@ def test_plain_text_data_has_no_answer_to_compare(tok, tmp_path):
 
 
 def test_evaluate_generate_compare_base_writes_report_and_samples(run_dir, tok):
-    from phitune.model import load_model_and_tokenizer
-    from phitune.report import read_summary
-    from phitune.run import evaluate
+    from phitune.models.loading import load_model_and_tokenizer
+    from phitune.evals.report import read_summary
+    from phitune.evals.evaluate import evaluate
 
     m = evaluate(run_dir["run"], generate=True, compare_base=True, max_new_tokens=12, verbose=False)
     report = run_dir["run"] / "eval" / "report.html"
@@ -273,7 +273,7 @@ def test_evaluate_generate_compare_base_writes_report_and_samples(run_dir, tok):
 
 
 def test_evaluate_generate_on_given_data_with_a_custom_metric(run_dir, tmp_path):
-    from phitune.run import evaluate
+    from phitune.evals.evaluate import evaluate
 
     (tmp_path / "m.py").write_text("def has_digit(prediction, reference):\n"
                                    "    return float(any(c.isdigit() for c in prediction))\n")
@@ -283,7 +283,7 @@ def test_evaluate_generate_on_given_data_with_a_custom_metric(run_dir, tmp_path)
 
 
 def test_ctrl_c_writes_the_samples_done_so_far(run_dir):
-    from phitune.run import evaluate
+    from phitune.evals.evaluate import evaluate
 
     calls = []
 
@@ -304,7 +304,7 @@ def test_ctrl_c_writes_the_samples_done_so_far(run_dir):
 def test_generation_options_are_checked_before_loading(run_dir, tmp_path):
     import shutil
 
-    from phitune.run import evaluate
+    from phitune.evals.evaluate import evaluate
 
     with pytest.raises(ConfigError, match="add --generate"):
         evaluate(run_dir["run"], compare_base=True)
@@ -334,7 +334,7 @@ def test_cli_eval_generate(run_dir, capsys):
 
 
 def test_eval_generate_logs_answers_at_every_evaluation_and_training_goes_on(run_dir, tmp_path):
-    from phitune.train import finetune
+    from phitune.training.train import finetune
 
     result = finetune(model={"name_or_path": str(run_dir["base"])},
                       data={"train": str(run_dir["data"]), "eval_split": 3, "max_seq_length": 96, "cache": False},

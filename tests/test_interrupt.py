@@ -16,10 +16,10 @@ import yaml
 from safetensors.torch import load_file
 from test_train_helpers import chat_files, losses, tiny_config, tiny_model_dir  # noqa: F401 - fixtures
 
-from phitune import checkpoint as ckpt
+from phitune.training import checkpoint as ckpt
 from phitune.cli import resume_command
-from phitune.interrupt import Interrupted, StopOnSignal
-from phitune.train import finetune
+from phitune.training.interrupt import Interrupted, StopOnSignal
+from phitune.training.train import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 RESUME = "training_config.resume_from_checkpoint=auto"

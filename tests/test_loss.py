@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import Phi3Config, Phi3ForCausalLM
 
-from phitune.loss import LossOutput, forward_loss
+from phitune.training.loss import LossOutput, forward_loss
 
 
 def tiny_phi3(vocab=97, **kw):
@@ -78,7 +78,7 @@ def test_logit_transform_falls_back_to_plain(monkeypatch):
 
 
 def test_packed_4d_mask_equals_position_ids():
-    from phitune.fast.attention import mask_matches_positions, model_inputs
+    from phitune.training.fast.attention import mask_matches_positions, model_inputs
 
     model = tiny_phi3()
     ids = torch.randint(1, 97, (1, 10), generator=torch.Generator().manual_seed(3))

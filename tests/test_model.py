@@ -7,9 +7,9 @@ from contextlib import nullcontext
 
 import torch
 
-from phitune import model as model_mod
+from phitune.models import loading as model_mod
 from phitune.config import TrainingConfig
-from phitune.optim import autocast_context
+from phitune.training.optim import autocast_context
 
 CPU = torch.device("cpu")
 

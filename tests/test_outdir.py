@@ -1,4 +1,5 @@
-"""phitune.outdir through the real CLI: no command writes into a folder it did not create, a bad output path is a
+"""phitune.runs.ownership through the real CLI: no command writes into a folder it did not create, a bad output path
+is a
 clear exit 2, and one run at a time holds an output folder (two real processes; a killed holder's lock is free)."""
 
 import json
@@ -12,7 +13,7 @@ import pytest
 import yaml
 from test_train_helpers import chat_files, tiny_config, tiny_model_dir  # noqa: F401 - fixtures
 
-from phitune import outdir
+from phitune.runs import ownership as outdir
 from phitune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def test_demo_refuses_a_folder_that_is_not_an_earlier_demo(kind, tmp_path, capsy
 
 
 def test_demo_replaces_an_earlier_demo(tmp_path):
-    from phitune.demo import demo
+    from phitune.embedded.demo import demo
 
     out = tmp_path / "demo"
     out.mkdir()
@@ -137,7 +138,7 @@ def test_merge_cli_refuses_a_folder_it_did_not_write_even_with_force(tmp_path, c
 
 _HOLDER = """
 import sys, time
-from phitune.outdir import check_output_folder, is_run_folder, lock_output_dir
+from phitune.runs.ownership import check_output_folder, is_run_folder, lock_output_dir
 out = check_output_folder(sys.argv[1], what="output_dir", owned=is_run_folder, choose="")
 lock = lock_output_dir(out)
 print("locked", flush=True)

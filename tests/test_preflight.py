@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from test_train_helpers import chat_files, tiny_config, tiny_model_dir  # noqa: F401 - fixtures
 
-from phitune import checkpoint as ckpt
+from phitune.training import checkpoint as ckpt
 from phitune.config import load_config, run_status
 from phitune.errors import ConfigError, StorageError
-from phitune.storage import write_failure
+from phitune.runs.storage import write_failure
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_TRAIN = ROOT / "src" / "phitune" / "assets" / "demo" / "train.jsonl"
+DEMO_TRAIN = ROOT / "src" / "phitune" / "embedded" / "assets" / "train.jsonl"
 
 
 def cli(*args, cwd=None, timeout=300):
@@ -82,7 +82,7 @@ def test_phitune_demo_names_the_shipped_model_and_preview_needs_no_target_module
     r = cli("preview", str(write_yaml(tmp_path, cfg)), "-n", "0", "--no-color")
     assert r.returncode == 0, r.stderr
     assert "samples truncated to fit max_seq_length" in r.stdout and "fits 95% of the samples" in r.stdout
-    assert load_config({**base_config(tmp_path)}).model.name_or_path.endswith(os.path.join("demo", "model"))
+    assert load_config({**base_config(tmp_path)}).model.name_or_path.endswith(os.path.join("embedded", "assets", "model"))
 
 
 def test_a_missing_model_folder_is_not_found_with_its_path_before_anything_loads(tmp_path):
@@ -168,8 +168,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_with_a_warning(t
 
 
 def test_run_records_resume_and_unfinished_runs(tiny_model_dir, chat_files, tmp_path, capfd):  # noqa: F811
-    from phitune.run_folder import open_run
-    from phitune.train import finetune
+    from phitune.runs.folder import open_run
+    from phitune.training.train import finetune
 
     out = tmp_path / "run"
     cfg = tiny_config(tiny_model_dir, chat_files, out, max_steps=2, save_steps=1)
@@ -197,7 +197,7 @@ def test_run_records_resume_and_unfinished_runs(tiny_model_dir, chat_files, tmp_
 def test_small_items_bom_line_json_message_and_weights_mode(tmp_path):
     from phitune.data import DataConfig, prepare_data
     from phitune.data.sources import parse_jsonl_line
-    from phitune.tokenizer import build_phi3_style_tokenizer
+    from phitune.models.tokenizer import build_phi3_style_tokenizer
 
     rec = b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + rec + rec)

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 from phitune import lora  # noqa: E402
 from phitune.adapt import merge_checked  # noqa: E402
 from phitune.lora import quantized as quant  # noqa: E402
-from phitune.model import prepare_kbit_training  # noqa: E402
+from phitune.models.loading import prepare_kbit_training  # noqa: E402
 from phitune.adapt import add_lora, load_adapter, merge_lora, merge_lora_checked, save_adapter  # noqa: E402
 from phitune.config import build_model_config, load_config  # noqa: E402
 from phitune.errors import AdapterError, ConfigError  # noqa: E402
@@ -289,7 +289,7 @@ def test_quantization_config_keys():
 
 
 def test_loading_4bit_without_bitsandbytes_says_how_to_install(tiny_model_dir, monkeypatch):
-    from phitune.model import load_model_and_tokenizer
+    from phitune.models.loading import load_model_and_tokenizer
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
     with pytest.raises(ConfigError, match=r"model.load_in_4bit: true needs the bitsandbytes package.*"
@@ -300,7 +300,7 @@ def test_loading_4bit_without_bitsandbytes_says_how_to_install(tiny_model_dir, m
 
 
 def test_4bit_on_an_unsupported_device_is_refused(tiny_model_dir):
-    from phitune.model import load_model_and_tokenizer
+    from phitune.models.loading import load_model_and_tokenizer
 
     with pytest.raises(ConfigError, match="model.load_in_4bit: bitsandbytes 4-bit layers run on CUDA, XPU or the CPU"):
         load_model_and_tokenizer({"name_or_path": str(tiny_model_dir), "load_in_4bit": True}, device="meta")
@@ -323,7 +323,7 @@ def test_example_qlora_yaml_loads_and_is_the_cookbook_setup():
 
 @pytest.fixture(scope="module")
 def qlora_run(tiny_model_dir, chat_files, tmp_path_factory):
-    from phitune.train import finetune
+    from phitune.training.train import finetune
 
     out = tmp_path_factory.mktemp("qlora") / "run"
     cfg = tiny_config(tiny_model_dir, chat_files, out, max_steps=8, eval_strategy="no")
@@ -350,8 +350,8 @@ def test_trained_adapter_loads_in_peft_on_the_4bit_base(qlora_run, tiny_model_di
 
 @pytest.mark.parametrize("dequantize", [True, False])
 def test_merge_after_qlora_gives_a_plain_model_within_the_reported_tolerance(qlora_run, tmp_path, dequantize):
-    from phitune.run import merge
-    from phitune.run_folder import load_run_model
+    from phitune.runs.merge import merge
+    from phitune.runs.folder import load_run_model
 
     out = merge(qlora_run.output_dir, tmp_path / "merged", dtype="float32", dequantize=dequantize, verbose=False)
     info = json.loads((out / "phitune_merge.json").read_text())
@@ -371,7 +371,8 @@ def test_merge_after_qlora_gives_a_plain_model_within_the_reported_tolerance(qlo
 
 
 def test_chat_and_evaluate_on_a_qlora_run(qlora_run):
-    from phitune.run import chat, evaluate
+    from phitune.generation.chat import chat
+    from phitune.evals.evaluate import evaluate
 
     answer = chat(qlora_run.output_dir, prompt="Reverse: apple", greedy=True, max_new_tokens=4, stream=False,
                   device="cpu")

@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from phitune.gen_eval import Skipped, summarize
-from phitune.report import read_summary, write_report, write_samples
+from phitune.evals.generation import Skipped, summarize
+from phitune.evals.report import read_summary, write_report, write_samples
 
 RECORDS = [{"step": s, "epoch": s / 10, "loss": 3.0 / s} for s in (1, 2, 3, 4)] + [
     {"step": 4, "epoch": 0.4, "eval_loss": 1.0, "gen_exact_match": 0.5,

@@ -1,4 +1,5 @@
-"""phitune.run on a hand-built run folder: tiny random Phi-3 base + Phi-3-style tokenizer + a random adapter.
+"""The commands on a run folder (evaluate, chat, merge, preview) on a hand-built run folder: tiny random Phi-3 base +
+Phi-3-style tokenizer + a random adapter.
 
 The folder has what docs/architecture.md says `phitune train` writes (adapter, tokenizer, generation_config.json,
 phitune_config.yaml), so these tests do not depend on training; tests/test_e2e.py covers the real thing.
@@ -35,7 +36,7 @@ def _tiny_model(tokenizer):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from phitune.tokenizer import build_phi3_style_tokenizer
+    from phitune.models.tokenizer import build_phi3_style_tokenizer
 
     root = tmp_path_factory.mktemp("run")
     tok = build_phi3_style_tokenizer(vocab_size=300)
@@ -47,7 +48,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_open_run_accepts_a_run_and_its_checkpoints(run_dir, tmp_path):
-    from phitune.run_folder import open_run
+    from phitune.runs.folder import open_run
 
     r = open_run(run_dir["run"])
     assert r.root == r.adapter_dir == run_dir["run"]
@@ -56,8 +57,8 @@ def test_open_run_accepts_a_run_and_its_checkpoints(run_dir, tmp_path):
 
 
 def test_chat_prompt_is_the_adapter_models_greedy_answer(run_dir):
-    from phitune.generate import GenerationSettings, generate_reply, stop_token_ids
-    from phitune.run import chat
+    from phitune.generation.generate import GenerationSettings, generate_reply, stop_token_ids
+    from phitune.generation.chat import chat
 
     out = io.StringIO()
     answer = chat(run_dir["run"], prompt="What is 1 plus 2?", greedy=True, max_new_tokens=10, output=out)
@@ -70,7 +71,7 @@ def test_chat_prompt_is_the_adapter_models_greedy_answer(run_dir):
 
 
 def test_chat_interactive_keeps_history_and_commands(run_dir):
-    from phitune.run import chat
+    from phitune.generation.chat import chat
 
     lines = iter(["hello", "", "/reset", "/system Be brief.", "What is 2 plus 2?", "and 3?", "/exit"])
     prompts = []
@@ -89,7 +90,7 @@ def test_chat_interactive_keeps_history_and_commands(run_dir):
 
 
 def test_chat_ends_on_eof(run_dir):
-    from phitune.run import chat
+    from phitune.generation.chat import chat
 
     def eof(prompt):
         raise EOFError
@@ -98,15 +99,15 @@ def test_chat_ends_on_eof(run_dir):
 
 
 def test_chat_checks_settings_before_loading(run_dir):
-    from phitune.run import chat
+    from phitune.generation.chat import chat
 
     with pytest.raises(ConfigError, match="max_new_tokens"):
         chat(run_dir["run"], prompt="hi", max_new_tokens=0)
 
 
 def test_fit_context_drops_oldest_turns_keeps_system(run_dir):
-    from phitune.generate import build_prompt_ids
-    from phitune.run import _fit_context
+    from phitune.generation.generate import build_prompt_ids
+    from phitune.generation.chat import _fit_context
 
     tok = run_dir["tokenizer"]
     msgs = [{"role": "system", "content": "S"}]
@@ -123,7 +124,7 @@ def test_fit_context_drops_oldest_turns_keeps_system(run_dir):
 def test_merge_writes_a_plain_model_equal_to_the_adapter_model(run_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from phitune.run import merge
+    from phitune.runs.merge import merge
 
     out = merge(run_dir["run"], tmp_path / "merged", verbose=False)
     names = {p.name for p in out.iterdir()}
@@ -143,7 +144,7 @@ def test_merge_writes_a_plain_model_equal_to_the_adapter_model(run_dir, tmp_path
 
 
 def test_merge_replaces_only_an_earlier_merge_and_only_when_forced(run_dir, tmp_path):
-    from phitune.run import merge
+    from phitune.runs.merge import merge
 
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -164,7 +165,7 @@ def test_merge_replaces_only_an_earlier_merge_and_only_when_forced(run_dir, tmp_
 
 
 def test_evaluate_on_given_data_and_on_the_runs_eval_split(run_dir):
-    from phitune.run import evaluate
+    from phitune.evals.evaluate import evaluate
 
     m = evaluate(run_dir["run"], data=str(run_dir["data"]), verbose=False)
     assert m["eval_samples"] == len(CHATS)
@@ -178,7 +179,7 @@ def test_evaluate_loss_matches_a_plain_forward(run_dir):
     """Mean next-token cross-entropy over the trained (assistant) tokens, computed with model(...).logits."""
     from phitune.config import load_config
     from phitune.data import prepare_data
-    from phitune.run import evaluate
+    from phitune.evals.evaluate import evaluate
 
     cfg = load_config(str(run_dir["run"] / "phitune_config.yaml"))
     import dataclasses
@@ -203,7 +204,7 @@ def test_evaluate_loss_matches_a_plain_forward(run_dir):
 def test_evaluate_without_eval_data_says_how_to_give_some(run_dir, tmp_path):
     import shutil
 
-    from phitune.run import evaluate
+    from phitune.evals.evaluate import evaluate
 
     run = tmp_path / "run"
     shutil.copytree(run_dir["run"], run)
@@ -216,7 +217,7 @@ def test_evaluate_without_eval_data_says_how_to_give_some(run_dir, tmp_path):
 def test_preview_needs_no_model_weights(run_dir, tmp_path):
     import shutil
 
-    from phitune.run import preview
+    from phitune.training.preview import preview
 
     tok_only = tmp_path / "tok-only"
     shutil.copytree(run_dir["base"], tok_only, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -234,8 +235,8 @@ def test_preview_needs_no_model_weights(run_dir, tmp_path):
 def test_checkpoint_folder_works_as_a_run_dir(run_dir, tmp_path):
     import shutil
 
-    from phitune.run import chat
-    from phitune.run_folder import open_run
+    from phitune.generation.chat import chat
+    from phitune.runs.folder import open_run
 
     run = tmp_path / "run"
     shutil.copytree(run_dir["run"], run)
@@ -257,8 +258,8 @@ def test_relative_paths_of_the_training_folder_work_from_anywhere(run_dir, tmp_p
 
     import yaml
 
-    from phitune.run import chat
-    from phitune.run_folder import load_run_config
+    from phitune.generation.chat import chat
+    from phitune.runs.folder import load_run_config
 
     proj = tmp_path / "proj"
     shutil.copytree(run_dir["base"], proj / "base")

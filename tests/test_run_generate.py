@@ -1,4 +1,4 @@
-"""phitune.generate: prompt ids, stop ids, streamed decoding, greedy replies (tiny random Phi-3, CPU)."""
+"""phitune.generation.generate: prompt ids, stop ids, streamed decoding, greedy replies (tiny random Phi-3, CPU)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from phitune.errors import ConfigError
-from phitune.generate import (
+from phitune.generation.generate import (
     GenerationSettings,
     IncrementalDecoder,
     build_prompt_ids,
     generate_reply,
     stop_token_ids,
 )
-from phitune.tokenizer import build_phi3_style_tokenizer
+from phitune.models.tokenizer import build_phi3_style_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from phitune.tokenizer import (
+from phitune.models.tokenizer import (
     CHAT_SPECIAL_TOKENS,
     PHI3_CHAT_TEMPLATE,
     build_phi3_style_tokenizer,

@@ -1,4 +1,5 @@
-"""phitune.train: the loop learns, accumulation is token-normalised, schedules, the output folder, clear stops."""
+"""phitune.training.train: the loop learns, accumulation is token-normalised, schedules, the output folder, clear
+stops."""
 
 import json
 import math
@@ -12,9 +13,9 @@ from test_train_helpers import chat_files, losses, tiny_config, tiny_model_dir  
 from phitune.config import build_training_config, load_config
 from phitune.errors import ConfigError, PhituneError
 from phitune.data import prepare_data
-from phitune.optim import enable_gradient_checkpointing, lr_multiplier
-from phitune.step import batch_maker, train_step
-from phitune.train import finetune
+from phitune.training.optim import enable_gradient_checkpointing, lr_multiplier
+from phitune.training.step import batch_maker, train_step
+from phitune.training.train import finetune
 
 
 def test_loss_goes_down_and_the_output_folder_describes_itself(tiny_model_dir, chat_files, tmp_path):
@@ -74,7 +75,7 @@ def test_finetune_rejects_unknown_arguments():
 def _setup(tiny_model_dir, chat_files, tmp_path, **training):
     """Model with LoRA and the tokenized data, as finetune builds them."""
     from phitune.adapt import add_lora
-    from phitune.model import load_model_and_tokenizer
+    from phitune.models.loading import load_model_and_tokenizer
 
     cfg = load_config(tiny_config(tiny_model_dir, chat_files, tmp_path, **training))
     torch.manual_seed(0)
@@ -90,7 +91,7 @@ def _setup(tiny_model_dir, chat_files, tmp_path, **training):
 
 def _grads_after_one_step(model, batches, tc):
     """SGD with lr 1 and no clipping: the update IS the gradient."""
-    from phitune.loss import forward_loss
+    from phitune.training.loss import forward_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
@@ -164,9 +165,9 @@ def test_learning_rate_follows_the_schedule_in_a_run(tiny_model_dir, chat_files,
 
 def test_nonfinite_loss_stops_with_a_message_and_dumps_the_batch(tiny_model_dir, chat_files, tmp_path,
                                                                  monkeypatch):
-    import phitune.loss
+    import phitune.training.loss
 
-    real = phitune.loss.forward_loss
+    real = phitune.training.loss.forward_loss
     calls = {"n": 0}
 
     def poisoned(model, batch, with_accuracy=False, **kw):
@@ -176,7 +177,7 @@ def test_nonfinite_loss_stops_with_a_message_and_dumps_the_batch(tiny_model_dir,
             out.loss_sum = out.loss_sum * float("nan")
         return out
 
-    monkeypatch.setattr(phitune.loss, "forward_loss", poisoned)
+    monkeypatch.setattr(phitune.training.loss, "forward_loss", poisoned)
     cfg = tiny_config(tiny_model_dir, chat_files, tmp_path / "run", max_steps=5)
     with pytest.raises(PhituneError, match=r"step 3: the loss is not finite.*nonfinite_batch.pt.*learning_rate"):
         finetune(cfg)

@@ -57,7 +57,7 @@ def make_tiny_model_dir(folder: Path) -> Path:
     """A 2-layer Phi-3 (hidden 64) with a Phi-3-style tokenizer, saved as safetensors."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    from phitune.tokenizer import build_phi3_style_tokenizer
+    from phitune.models.tokenizer import build_phi3_style_tokenizer
 
     tok = build_phi3_style_tokenizer(vocab_size=400)
     cfg = Phi3Config(vocab_size=len(tok) + 5, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -116,7 +116,7 @@ def losses(out: Path) -> list[tuple[int, float]]:
 
 def test_tiny_model_loads(tiny_model_dir):
     from phitune.config import ModelConfig
-    from phitune.model import load_model_and_tokenizer
+    from phitune.models.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)), device="cpu")
     assert model.config.use_cache is False

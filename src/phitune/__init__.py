@@ -18,7 +18,7 @@ from ._lazy import exports
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    # adapt.py: LoRA on Hugging Face models, PEFT format
+    # adapt/: LoRA on Hugging Face models, PEFT format
     "add_lora": "adapt",
     "save_adapter": "adapt",
     "load_adapter": "adapt",
@@ -27,24 +27,24 @@ _EXPORTS = {
     "adapter_state_dict": "adapt",
     "LoraConfig": "adapt",
     "LoraReport": "adapt",
-    # data.py: chat data pipeline
-    "preview": "run",
+    # data/: chat data pipeline
+    "preview": "training.preview",
     "DataConfig": "data",
     "prepare_data": "data",
     "preview_text": "data",
     "format_stats": "data",
-    "build_phi3_style_tokenizer": "tokenizer",
-    # train.py: the training story
-    "finetune": "train",
-    "FinetuneResult": "train",
+    "build_phi3_style_tokenizer": "models.tokenizer",
+    # training/train.py: the training story
+    "finetune": "training.train",
+    "FinetuneResult": "training.train",
     "load_config": "config",
     "RunConfig": "config",
-    "evaluate": "run",
-    "chat": "run",
-    "merge": "run",
+    "evaluate": "evals.evaluate",
+    "chat": "generation.chat",
+    "merge": "runs.merge",
     "export": "exports",
     "ExportResult": "exports",
-    "demo": "demo",
+    "demo": "embedded.demo",
     # errors
     "PhituneError": "errors",
     "ConfigError": "errors",

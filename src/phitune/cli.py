@@ -21,7 +21,7 @@ from typing import Sequence
 from . import __version__
 from .config import config_fields, config_sections, load_config
 from .errors import PhituneError
-from .interrupt import Interrupted
+from .training.interrupt import Interrupted
 
 PROG = "phitune"
 
@@ -326,7 +326,7 @@ def _cmd_train(args) -> int:
     if args.config is None:
         raise _Usage("train: the CONFIG argument is required (a YAML file; see `phitune train --help`)")
     config = load_config(args.config, args.overrides)  # config errors before importing torch-heavy modules
-    from .train import finetune  # lazy: torch and transformers load only when a command runs
+    from .training.train import finetune  # lazy: torch and transformers load only when a command runs
 
     result = finetune(config)
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
@@ -340,7 +340,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .run import evaluate  # lazy: torch and transformers load only when a command runs
+    from .evals.evaluate import evaluate  # lazy: torch and transformers load only when a command runs
 
     metrics = evaluate(args.run_dir, data=args.data, batch_size=args.batch_size, max_samples=args.max_samples,
                        device=args.device, verbose=not args.json, trust_remote_code=args.trust_remote_code,
@@ -351,7 +351,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_chat(args) -> int:
-    from .run import chat  # lazy: torch and transformers load only when a command runs
+    from .generation.chat import chat  # lazy: torch and transformers load only when a command runs
 
     chat(args.run_dir, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
          temperature=args.temperature, top_p=args.top_p, greedy=args.greedy, seed=args.seed, device=args.device,
@@ -360,7 +360,7 @@ def _cmd_chat(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from .run import merge  # lazy: torch and transformers load only when a command runs
+    from .runs.merge import merge  # lazy: torch and transformers load only when a command runs
 
     merge(args.run_dir, args.out, dtype=args.dtype, force=args.force, device=args.device, dequantize=args.dequantize,
           trust_remote_code=args.trust_remote_code)
@@ -377,14 +377,14 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_preview(args) -> int:
-    from .run import preview  # lazy: torch and transformers load only when a command runs
+    from .training.preview import preview  # lazy: torch and transformers load only when a command runs
 
     preview(args.config, n=args.num_samples, color=args.color, overrides=args.overrides)
     return 0
 
 
 def _cmd_demo(args) -> int:
-    from .demo import demo  # lazy: torch and transformers load only when a command runs
+    from .embedded.demo import demo  # lazy: torch and transformers load only when a command runs
 
     demo(args.out, max_steps=args.max_steps, overrides=args.overrides)
     return 0
@@ -456,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError:
             pass
         return 0
-    except Interrupted as exc:  # training stopped on SIGINT/SIGTERM with a checkpoint (phitune.interrupt)
+    except Interrupted as exc:  # training stopped on SIGINT/SIGTERM with a checkpoint (phitune.training.interrupt)
         print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
         if args.command in ("train", "demo") and os.environ.get("RANK", "0") == "0":
             print(f"resume with: {resume_command(argv)}", file=sys.stderr)

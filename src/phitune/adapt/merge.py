@@ -71,7 +71,7 @@ def merge_checked(model, input_ids, *, dtype=None, full_precision=None):
 
     For a 4-bit base the merge happens in ``dtype`` (a torch dtype or its name): by default on the NF4/FP4 weights
     dequantized, so the merged model computes what was trained; ``full_precision``, a callable returning the base
-    reloaded from its original weights with ``model``'s adapter on it (``phitune.run.merge(dequantize=False)``),
+    reloaded from its original weights with ``model``'s adapter on it (``phitune.runs.merge.merge(dequantize=False)``),
     merges there instead (what most tools do; the difference then includes the quantization error the adapter was
     trained around). A LoRA layer on 4-bit weights is never merged in place.
     """

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import lora
 from ..errors import AdapterError, ConfigError
-from ..storage import readable_like_the_rest
+from ..runs.storage import readable_like_the_rest
 from .config import LoraConfig, parse_lora_config
 from .inject import (
     PEFT_PREFIX, LoraReport, adapter_state_dict, add_lora, lora_modules, lora_report, lora_state, set_trainable,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..labels import IGNORE_INDEX
+from .labels import IGNORE_INDEX
 
 _OPEN_BINS = 128  # best-fit looks at this many open rows; more barely improves the fill (measured: <0.5%)
 
@@ -117,7 +117,7 @@ def packing_efficiency(samples, max_seq_length: int, seed: int = 0) -> dict:
 
 def _uses_4d_mask(attn_implementation: str | None) -> bool:
     impl = (attn_implementation or "sdpa").lower()
-    # flash/flex and phitune's varlen kernel (phitune.fast.varlen) read sample boundaries from position_ids
+    # flash/flex and phitune's varlen kernel (phitune.training.fast.varlen) read sample boundaries from position_ids
     return not ("flash" in impl or "flex" in impl or "varlen" in impl)
 
 
@@ -152,7 +152,8 @@ def collate(samples, plan_entry: Sequence, max_seq_length: int, packing: bool = 
     (packed next-fit in order). Packed: position ids restarting per sample, the first token of each sample
     unlabelled, and a (B, 1, T, T) block-diagonal causal mask for sdpa (bool) / eager (additive, in ``mask_dtype``;
     pass the model's dtype), None for flash/flex attention. ``position_masks=True`` (the model's attention derives
-    sample boundaries from position_ids, ``phitune.fast.attention.position_masks``) builds no dense mask either,
+    sample boundaries from position_ids, ``phitune.training.fast.attention.position_masks``) builds no dense mask
+    either,
     except for rows longer than ``sliding_window`` (Phi-3-mini: 2047), which position_ids cannot express; the
     window is added to the 4-D mask, which transformers would otherwise skip for custom masks.
     Not packed: right padding to the longest sample, a (B, T) padding mask.

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from ..labels import IGNORE_INDEX
+from .labels import IGNORE_INDEX
 from .render import DROP_REASONS
 
 

@@ -22,7 +22,7 @@ from itertools import chain
 import numpy as np
 
 from ..errors import DataError
-from ..tokenizer import PHI3_CHAT_TEMPLATE
+from ..models.tokenizer import PHI3_CHAT_TEMPLATE
 from .config import DataConfig
 
 

@@ -13,7 +13,7 @@ from array import array
 
 import numpy as np
 
-from ..labels import IGNORE_INDEX
+from .labels import IGNORE_INDEX
 
 
 class SampleWriter:

@@ -6,7 +6,8 @@
     phitune.export("runs/phi3-lora", to="onnx", out="phi3-onnx", precision="int4")
     phitune.export("runs/phi3-lora", to="vllm", out="phi3-vllm-adapter")  # prints the `vllm serve` command
 
-The model targets (gguf, ollama, onnx) start from the merged model (:func:`phitune.run.merge`, float32, so a QLoRA
+The model targets (gguf, ollama, onnx) start from the merged model (:func:`phitune.runs.merge.merge`, float32, so a
+QLoRA
 run is dequantized first); ``--adapter`` (gguf) and vllm start from the adapter. Every export is built in a hidden
 folder next to ``out`` and renamed into place at the end, so a failure leaves nothing half-written; ``out`` must not
 exist, or (``force=True``) be a folder an earlier export wrote (it holds ``phitune_export.json``). Each target checks
@@ -29,8 +30,8 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..run import merge
-from ..run_folder import CONFIG_FILE, base_tokenizer_file, load_run_config, open_run
+from ..runs.merge import merge
+from ..runs.folder import CONFIG_FILE, base_tokenizer_file, load_run_config, open_run
 from .common import ExportError, Source
 from .to_gguf import write_gguf_adapter, write_gguf_model
 from .to_ollama import write_modelfile
@@ -81,7 +82,7 @@ def export(
     ``name``: the model's name in the GGUF metadata / the vLLM LoRA name (default: the run folder's name).
     ``force``: replace ``out`` if an earlier ``phitune export`` wrote it (never another folder).
     ``trust_remote_code``: allow the code of a run whose config asks for it
-    (see ``phitune.run_folder.load_run_config``).
+    (see ``phitune.runs.folder.load_run_config``).
     Prints where it wrote, the size, and the parity figure it measured; returns an :class:`ExportResult`.
     """
     if to not in TARGETS:
@@ -168,7 +169,8 @@ def _open_source(run_dir, trust_remote_code: bool = False) -> Source:
 
 
 def _merged(source: Source, folder: Path, device: str | None, trust_remote_code: bool = False) -> Path:
-    """A merged float32 model folder: the given one, or the run merged by :func:`phitune.run.merge` (a QLoRA run's
+    """A merged float32 model folder: the given one, or the run merged by :func:`phitune.runs.merge.merge` (a QLoRA
+    run's
     4-bit base dequantized first, as the adapter was trained against it)."""
     if source.model_dir is not None:
         return source.model_dir

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import PhituneError
-from ..run_folder import RunFolder
+from ..runs.folder import RunFolder
 
 
 class ExportError(PhituneError, ValueError):

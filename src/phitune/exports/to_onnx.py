@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..generate import build_prompt_ids
+from ..generation.generate import build_prompt_ids
 from .common import ExportError
 
 PRECISIONS = {"cpu": ("fp32", "int4"), "cuda": ("fp16", "int4", "fp32"), "dml": ("fp16", "int4")}

@@ -1,0 +1,131 @@
+"""``phitune chat``: talk to a run folder's model (one prompt, or an interactive loop), with its chat template.
+
+    answer = phitune.chat("runs/phi3-lora", prompt="Hello!", greedy=True)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from ..errors import ConfigError
+from ..generation.generate import GenerationSettings, build_prompt_ids, context_length, generate_reply, stop_token_ids
+from ..runs.folder import load_run_model, open_run
+
+# --- chat -----------------------------------------------------------------------------------------------------------
+
+_CHAT_HELP = "/reset forgets the conversation, /system TEXT sets the system prompt, /exit (or Ctrl-D) quits"
+
+
+def chat(
+    run_dir: str | os.PathLike,
+    prompt: str | None = None,
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    greedy: bool = False,
+    seed: int | None = None,
+    device: str | None = None,
+    stream: bool = True,
+    input_fn: Callable[[str], str] = input,
+    output=None,
+    trust_remote_code: bool = False,
+):
+    """Chat with a run's adapter model.
+
+    With ``prompt``: answer it once (streamed to ``output``, default stdout, unless ``stream=False``) and return the
+    answer. Without: an interactive loop reading lines with ``input_fn`` that keeps the conversation as context
+    (oldest turns dropped when it outgrows the context window) and returns the conversation (list of messages).
+    Generation stops on every end-of-turn id of the run's ``generation_config.json``. ``trust_remote_code``: allow
+    the code of a run whose config asks for it (see :func:`load_run_config`).
+    """
+
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  greedy=greedy, seed=seed)
+    run = open_run(run_dir)
+    out = output if output is not None else sys.stdout
+    model, tokenizer, config = load_run_model(run.adapter_dir, device=device, trust_remote_code=trust_remote_code)
+    stops = stop_token_ids(run.root, tokenizer)
+    limit = context_length(model, tokenizer)
+
+    def reply(messages: list[dict]) -> str:
+        messages = _fit_context(tokenizer, messages, limit - settings.max_new_tokens)
+        on_text = None
+        if stream:
+            def on_text(piece: str) -> None:
+                out.write(piece)
+                out.flush()
+        answer = generate_reply(model, tokenizer, messages, settings, stop_ids=stops, on_text=on_text)
+        if stream:
+            out.write("\n")
+            out.flush()
+        return answer
+
+    head = [{"role": "system", "content": system}] if system else []
+    if prompt is not None:
+        return reply(head + [{"role": "user", "content": prompt}])
+
+    if input_fn is input and sys.stdin.isatty():
+        try:  # line editing and history (up arrow) for input(); absent on some platforms
+            import readline  # noqa: F401
+        except ImportError:
+            pass
+    print(f"chatting with {run.adapter_dir} (base {config.model.name_or_path}); {_CHAT_HELP}", file=out)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input_fn("\nyou> ")
+        except EOFError:
+            print(file=out)
+            break
+        except KeyboardInterrupt:
+            print(file=out)
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = []
+            print("(conversation cleared)", file=out)
+            continue
+        if text.startswith("/system"):
+            new = text[len("/system"):].strip()
+            head = [{"role": "system", "content": new}] if new else []
+            history = []
+            print(f"(system prompt {'set' if new else 'removed'}; conversation cleared)", file=out)
+            continue
+        if text.startswith("/") and text.split()[0] in ("/help", "/?"):
+            print(_CHAT_HELP, file=out)
+            continue
+        history.append({"role": "user", "content": line})
+        out.write("assistant> ")
+        out.flush()
+        try:
+            answer = reply(head + history)
+        except KeyboardInterrupt:
+            out.write("\n(interrupted; the message was dropped)\n")
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": answer})
+    return head + history
+
+
+def _fit_context(tokenizer, messages: list[dict], budget: int) -> list[dict]:
+    """Drop the oldest turns (never the system prompt or the last user message) until the prompt fits ``budget``."""
+
+    messages = list(messages)
+    head = 1 if messages and messages[0]["role"] == "system" else 0
+    while len(messages) - head > 1 and len(build_prompt_ids(tokenizer, messages)) > budget:
+        del messages[head]
+        # keep the conversation starting with a user turn
+        while len(messages) - head > 1 and messages[head]["role"] != "user":
+            del messages[head]
+    if len(build_prompt_ids(tokenizer, messages)) > budget:
+        raise ConfigError(f"the message is longer than the context window ({budget} tokens left after "
+                          "max_new_tokens); shorten it or lower max_new_tokens")
+    return messages
