@@ -38,7 +38,7 @@ bench() {  # name, then benchmark arguments
 } | tee "$OUT/env.txt"
 
 if [ "$what" = main ]; then
-  timeout 120 python3 -m pytest -q -m gpu tests/test_fast.py tests/test_loss.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+  timeout 120 python3 -m pytest -q -m gpu tests/training/test_fast.py tests/training/test_loss.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
   # 1. fixed blocks of 2048, batch 4, no checkpointing (target >= 30,000 tokens/s, <= 40 GiB)
   bench blocks_b4 --batch 4 --seq 2048 --warmup 3 --steps 8 --data blocks --peer base,liger --variants fast,plain
   # 2. gradient checkpointing, batch 8 (target >= 20,000 tokens/s, <= 14 GiB)

@@ -1,9 +1,8 @@
 """The README's config reference is generated from the config dataclasses; it must match them."""
 
 import importlib.util
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def _script():

@@ -7,7 +7,7 @@ turn's closing ``<|end|>`` is included, and the final eos when i is the last mes
 prefixes of the full one, or the template is rejected. Those character spans are mapped onto tokens with the fast
 tokenizer's offsets, for a whole chunk of conversations in one batched ``encode_batch``.
 
-Speed (the same output, checked against the reference path by tests/test_data_fast.py): renders go through the
+Speed (the same output, checked against the reference path by tests/data/test_data_fast.py): renders go through the
 compiled template with a prebuilt context (Jinja's ``Template.render`` rebuilds a dict of the environment's globals
 from a ChainMap on every call); the offsets of a whole chunk become one numpy array, and the mask of the whole chunk
 is one ``searchsorted`` (the spans of each conversation shifted by the characters of the ones before it).

@@ -15,7 +15,7 @@ switched off in the same model (:func:`phitune.lora.disable_adapters`), batch by
 both answers for every sample it wrote.
 
 Generation is batched: left-padded prompts, one KV cache, each row stopping on its own end-of-turn id or token limit.
-Greedy answers equal one-prompt-at-a-time answers token for token (tests/test_gen_eval.py);
+Greedy answers equal one-prompt-at-a-time answers token for token (tests/evals/test_generation_eval.py);
 ``benchmarks/generate_throughput.py`` measures what batching buys.
 
 Not named ``evaluate.py``: ``phitune.evaluate`` is run.py's function (the public API), and a submodule of that name

@@ -1,6 +1,5 @@
-"""Shared pieces of the training tests: a tiny Phi-3 model folder, tiny chat data, a tiny run config.
-
-Other test modules import the fixtures from here (``from test_train_helpers import tiny_model_dir, ...``).
+"""Helpers the tests share (fixtures are in conftest.py): a tiny Phi-3 model folder, tiny chat data, a tiny run
+config, a run folder as `phitune train` leaves it, a non-zero adapter.
 """
 
 from __future__ import annotations
@@ -9,8 +8,9 @@ import json
 import random
 from pathlib import Path
 
-import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "glass", "mouse", "candle", "forest", "rocket"]
 
@@ -81,17 +81,6 @@ def make_chat_data(path: Path, n: int = 32, seed: int = 0) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-phi3"))
-
-
-@pytest.fixture(scope="session")
-def chat_files(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("chat-data")
-    return make_chat_data(d / "train.jsonl", 32, seed=0), make_chat_data(d / "eval.jsonl", 8, seed=1)
-
-
 def tiny_config(model_dir, chat_files, out, cache_dir=None, **training) -> dict:
     """A run config dict: the tiny model, the tiny data, a few CPU steps."""
     train, eval_ = chat_files
@@ -114,11 +103,55 @@ def losses(out: Path) -> list[tuple[int, float]]:
             if "loss" in r]
 
 
-def test_tiny_model_loads(tiny_model_dir):
-    from phitune.config import ModelConfig
-    from phitune.models.loading import load_model_and_tokenizer
+ARITHMETIC_CHATS = [
+    [{"role": "user", "content": f"What is {a} plus {b}?"},
+     {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+    for a in range(3) for b in range(4)
+]
 
-    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)), device="cpu")
-    assert model.config.use_cache is False
-    assert tok.pad_token == "<unk>" and tok.padding_side == "right"
-    assert model.dtype == torch.float32
+
+def tiny_phi3(tokenizer):
+    """A 2-layer Phi-3 (hidden 32) sized to ``tokenizer``, seeded."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, intermediate_size=64, max_position_embeddings=256,
+                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                     eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    return Phi3ForCausalLM(cfg)
+
+
+# The Phi-3 cookbook's configs (shared/specs/phi3.md), as users paste them.
+COOKBOOK_TRAINING_CONFIG = {
+    "bf16": True,
+    "do_eval": False,
+    "learning_rate": 5.0e-06,
+    "log_level": "info",
+    "logging_steps": 20,
+    "logging_strategy": "steps",
+    "lr_scheduler_type": "cosine",
+    "num_train_epochs": 1,
+    "max_steps": -1,
+    "output_dir": "./checkpoint_dir",
+    "overwrite_output_dir": True,
+    "per_device_eval_batch_size": 4,
+    "per_device_train_batch_size": 4,
+    "remove_unused_columns": True,
+    "save_steps": 100,
+    "save_total_limit": 1,
+    "seed": 0,
+    "gradient_checkpointing": True,
+    "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    "gradient_accumulation_steps": 1,
+    "warmup_ratio": 0.2,
+}
+COOKBOOK_PEFT_CONFIG = {
+    "r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "bias": "none",
+    "task_type": "CAUSAL_LM",
+    "target_modules": "all-linear",
+    "modules_to_save": None,
+}

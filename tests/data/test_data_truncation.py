@@ -10,12 +10,6 @@ from phitune.data import DataConfig, prepare_data
 from phitune.data.prepare import fitting_length
 from phitune.data.preview import data_warnings
 from phitune.errors import DataError
-from phitune.models.tokenizer import build_phi3_style_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_phi3_style_tokenizer()
 
 
 def prep(tok, records, **kw):

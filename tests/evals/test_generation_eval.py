@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train_helpers import save_nonzero_adapter, write_run_folder
+from helpers import save_nonzero_adapter, write_run_folder
 import torch
 
 from phitune.errors import ConfigError, DataError
@@ -49,10 +49,8 @@ def _tiny_model(tokenizer, seed=0):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from phitune.models.tokenizer import build_phi3_style_tokenizer
-
-    return build_phi3_style_tokenizer(vocab_size=300)
+def tok(small_tok):
+    return small_tok
 
 
 @pytest.fixture(scope="module")

@@ -11,41 +11,10 @@ import io
 import json
 
 import pytest
-from test_train_helpers import save_nonzero_adapter, write_run_folder
+from helpers import ARITHMETIC_CHATS as CHATS
 import torch
 
 from phitune.errors import ConfigError
-
-CHATS = [
-    [{"role": "user", "content": f"What is {a} plus {b}?"},
-     {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
-    for a in range(3) for b in range(4)
-]
-
-
-def _tiny_model(tokenizer):
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    cfg = Phi3Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=4, intermediate_size=64, max_position_embeddings=256,
-                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                     eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    return Phi3ForCausalLM(cfg)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from phitune.models.tokenizer import build_phi3_style_tokenizer
-
-    root = tmp_path_factory.mktemp("run")
-    tok = build_phi3_style_tokenizer(vocab_size=300)
-    model = _tiny_model(tok)
-    run, base, data, _, _ = write_run_folder(root, tok, model, CHATS, eval_split=4, max_seq_length=64)
-    save_nonzero_adapter(model, run, base, {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}, std=0.5)
-    model.eval()
-    return {"run": run, "base": base, "model": model, "tokenizer": tok, "data": data, "root": root}
-
 
 def test_open_run_accepts_a_run_and_its_checkpoints(run_dir, tmp_path):
     from phitune.runs.folder import open_run

@@ -1,6 +1,5 @@
 """phitune.config: the cookbook's dicts load verbatim, typos get "did you mean", YAML errors name file:line."""
 
-from pathlib import Path
 
 import pytest
 
@@ -8,41 +7,9 @@ from phitune.config import (ModelConfig, TrainingConfig, apply_overrides, build_
                             config_fields, load_config)
 from phitune.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import COOKBOOK_PEFT_CONFIG, COOKBOOK_TRAINING_CONFIG, ROOT
 
 # The Phi-3 model card's sample_finetune.py, pasted verbatim.
-COOKBOOK_TRAINING_CONFIG = {
-    "bf16": True,
-    "do_eval": False,
-    "learning_rate": 5.0e-06,
-    "log_level": "info",
-    "logging_steps": 20,
-    "logging_strategy": "steps",
-    "lr_scheduler_type": "cosine",
-    "num_train_epochs": 1,
-    "max_steps": -1,
-    "output_dir": "./checkpoint_dir",
-    "overwrite_output_dir": True,
-    "per_device_eval_batch_size": 4,
-    "per_device_train_batch_size": 4,
-    "remove_unused_columns": True,
-    "save_steps": 100,
-    "save_total_limit": 1,
-    "seed": 0,
-    "gradient_checkpointing": True,
-    "gradient_checkpointing_kwargs": {"use_reentrant": False},
-    "gradient_accumulation_steps": 1,
-    "warmup_ratio": 0.2,
-}
-COOKBOOK_PEFT_CONFIG = {
-    "r": 16,
-    "lora_alpha": 32,
-    "lora_dropout": 0.05,
-    "bias": "none",
-    "task_type": "CAUSAL_LM",
-    "target_modules": "all-linear",
-    "modules_to_save": None,
-}
 
 
 def _run(**sections):

@@ -1,6 +1,7 @@
 """phitune.export: GGUF (model and LoRA), Ollama, ONNX Runtime GenAI and vLLM exports, read back and compared.
 
-Runs are hand-built as in tests/test_run.py (the shipped demo model as base, a random adapter), so nothing trains.
+Runs are hand-built as in tests/runs/test_run_commands.py (the shipped demo model as base, a random adapter), so
+nothing trains.
 Tolerances come from the storage type: f16 rounds to 2^-11 relative, bf16 to 2^-8, q8_0 to half its block step
 (block max / 127) plus the step's own f16 rounding.
 """
@@ -15,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train_helpers import save_nonzero_adapter
-
+from helpers import save_nonzero_adapter
 import phitune
 from phitune.errors import ConfigError
 from phitune.exports import ExportError, export

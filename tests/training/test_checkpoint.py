@@ -16,13 +16,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_train_helpers import chat_files, losses, tiny_config, tiny_model_dir  # noqa: F401 - fixtures
+from helpers import losses, tiny_config
 
 from phitune.training import checkpoint as ckpt
 from phitune.errors import CheckpointError
 from phitune.training.train import finetune
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def _config(model_dir, files, out, **training):
@@ -36,7 +36,7 @@ def _config(model_dir, files, out, **training):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir, chat_files, tmp_path_factory):  # noqa: F811
+def reference(tiny_model_dir, chat_files, tmp_path_factory):
     """An uninterrupted run: (output folder, per-step losses)."""
     out = tmp_path_factory.mktemp("reference") / "run"
     finetune(_config(tiny_model_dir, chat_files, out))
@@ -64,7 +64,7 @@ def test_checkpoint_contents(reference):
     assert meta["settings"]["training_config"]["gradient_accumulation_steps"] == 2
 
 
-def test_resume_auto_continues_exactly(reference, tiny_model_dir, chat_files, tmp_path):  # noqa: F811
+def test_resume_auto_continues_exactly(reference, tiny_model_dir, chat_files, tmp_path):
     ref_out, ref_losses = reference
     out = tmp_path / "run"
     _resumed_from(ref_out, 3, out)
@@ -78,7 +78,7 @@ def test_resume_auto_continues_exactly(reference, tiny_model_dir, chat_files, tm
     assert result.metrics["train_steps"] == 6
 
 
-def test_resume_from_a_checkpoint_path(reference, tiny_model_dir, chat_files, tmp_path):  # noqa: F811
+def test_resume_from_a_checkpoint_path(reference, tiny_model_dir, chat_files, tmp_path):
     ref_out, ref_losses = reference
     out = tmp_path / "elsewhere"
     finetune(_config(tiny_model_dir, chat_files, out, resume_from_checkpoint=str(ref_out / "checkpoints" /
@@ -86,7 +86,7 @@ def test_resume_from_a_checkpoint_path(reference, tiny_model_dir, chat_files, tm
     assert losses(out) == ref_losses[3:]
 
 
-def test_incompatible_config_is_refused_before_loading(reference, tiny_model_dir, chat_files, tmp_path):  # noqa: F811
+def test_incompatible_config_is_refused_before_loading(reference, tiny_model_dir, chat_files, tmp_path):
     ref_out, _ = reference
     path = str(ref_out / "checkpoints" / "checkpoint-3")
     cfg = _config(tiny_model_dir, chat_files, tmp_path / "a", resume_from_checkpoint=path,
@@ -136,7 +136,7 @@ def test_rotation_keeps_the_newest_and_ignores_partial_folders(tmp_path):
     assert ckpt.rotate_checkpoints(tmp_path, None) == []
 
 
-def test_save_total_limit_in_a_run(tiny_model_dir, chat_files, tmp_path):  # noqa: F811
+def test_save_total_limit_in_a_run(tiny_model_dir, chat_files, tmp_path):
     out = tmp_path / "run"
     finetune(_config(tiny_model_dir, chat_files, out, max_steps=4, save_steps=1, save_total_limit=2,
                      gradient_accumulation_steps=1))
@@ -161,7 +161,7 @@ finetune(yaml.safe_load(open(sys.argv[1])))
 
 
 @pytest.mark.slow
-def test_sigkill_during_a_checkpoint_save_then_resume_auto(reference, tiny_model_dir, chat_files, tmp_path):  # noqa: F811
+def test_sigkill_during_a_checkpoint_save_then_resume_auto(reference, tiny_model_dir, chat_files, tmp_path):
     """Kill the training process while it writes checkpoint-6 (checkpoint-3 is complete), then resume."""
     ref_out, ref_losses = reference
     out = tmp_path / "run"

@@ -1,6 +1,5 @@
 """The Phi-3-style tokenizer: special tokens, ids, chat template, BOS behaviour, save/load."""
 
-import pytest
 
 from phitune.models.tokenizer import (
     CHAT_SPECIAL_TOKENS,
@@ -14,11 +13,6 @@ CHAT = [
     {"role": "user", "content": "Hello there"},
     {"role": "assistant", "content": "Hi! How are you?"},
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_phi3_style_tokenizer()
 
 
 def test_special_tokens_and_ids(tok):

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_train_helpers import chat_files, losses, tiny_config, tiny_model_dir  # noqa: F401 - fixtures
+from helpers import losses, tiny_config
 
 from phitune.training import checkpoint as ckpt
 from phitune.training import distributed
@@ -30,7 +30,7 @@ from phitune.config import build_training_config
 from phitune.errors import ConfigError
 from phitune.training.train import finetune
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 PER_DEVICE = 2  # x 2 processes = the 1-process batch of 4
 
 
@@ -137,7 +137,7 @@ def _assert_same_curve(a: Path, b: Path):
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tiny_model_dir, chat_files, tmp_path_factory):  # noqa: F811
+def two_process_run(tiny_model_dir, chat_files, tmp_path_factory):
     """2 processes x per-device batch 2, uninterrupted: (output folder, console output)."""
     tmp = tmp_path_factory.mktemp("ddp")
     out = tmp / "ddp"
@@ -146,8 +146,8 @@ def two_process_run(tiny_model_dir, chat_files, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_the_doubled_batch(two_process_run, tiny_model_dir,  # noqa: F811
-                                                               chat_files, tmp_path):  # noqa: F811
+def test_two_processes_equal_one_process_with_the_doubled_batch(two_process_run, tiny_model_dir,
+                                                               chat_files, tmp_path):
     out2, text = two_process_run
     out1 = tmp_path / "single"
     finetune(_config(tiny_model_dir, chat_files, out1, per_device_train_batch_size=2 * PER_DEVICE))
@@ -171,7 +171,7 @@ def test_two_processes_equal_one_process_with_the_doubled_batch(two_process_run,
 
 
 @pytest.mark.slow
-def test_killed_two_process_run_resumes_to_the_same_end(two_process_run, tiny_model_dir, chat_files,  # noqa: F811
+def test_killed_two_process_run_resumes_to_the_same_end(two_process_run, tiny_model_dir, chat_files,
                                                         tmp_path):
     """SIGKILL both processes while rank 0 writes checkpoint-4 (checkpoint-2 complete), then resume on 2
     processes, and once more on 1 process with the same total batch."""
@@ -215,7 +215,7 @@ def test_killed_two_process_run_resumes_to_the_same_end(two_process_run, tiny_mo
 
 
 @pytest.mark.slow
-def test_fsdp_trains_and_saves_an_adapter_that_loads_in_peft(two_process_run, tiny_model_dir, chat_files,  # noqa: F811
+def test_fsdp_trains_and_saves_an_adapter_that_loads_in_peft(two_process_run, tiny_model_dir, chat_files,
                                                              tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
@@ -315,7 +315,7 @@ def test_distributed_keys_are_checked():
         build_training_config({"fsdp": "full_shard", "fsdp_config": {"version": 1}})
 
 
-def test_fsdp_with_qlora_is_refused_under_torchrun(monkeypatch, tiny_model_dir, chat_files, tmp_path):  # noqa: F811
+def test_fsdp_with_qlora_is_refused_under_torchrun(monkeypatch, tiny_model_dir, chat_files, tmp_path):
     from phitune.config import load_config
 
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -327,7 +327,7 @@ def test_fsdp_with_qlora_is_refused_under_torchrun(monkeypatch, tiny_model_dir, 
         distributed.init(cfg.training_config)
 
 
-def test_resume_accepts_another_process_count_with_the_same_total_batch(tiny_model_dir, chat_files,  # noqa: F811
+def test_resume_accepts_another_process_count_with_the_same_total_batch(tiny_model_dir, chat_files,
                                                                          tmp_path):
     from phitune.config import load_config
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_train_helpers import chat_files, tiny_config, tiny_model_dir  # noqa: F401 - fixtures
+from helpers import tiny_config
 
 from phitune.runs import ownership as outdir
 from phitune.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
            PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
@@ -53,7 +53,7 @@ def _fake_run(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_train_refuses_a_non_empty_folder_it_did_not_create(overwrite, tiny_model_dir, chat_files, tmp_path,  # noqa: F811
+def test_train_refuses_a_non_empty_folder_it_did_not_create(overwrite, tiny_model_dir, chat_files, tmp_path,
                                                             capsys):
     out = tmp_path / "victim"
     before = _foreign(out)
@@ -66,7 +66,7 @@ def test_train_refuses_a_non_empty_folder_it_did_not_create(overwrite, tiny_mode
 
 
 @pytest.mark.parametrize("case", ["a file", "under a file", "read-only"])
-def test_train_output_dir_that_cannot_be_written_exits_2_with_the_path(case, tiny_model_dir, chat_files,  # noqa: F811
+def test_train_output_dir_that_cannot_be_written_exits_2_with_the_path(case, tiny_model_dir, chat_files,
                                                                       tmp_path, capsys):
     target = tmp_path / "target"
     if case == "a file":
@@ -116,7 +116,7 @@ def test_demo_replaces_an_earlier_demo(tmp_path):
     assert json.loads((out / "demo_answers.json").read_text())["answers"]
 
 
-# --- merge (see also tests/test_run.py: an earlier merge is replaced only with --force) -------------------------------
+# --- merge (see also tests/runs/test_run_commands.py: an earlier merge is replaced only with --force) -------------------------------
 
 
 def test_merge_cli_refuses_a_folder_it_did_not_write_even_with_force(tmp_path, capsys):
@@ -147,7 +147,7 @@ time.sleep(600)
 
 
 def test_a_second_run_on_a_locked_folder_stops_at_once_naming_the_holder_and_a_killed_holder_frees_it(
-        tiny_model_dir, chat_files, tmp_path):  # noqa: F811
+        tiny_model_dir, chat_files, tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)

@@ -14,14 +14,14 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_train_helpers import chat_files, losses, tiny_config, tiny_model_dir  # noqa: F401 - fixtures
+from helpers import losses, tiny_config
 
 from phitune.training import checkpoint as ckpt
 from phitune.cli import resume_command
 from phitune.training.interrupt import Interrupted, StopOnSignal
 from phitune.training.train import finetune
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 RESUME = "training_config.resume_from_checkpoint=auto"
 
 
@@ -76,7 +76,7 @@ def _resume_and_compare(stderr: str, env: dict, out: Path, cfg: dict, tmp_path: 
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_prints_the_resume_command_and_exits_143(tiny_model_dir, chat_files,  # noqa: F811
+def test_sigterm_saves_a_checkpoint_prints_the_resume_command_and_exits_143(tiny_model_dir, chat_files,
                                                                            tmp_path):
     out = tmp_path / "run"
     cfg = _config(tiny_model_dir, chat_files, out)
@@ -96,7 +96,7 @@ def test_sigterm_saves_a_checkpoint_prints_the_resume_command_and_exits_143(tiny
 
 
 @pytest.mark.slow
-def test_a_second_ctrl_c_during_the_save_waits_for_it_then_exits_130(tiny_model_dir, chat_files,  # noqa: F811
+def test_a_second_ctrl_c_during_the_save_waits_for_it_then_exits_130(tiny_model_dir, chat_files,
                                                                    tmp_path):
     out = tmp_path / "run"
     cfg = _config(tiny_model_dir, chat_files, out)

@@ -10,14 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_helpers import chat_files, tiny_config, tiny_model_dir  # noqa: F401 - fixtures
+from helpers import tiny_config
 
 from phitune.training import checkpoint as ckpt
 from phitune.config import load_config, run_status
 from phitune.errors import ConfigError, StorageError
 from phitune.runs.storage import write_failure
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 DEMO_TRAIN = ROOT / "src" / "phitune" / "embedded" / "assets" / "train.jsonl"
 
 
@@ -82,7 +82,8 @@ def test_phitune_demo_names_the_shipped_model_and_preview_needs_no_target_module
     r = cli("preview", str(write_yaml(tmp_path, cfg)), "-n", "0", "--no-color")
     assert r.returncode == 0, r.stderr
     assert "samples truncated to fit max_seq_length" in r.stdout and "fits 95% of the samples" in r.stdout
-    assert load_config({**base_config(tmp_path)}).model.name_or_path.endswith(os.path.join("embedded", "assets", "model"))
+    shipped = load_config({**base_config(tmp_path)}).model.name_or_path
+    assert shipped.endswith(os.path.join("embedded", "assets", "model"))
 
 
 def test_a_missing_model_folder_is_not_found_with_its_path_before_anything_loads(tmp_path):
@@ -167,7 +168,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_with_a_warning(t
         ckpt.resolve_resume(str(c2), tmp_path)
 
 
-def test_run_records_resume_and_unfinished_runs(tiny_model_dir, chat_files, tmp_path, capfd):  # noqa: F811
+def test_run_records_resume_and_unfinished_runs(tiny_model_dir, chat_files, tmp_path, capfd):
     from phitune.runs.folder import open_run
     from phitune.training.train import finetune
 

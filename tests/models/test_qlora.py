@@ -3,7 +3,6 @@ a 16/32-bit model with the reported logit parity, and refuses clearly what canno
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
-from test_train_helpers import chat_files, losses, tiny_config, tiny_model_dir  # noqa: E402,F401 - fixtures
+from helpers import ROOT, losses, tiny_config  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 from phitune import lora  # noqa: E402
@@ -23,7 +22,6 @@ from phitune.config import build_model_config, load_config  # noqa: E402
 from phitune.errors import AdapterError, ConfigError  # noqa: E402
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
 IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
 Q4 = {"compute_dtype": "float32"}  # float32 compute on CPU: exact comparisons against dense references
 

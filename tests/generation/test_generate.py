@@ -15,12 +15,11 @@ from phitune.generation.generate import (
     generate_reply,
     stop_token_ids,
 )
-from phitune.models.tokenizer import build_phi3_style_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_phi3_style_tokenizer(vocab_size=300)
+def tok(small_tok):
+    return small_tok
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,6 @@ import pytest
 import torch
 
 from phitune.data import DataConfig, batch_plan, collate, pack_rows, prepare_data
-from phitune.models.tokenizer import build_phi3_style_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_phi3_style_tokenizer()
 
 
 @pytest.fixture(scope="module")

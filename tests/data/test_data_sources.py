@@ -11,11 +11,6 @@ from phitune.models.tokenizer import build_phi3_style_tokenizer
 MSGS = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_phi3_style_tokenizer()
-
-
 def prep(tok, tmp_path, train, **kw):
     return prepare_data(DataConfig(train=train, cache_dir=str(tmp_path / "cache"), max_seq_length=128, **kw), tok)
 

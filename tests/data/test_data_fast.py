@@ -51,11 +51,6 @@ def _dump(p):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_phi3_style_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     f = tmp_path_factory.mktemp("fast") / "varied.jsonl"
     f.write_text("".join(json.dumps(r, ensure_ascii=bool(i % 2)) + "\n" for i, r in enumerate(varied_records())))

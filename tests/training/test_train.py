@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import yaml
-from test_config import COOKBOOK_PEFT_CONFIG, COOKBOOK_TRAINING_CONFIG
-from test_train_helpers import chat_files, losses, tiny_config, tiny_model_dir  # noqa: F401 - fixtures
+from helpers import COOKBOOK_PEFT_CONFIG, COOKBOOK_TRAINING_CONFIG
+from helpers import losses, tiny_config
 
 from phitune.config import build_training_config, load_config
 from phitune.errors import ConfigError, PhituneError
@@ -195,7 +195,7 @@ def test_missing_report_backend_is_a_clear_error_before_loading(tiny_model_dir, 
         finetune(cfg)
 
 
-def test_bf16_base_keeps_float32_adapters_and_overwrite_starts_over(tiny_model_dir, chat_files, tmp_path):  # noqa: F811
+def test_bf16_base_keeps_float32_adapters_and_overwrite_starts_over(tiny_model_dir, chat_files, tmp_path):
     cfg = tiny_config(tiny_model_dir, chat_files, tmp_path / "run", max_steps=3, save_steps=1)
     cfg["model"]["dtype"] = "bfloat16"
     result = finetune(cfg)
@@ -222,7 +222,7 @@ def test_saved_config_uses_absolute_local_paths(tiny_model_dir, chat_files, tmp_
         tiny_model_dir.resolve())
 
 
-def test_report_to_tensorboard_writes_events_that_tensorboard_reads(tiny_model_dir, chat_files, tmp_path):  # noqa: F811
+def test_report_to_tensorboard_writes_events_that_tensorboard_reads(tiny_model_dir, chat_files, tmp_path):
     accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
                                       reason="tensorboard is not installed (pip install phitune[tensorboard])")
     out = tmp_path / "run"

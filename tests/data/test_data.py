@@ -18,11 +18,6 @@ CHAT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_phi3_style_tokenizer()
-
-
 def enc(tok, s):
     return tok(s, add_special_tokens=False)["input_ids"]
 

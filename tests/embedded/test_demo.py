@@ -10,6 +10,8 @@ import io
 import json
 import os
 
+from helpers import ROOT
+
 import pytest
 
 from phitune.embedded import demo as demo_mod
@@ -18,7 +20,7 @@ from phitune.embedded.demo import (CONFIG_FILE, EVAL_FILE, HELD_OUT_FILE, MODEL_
 from phitune.generation.generate import build_prompt_ids
 from phitune.models.tokenizer import CHAT_SPECIAL_TOKENS, PHI3_CHAT_TEMPLATE
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(ROOT)
 
 
 @pytest.fixture(scope="module")

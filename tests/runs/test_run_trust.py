@@ -6,16 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from test_run import run_dir  # noqa: F401 - fixture: a run folder on a tiny Phi-3
 
 import phitune
 from phitune.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 _MODELING = """
 from pathlib import Path
@@ -29,7 +27,7 @@ class PlantedForCausalLM(Phi3ForCausalLM):
 
 
 @pytest.fixture
-def planted(run_dir, tmp_path):  # noqa: F811
+def planted(run_dir, tmp_path):
     """A copy of the run whose config asks for remote code, pointing at a model folder whose code leaves a marker."""
     marker = tmp_path / "code-ran"
     model = tmp_path / "model-with-code"
