@@ -111,3 +111,29 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, section: str, *, leg
 def to_dict(obj: Any) -> dict[str, Any]:
     """The resolved config as plain data (for YAML/JSON in the output folder)."""
     return dataclasses.asdict(obj)
+
+
+def notes_field():
+    """A dataclass field for a section's notes (accepted keys without effect); not a config key."""
+    # Not a config key: one-line notes about accepted keys that have no effect (printed when training starts).
+    return dataclasses.field(default_factory=list, init=False, repr=False, compare=False)
+
+
+
+def remap_keys(section: str, data: Mapping, aliases: Mapping[str, str], inert: Mapping[str, str]):
+    """Apply renamed keys and drop inert ones; returns (dict, notes)."""
+    out: dict[str, Any] = {}
+    notes: list[str] = []
+    for key, value in data.items():
+        if key in aliases:
+            new = aliases[key]
+            if new in data:
+                raise ConfigError(f"{section}: both '{key}' and '{new}' are set; '{key}' is the old name of "
+                                  f"'{new}', keep one")
+            out[new] = value
+        elif key in inert:
+            notes.append(f"{section}.{key}: {inert[key]}")
+        else:
+            out[key] = value
+    return out, notes
+
