@@ -45,6 +45,7 @@ def build(kind: str, layers: int, tokens: int):
 
         model = get_peft_model(model, LoraConfig(**lora, bias="none", target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
+
         def forward():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return model(input_ids=ids, labels=ids).loss
@@ -118,6 +119,7 @@ def main(argv=None):
                        "lora_weights_grads_adam_gib": round(4 * lora / GIB, 2),
                        "weights_plus_saved_gib": round((weights + 4 * lora + act) / GIB, 2)}
                 print(json.dumps(row), flush=True)
+
 
 if __name__ == "__main__":
     main()

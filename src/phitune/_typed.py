@@ -119,7 +119,6 @@ def notes_field():
     return dataclasses.field(default_factory=list, init=False, repr=False, compare=False)
 
 
-
 def remap_keys(section: str, data: Mapping, aliases: Mapping[str, str], inert: Mapping[str, str]):
     """Apply renamed keys and drop inert ones; returns (dict, notes)."""
     out: dict[str, Any] = {}

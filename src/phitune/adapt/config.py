@@ -75,7 +75,6 @@ class LoraConfig:
         if self.layers_to_transform is not None and not isinstance(self.target_modules, (list, tuple)):
             bad("layers_to_transform", "only works with target_modules as a list of names (as in peft)")
 
-
     def check_targets(self) -> None:
         """target_modules must be set before LoRA is added (preview, which adds none, does without)."""
         if self.target_modules is None:

@@ -112,7 +112,6 @@ _MODEL_INERT = {
 }
 
 
-
 def build_model_config(data: Any) -> ModelConfig:
     if isinstance(data, ModelConfig):
         return data

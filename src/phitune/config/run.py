@@ -72,7 +72,6 @@ def _plain(value):
     return str(value)  # e.g. a datasets.Dataset passed as data.train: named, not serialised
 
 
-
 def build_run_config(sections: Mapping[str, Any], source: str | None = None) -> RunConfig:
     """A RunConfig from a dict with the four sections (each a dict, a section object, or a shorthand)."""
     for key in sections:

@@ -282,7 +282,6 @@ def _training_key_note(key: str, value: Any) -> str | None:
     )
 
 
-
 def build_training_config(data: Any) -> TrainingConfig:
     if isinstance(data, TrainingConfig):
         return data

@@ -82,7 +82,6 @@ def evaluate(
                         "is empty after preparation)")
     batch_size = batch_size or config.training_config.per_device_eval_batch_size
 
-
     model, tokenizer, _ = load_run_model(run.adapter_dir, device=device, trust_remote_code=trust_remote_code)
     device_ = next(model.parameters()).device
     if verbose:
@@ -93,7 +92,6 @@ def evaluate(
     metrics["eval_samples"] = len(samples)
     if not generate:
         return metrics
-
 
     base_metrics = None
     with autocast_context(config.training_config, device_):

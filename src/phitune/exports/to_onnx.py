@@ -78,7 +78,6 @@ def greedy_parity(model_dir: Path, onnx_dir: Path, stops: list[int]) -> tuple[in
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     prompt = build_prompt_ids(tokenizer, _PROMPT)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False)

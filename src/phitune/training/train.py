@@ -290,6 +290,7 @@ def _stop_on_signal(stop: StopOnSignal, out: Path, state: "TrainState", total_st
                       f"checkpoint saved to {where}. Resume with training_config.resume_from_checkpoint: auto",
                       checkpoint=where, output_dir=out)
 
+
 # optimizer hyperparameters a resumed run takes from the checkpoint's optimizer state, not from the config
 _OPTIMIZER_KEYS = {"learning_rate": lambda g: g.get("initial_lr", g["lr"]), "adam_beta1": lambda g: g["betas"][0],
                    "adam_beta2": lambda g: g["betas"][1], "adam_epsilon": lambda g: g["eps"]}
