@@ -1,4 +1,4 @@
-"""model.py: dtype decisions on a CPU without half-precision matrix hardware."""
+"""models/loading.py: dtype decisions on CPUs with and without half-precision matrix hardware."""
 
 from __future__ import annotations
 
@@ -44,3 +44,51 @@ def test_bf16_autocast_falls_back_on_a_cpu_without_bf16_hardware(monkeypatch, ca
     assert isinstance(ctx, nullcontext) and "bf16: false" in caplog.text
     monkeypatch.setattr(model_mod, "cpu_has_fast_half", lambda dtype: True)
     assert isinstance(autocast_context(tc, CPU), torch.autocast)
+
+
+def test_auto_dtype_holds_the_frozen_base_in_bf16_only_under_bf16_autocast_on_bf16_hardware(monkeypatch):
+    monkeypatch.setattr(model_mod, "cpu_has_fast_half", lambda dtype: True)  # AMX / AVX512-BF16
+    assert model_mod.resolve_dtype("auto", CPU, bf16_autocast=True) is torch.bfloat16
+    assert model_mod.resolve_dtype("auto", CPU) is torch.float32
+    assert model_mod.resolve_dtype("float32", CPU, bf16_autocast=True) is torch.float32  # an explicit choice stands
+    monkeypatch.setattr(model_mod, "cpu_has_fast_half", no_half_hardware)  # AVX2: nothing changes
+    assert model_mod.resolve_dtype("auto", CPU, bf16_autocast=True) is torch.float32
+
+
+def test_a_bf16_held_base_gives_the_float32_base_loss_and_lora_gradients_under_bf16_autocast(tiny_model_dir,
+                                                                                          monkeypatch):
+    """Under bfloat16 autocast every matmul already rounds the float32 weights to bfloat16, so holding the frozen
+    base in bfloat16 changes only what autocast leaves in float32: the embedding output, the residual stream and the
+    norms. Their rounding is bounded by bfloat16's unit roundoff per operation."""
+    from phitune.adapt import add_lora
+    from phitune.config import ModelConfig
+
+    monkeypatch.setattr(model_mod, "cpu_has_fast_half", lambda dtype: True)
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for bf16_base in (False, True):
+        model, _ = model_mod.load_model_and_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)), device="cpu",
+                                                      bf16_autocast=bf16_base)
+        torch.manual_seed(0)  # the same lora_A on both
+        add_lora(model, {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}, lora_dtype=torch.float32)
+        with torch.no_grad():  # a non-zero lora_B, the same on both, so every LoRA factor gets a gradient
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+        base_dtypes = {p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+        lora_dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+        results.append((loss.float().item(), grads, base_dtypes, lora_dtypes))
+    (loss32, grads32, base32, _), (loss16, grads16, base16, lora16) = results
+    assert base32 == {torch.float32} and base16 == {torch.bfloat16} and lora16 == {torch.float32}
+    eps = torch.finfo(torch.bfloat16).eps / 2  # unit roundoff
+    layers = 2
+    # roundings left to bfloat16: the embedding, each layer's two norms and two residual adds, the final norm
+    roundings = 1 + 4 * layers + 1
+    assert abs(loss16 - loss32) <= roundings * eps * abs(loss32)
+    for name, g in grads32.items():
+        diff = (grads16[name] - g).norm().item()
+        assert diff <= 2 * roundings * eps * g.norm().item(), name  # a gradient's own rounding on top of the loss's

@@ -50,10 +50,18 @@ def cpu_has_fast_half(dtype: torch.dtype) -> bool:
         return True
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The base weights' dtype for ``model.dtype``."""
+def resolve_dtype(name: str, device: torch.device, *, bf16_autocast: bool = False) -> torch.dtype:
+    """The base weights' dtype for ``model.dtype``.
+
+    ``auto`` is bfloat16 on a GPU that has it, and on a CPU with bfloat16 matrix hardware when bfloat16 autocast is
+    on (``training_config.bf16``): autocast would otherwise re-cast every frozen float32 weight to bfloat16 at every
+    matmul, forward and backward. The LoRA factors and their optimizer state stay float32 either way (add_lora's
+    lora_dtype). Elsewhere float32.
+    """
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and bf16_autocast and cpu_has_fast_half(torch.bfloat16):
             return torch.bfloat16
         return torch.float32
     if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -118,9 +126,10 @@ def load_tokenizer(model_cfg: ModelConfig):
 
 
 def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | str | None = None,
-                             host_load: bool = False, tokenizer=None):
+                             host_load: bool = False, tokenizer=None, bf16_autocast: bool = False):
     """(model, tokenizer) for training: safetensors weights, use_cache off, dtype and attention resolved;
-    ``tokenizer``: one already loaded by load_tokenizer (else it is loaded here).
+    ``tokenizer``: one already loaded by load_tokenizer (else it is loaded here); ``bf16_autocast``: training runs
+    under bfloat16 autocast (``resolve_dtype``: a frozen base is then held in bfloat16 where the CPU has the hardware).
 
     ``host_load``: dtype and attention are chosen for ``device`` but the weights stay in host memory (FSDP then
     shards them onto the device: a base that does not fit one GPU is never placed whole on one).
@@ -131,7 +140,7 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | s
 
         model_cfg = build_model_config(model_cfg)
     device = torch.device(device) if device is not None else resolve_device()
-    dtype = resolve_dtype(model_cfg.dtype, device)
+    dtype = resolve_dtype(model_cfg.dtype, device, bf16_autocast=bf16_autocast)
     attn = resolve_attn_implementation(model_cfg.attn_implementation, device, dtype)
     qlora_kwargs = load_kwargs(model_cfg, device, dtype)  # {} unless model.load_in_4bit; refuses bad combos
     if model_cfg.trust_remote_code:

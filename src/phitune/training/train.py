@@ -200,7 +200,7 @@ def _model_with_lora(cfg: RunConfig, device: torch.device, tokenizer):
     tc = cfg.training_config
     set_tf32(tc.tf32, device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, host_load=distributed.fsdp_enabled(tc),
-                                                tokenizer=tokenizer)
+                                                tokenizer=tokenizer, bf16_autocast=tc.bf16)
     report = add_lora(model, cfg.peft_config, lora_dtype=torch.float32)
     log.info("%s", report)
     for note in distributed.prepare_model(model, tc, device):
