@@ -377,3 +377,38 @@ def test_chat_and_evaluate_on_a_qlora_run(qlora_run):
     assert isinstance(answer, str)
     metrics = evaluate(qlora_run.output_dir, device="cpu", verbose=False)
     assert metrics["eval_loss"] > 0 and metrics["eval_tokens"] > 0
+
+
+def test_the_fast_path_fuses_4bit_lora_layers_with_the_plain_paths_loss_and_gradients(tiny_model_dir):
+    """QLoRA layers take the fused LoRA functions (base dequantized in forward and again in backward) and keep the
+    plain path's loss and LoRA gradients: the same float32 products summed in another order."""
+    from phitune.training.fast import fused
+    from phitune.training.loss import apply_fast_path, forward_loss
+
+    model = load_4bit(tiny_model_dir).train()
+    torch.manual_seed(0)
+    add_lora(model, {**CASES["all-linear"], "init_lora_weights": False})  # non-zero B: every factor gets gradient
+    labels = IDS.clone()
+    labels[:, :3] = -100
+    batch = {"input_ids": IDS, "labels": labels}
+
+    def loss_and_grads(**kw):
+        model.zero_grad(set_to_none=True)
+        out = forward_loss(model, batch, **kw)
+        out.loss_sum.backward()
+        return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref = loss_and_grads(fused_loss=False)
+    apply_fast_path(model, None)
+    kinds = {type(m) for m in model.modules()}
+    assert fused.FusedLoRALinear4bit in kinds or fused.FusedLoRAMergedLinear4bit in kinds
+    loss, got = loss_and_grads()
+    cfg = model.config
+    # float32 rounding of a reduction of length K, through every layer: a relative bound on each norm
+    tol = EPS32 * max(cfg.hidden_size, cfg.intermediate_size) * 4 * cfg.num_hidden_layers
+    assert abs(loss - ref_loss) <= tol * abs(ref_loss)
+    assert got.keys() == ref.keys() and ref
+    for name, g in ref.items():
+        assert (got[name] - g).norm() <= tol * g.norm(), name
+    assert fused.uninstall(model) > 0
+    assert not any("Fused" in type(m).__name__ for m in model.modules())

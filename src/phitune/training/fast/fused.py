@@ -17,6 +17,10 @@ passes over memory and save only what backward needs:
 Arithmetic runs in the compute dtype (the autocast dtype when autocast is on, else the input's); LoRA weights kept
 in float32 are cast to it once per call (r x in elements), and their gradients are returned in float32.
 
+QLoRA layers (``lora.Linear4bit``/``MergedLinear4bit``) take the same functions: their base weight arrives as a
+``Dequantize`` (the 4-bit layer, dequantized to the compute dtype in forward and again in backward, as bitsandbytes'
+own matmul_4bit does), so no dense copy of a 4-bit weight lives from forward to backward.
+
 How they are used: ``install(model)`` changes the class of matching module instances to a phitune subclass of the
 same class (``lora.Linear`` -> ``FusedLoRALinear``, ``Phi3MLP`` -> a fused subclass, ``Phi3RMSNorm`` -> likewise).
 Parameters, buffers, names and ``isinstance`` checks stay exactly as they were, so adapters save, merge and load as
@@ -31,6 +35,30 @@ import torch
 import torch.nn.functional as F
 
 from ... import lora
+from ...lora import quantized as qlora
+
+
+class Dequantize:
+    """A 4-bit base weight handed to the fused functions in place of a tensor: ``dense(dtype)`` dequantizes it (the
+    same bitsandbytes dequantization as ``matmul_4bit``), once in forward and once more in backward."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        return qlora.dequantize_weight(self.layer).to(dtype)
+
+
+def _dense(W, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight in ``dtype``: a cast of a tensor (a no-op when it already is), or a 4-bit one dequantized."""
+    return W.dense(dtype) if isinstance(W, Dequantize) else W.to(dtype)
+
+
+def _kept(W, Wc):
+    """What forward keeps of the base weight for backward: the tensor, or nothing for a 4-bit weight (recomputed)."""
+    return None if isinstance(W, Dequantize) else Wc
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -83,7 +111,7 @@ class LoRALinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, bias, A, B, scaling: float, p: float):
         cdt = x.dtype
-        Wc = W.to(cdt)
+        Wc = _dense(W, cdt)
         bc = None if bias is None else bias.to(cdt)
         Ac, Bc = A.to(cdt), B.to(cdt)
         mask = _dropout_mask(x, p)
@@ -92,9 +120,10 @@ class LoRALinearFn(torch.autograd.Function):
         y = F.linear(x, Wc, bc)
         xa = torch.mm(xd, Ac.t())  # (N, r)
         y.addmm_(xa, Bc.t(), alpha=s)
-        ctx.save_for_backward(Wc, Ac, Bc, xd, xa, mask)
+        ctx.save_for_backward(_kept(W, Wc), Ac, Bc, xd, xa, mask)
+        ctx.weight = W if isinstance(W, Dequantize) else None
         ctx.scaling = s
-        ctx.dtypes = (W.dtype, None if bias is None else bias.dtype, A.dtype, B.dtype)
+        ctx.dtypes = (getattr(W, "dtype", None), None if bias is None else bias.dtype, A.dtype, B.dtype)
         return y
 
     @staticmethod
@@ -106,7 +135,7 @@ class LoRALinearFn(torch.autograd.Function):
         gx = gW = gb_ = gA = gB = None
         gbr = torch.mm(g, Bc)  # (N, r)
         if need_x:
-            gx = _input_grad(g, Wc, gbr, Ac, mask, s)
+            gx = _input_grad(g, Wc if Wc is not None else _dense(ctx.weight, xd.dtype), gbr, Ac, mask, s)
         if need_A:
             gA = torch.mm(gbr.t(), xd).mul_(s).to(ctx.dtypes[2])
         if need_B:
@@ -128,7 +157,7 @@ class SwiGLUDownFn(torch.autograd.Function):
         cdt = gu.dtype
         gate, up = gu.chunk(2, dim=-1)
         h = F.silu(gate).mul_(up)
-        Wc = W.to(cdt)
+        Wc = _dense(W, cdt)
         bc = None if bias is None else bias.to(cdt)
         Ac, Bc = A.to(cdt), B.to(cdt)
         mask = _dropout_mask(h, p)
@@ -136,7 +165,8 @@ class SwiGLUDownFn(torch.autograd.Function):
         y = F.linear(h, Wc, bc)
         xa = torch.mm(_masked(h, mask), Ac.t())
         y.addmm_(xa, Bc.t(), alpha=s)
-        ctx.save_for_backward(gu, Wc, Ac, Bc, xa, mask)
+        ctx.save_for_backward(gu, _kept(W, Wc), Ac, Bc, xa, mask)
+        ctx.weight = W if isinstance(W, Dequantize) else None
         ctx.scaling = s
         ctx.dtypes = (None if bias is None else bias.dtype, A.dtype, B.dtype)
         return y
@@ -163,7 +193,7 @@ class SwiGLUDownFn(torch.autograd.Function):
         if need_b:
             gb_ = g.sum(0).to(ctx.dtypes[0])
         if need_gu:
-            gh = _input_grad(g, Wc, gbr, Ac, mask, s)
+            gh = _input_grad(g, Wc if Wc is not None else _dense(ctx.weight, gu.dtype), gbr, Ac, mask, s)
             ggu = torch.empty_like(gu)
             g_gate, g_up = ggu.chunk(2, dim=-1)
             torch.mul(gh, silu, out=g_up)
@@ -299,8 +329,13 @@ def _fusable(layer) -> bool:
 
 
 def _lora_factors(layer):
-    B = layer.expanded_B() if isinstance(layer, lora.MergedLinear) else layer.lora_B
+    B = layer.expanded_B() if isinstance(layer, (lora.MergedLinear, qlora.MergedLinear4bit)) else layer.lora_B
     return layer.lora_A, B
+
+
+def _base_weight(layer):
+    """What the fused functions take as the base weight: the Parameter, or a 4-bit one to dequantize."""
+    return Dequantize(layer) if isinstance(layer, qlora.Linear4bit) else layer.weight
 
 
 def lora_linear(layer, x: torch.Tensor) -> torch.Tensor:
@@ -310,7 +345,8 @@ def lora_linear(layer, x: torch.Tensor) -> torch.Tensor:
     cdt = _compute_dtype(x)
     A, B = _lora_factors(layer)
     with torch.autocast(x.device.type, enabled=False):
-        y = LoRALinearFn.apply(_as_2d(x).to(cdt), layer.weight, layer.bias, A, B, layer.scaling, _dropout_p(layer))
+        y = LoRALinearFn.apply(_as_2d(x).to(cdt), _base_weight(layer), layer.bias, A, B, layer.scaling,
+                               _dropout_p(layer))
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -328,8 +364,26 @@ class FusedLoRAMergedLinear(lora.MergedLinear):
         return lora_linear(self, x)
 
 
+class FusedLoRALinear4bit(qlora.Linear4bit):
+    """lora.Linear4bit (QLoRA) whose forward is LoRALinearFn on its dequantized base."""
+
+    def forward(self, x):
+        return lora_linear(self, x)
+
+
+class FusedLoRAMergedLinear4bit(qlora.MergedLinear4bit):
+    """lora.MergedLinear4bit (QLoRA, fused projections) whose forward is LoRALinearFn on its dequantized base."""
+
+    def forward(self, x):
+        return lora_linear(self, x)
+
+
+_FUSED_LORA = {lora.Linear: FusedLoRALinear, lora.MergedLinear: FusedLoRAMergedLinear,
+               qlora.Linear4bit: FusedLoRALinear4bit, qlora.MergedLinear4bit: FusedLoRAMergedLinear4bit}
+
+
 def _is_lora(m) -> bool:
-    return isinstance(m, (lora.Linear, lora.MergedLinear))
+    return isinstance(m, (lora.Linear, lora.MergedLinear, qlora.Linear4bit))
 
 
 def swiglu_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
@@ -342,7 +396,8 @@ def swiglu_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
     cdt = _compute_dtype(gu)
     A, B = _lora_factors(down)
     with torch.autocast(x.device.type, enabled=False):
-        y = SwiGLUDownFn.apply(_as_2d(gu).to(cdt), down.weight, down.bias, A, B, down.scaling, _dropout_p(down))
+        y = SwiGLUDownFn.apply(_as_2d(gu).to(cdt), _base_weight(down), down.bias, A, B, down.scaling,
+                               _dropout_p(down))
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -453,11 +508,8 @@ def install(model, *, lora_layers: bool = True, mlp: bool = True, norms: bool = 
         cls = type(module)
         if getattr(cls, "_phitune_original_class", None) is not None:
             continue
-        if lora_layers and cls is lora.Linear:
-            module.__class__ = FusedLoRALinear
-            counts["lora_linear"] += 1
-        elif lora_layers and cls is lora.MergedLinear:
-            module.__class__ = FusedLoRAMergedLinear
+        if lora_layers and cls in _FUSED_LORA:
+            module.__class__ = _FUSED_LORA[cls]
             counts["lora_linear"] += 1
         elif mlp and cls.__name__ in _FUSED_GATE_UP_MLPS and _silu_mlp(module):
             module.__class__ = _fused_subclass(cls, _mlp_forward, "mlp")
@@ -471,8 +523,8 @@ def install(model, *, lora_layers: bool = True, mlp: bool = True, norms: bool = 
     return counts
 
 
-FusedLoRALinear._phitune_original_class = lora.Linear
-FusedLoRAMergedLinear._phitune_original_class = lora.MergedLinear
+for _original, _fused in _FUSED_LORA.items():
+    _fused._phitune_original_class = _original
 
 
 def _silu_mlp(module) -> bool:
