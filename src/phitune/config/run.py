@@ -77,7 +77,7 @@ def build_run_config(sections: Mapping[str, Any], source: str | None = None) -> 
     for key in sections:
         if key not in SECTIONS:
             raise ConfigError(f"unknown config section '{key}'{suggest(key, SECTIONS)}; the sections are "
-                              f"{', '.join(SECTIONS)}")
+                              f"{', '.join(SECTIONS)}", key=str(key))
     model = build_model_config(sections.get("model"))
     training = build_training_config(sections.get("training_config"))
     data = _build_data_config(sections.get("data"))
@@ -89,5 +89,6 @@ def _build_data_config(value) -> DataConfig:
     if isinstance(value, DataConfig):
         return value
     if value is None:
-        raise ConfigError("data: the section is required (at least data.train: a file, folder or Hub dataset)")
+        raise ConfigError("data: the section is required (at least data.train: a file, folder or Hub dataset)",
+                          key="data")
     return DataConfig.from_any(value)
