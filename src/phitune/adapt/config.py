@@ -108,6 +108,9 @@ def parse_lora_config(peft_config: Mapping[str, Any] | LoraConfig | None, sectio
         return peft_config
     if hasattr(peft_config, "to_dict") and not isinstance(peft_config, Mapping):  # a peft.LoraConfig
         peft_config = peft_config.to_dict()
+    if peft_config is not None and not isinstance(peft_config, Mapping):
+        raise ConfigError(f"{section}: expected a mapping of keys to values (r, lora_alpha, target_modules, ...), "
+                          f"got {type(peft_config).__name__}", key=section)
     data = dict(peft_config or {})
     for key in ("target_modules", "exclude_modules", "modules_to_save"):
         if isinstance(data.get(key), (set, frozenset)):  # peft.LoraConfig keeps name lists as sets
