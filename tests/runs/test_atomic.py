@@ -139,3 +139,17 @@ def test_a_removed_folder_never_stays_half_deleted_under_its_name(tmp_path):
     (tmp_path / "checkpoint-3" / "meta.json").write_text("{}")
     remove_folder(tmp_path / "checkpoint-3")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_symlinked_folder_is_written_where_it_points_and_a_file_is_never_replaced_by_a_folder(tmp_path):
+    real = tmp_path / "disk" / "export"
+    real.mkdir(parents=True)
+    (tmp_path / "export").symlink_to(real)
+    with atomic_folder(tmp_path / "export", "the export") as staging:
+        (staging / "model.gguf").write_text("new")
+    assert (tmp_path / "export").is_symlink() and _tree(real) == {"model.gguf": b"new"}
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(StorageError, match="notes.txt: cannot write the export: "):
+        with atomic_folder(tmp_path / "notes.txt", "the export"):
+            pass
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -25,6 +25,7 @@ This module imports nothing of phitune but ``runs.storage``, so ``data/`` and ``
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import secrets
 import shutil
@@ -46,7 +47,7 @@ def atomic_file(path: str | os.PathLike, what: str, *, keeps: str = "", fix: str
     """Yield a temporary path next to ``path``; write the file there. On a clean exit it is fsynced and renamed onto
     ``path``; on any failure it is deleted and ``path`` keeps its previous content. ``what``/``keeps``/``fix`` word
     a StorageError (see :func:`phitune.runs.storage.writing`)."""
-    path = Path(path)
+    path = _real(path)
     with writing(path, what, keeps=keeps, fix=fix):
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_leftovers(path.parent)
@@ -75,8 +76,10 @@ def atomic_folder(path: str | os.PathLike, what: str, *, keeps: str = "", fix: s
     """Yield an empty staging folder next to ``path``; write the folder's content there. On a clean exit every file
     is fsynced and the folder takes ``path``'s place (replacing what was there); on any failure it is deleted and
     ``path`` is untouched. ``before_swap``: called once the content is complete, just before the swap (a test hook)."""
-    path = Path(path)
+    path = _real(path)
     with writing(path, what, keeps=keeps, fix=fix):
+        if os.path.lexists(path) and not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "it exists and is not a folder", str(path))
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_leftovers(path.parent)
         staging = _sibling(path, _TMP)
@@ -133,6 +136,13 @@ def is_leftover(name: str) -> bool:
 
 
 # --- names ------------------------------------------------------------------------------------------------------------
+
+
+def _real(path: str | os.PathLike) -> Path:
+    """``path``, or what it links to: a symlinked output keeps pointing where its owner put it, and the staging
+    sibling lands on the same file system as the content it replaces."""
+    path = Path(path)
+    return path.resolve() if path.is_symlink() else path
 
 
 def _sibling(path: Path, kind: str) -> Path:
