@@ -244,3 +244,26 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
     assert again == first and ckpt.checkpoint_problem(again) is None
     assert (again / ckpt.TRAINABLE_NAME).read_bytes() != before[ckpt.TRAINABLE_NAME]
     assert os.listdir(tmp_path / "checkpoints") == ["checkpoint-2"]
+
+
+def test_a_full_disk_while_the_adapter_is_saved_is_reported_as_the_checkpoints_failure(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from phitune.errors import StorageError
+
+    model = _tiny_lora_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def full_disk(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    # save_adapter's own atomic write is nested in the checkpoint's: the message is the checkpoint's
+    with pytest.raises(StorageError, match=r"checkpoints/checkpoint-4/adapter_model\.safetensors: cannot write "
+                                           r"checkpoint 4: the disk is full.*Earlier checkpoints are intact"):
+        ckpt.save_checkpoint(tmp_path, 4, model=model, optimizer=optimizer, scheduler=scheduler,
+                             data_position={"epoch": 0, "micro_batch": 4}, settings={})
+    assert os.listdir(tmp_path / "checkpoints") == []

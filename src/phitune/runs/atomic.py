@@ -58,8 +58,9 @@ def atomic_file(path: str | os.PathLike, what: str, *, keeps: str = "", fix: str
             readable_like_the_rest(tmp)
             os.replace(tmp, path)
             _fsync_dir(path.parent)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            _name_the_target(exc, tmp, path)
             raise
 
 
@@ -91,8 +92,9 @@ def atomic_folder(path: str | os.PathLike, what: str, *, keeps: str = "", fix: s
                 before_swap()
             _swap_in(staging, path)
             _fsync_dir(path.parent)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
+            _name_the_target(exc, staging, path)
             raise
 
 
@@ -147,6 +149,19 @@ def _real(path: str | os.PathLike) -> Path:
 
 def _sibling(path: Path, kind: str) -> Path:
     return path.with_name(f"{kind}{path.name}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _name_the_target(exc: BaseException, tmp: Path, target: Path) -> None:
+    """Make an OSError name the file being written rather than its temporary sibling, which is gone by the time the
+    message is read."""
+    name = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
+    if not name:
+        return
+    try:
+        inside = Path(name).relative_to(tmp)
+    except ValueError:
+        return
+    exc.filename = str(target / inside)
 
 
 def _parse(entry: str) -> tuple[str, str, int] | None:

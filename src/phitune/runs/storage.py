@@ -12,6 +12,7 @@ import errno
 import os
 import shutil
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from ..errors import StorageError
@@ -28,6 +29,7 @@ _REASONS = {
 # what torch.save's and safetensors' writers say when the underlying write fails
 _TRAINING_FIX = ("free space or choose a writable training_config.output_dir, then run again "
                  "(resume_from_checkpoint: auto continues from the last complete checkpoint)")
+_WRITING: ContextVar[str | None] = ContextVar("phitune_writing", default=None)  # the outermost write in progress
 _WRITE_FAILED = ("unexpected pos", "file write failed", "no space left", "write failed", "i/o error")
 
 
@@ -59,17 +61,21 @@ def writing(path: str | os.PathLike, what: str, keeps: str = "", fix: str | None
     """Run the writes of ``what`` under ``path``; a file-system failure becomes a StorageError naming the path,
     the reason and the free space (``keeps``: what is still intact; ``fix``: how to recover, by default training's
     advice: free space or another output_dir, then resume)."""
+    outer = _WRITING.get() is None
+    token = _WRITING.set(what)
     try:
         yield
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001 - classified below; anything else goes on unchanged
         reason = write_failure(exc)
-        if reason is None:
+        if reason is None or not outer:  # nested (an adapter saved into a checkpoint): the outermost one words it
             raise
         where = Path(getattr(exc, "filename", None) or path)
         raise StorageError(f"{where}: cannot write {what}: {reason}{_free_space(Path(path))}."
                            f"{' ' + keeps if keeps else ''} Fix: {fix or _TRAINING_FIX}") from None
+    finally:
+        _WRITING.reset(token)
 
 
 def readable_like_the_rest(path: str | os.PathLike) -> None:
