@@ -153,3 +153,13 @@ def test_a_symlinked_folder_is_written_where_it_points_and_a_file_is_never_repla
         with atomic_folder(tmp_path / "notes.txt", "the export"):
             pass
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_scratch_folder_is_removed_on_exit_and_after_a_kill_by_the_next_write(tmp_path):
+    with atomic.scratch_folder(tmp_path / "phi3-gguf", "merged") as work:
+        (work / "model.safetensors").write_text("x")
+        assert work.parent == tmp_path
+    assert os.listdir(tmp_path) == []
+    (tmp_path / f".tmp-phi3-gguf.merged-{_dead_pid()}-0123abcd").mkdir()  # what a killed export leaves
+    write_text(tmp_path / "notes.txt", "x", "a file")
+    assert os.listdir(tmp_path) == ["notes.txt"]

@@ -24,15 +24,13 @@ import dataclasses
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from ..errors import ConfigError
 from ..runs import ownership
-from ..runs.atomic import atomic_folder
+from ..runs.atomic import atomic_folder, scratch_folder
 from ..runs.folder import CONFIG_FILE, base_tokenizer_file, load_run_config, open_run
 from ..runs.merge import merge
 from .common import ExportError, Source
@@ -119,9 +117,7 @@ def export(
         elif adapter:
             parity, details = write_gguf_adapter(source, staging / f"{_slug(label)}-lora.gguf", outtype or "f32", label)
         else:
-            # scratch space for the merged model, next to ``out`` (same disk); never renamed into place
-            work = Path(tempfile.mkdtemp(prefix=".phitune-merged-", dir=staging.parent))
-            try:
+            with scratch_folder(out, "merged") as work:  # the merged model, on the export's disk; never exported
                 model_dir = _merged(source, work / "merged", device, trust_remote_code)
                 if to == "onnx":
                     parity, details = write_onnx(model_dir, staging, precision, execution_provider, work / "cache")
@@ -132,8 +128,6 @@ def export(
                         details.update(write_modelfile(model_dir, staging, gguf_path.name))
                         details["next_steps"] = [f"ollama: cd {out} && ollama create {_slug(label).lower()} -f "
                                                  f"Modelfile && ollama run {_slug(label).lower()}"]
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
         info = {"target": to, "source": str(source.run.adapter_dir if source.run else source.model_dir),
                 "outtype": outtype, "adapter": adapter, "precision": precision, "parity": parity,
                 "details": {k: v for k, v in details.items() if isinstance(v, (str, int, float, bool, list))}}

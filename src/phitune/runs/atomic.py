@@ -98,6 +98,18 @@ def atomic_folder(path: str | os.PathLike, what: str, *, keeps: str = "", fix: s
             raise
 
 
+@contextmanager
+def scratch_folder(next_to: str | os.PathLike, name: str) -> Iterator[Path]:
+    """Yield an empty working folder beside ``next_to`` (same file system), deleted on exit; one left by a killed
+    process is deleted by the next atomic write there, like any other temporary sibling."""
+    folder = _sibling(Path(next_to).with_name(f"{Path(next_to).name}.{name}"), _TMP)
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def remove_folder(path: str | os.PathLike) -> None:
     """Delete a folder so that a kill midway never leaves a half-deleted one under its name: it is renamed to a
     ``.tmp-`` sibling first (which the next atomic write cleans up if the deletion is cut short)."""
