@@ -80,7 +80,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, section: str, *, leg
     if isinstance(data, cls):
         return data
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{section}: expected a mapping of keys to values, got {type(data).__name__}")
+        raise ConfigError(f"{section}: expected a mapping of keys to values, got {type(data).__name__}", key=section)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}
@@ -92,15 +92,16 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, section: str, *, leg
         if key not in fields:
             raise ConfigError(
                 f"{section}: unknown key '{key}'{suggest(key, list(fields) + list(legacy))}. "
-                f"Known keys: {', '.join(sorted(fields))}"
+                f"Known keys: {', '.join(sorted(fields))}", key=f"{section}.{key}"
             )
         tp = hints.get(key, Any)
         if not _type_ok(value, tp):
             raise ConfigError(
-                f"{section}.{key}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})"
+                f"{section}.{key}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})",
+                key=f"{section}.{key}",
             )
         if isinstance(value, float) and not math.isfinite(value):  # YAML .nan/.inf: never a usable setting
-            raise ConfigError(f"{section}.{key}: must be a finite number, got {value}")
+            raise ConfigError(f"{section}.{key}: must be a finite number, got {value}", key=f"{section}.{key}")
         kwargs[key] = value
     obj = cls(**kwargs)
     if notes and hasattr(obj, "notes"):
@@ -128,7 +129,7 @@ def remap_keys(section: str, data: Mapping, aliases: Mapping[str, str], inert: M
             new = aliases[key]
             if new in data:
                 raise ConfigError(f"{section}: both '{key}' and '{new}' are set; '{key}' is the old name of "
-                                  f"'{new}', keep one")
+                                  f"'{new}', keep one", key=f"{section}.{key}")
             out[new] = value
         elif key in inert:
             notes.append(f"{section}.{key}: {inert[key]}")

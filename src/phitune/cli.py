@@ -103,7 +103,7 @@ examples:
 """
 
 _EXPORT_EPILOG = """\
-Writes the run where Phi-3 runs, into a new folder (built next to it and renamed at the end), and checks the result:
+Writes the run where Phi-3 runs, into a new or empty folder (built next to it, swapped in at the end), and checks it:
   gguf    the merged model as one GGUF file (llama.cpp, LM Studio), tokenizer and chat template inside;
           --adapter: the LoRA adapter as a GGUF LoRA instead (each module's scale folded in, exact in llama.cpp)
   ollama  the GGUF plus a Modelfile (template, stop tokens): `ollama create NAME -f Modelfile` is the last step
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `phitune train` (or one of its checkpoints, "
                    "or a folder `phitune merge` wrote)")
     p.add_argument("--to", required=True, choices=["gguf", "ollama", "onnx", "vllm"], help="the target runtime")
-    p.add_argument("--out", required=True, metavar="DIR", help="new folder to write the export to")
+    p.add_argument("--out", required=True, metavar="DIR", help="new or empty folder to write the export to")
     p.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"],
                    help="gguf/ollama: tensor type of the weights (default: f16; f32 for --adapter)")
     p.add_argument("--adapter", action="store_true", help="gguf: write the LoRA adapter as a GGUF LoRA instead of "

@@ -6,7 +6,18 @@ class PhituneError(Exception):
 
 
 class ConfigError(PhituneError, ValueError):
-    """A configuration key or value is wrong (the message names the key)."""
+    """A configuration key or value is wrong (the message names the key).
+
+    ``key``: the dotted key it blames (``"training_config.learning_rate"``, ``"data"``), or None when no single key
+    is at fault; ``load_config`` uses it to point at the YAML line or the ``--set`` override that set the key.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+    def __reduce__(self):  # keep the key through pickling (multiprocessing, torchrun workers)
+        return type(self), (str(self), self.key)
 
 
 class DataError(PhituneError, ValueError):

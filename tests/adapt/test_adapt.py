@@ -252,6 +252,28 @@ def test_adapter_state_dict_is_what_save_writes(tmp_path):
     assert "base_model.model.lm_head.weight" in sd
 
 
+def test_a_failed_save_leaves_the_previous_adapter_files_intact(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from phitune.errors import StorageError
+
+    model = _adapted()
+    save_adapter(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a header")
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(StorageError, match="cannot write the adapter weights: the disk is full"):
+        save_adapter(_adapted(), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file left either
+
+
 def test_exclude_modules_and_regex_targets():
     model = phi3()
     report = add_lora(model, {"target_modules": r".*\.(qkv_proj|o_proj)",

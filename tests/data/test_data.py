@@ -155,6 +155,26 @@ def test_cache_is_reused_without_retokenizing(tok, tmp_path, monkeypatch):
         prep(tok, tmp_path, str(f))
 
 
+def test_a_failed_cache_write_leaves_no_folder_and_a_full_disk_says_which_key_to_change(tok, tmp_path, monkeypatch):
+    import errno
+
+    from phitune.data import prepare
+    from phitune.errors import StorageError
+
+    with pytest.raises(DataError, match="no sample is left to train on"):
+        prep(tok, tmp_path, [{"messages": CHAT}], max_seq_length=8)
+    assert list((tmp_path / "cache").iterdir()) == []  # neither a cache folder nor its staging sibling
+
+    def full_disk(stats, cfg):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prepare, "_check_truncation", full_disk)
+    with pytest.raises(StorageError, match=r"cannot write the data cache: the disk is full.*Fix: free space or set "
+                                           r"data.cache_dir elsewhere"):
+        prep(tok, tmp_path, [{"messages": CHAT}])
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
 def test_eval_split_is_deterministic(tok, tmp_path):
     recs = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
             for i in range(20)]

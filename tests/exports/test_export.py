@@ -9,6 +9,7 @@ Tolerances come from the storage type: f16 rounds to 2^-11 relative, bf16 to 2^-
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 import torch
 from helpers import save_nonzero_adapter
 import phitune
-from phitune.errors import ConfigError
+from phitune.errors import ConfigError, StorageError
 from phitune.exports import ExportError, export
 
 gguf = pytest.importorskip("gguf", reason="the export extra (gguf) is not installed")
@@ -378,18 +379,41 @@ def test_vllm_adapter_has_scale_one_everywhere_and_loads_to_the_same_logits(tmp_
 # --- the output folder and bad input --------------------------------------------------------------------------------
 
 
-def test_existing_out_is_refused_and_force_replaces_only_an_earlier_export(demo_run, tmp_path):
+def test_export_refuses_a_folder_it_did_not_write_naming_out_and_force_replaces_only_an_earlier_export(
+        demo_run, tmp_path):
     other = tmp_path / "mine"
     other.mkdir()
     (other / "keep.txt").write_text("x")
-    with pytest.raises(ConfigError, match="already exists.*--force"):
-        export(demo_run["run"], "vllm", other, verbose=False)
-    with pytest.raises(ConfigError, match="not written by `phitune export`"):
-        export(demo_run["run"], "vllm", other, force=True, verbose=False)
-    assert (other / "keep.txt").is_file()
+    for force in (False, True):  # as for every output folder: --force never touches what export did not write
+        with pytest.raises(ConfigError, match=r"export --out: '.*/mine' is not empty and was not written by phitune "
+                                              r"export .*keep\.txt.*--out DIR"):
+            export(demo_run["run"], "vllm", other, force=force, verbose=False)
+    assert [p.name for p in other.iterdir()] == ["keep.txt"]
     export(demo_run["run"], "vllm", tmp_path / "v", verbose=False)
+    with pytest.raises(ConfigError, match=r"export --out: .* holds an earlier phitune export output; pass --force"):
+        export(demo_run["run"], "vllm", tmp_path / "v", verbose=False)
     export(demo_run["run"], "vllm", tmp_path / "v", force=True, verbose=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "v"]  # no staging folder left
+    (tmp_path / "empty").mkdir()  # an empty folder is a new folder
+    assert export(demo_run["run"], "vllm", tmp_path / "empty", verbose=False).path == tmp_path / "empty"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine", "v"]  # no staging folder left
+
+
+def test_a_failed_export_leaves_the_earlier_export_intact(demo_run, tmp_path, monkeypatch):
+    import phitune.exports as exports
+
+    out = tmp_path / "v"
+    export(demo_run["run"], "vllm", out, verbose=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(source, staging, *args):
+        (staging / "adapter_model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(staging / "adapter_model.safetensors"))
+
+    monkeypatch.setattr(exports, "write_vllm", full_disk)
+    with pytest.raises(StorageError, match=r"cannot write the vllm export: the disk is full.*--out DIR"):
+        export(demo_run["run"], "vllm", out, force=True, verbose=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]
 
 
 def test_an_architecture_gguf_cannot_hold_is_refused_and_nothing_is_left(tmp_path):
@@ -415,8 +439,9 @@ def test_cli_export_exits_2_with_the_message(demo_run, tmp_path, capsys):
     from phitune.cli import main
 
     (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
     assert main(["export", str(demo_run["run"]), "--to", "vllm", "--out", str(tmp_path / "taken")]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "not empty and was not written by phitune export" in capsys.readouterr().err
 
 
 def test_merge_writes_every_stop_id_and_the_bases_tokenizer_files(tmp_path):

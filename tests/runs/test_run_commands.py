@@ -126,7 +126,7 @@ def test_merge_replaces_only_an_earlier_merge_and_only_when_forced(run_dir, tmp_
 
     out = tmp_path / "m"
     merge(run_dir["run"], out, verbose=False)
-    with pytest.raises(ConfigError, match=r"holds an earlier merged model; pass --force"):
+    with pytest.raises(ConfigError, match=r"merge --out: .* holds an earlier phitune merge output; pass --force"):
         merge(run_dir["run"], out)
     merge(run_dir["run"], out, force=True, dtype="bfloat16", verbose=False)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"

@@ -199,3 +199,71 @@ def test_sigkill_during_a_checkpoint_save_then_resume_auto(reference, tiny_model
     assert result.metrics["train_loss"] == ref_final["train_loss"]
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-6"]
+
+
+class _FullDisk:
+    """An optimizer whose state cannot be written: torch.save's zip writer fails as on a full disk."""
+
+    def state_dict(self):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+
+def _tiny_lora_model():
+    from phitune.adapt import add_lora
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+    model = Tiny()
+    add_lora(model, {"r": 2, "lora_alpha": 4, "target_modules": ["proj"]})
+    return model
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
+    from phitune.errors import StorageError
+
+    model = _tiny_lora_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    save = dict(model=model, scheduler=scheduler, data_position={"epoch": 0, "micro_batch": 2}, settings={"a": 1})
+    first = ckpt.save_checkpoint(tmp_path, 2, optimizer=optimizer, **save)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    # the same step saved again (as after a resume from an older checkpoint), failing midway
+    with pytest.raises(StorageError, match=r"cannot write checkpoint 2: the write failed.*Earlier checkpoints are "
+                                           r"intact"):
+        ckpt.save_checkpoint(tmp_path, 2, optimizer=_FullDisk(), **save)
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert ckpt.checkpoint_problem(first) is None
+    assert os.listdir(tmp_path / "checkpoints") == ["checkpoint-2"]  # the half-written folder is gone
+    again = ckpt.save_checkpoint(tmp_path, 2, optimizer=optimizer, **save)  # replaced whole once it succeeds
+    assert again == first and ckpt.checkpoint_problem(again) is None
+    assert (again / ckpt.TRAINABLE_NAME).read_bytes() != before[ckpt.TRAINABLE_NAME]
+    assert os.listdir(tmp_path / "checkpoints") == ["checkpoint-2"]
+
+
+def test_a_full_disk_while_the_adapter_is_saved_is_reported_as_the_checkpoints_failure(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from phitune.errors import StorageError
+
+    model = _tiny_lora_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def full_disk(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    # save_adapter's own atomic write is nested in the checkpoint's: the message is the checkpoint's
+    with pytest.raises(StorageError, match=r"checkpoints/checkpoint-4/adapter_model\.safetensors: cannot write "
+                                           r"checkpoint 4: the disk is full.*Earlier checkpoints are intact"):
+        ckpt.save_checkpoint(tmp_path, 4, model=model, optimizer=optimizer, scheduler=scheduler,
+                             data_position={"epoch": 0, "micro_batch": 4}, settings={})
+    assert os.listdir(tmp_path / "checkpoints") == []

@@ -40,7 +40,7 @@ class LoraConfig:
 
     def __post_init__(self):
         def bad(key, msg):
-            raise ConfigError(f"peft_config.{key}: {msg}")
+            raise ConfigError(f"peft_config.{key}: {msg}", key=f"peft_config.{key}")
 
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             bad("r", f"must be a positive int (e.g. 16), got {self.r!r}")
@@ -79,14 +79,15 @@ class LoraConfig:
         """target_modules must be set before LoRA is added (preview, which adds none, does without)."""
         if self.target_modules is None:
             raise ConfigError("peft_config.target_modules: not set; use 'all-linear' (the Phi-3 cookbook's choice) or "
-                              "names like ['qkv_proj', 'o_proj']")
+                              "names like ['qkv_proj', 'o_proj']", key="peft_config.target_modules")
 
 
 def _compile(pattern: str, key: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise ConfigError(f"peft_config.{key}: {pattern!r} is not a valid regular expression ({e})") from None
+        raise ConfigError(f"peft_config.{key}: {pattern!r} is not a valid regular expression ({e})",
+                          key=f"peft_config.{key}") from None
 
 
 # peft keys phitune accepts only at their default (they name features phitune does not implement).
@@ -107,6 +108,9 @@ def parse_lora_config(peft_config: Mapping[str, Any] | LoraConfig | None, sectio
         return peft_config
     if hasattr(peft_config, "to_dict") and not isinstance(peft_config, Mapping):  # a peft.LoraConfig
         peft_config = peft_config.to_dict()
+    if peft_config is not None and not isinstance(peft_config, Mapping):
+        raise ConfigError(f"{section}: expected a mapping of keys to values (r, lora_alpha, target_modules, ...), "
+                          f"got {type(peft_config).__name__}", key=section)
     data = dict(peft_config or {})
     for key in ("target_modules", "exclude_modules", "modules_to_save"):
         if isinstance(data.get(key), (set, frozenset)):  # peft.LoraConfig keeps name lists as sets
@@ -114,7 +118,8 @@ def parse_lora_config(peft_config: Mapping[str, Any] | LoraConfig | None, sectio
     if "task_type" in data and data["task_type"] is not None:
         data["task_type"] = str(getattr(data["task_type"], "value", data["task_type"]))
     if str(getattr(data.get("peft_type"), "value", data.get("peft_type") or "LORA")).upper() != "LORA":
-        raise ConfigError(f"{section}.peft_type: {data['peft_type']!r} is not LoRA; phitune only handles LoRA adapters")
+        raise ConfigError(f"{section}.peft_type: {data['peft_type']!r} is not LoRA; phitune only handles LoRA adapters",
+                          key=f"{section}.peft_type")
     for key in _PEFT_BOOKKEEPING:
         data.pop(key, None)
     for key, default in _PEFT_ONLY.items():
@@ -123,5 +128,5 @@ def parse_lora_config(peft_config: Mapping[str, Any] | LoraConfig | None, sectio
             inert = value == default or not value or (isinstance(value, Mapping) and not any(value.values()))
             if not inert:
                 raise ConfigError(f"{section}.{key}={value!r}: phitune does not implement this peft option; "
-                                  "remove the key")
+                                  "remove the key", key=f"{section}.{key}")
     return from_dict(LoraConfig, data, section)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import lora
 from ..errors import AdapterError, ConfigError
-from ..runs.storage import readable_like_the_rest
+from ..runs.atomic import atomic_file, write_text
 from .config import LoraConfig, parse_lora_config
 from .inject import (
     PEFT_PREFIX, LoraReport, adapter_state_dict, add_lora, lora_modules, lora_report, lora_state, set_trainable,
@@ -127,13 +127,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
     # Clone: safetensors refuses tensors sharing storage (tied weights) and non-contiguous views.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
-    for name, write in [(WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-                        (CONFIG_NAME, lambda p: Path(p).write_text(
-                            json.dumps(_adapter_config(model, base_model_name_or_path), indent=2) + "\n"))]:
-        tmp = directory / (name + ".tmp")
-        write(str(tmp))
-        readable_like_the_rest(tmp)
-        os.replace(tmp, directory / name)
+    # Each file is replaced atomically; the weights first, so an adapter_config.json never names weights not yet
+    # written. (Checkpoints write the pair into a staging folder, which makes the pair itself atomic.)
+    with atomic_file(directory / WEIGHTS_NAME, "the adapter weights") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_text(directory / CONFIG_NAME, json.dumps(_adapter_config(model, base_model_name_or_path), indent=2) + "\n",
+               "the adapter config")
     return directory
 
 

@@ -126,45 +126,34 @@ def load_config(source: str | Path | Mapping[str, Any] | RunConfig, overrides: S
     try:
         return build_run_config(data, source=name)
     except ConfigError as exc:
-        item = _overridden(str(exc), given)
+        item = _override_of(exc.key, given)
         if item is not None:  # the value came from the command line: say so, not a line of the file
-            raise ConfigError(f"--set {item}: {exc}") from None
+            raise ConfigError(f"--set {item}: {exc}", key=exc.key) from None
         if name is None:
             raise
-        raise ConfigError(_with_line(str(exc), name, lines)) from None
+        raise ConfigError(f"{name}{_line_of(exc.key, lines)}: {exc}", key=exc.key) from None
 
 
-def _overridden(message: str, given: Mapping[str, str]) -> str | None:
-    """The ``--set`` item whose key the error ``message`` names, if any."""
-    for key in _named_keys(message):
-        for dotted, item in given.items():
-            if dotted == key or "." in key and dotted.startswith(key + "."):
-                return item
+def _override_of(key: str | None, given: Mapping[str, str]) -> str | None:
+    """The ``--set`` item that set ``key`` (the key an error blames), or one beneath it (``data.train=...`` for
+    ``data.train`` or, when a whole section is blamed, any key of it)."""
+    if key is None:
+        return None
+    for dotted, item in given.items():
+        if dotted == key or "." in key and dotted.startswith(key + "."):
+            return item
     return None
 
 
-def _named_keys(message: str) -> list[str]:
-    """The dotted config keys an error message names (``section.key ...`` or ``section: unknown key 'k'``), most
-    specific first."""
-    m = re.match(r"[A-Za-z_]\w*(?:\.\w+)*", message)
-    head = m.group(0) if m else ""
-    out = []
-    m = re.search(r"unknown key '([^']+)'", message)
-    if m:
-        out.append(f"{head}.{m.group(1)}")
-    m2 = re.search(r"unknown config section '([^']+)'", message)
-    if m2:
-        out.append(m2.group(1))
-    return out + [head]
-
-
-def _with_line(message: str, path: str, lines: Mapping[str, int]) -> str:
-    """Prefix ``message`` with ``path:line`` of the key it names (``section.key: ...`` or ``unknown key 'k'``)."""
-    head = message.split(":", 1)[0].strip()
-    for c in _named_keys(message) + [head.split(".")[0]]:
-        if c in lines:
-            return f"{path}:{lines[c]}: {message}"
-    return f"{path}: {message}"
+def _line_of(key: str | None, lines: Mapping[str, int]) -> str:
+    """``:LINE`` of ``key`` in the YAML file, or of the closest enclosing key written there (a key left at its
+    default is blamed on its section); empty when none is."""
+    parts = key.split(".") if key else []
+    for n in range(len(parts), 0, -1):
+        line = lines.get(".".join(parts[:n]))
+        if line is not None:
+            return f":{line}"
+    return ""
 
 
 RUN_STATUS_PREFIX = "# phitune run: "

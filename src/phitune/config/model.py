@@ -40,16 +40,17 @@ def build_quantization_config(data: Any) -> QuantizationConfig:
         return QuantizationConfig()
     if not isinstance(data, Mapping):
         raise ConfigError("model.quantization: expected a mapping like {type: nf4, double_quant: true, "
-                          f"compute_dtype: bfloat16}}, got {data!r}")
+                          f"compute_dtype: bfloat16}}, got {data!r}", key="model.quantization")
     data = dict(data)
     for key in ("load_in_4bit", "load_in_8bit"):
         if key in data:
             raise ConfigError(f"model.quantization.{key}: not a key of this section; set model.load_in_4bit: true one "
-                              "level up (phitune quantizes to 4-bit only)")
+                              "level up (phitune quantizes to 4-bit only)", key=f"model.quantization.{key}")
     for old, new in _BNB_ALIASES.items():
         if old in data:
             if new in data:
-                raise ConfigError(f"model.quantization: both '{old}' and '{new}' are set; keep '{new}'")
+                raise ConfigError(f"model.quantization: both '{old}' and '{new}' are set; keep '{new}'",
+                                  key=f"model.quantization.{old}")
             data[new] = data.pop(old)
     if isinstance(data.get("compute_dtype"), str) or hasattr(data.get("compute_dtype"), "is_floating_point"):
         data["compute_dtype"] = str(data["compute_dtype"]).replace("torch.", "")
@@ -86,7 +87,8 @@ class ModelConfig:
         self.name_or_path = shipped_model(self.name_or_path)
         self.tokenizer = shipped_model(self.tokenizer)
         if self.model_max_length is not None and self.model_max_length < 1:
-            raise ConfigError(f"model.model_max_length must be >= 1, got {self.model_max_length}")
+            raise ConfigError(f"model.model_max_length must be >= 1, got {self.model_max_length}",
+                              key="model.model_max_length")
         self.quantization = build_quantization_config(self.quantization)
         self.notes.extend(filter(None, [quantization_note(self.load_in_4bit, self.quantization)]))
 
@@ -100,7 +102,8 @@ def shipped_model(name):
     if isinstance(name, str) and name.startswith("phitune:"):
         if name not in SHIPPED_MODELS:
             raise ConfigError(f"model.name_or_path: {name!r} is not a model shipped with phitune"
-                              f"{suggest(name, SHIPPED_MODELS)}; shipped: {', '.join(SHIPPED_MODELS)}")
+                              f"{suggest(name, SHIPPED_MODELS)}; shipped: {', '.join(SHIPPED_MODELS)}",
+                              key="model.name_or_path")
         return str(SHIPPED_MODELS[name])
     return name
 
@@ -120,13 +123,14 @@ def build_model_config(data: Any) -> ModelConfig:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"model: expected a Hub id, a folder, or a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(f"model: expected a Hub id, a folder, or a mapping of keys, got {type(data).__name__}",
+                          key="model")
     data, notes = remap_keys("model", data, _MODEL_ALIASES, _MODEL_INERT)
     if "dtype" in data and data["dtype"] in ("bf16", "fp16", "fp32", "float", "half"):
         data["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(data["dtype"], "float32")
     cfg = from_dict(ModelConfig, data, "model")
     if not cfg.name_or_path:
         raise ConfigError("model.name_or_path is required: a Hugging Face Hub id (e.g. "
-                          "microsoft/Phi-3-mini-4k-instruct) or a local model folder")
+                          "microsoft/Phi-3-mini-4k-instruct) or a local model folder", key="model.name_or_path")
     cfg.notes.extend(notes)
     return cfg

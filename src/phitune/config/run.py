@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import yaml
 
 from .._typed import suggest
-from ..adapt.config import parse_lora_config
+from ..adapt.config import LoraConfig, parse_lora_config
 from ..data.config import DataConfig
 from ..errors import ConfigError
 from .model import ModelConfig, build_model_config
@@ -23,13 +23,22 @@ SECTIONS = ("model", "data", "training_config", "peft_config")
 
 @dataclass
 class RunConfig:
-    """The four sections of a run. ``data`` is a phitune.data.DataConfig, ``peft_config`` a phitune.adapt.LoraConfig."""
+    """The four sections of a run (each section's dataclass lives with the code that reads it: ``data`` in
+    phitune.data, ``peft_config`` in phitune.adapt; both modules are leaves that import no torch)."""
 
     model: ModelConfig
-    data: Any
+    data: DataConfig
     training_config: TrainingConfig
-    peft_config: Any
+    peft_config: LoraConfig
     source: str | None = dataclasses.field(default=None, compare=False)  # the YAML file, for messages
+
+    def __post_init__(self):
+        # a dict in a section would fail much later, inside training; build_run_config turns dicts into sections
+        for name, cls in _SECTION_TYPES.items():
+            value = getattr(self, name)
+            if not isinstance(value, cls):
+                raise ConfigError(f"{name}: expected a {cls.__name__}, got {type(value).__name__}; build the "
+                                  "config with phitune.config.load_config or build_run_config", key=name)
 
     @property
     def notes(self) -> list[str]:
@@ -45,6 +54,10 @@ class RunConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+_SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "training_config": TrainingConfig,
+                  "peft_config": LoraConfig}
 
 
 def _section_dict(obj) -> Any:
@@ -77,7 +90,7 @@ def build_run_config(sections: Mapping[str, Any], source: str | None = None) -> 
     for key in sections:
         if key not in SECTIONS:
             raise ConfigError(f"unknown config section '{key}'{suggest(key, SECTIONS)}; the sections are "
-                              f"{', '.join(SECTIONS)}")
+                              f"{', '.join(SECTIONS)}", key=str(key))
     model = build_model_config(sections.get("model"))
     training = build_training_config(sections.get("training_config"))
     data = _build_data_config(sections.get("data"))
@@ -89,5 +102,6 @@ def _build_data_config(value) -> DataConfig:
     if isinstance(value, DataConfig):
         return value
     if value is None:
-        raise ConfigError("data: the section is required (at least data.train: a file, folder or Hub dataset)")
+        raise ConfigError("data: the section is required (at least data.train: a file, folder or Hub dataset)",
+                          key="data")
     return DataConfig.from_any(value)

@@ -93,44 +93,57 @@ class TrainingConfig:
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps", "save_steps"):
             if getattr(self, key) < 1:
-                raise ConfigError(f"training_config.{key} must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(f"training_config.{key} must be >= 1, got {getattr(self, key)}",
+                                  key=f"training_config.{key}")
         if self.eval_generate < 0:
-            raise ConfigError(f"training_config.eval_generate must be >= 0 (0: off), got {self.eval_generate}")
+            raise ConfigError(f"training_config.eval_generate must be >= 0 (0: off), got {self.eval_generate}",
+                              key="training_config.eval_generate")
         if self.eval_steps is not None and self.eval_steps < 1:
-            raise ConfigError(f"training_config.eval_steps must be >= 1, got {self.eval_steps}")
+            raise ConfigError(f"training_config.eval_steps must be >= 1, got {self.eval_steps}",
+                              key="training_config.eval_steps")
         if self.learning_rate <= 0:
-            raise ConfigError(f"training_config.learning_rate must be > 0, got {self.learning_rate}")
+            raise ConfigError(f"training_config.learning_rate must be > 0, got {self.learning_rate}",
+                              key="training_config.learning_rate")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"training_config.max_steps must be -1 (use num_train_epochs) or >= 1, "
-                              f"got {self.max_steps}")
+                              f"got {self.max_steps}", key="training_config.max_steps")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
-            raise ConfigError(f"training_config.num_train_epochs must be > 0, got {self.num_train_epochs}")
+            raise ConfigError(f"training_config.num_train_epochs must be > 0, got {self.num_train_epochs}",
+                              key="training_config.num_train_epochs")
         if self.warmup_steps < 0 or not 0 <= self.warmup_ratio <= 1:
             raise ConfigError("training_config.warmup_steps must be >= 0 and warmup_ratio in [0, 1], got "
-                              f"{self.warmup_steps} and {self.warmup_ratio}")
+                              f"{self.warmup_steps} and {self.warmup_ratio}",
+                              key=f"training_config.{'warmup_steps' if self.warmup_steps < 0 else 'warmup_ratio'}")
         if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
             raise ConfigError(f"training_config.warmup_steps: a whole number of steps, or a fraction < 1, "
-                              f"got {self.warmup_steps}")
+                              f"got {self.warmup_steps}", key="training_config.warmup_steps")
         if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise ConfigError(f"training_config.save_total_limit must be >= 1 or null, got {self.save_total_limit}")
+            raise ConfigError(f"training_config.save_total_limit must be >= 1 or null, got {self.save_total_limit}",
+                              key="training_config.save_total_limit")
         if self.bf16 and self.fp16:
-            raise ConfigError("training_config: bf16 and fp16 are both true; choose one")
+            raise ConfigError("training_config: bf16 and fp16 are both true; choose one",
+                              key="training_config.fp16")
         if self.max_grad_norm < 0:
-            raise ConfigError(f"training_config.max_grad_norm must be >= 0, got {self.max_grad_norm}")
+            raise ConfigError(f"training_config.max_grad_norm must be >= 0, got {self.max_grad_norm}",
+                              key="training_config.max_grad_norm")
         for key in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, key) < 1:
-                raise ConfigError(f"training_config.{key} must be in [0, 1), got {getattr(self, key)}")
+                raise ConfigError(f"training_config.{key} must be in [0, 1), got {getattr(self, key)}",
+                                  key=f"training_config.{key}")
         if self.adam_epsilon <= 0:
-            raise ConfigError(f"training_config.adam_epsilon must be > 0 (e.g. 1e-8), got {self.adam_epsilon}")
+            raise ConfigError(f"training_config.adam_epsilon must be > 0 (e.g. 1e-8), got {self.adam_epsilon}",
+                              key="training_config.adam_epsilon")
         if self.weight_decay < 0:
-            raise ConfigError(f"training_config.weight_decay must be >= 0, got {self.weight_decay}")
+            raise ConfigError(f"training_config.weight_decay must be >= 0, got {self.weight_decay}",
+                              key="training_config.weight_decay")
         self.report_to = _report_to(self.report_to)
         if self.ddp_backend is not None and self.ddp_backend not in DDP_BACKENDS:
             raise ConfigError(f"training_config.ddp_backend: unknown backend '{self.ddp_backend}'"
                               f"{suggest(self.ddp_backend, DDP_BACKENDS)}; use one of {', '.join(DDP_BACKENDS)} "
-                              "(or leave it unset: nccl on CUDA, gloo on CPU)")
+                              "(or leave it unset: nccl on CUDA, gloo on CPU)", key="training_config.ddp_backend")
         if self.ddp_timeout < 1:
-            raise ConfigError(f"training_config.ddp_timeout must be >= 1 second, got {self.ddp_timeout}")
+            raise ConfigError(f"training_config.ddp_timeout must be >= 1 second, got {self.ddp_timeout}",
+                              key="training_config.ddp_timeout")
         self.fsdp = _fsdp_options(self.fsdp)
         self.fsdp_config, fsdp_notes = _fsdp_config(self.fsdp_config, self.fsdp)
         self.notes.extend(fsdp_notes)
@@ -171,12 +184,15 @@ def _fsdp_options(value) -> list[str]:
     for n in names:
         if n == "hybrid_shard" or n == "hybrid_shard_zero2":
             raise ConfigError(f"training_config.fsdp: {n} (shard within a node, replicate across nodes) is not "
-                              "supported; use full_shard, which shards across every process of every node")
+                              "supported; use full_shard, which shards across every process of every node",
+                              key="training_config.fsdp")
         if n not in FSDP_OPTIONS:
             raise ConfigError(f"training_config.fsdp: unknown option '{n}'{suggest(n, FSDP_OPTIONS)}; use any of "
-                              f"{', '.join(FSDP_OPTIONS)} (e.g. fsdp: full_shard), or leave it unset for DDP")
+                              f"{', '.join(FSDP_OPTIONS)} (e.g. fsdp: full_shard), or leave it unset for DDP",
+                              key="training_config.fsdp")
     if "full_shard" in names and "shard_grad_op" in names:
-        raise ConfigError("training_config.fsdp: full_shard and shard_grad_op are both set; choose one")
+        raise ConfigError("training_config.fsdp: full_shard and shard_grad_op are both set; choose one",
+                          key="training_config.fsdp")
     if not {"full_shard", "shard_grad_op"} & set(names):
         names.insert(0, "full_shard")  # "offload" or "auto_wrap" alone: TrainingArguments shards fully too
     return names
@@ -194,12 +210,13 @@ def _fsdp_config(value, fsdp: list[str]) -> tuple[dict, list[str]]:
         elif name not in FSDP_CONFIG_KEYS:
             raise ConfigError(f"training_config.fsdp_config: unknown key '{key}'"
                               f"{suggest(name, FSDP_CONFIG_KEYS + _FSDP_CONFIG_INERT)}; "
-                              f"phitune reads {', '.join(FSDP_CONFIG_KEYS)}")
+                              f"phitune reads {', '.join(FSDP_CONFIG_KEYS)}", key=f"training_config.fsdp_config.{key}")
         else:
             out[name] = v
     if out.get("version", 2) not in (2, "2"):
         raise ConfigError(f"training_config.fsdp_config.version: {out['version']!r}; phitune uses FSDP2 "
-                          "(torch.distributed.fsdp.fully_shard) only; set version: 2 or remove the key")
+                          "(torch.distributed.fsdp.fully_shard) only; set version: 2 or remove the key",
+                          key="training_config.fsdp_config.version")
     layer_cls = out.get("transformer_layer_cls_to_wrap")
     if isinstance(layer_cls, str):
         out["transformer_layer_cls_to_wrap"] = [c.strip() for c in layer_cls.split(",") if c.strip()]
@@ -218,7 +235,7 @@ def _report_to(value) -> list[str]:
     for n in names:
         if n not in REPORT_BACKENDS:
             raise ConfigError(f"training_config.report_to: unknown backend '{n}'{suggest(n, REPORT_BACKENDS)}; "
-                              f"use none, all, or any of {', '.join(REPORT_BACKENDS)}")
+                              f"use none, all, or any of {', '.join(REPORT_BACKENDS)}", key="training_config.report_to")
     return names
 
 
@@ -278,7 +295,8 @@ def _training_key_note(key: str, value: Any) -> str | None:
     fix = f" or set it to {default!r}" if default is not _NO_LITERAL else ""
     raise ConfigError(
         f"training_config.{key}: {value!r} asks for a TrainingArguments feature phitune does not implement "
-        f"(its own training loop has no such option); remove the key{fix}"
+        f"(its own training loop has no such option); remove the key{fix}",
+        key=f"training_config.{key}",
     )
 
 
@@ -288,7 +306,8 @@ def build_training_config(data: Any) -> TrainingConfig:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"training_config: expected a mapping of keys to values, got {type(data).__name__}")
+        raise ConfigError(f"training_config: expected a mapping of keys to values, got {type(data).__name__}",
+                          key="training_config")
     data, notes = remap_keys("training_config", data, _TRAINING_ALIASES, _TRAINING_INERT)
     known = {f.name for f in dataclasses.fields(TrainingConfig) if f.init}
     kept = {}

@@ -66,22 +66,26 @@ class DataConfig:
 
     def __post_init__(self):
         if self.max_seq_length < 8:
-            raise ConfigError(f"data.max_seq_length: must be at least 8, got {self.max_seq_length}")
+            raise ConfigError(f"data.max_seq_length: must be at least 8, got {self.max_seq_length}",
+                              key="data.max_seq_length")
         if self.eval_split is not None:
             es = self.eval_split
             if isinstance(es, float) and not 0.0 < es < 1.0:
-                raise ConfigError(f"data.eval_split: a fraction must be in (0, 1), got {es}; use an int for a count")
+                raise ConfigError(f"data.eval_split: a fraction must be in (0, 1), got {es}; use an int for a count",
+                                  key="data.eval_split")
             if isinstance(es, int) and es < 1:
-                raise ConfigError(f"data.eval_split: a count must be >= 1, got {es}")
+                raise ConfigError(f"data.eval_split: a count must be >= 1, got {es}", key="data.eval_split")
             if self.eval is not None:
-                raise ConfigError("data: set either eval (a separate source) or eval_split, not both")
+                raise ConfigError("data: set either eval (a separate source) or eval_split, not both",
+                                  key="data.eval_split")
         for k in self.columns:
             if k not in DEFAULT_COLUMNS:
                 raise ConfigError(f"data.columns: unknown column role '{k}'{suggest(k, DEFAULT_COLUMNS)}. "
-                                  f"Known: {', '.join(DEFAULT_COLUMNS)}")
+                                  f"Known: {', '.join(DEFAULT_COLUMNS)}", key=f"data.columns.{k}")
         for k, v in self.role_map.items():
             if v not in ("system", "user", "assistant"):
-                raise ConfigError(f"data.role_map.{k}: must map to system, user or assistant, got {v!r}")
+                raise ConfigError(f"data.role_map.{k}: must map to system, user or assistant, got {v!r}",
+                                  key=f"data.role_map.{k}")
 
     def column(self, name: str) -> str:
         return self.columns.get(name, DEFAULT_COLUMNS[name])

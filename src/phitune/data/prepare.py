@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
+from ..runs.atomic import atomic_folder, is_leftover
 from .batching import packing_efficiency
 from .config import DataConfig
 from .formats import detect_format, normalize
@@ -417,62 +418,62 @@ def prepare_data(cfg: DataConfig | dict | Any, tokenizer) -> PreparedData:
 
     os.makedirs(root, exist_ok=True)
     _remove_orphans(root)
+    if cfg.cache:
+        with atomic_folder(folder, "the data cache", fix="free space or set data.cache_dir elsewhere") as tmp:
+            _write_prepared(str(tmp), sources, checked, cfg, tokenizer, key)
+        return _load(folder, cfg, tokenizer, hit=False)
+    # cache: false: the samples are read from this scratch folder while the process uses them; removed at exit
     tmp = tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=root)
     try:
-        stats: dict = {"cache": {"key": key}}
-        f_train, ok_train, bad_train = checked["train"]
-        renderer = Renderer(tokenizer, cfg, f_train)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        if "eval" in sources:
-            w = {"train": SampleWriter(os.path.join(tmp, "train"))}
-            st = _tokenize(sources["train"], ok_train, renderer, cfg, w, None)
-            f_eval, ok_eval, bad_eval = checked["eval"]
-            r_eval = renderer if f_eval == f_train else Renderer(tokenizer, cfg, f_eval)
-            we = {"eval": SampleWriter(os.path.join(tmp, "eval"))}
-            st.update(_tokenize(sources["eval"], ok_eval, r_eval, cfg, we, None, "eval"))
-            w.update(we)
-            n_rec = {"train": len(ok_train), "eval": len(ok_eval)}
-            bads = {"train": bad_train, "eval": bad_eval}
-            fmts = {"train": f_train, "eval": f_eval}
-        else:
-            route = _eval_route(ok_train, cfg.eval_split, cfg.seed) if cfg.eval_split is not None else None
-            w = {"train": SampleWriter(os.path.join(tmp, "train"))}
-            if route is not None:
-                w["eval"] = SampleWriter(os.path.join(tmp, "eval"))
-            st = _tokenize(sources["train"], ok_train, renderer, cfg, w, route)
-            if route is not None:
-                n_rec = {"train": int((~route).sum()), "eval": int(route.sum())}
-            else:
-                n_rec = {"train": len(ok_train)}
-            bads = {"train": bad_train, "eval": None}
-            fmts = {"train": f_train, "eval": f_train}
-        for name, wr in w.items():
-            wr.close(pad_token_id=pad)
-            s = TokenizedSamples(os.path.join(tmp, name))
-            stats[name] = _split_stats(n_rec[name], bads[name], st[name], s, fmts[name], cfg)
-        _check_truncation(stats, cfg)
-        for name in w:
-            if stats[name]["samples"] == 0:
-                sn = stats[name]
-                raise DataError(f"data.{name}: no sample is left to train on ({_dropped_text(sn)}). Fix: raise "
-                                f"data.max_seq_length ({sn['fit_max_seq_length']['100%']} fits every sample), or "
-                                "check data.train_on")
-        stats["options"] = {"max_seq_length": cfg.max_seq_length, "train_on": cfg.train_on,
-                            "packing": cfg.packing, "on_bad_record": cfg.on_bad_record,
-                            "bos": renderer.bos_id is not None, "require_alternation": renderer.require_alternation}
-        with open(os.path.join(tmp, "stats.json"), "w") as f:
-            json.dump(stats, f, indent=1)
-        if cfg.cache:
-            if os.path.exists(folder):
-                shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-            return _load(folder, cfg, tokenizer, hit=False)
-        # cache: false: the samples are read from this folder while the process uses them; remove it at exit
-        atexit.register(shutil.rmtree, tmp, True)
-        return _load(tmp, cfg, tokenizer, hit=False)
+        _write_prepared(tmp, sources, checked, cfg, tokenizer, key)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    atexit.register(shutil.rmtree, tmp, True)
+    return _load(tmp, cfg, tokenizer, hit=False)
+
+
+def _write_prepared(tmp: str, sources: dict, checked: dict, cfg: DataConfig, tokenizer, key: str) -> None:
+    """Tokenize the checked records into ``tmp``: one sample store per split and stats.json."""
+    stats: dict = {"cache": {"key": key}}
+    f_train, ok_train, bad_train = checked["train"]
+    renderer = Renderer(tokenizer, cfg, f_train)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if "eval" in sources:
+        w = {"train": SampleWriter(os.path.join(tmp, "train"))}
+        st = _tokenize(sources["train"], ok_train, renderer, cfg, w, None)
+        f_eval, ok_eval, bad_eval = checked["eval"]
+        r_eval = renderer if f_eval == f_train else Renderer(tokenizer, cfg, f_eval)
+        w["eval"] = SampleWriter(os.path.join(tmp, "eval"))
+        st.update(_tokenize(sources["eval"], ok_eval, r_eval, cfg, {"eval": w["eval"]}, None, "eval"))
+        n_rec = {"train": len(ok_train), "eval": len(ok_eval)}
+        bads = {"train": bad_train, "eval": bad_eval}
+        fmts = {"train": f_train, "eval": f_eval}
+    else:
+        route = _eval_route(ok_train, cfg.eval_split, cfg.seed) if cfg.eval_split is not None else None
+        w = {"train": SampleWriter(os.path.join(tmp, "train"))}
+        if route is not None:
+            w["eval"] = SampleWriter(os.path.join(tmp, "eval"))
+        st = _tokenize(sources["train"], ok_train, renderer, cfg, w, route)
+        n_rec = {"train": len(ok_train)} if route is None else {"train": int((~route).sum()), "eval": int(route.sum())}
+        bads = {"train": bad_train, "eval": None}
+        fmts = {"train": f_train, "eval": f_train}
+    for name, wr in w.items():
+        wr.close(pad_token_id=pad)
+        s = TokenizedSamples(os.path.join(tmp, name))
+        stats[name] = _split_stats(n_rec[name], bads[name], st[name], s, fmts[name], cfg)
+    _check_truncation(stats, cfg)
+    for name in w:
+        if stats[name]["samples"] == 0:
+            sn = stats[name]
+            raise DataError(f"data.{name}: no sample is left to train on ({_dropped_text(sn)}). Fix: raise "
+                            f"data.max_seq_length ({sn['fit_max_seq_length']['100%']} fits every sample), or "
+                            "check data.train_on")
+    stats["options"] = {"max_seq_length": cfg.max_seq_length, "train_on": cfg.train_on,
+                        "packing": cfg.packing, "on_bad_record": cfg.on_bad_record,
+                        "bos": renderer.bos_id is not None, "require_alternation": renderer.require_alternation}
+    with open(os.path.join(tmp, "stats.json"), "w") as f:
+        json.dump(stats, f, indent=1)
 
 
 def _remove_orphans(root: str) -> None:
@@ -480,7 +481,7 @@ def _remove_orphans(root: str) -> None:
     ``.tmp-PID-*`` folder behind, which would otherwise hold its tokens on disk for good."""
     for name in os.listdir(root):
         parts = name.split("-")
-        if not name.startswith(".tmp-") or len(parts) < 3 or not parts[1].isdigit():
+        if is_leftover(name) or not name.startswith(".tmp-") or len(parts) < 3 or not parts[1].isdigit():
             continue
         try:
             os.kill(int(parts[1]), 0)

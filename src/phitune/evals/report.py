@@ -14,11 +14,14 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..runs.atomic import write_text
+
 
 _LABELS = {"exact_match": "exact match", "token_f1": "token F1", "rouge_l": "ROUGE-L",
            "answer_tokens": "answer length (tokens)", "stopped": "ended its turn", "eval_loss": "eval loss",
            "eval_perplexity": "eval perplexity"}
 _SHARES = ("exact_match", "stopped")  # shown as percentages
+_FIX = "free space or make the folder writable, then run the evaluation again (the files there are intact)"
 
 
 def read_generation_history(records: Sequence[dict]) -> dict[str, Any]:
@@ -44,11 +47,7 @@ def dump_json(value: Any) -> str:
 
 def write_samples(path: str | Path, samples: Sequence[dict]) -> Path:
     """One JSON object per sample: index, prompt, reference, tuned (answer + scores), base, verdict."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(dump_json(s) + "\n" for s in samples), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(path, "".join(dump_json(s) + "\n" for s in samples), "the eval samples", fix=_FIX)
 
 
 def _fmt(key: str, value: Any, signed: bool = False) -> str:
@@ -281,10 +280,7 @@ def write_report(path: str | Path, summary: dict, samples: Sequence[dict], *, tr
     parts.append("<script type='application/json' id='summary'>" + dump_json(summary).replace("</", "<\\/") +
                  "</script>")
     parts.append(f"<script>{_JS}</script></body></html>")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(parts), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(path, "".join(parts), "the eval report", fix=_FIX)
 
 
 def read_summary(report_html: str) -> dict:

@@ -7,11 +7,12 @@
     phitune.export("runs/phi3-lora", to="vllm", out="phi3-vllm-adapter")  # prints the `vllm serve` command
 
 The model targets (gguf, ollama, onnx) start from the merged model (:func:`phitune.runs.merge.merge`, float32, so a
-QLoRA
-run is dequantized first); ``--adapter`` (gguf) and vllm start from the adapter. Every export is built in a hidden
-folder next to ``out`` and renamed into place at the end, so a failure leaves nothing half-written; ``out`` must not
-exist, or (``force=True``) be a folder an earlier export wrote (it holds ``phitune_export.json``). Each target checks
-its result itself and reports it (:attr:`ExportResult.parity`).
+QLoRA run is dequantized first); ``--adapter`` (gguf) and vllm start from the adapter. Every export is built in a
+hidden folder next to ``out`` and swapped into place at the end (:func:`phitune.runs.atomic.atomic_folder`), so a
+failure leaves nothing half-written. ``out`` follows the policy of every phitune output folder
+(:func:`phitune.runs.ownership.check_output_folder`): new or empty, or (``force=True``) an earlier export (it holds
+``phitune_export.json``); anything else is refused. Each target checks its result itself and reports it
+(:attr:`ExportResult.parity`).
 
 One file per target: to_gguf.py (the gguf package's writer; tokenizer, chat template, LoRA), to_ollama.py (Modelfile),
 to_onnx.py (onnxruntime-genai's model builder), to_vllm.py (adapter with folded scales, the serve command).
@@ -23,15 +24,15 @@ import dataclasses
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..runs.merge import merge
+from ..runs import ownership
+from ..runs.atomic import atomic_folder, scratch_folder
 from ..runs.folder import CONFIG_FILE, base_tokenizer_file, load_run_config, open_run
+from ..runs.merge import merge
 from .common import ExportError, Source
 from .to_gguf import write_gguf_adapter, write_gguf_model
 from .to_ollama import write_modelfile
@@ -40,7 +41,7 @@ from .to_vllm import write_vllm
 
 TARGETS = ("gguf", "ollama", "onnx", "vllm")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-MARKER = "phitune_export.json"
+MARKER = ownership.EXPORT_MARKER
 INSTALL_HINT = 'pip install "phitune[export]"'
 
 
@@ -80,7 +81,7 @@ def export(
     ``adapter`` (gguf): write the LoRA adapter as a GGUF LoRA instead of the merged model.
     ``precision`` (onnx): fp32 or int4 on the CPU (default fp32), fp16 or int4 with ``execution_provider`` cuda/dml.
     ``name``: the model's name in the GGUF metadata / the vLLM LoRA name (default: the run folder's name).
-    ``force``: replace ``out`` if an earlier ``phitune export`` wrote it (never another folder).
+    ``force``: replace ``out`` if an earlier ``phitune export`` wrote it (never another non-empty folder).
     ``trust_remote_code``: allow the code of a run whose config asks for it
     (see ``phitune.runs.folder.load_run_config``).
     Prints where it wrote, the size, and the parity figure it measured; returns an :class:`ExportResult`.
@@ -109,20 +110,14 @@ def export(
         _require("onnxruntime_genai", "onnx", "onnx_ir", "onnxruntime")
 
     started = time.time()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.phitune-export-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
-    try:
+    with atomic_folder(out, f"the {to} export", fix="free space or choose another folder (--out DIR)") as staging:
         label = name or (source.run.root.name if source.run else source.model_dir.name)
         if to == "vllm":
             parity, details = write_vllm(source, staging, label, out.resolve())
         elif adapter:
             parity, details = write_gguf_adapter(source, staging / f"{_slug(label)}-lora.gguf", outtype or "f32", label)
         else:
-            work = Path(tempfile.mkdtemp(prefix=".phitune-merged-", dir=out.parent))
-            try:
+            with scratch_folder(out, "merged") as work:  # the merged model, on the export's disk; never exported
                 model_dir = _merged(source, work / "merged", device, trust_remote_code)
                 if to == "onnx":
                     parity, details = write_onnx(model_dir, staging, precision, execution_provider, work / "cache")
@@ -133,16 +128,10 @@ def export(
                         details.update(write_modelfile(model_dir, staging, gguf_path.name))
                         details["next_steps"] = [f"ollama: cd {out} && ollama create {_slug(label).lower()} -f "
                                                  f"Modelfile && ollama run {_slug(label).lower()}"]
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
         info = {"target": to, "source": str(source.run.adapter_dir if source.run else source.model_dir),
                 "outtype": outtype, "adapter": adapter, "precision": precision, "parity": parity,
                 "details": {k: v for k, v in details.items() if isinstance(v, (str, int, float, bool, list))}}
         (staging / MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     size = sum((out / f).stat().st_size for f in files)
     result = ExportResult(out, to, files, size, parity, details)
@@ -201,27 +190,8 @@ def _check_out(out: Path, source: Source, force: bool) -> None:
     inside = source.run.root if source.run else source.model_dir
     if out.resolve() == inside.resolve() or inside.resolve() in out.resolve().parents:
         raise ConfigError(f"--out '{out}' is inside the folder being exported; choose a folder outside it")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ConfigError(f"--out '{out}' is a file; choose a new folder name")
-    if not force:
-        raise ConfigError(f"--out '{out}' already exists; choose a new folder (--out), or pass --force to replace it "
-                          "(only a folder an earlier `phitune export` wrote)")
-    if not (out / MARKER).is_file():
-        raise ConfigError(f"--out '{out}' exists and was not written by `phitune export` (no {MARKER}); --force only "
-                          "replaces an earlier export. Choose a new folder")
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    old = None
-    if out.exists():  # force: an earlier export, checked by _check_out
-        old = out.parent / f".{out.name}.phitune-export-old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    ownership.check_output_folder(out, what="export --out", owned=ownership.is_export_folder, owner="phitune export",
+                                  choose="choose a new or empty folder (--out DIR)", replace=force, create=False)
 
 
 def _slug(text: str) -> str:

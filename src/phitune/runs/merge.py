@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from ..errors import ConfigError
 from ..generation.generate import build_prompt_ids, stop_token_ids
 from ..models.loading import load_model_and_tokenizer
 from ..runs import ownership as outdir
+from ..runs.atomic import atomic_folder
 from ..runs.folder import copy_base_tokenizer_files, load_run_config, load_run_model, open_run
 
 # --- merge ----------------------------------------------------------------------------------------------------------
@@ -59,12 +59,9 @@ def merge(
     if out.resolve() in (run.root.resolve(), run.adapter_dir.resolve()):
         raise ConfigError(f"the output folder '{out}' is the run folder itself; choose a new folder for the merged "
                           "model")
-    earlier = out.is_dir() and any(out.iterdir())
     outdir.check_output_folder(out, what="merge --out", owned=outdir.is_merge_folder, owner="phitune merge",
-                               choose="choose a new or empty folder for the merged model (--out DIR)")
-    if earlier and not force:
-        raise ConfigError(f"merge --out: '{out}' holds an earlier merged model; pass --force (force=True) to replace "
-                          "it, or choose a new or empty folder (--out DIR)")
+                               choose="choose a new or empty folder for the merged model (--out DIR)",
+                               replace=force, create=False)
 
     started = time.time()
     config = load_run_config(run.root, trust_remote_code=trust_remote_code)
@@ -94,12 +91,9 @@ def merge(
     model.config.use_cache = True
     weights_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
 
-    # Write next to the target, then move in: a crash mid-save never leaves a half-written model in ``out``.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.phitune-merge-tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    try:
+    # Built next to ``out`` and swapped in whole: a crash mid-save never leaves a half-written model, and shards of
+    # an earlier merge never mix with the new ones.
+    with atomic_folder(out, "the merged model", fix="free space or choose another folder (--out DIR)") as staging:
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         copy_base_tokenizer_files(config.model, run.root, staging, tokenizer)
@@ -112,19 +106,7 @@ def merge(
             "sample_input_tokens": len(ids),
             "quantized_base": quantized,
         }
-        (staging / "phitune_merge.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        out.mkdir(parents=True, exist_ok=True)
-        written = {p.name for p in staging.iterdir()}
-        for stale in out.glob("model*.safetensors*"):  # shards of an earlier merge would mix with the new ones
-            if stale.name not in written:
-                stale.unlink()
-        for p in staging.iterdir():
-            target = out / p.name
-            if target.is_dir() and not p.is_dir():
-                shutil.rmtree(target)
-            os.replace(p, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        (staging / outdir.MERGE_MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     if verbose:
         print(f"merged {run.adapter_dir} into {config.model.name_or_path} -> {out} ({weights_dtype}, "
               f"{time.time() - started:.1f}s)")

@@ -1,12 +1,14 @@
 """Folders phitune writes: never into one it did not create, and one run at a time.
 
-Every command that writes a folder (``train``'s output_dir, ``demo --out``, ``merge --out``) calls
+Every command that writes a folder (``train``'s output_dir, ``demo --out``, ``merge --out``, ``export --out``) calls
 :func:`check_output_folder` before any slow work. A folder is usable when it does not exist yet, is empty, or holds
 one of the files by which that command recognises its own earlier output (``phitune_config.yaml``, ``phitune.lock``
-or checkpoints for a run; ``phitune_merge.json`` for a merged model). Anything else is refused, even with
-``overwrite_output_dir`` or ``--force``, which only replace phitune's own earlier output: the message names the key
-or flag that picks another folder. A path that is a file, or that cannot be created or written, is refused the same
-way (a ConfigError: exit 2, the path in the message, no traceback).
+or checkpoints for a run; ``phitune_merge.json`` for a merged model; ``phitune_export.json`` for an export).
+Anything else is refused, even with ``overwrite_output_dir`` or ``--force``, which only replace phitune's own earlier
+output: the message names the key or flag that picks another folder. merge and export also refuse their own earlier
+output unless ``--force`` is given (``replace=``); train decides that itself, as it may resume. A path that is a
+file, or that cannot be created or written, is refused the same way (a ConfigError: exit 2, the path in the message,
+no traceback).
 
 A training run holds an advisory lock on its output folder for its whole life (:func:`lock_output_dir`):
 ``fcntl.flock`` on ``OUTPUT_DIR/phitune.lock``, which records the holder's pid, host, start time and command. A
@@ -37,6 +39,7 @@ LOCK_NAME = "phitune.lock"
 DEMO_MARKER = "phitune_demo.json"  # written by `phitune demo` before it trains
 RUN_MARKERS = ("phitune_config.yaml", LOCK_NAME, DEMO_MARKER)
 MERGE_MARKER = "phitune_merge.json"
+EXPORT_MARKER = "phitune_export.json"  # written by `phitune export` into the folder it exports to
 
 
 def is_run_folder(path: Path) -> bool:
@@ -57,12 +60,21 @@ def is_merge_folder(path: Path) -> bool:
     return (path / MERGE_MARKER).is_file()
 
 
-def check_output_folder(path: str | os.PathLike, *, what: str, owned, choose: str, owner: str = "phitune") -> Path:
-    """Refuse ``path`` unless phitune may write there; returns it as a Path (created if missing).
+def is_export_folder(path: Path) -> bool:
+    """Whether ``path`` holds an earlier ``phitune export`` output."""
+    return (path / EXPORT_MARKER).is_file()
+
+
+def check_output_folder(path: str | os.PathLike, *, what: str, owned, choose: str, owner: str = "phitune",
+                        replace: bool | None = None, create: bool = True) -> Path:
+    """Refuse ``path`` unless phitune may write there; returns it as a Path (created if missing and ``create``).
 
     ``what`` names the setting in messages (``training_config.output_dir``, ``--out``); ``owned(path) -> bool``
     recognises the command's own earlier output (``owner`` names its writer in messages); ``choose`` says how to
-    pick another folder.
+    pick another folder. ``replace``: None lets the caller decide about its own earlier output; False refuses it
+    (naming ``--force``), True accepts it. ``create=False``: for a folder written whole by
+    :func:`phitune.runs.atomic.atomic_folder`, which is not created here (a failed command leaves nothing behind);
+    its parent must then be writable.
     """
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
@@ -78,6 +90,15 @@ def check_output_folder(path: str | os.PathLike, *, what: str, owned, choose: st
                 f"{what}: '{path}' is not empty and was not written by {owner} ({_listing(path)}); phitune never "
                 f"deletes or overwrites what it did not create. {choose[0].upper()}{choose[1:]}"
             )
+        if not empty and replace is False:
+            raise ConfigError(f"{what}: '{path}' holds an earlier {owner} output; pass --force (force=True) to "
+                              f"replace it, or {choose}")
+    if not create:  # written whole by runs.atomic.atomic_folder: a sibling is staged, so the parent must be writable
+        parent = next(p for p in path.absolute().parents if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"{what}: cannot create the folder '{path}' ('{parent}' is not a writable folder); "
+                              f"{choose}")
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

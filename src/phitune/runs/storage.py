@@ -3,7 +3,7 @@
 A full disk shows up in different clothes depending on the writer: OSError(ENOSPC) from Python's own files,
 RuntimeError("... unexpected pos ...") or "file write failed" from torch.save's zip writer, a SafetensorError from
 safetensors. ``writing(path)`` turns each into a StorageError (exit 2) that says where and why; the caller has
-already arranged that nothing complete is overwritten (checkpoints are written to a temporary folder first).
+already arranged that nothing complete is overwritten (runs/atomic.py writes everything to a temporary sibling first).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import errno
 import os
 import shutil
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from ..errors import StorageError
@@ -26,6 +27,9 @@ _REASONS = {
     errno.EIO: "an input/output error (a failing disk?)",
 }
 # what torch.save's and safetensors' writers say when the underlying write fails
+_TRAINING_FIX = ("free space or choose a writable training_config.output_dir, then run again "
+                 "(resume_from_checkpoint: auto continues from the last complete checkpoint)")
+_WRITING: ContextVar[str | None] = ContextVar("phitune_writing", default=None)  # the outermost write in progress
 _WRITE_FAILED = ("unexpected pos", "file write failed", "no space left", "write failed", "i/o error")
 
 
@@ -53,22 +57,25 @@ def write_failure(exc: BaseException) -> str | None:
 
 
 @contextmanager
-def writing(path: str | os.PathLike, what: str, keeps: str = ""):
+def writing(path: str | os.PathLike, what: str, keeps: str = "", fix: str | None = None):
     """Run the writes of ``what`` under ``path``; a file-system failure becomes a StorageError naming the path,
-    the reason and the free space (``keeps``: what is still intact, said in the message)."""
+    the reason and the free space (``keeps``: what is still intact; ``fix``: how to recover, by default training's
+    advice: free space or another output_dir, then resume)."""
+    outer = _WRITING.get() is None
+    token = _WRITING.set(what)
     try:
         yield
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001 - classified below; anything else goes on unchanged
         reason = write_failure(exc)
-        if reason is None:
+        if reason is None or not outer:  # nested (an adapter saved into a checkpoint): the outermost one words it
             raise
         where = Path(getattr(exc, "filename", None) or path)
         raise StorageError(f"{where}: cannot write {what}: {reason}{_free_space(Path(path))}."
-                           f"{' ' + keeps if keeps else ''} Fix: free space or choose a writable "
-                           "training_config.output_dir, then run again (resume_from_checkpoint: auto continues from "
-                           "the last complete checkpoint)") from None
+                           f"{' ' + keeps if keeps else ''} Fix: {fix or _TRAINING_FIX}") from None
+    finally:
+        _WRITING.reset(token)
 
 
 def readable_like_the_rest(path: str | os.PathLike) -> None:

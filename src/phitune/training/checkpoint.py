@@ -8,9 +8,13 @@ A checkpoint is a folder ``OUTPUT_DIR/checkpoints/checkpoint-STEP/`` holding
                                                      process under torchrun), data position (global)
     meta.json                                        step, config hash and the hashed settings, written last
 
-It is written into ``checkpoints/.tmp-checkpoint-STEP-PID/``, every file fsynced, then renamed into place
-(``os.replace``, atomic on POSIX), and the parent directory fsynced. A folder named ``checkpoint-STEP`` is therefore
-always complete: a SIGKILL leaves at worst a ``.tmp-*`` folder, which the next save or resume deletes.
+It is written by :func:`phitune.runs.atomic.atomic_folder`: into ``checkpoints/.tmp-checkpoint-STEP-PID-TOKEN/``,
+every file fsynced, then renamed into place (``os.replace``, atomic on POSIX; a step saved again after a resume is
+swapped in by one ``renameat2(RENAME_EXCHANGE)`` on Linux) and ``checkpoints/`` fsynced. ``meta.json`` is written
+last and :func:`list_checkpoints` counts only folders named ``checkpoint-STEP`` that hold it, so a checkpoint listed is
+always complete: a SIGKILL leaves at worst a ``.tmp-*`` folder, which the next save deletes. Rotation renames a
+folder away before deleting it (:func:`phitune.runs.atomic.remove_folder`), so no half-deleted folder keeps the
+name either.
 
 Under torchrun only rank 0 writes (phitune.training.train calls this through ``distributed.on_main``). The data position
 counts micro-batches of the global plan (per-device batch x processes), so a run resumes on any number of processes
@@ -27,7 +31,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,8 @@ from safetensors.torch import load_file, save_file
 
 from ..adapt import save_adapter
 from ..errors import CheckpointError
-from ..runs.storage import readable_like_the_rest, writing
+from ..runs.atomic import atomic_folder, remove_folder
+from ..runs.storage import readable_like_the_rest
 
 log = logging.getLogger("phitune")
 
@@ -154,22 +158,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --- write ------------------------------------------------------------------------------------------------------------
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / CHECKPOINTS
 
@@ -180,31 +168,12 @@ def save_checkpoint(output_dir, step: int, *, model, optimizer, scheduler, data_
     """Write ``checkpoints/checkpoint-STEP`` atomically and return its path (``rng_per_process``: every process's
     ``rng_state()`` under torchrun, so each resumes its own dropout stream). A file-system failure (disk full,
     read-only) is a StorageError naming the path; the earlier checkpoints are untouched."""
-    root = checkpoints_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_temp_folders(root)
-    final = root / f"{PREFIX}{step}"
-    tmp = root / f".tmp-{PREFIX}{step}-{os.getpid()}"
-    try:
-        with writing(tmp, f"checkpoint {step}", keeps="Earlier checkpoints are intact."):
-            tmp.mkdir()
-            _write_checkpoint_files(tmp, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                                    data_position=data_position, settings=settings, scaler=scaler, extra=extra,
-                                    rng_per_process=rng_per_process, base_model_name_or_path=base_model_name_or_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder must not take the free space left
-        raise
-
-    _test_slow_save(step)
-
-    if final.exists():  # re-saving a step after resuming from an older checkpoint
-        old = root / f".tmp-old-{PREFIX}{step}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
+    final = checkpoints_dir(output_dir) / f"{PREFIX}{step}"
+    with atomic_folder(final, f"checkpoint {step}", keeps="Earlier checkpoints are intact.",
+                       before_swap=lambda: _test_slow_save(step)) as tmp:
+        _write_checkpoint_files(tmp, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                data_position=data_position, settings=settings, scaler=scaler, extra=extra,
+                                rng_per_process=rng_per_process, base_model_name_or_path=base_model_name_or_path)
     return final
 
 
@@ -229,10 +198,8 @@ def _write_checkpoint_files(tmp: Path, step: int, *, model, optimizer, scheduler
     meta = {"step": step, "config_hash": config_hash(settings), "settings": settings,
             "data_position": dict(data_position), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "files": {f.name: file_record(f) for f in sorted(tmp.iterdir())}}
+    # last: a folder with meta.json holds every other file (atomic_folder fsyncs them all before the rename)
     (tmp / META_NAME).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    _fsync_dir(tmp)
 
 
 def _test_slow_save(step: int) -> None:
@@ -243,11 +210,6 @@ def _test_slow_save(step: int) -> None:
     at, _, seconds = value.rpartition(":")
     if not at or int(at) == step:
         time.sleep(float(seconds))
-
-
-def _remove_temp_folders(root: Path) -> None:
-    for p in root.glob(".tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
 
 
 def list_checkpoints(output_dir) -> list[Path]:
@@ -321,10 +283,7 @@ def rotate_checkpoints(output_dir, save_total_limit: int | None, keep: Path | No
     excess = len(ckpts) - save_total_limit
     deleted = []
     for p in deletable[:max(excess, 0)]:
-        # Rename first so that a kill mid-delete never leaves a half-deleted folder that looks complete.
-        trash = p.parent / f".tmp-deleting-{p.name}"
-        os.replace(p, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_folder(p)  # renamed away first: a kill mid-delete never leaves a half-deleted folder that looks complete
         deleted.append(p)
     return deleted
 

@@ -45,22 +45,25 @@ def check_model_source(model_cfg: ModelConfig, weights: bool = True) -> None:
             continue
         if path.exists():
             raise ConfigError(f"model.{key}: {value} is a file, not a model folder. Fix: give the folder that "
-                              "save_pretrained wrote (config.json, *.safetensors, tokenizer files) or a Hub id")
+                              "save_pretrained wrote (config.json, *.safetensors, tokenizer files) or a Hub id",
+                              key=f"model.{key}")
         if looks_local(str(value)):
             raise ConfigError(f"model.{key}: local folder not found: {value} (looked for {path.absolute()}). Fix: "
                               "check the path (relative paths are from the current directory), or give a Hub id "
-                              "such as microsoft/Phi-3-mini-4k-instruct, or phitune:demo for the shipped tiny model")
+                              "such as microsoft/Phi-3-mini-4k-instruct, or phitune:demo for the shipped tiny model",
+                              key=f"model.{key}")
 
 
 def _check_model_folder(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.name_or_path: {path} has no config.json, so it is not a model folder written by "
-                          "save_pretrained. Fix: point it at the folder that holds config.json and the weights")
+                          "save_pretrained. Fix: point it at the folder that holds config.json and the weights",
+                          key="model.name_or_path")
     if not any(path.glob("*.safetensors")):
         pickled = sorted(p.name for p in path.glob("*.bin"))
         hint = (f" It holds {', '.join(pickled[:3])}: phitune does not load pickled weights (they can run code); "
                 "convert them with model.save_pretrained(dir, safe_serialization=True).") if pickled else ""
-        raise ConfigError(f"model.name_or_path: {path} has no .safetensors weights.{hint}")
+        raise ConfigError(f"model.name_or_path: {path} has no .safetensors weights.{hint}", key="model.name_or_path")
 
 
 def check_data_paths(data_cfg) -> None:
