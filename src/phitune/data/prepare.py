@@ -53,7 +53,11 @@ def default_cache_dir() -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides a tokenizer's ids: its class and its whole pipeline (normalizer, pre-tokenizer, model, added
+    tokens), special tokens and chat template. Phi-3's files loaded as a rebuilt LlamaTokenizer and as tokenizer.json
+    (issue 22) differ in both, so data tokenized the old way is never read back for the new."""
     h = hashlib.blake2b(digest_size=16)
+    h.update(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
     h.update(repr(sorted((getattr(tokenizer, "special_tokens_map", {}) or {}).items())).encode())

@@ -33,6 +33,7 @@ import torch
 
 from ..adapt import PEFT_PREFIX, read_adapter
 from ..errors import AdapterError
+from ..models.loading import open_tokenizer
 from .common import ExportError, Source
 
 # HF model_type -> (gguf architecture name, q/k rows to reorder for llama.cpp's interleaved RoPE)
@@ -283,10 +284,8 @@ def _check_tensors(path: Path, expected: dict[str, np.ndarray], outtype: str,
 
 
 def _load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        return open_tokenizer(str(folder))
     except (OSError, ValueError) as exc:
         raise ExportError(f"{folder}: the tokenizer cannot be loaded ({exc})") from exc
 

@@ -100,14 +100,60 @@ def set_pad_token(tokenizer) -> None:
     tokenizer.padding_side = "right"
 
 
-def load_tokenizer(model_cfg: ModelConfig):
-    """The tokenizer of ``model_cfg`` with the pad token set for training."""
-    from transformers import AutoTokenizer
+# The parts of tokenizer.json that decide the ids of a text (post_processor is left out: it only adds BOS/EOS around
+# them, which tokenizer_config.json's add_bos_token governs and phitune's data pipeline sets itself).
+_ENCODING_PARTS = ("normalizer", "pre_tokenizer", "model", "decoder")
 
+
+def open_tokenizer(source, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of ``source`` (a folder or Hub id) encoding exactly as its tokenizer.json defines, whatever class
+    AutoTokenizer picks; logs the class used. Raises what transformers raises (OSError, ValueError).
+
+    transformers 5 rebuilds a model-specific class's normalizer and pre-tokenizer from tokenizer_config.json instead
+    of reading them from tokenizer.json. For Phi-3's files without a config.json beside them (a tokenizer-only
+    folder, ``model.tokenizer: DIR``) that is a LlamaTokenizer rebuilt from ``legacy: false``, which drops the "▁"
+    after every chat token (``<|user|>\nHello`` -> 10994 "Hello", not 15043 "▁Hello") and matches llama.cpp's 46
+    reference texts 31 times, tokenizer.json as shipped 46 (issue 22). When the class's pipeline differs from the
+    file's, the file wins: the folder is reopened as the generic TokenizersBackend, which applies it unchanged."""
+    from transformers import AutoTokenizer, TokenizersBackend
+
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    picked = type(tokenizer).__name__
+    differs = _differs_from_tokenizer_json(tokenizer, source, revision)
+    if not differs:
+        log.info("tokenizer %s: %s", source, picked)
+        return tokenizer
+    tokenizer = TokenizersBackend.from_pretrained(source, **kwargs)
+    log.info("tokenizer %s: TokenizersBackend, tokenizer.json as shipped (AutoTokenizer's %s rebuilds its %s from "
+             "tokenizer_config.json and would encode differently)", source, picked, "/".join(differs))
+    return tokenizer
+
+
+def _differs_from_tokenizer_json(tokenizer, source, revision) -> list[str]:
+    """The encoding parts in which ``tokenizer``'s backend differs from ``source``'s tokenizer.json (none when there
+    is no tokenizer.json or no backend to compare)."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers.utils import cached_file
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    path = cached_file(source, "tokenizer.json", revision=revision, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    if backend is None or path is None:
+        return []
+    # both sides serialized by the same tokenizers version, so equal pipelines give equal JSON
+    ours, shipped = json.loads(backend.to_str()), json.loads(Tokenizer.from_file(path).to_str())
+    return [part for part in _ENCODING_PARTS if ours.get(part) != shipped.get(part)]
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    """The tokenizer of ``model_cfg`` (as its tokenizer.json defines, :func:`open_tokenizer`) with the pad token set
+    for training."""
     source = model_cfg.tokenizer or model_cfg.name_or_path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=model_cfg.revision,
-                                                  trust_remote_code=model_cfg.trust_remote_code)
+        tokenizer = open_tokenizer(source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.{'tokenizer' if model_cfg.tokenizer else 'name_or_path'}: cannot load a tokenizer "
                           f"from '{source}': {exc}") from exc
