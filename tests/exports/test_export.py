@@ -218,7 +218,7 @@ def test_sentencepiece_vocabulary_keeps_pieces_scores_types_and_marks_added_toke
 
     from transformers import AutoTokenizer
 
-    from phitune.exports.to_gguf import _sentencepiece_vocab
+    from phitune.exports.gguf_tokenizer import _sentencepiece_vocab
     from phitune.models.tokenizer import default_corpus
 
     buf = io.BytesIO()

@@ -13,8 +13,9 @@ folder next to ``out`` and renamed into place at the end, so a failure leaves no
 exist, or (``force=True``) be a folder an earlier export wrote (it holds ``phitune_export.json``). Each target checks
 its result itself and reports it (:attr:`ExportResult.parity`).
 
-One file per target: to_gguf.py (the gguf package's writer; tokenizer, chat template, LoRA), to_ollama.py (Modelfile),
-to_onnx.py (onnxruntime-genai's model builder), to_vllm.py (adapter with folded scales, the serve command).
+One file per target: to_gguf.py (the gguf package's writer: merged model, LoRA) with gguf_tokenizer.py (vocabulary,
+special ids, chat template), to_ollama.py (Modelfile), to_onnx.py (onnxruntime-genai's model builder), to_vllm.py
+(adapter with folded scales, the serve command).
 """
 
 from __future__ import annotations
