@@ -88,12 +88,14 @@ def _space_after_special_token(tokenizer) -> bool:
     """Whether ``tokenizer`` starts the text after a special token with SentencePiece's dummy-prefix "▁".
 
     llama.cpp prefixes a space to every piece of text that follows a special token when the GGUF's
-    ``add_space_prefix`` is true, and to none when it is false. transformers 5 rebuilds a Llama-style tokenizer from
-    tokenizer_config.json's ``legacy`` flag: legacy prefixes every piece, non-legacy (Phi-3's own setting) only the
-    text at the very start, so after ``<|user|>`` it writes "Who" where llama.cpp's default writes "▁Who" (a tiny
-    SentencePiece Phi-3 measured 3 of 3 chat prompts tokenized differently). A chat prompt starts with a special token,
-    so asking the tokenizer what follows one makes llama.cpp tokenize every chat turn as training did; only plain text
-    at the very start of a non-chat prompt then differs (no leading "▁"), which llama.cpp cannot express."""
+    ``add_space_prefix`` is true (its default for SentencePiece), and to none when it is false. Phi-3's own
+    tokenizer.json prepends "▁" to each piece of text between special tokens (a ``Prepend("▁")`` normalizer), so a
+    Phi-3 tokenized as its files define (``models.loading.open_tokenizer``) exports with the default:
+    ``<|user|>\nWho`` is "▁Who" in training and in llama.cpp. A tokenizer built from tokenizer.model alone follows
+    tokenizer_config.json's ``legacy`` flag in transformers 5: legacy prefixes every piece, non-legacy only the text
+    at the very start (false here; plain text at the very start of a prompt without a chat token then lacks its "▁"
+    in llama.cpp, which it cannot express). A chat prompt starts with a special token, so asking the tokenizer what
+    follows one makes llama.cpp tokenize every chat turn as training did."""
     marker = tokenizer.eos_token or tokenizer.bos_token
     if not marker:
         return True  # llama.cpp's default for SentencePiece
