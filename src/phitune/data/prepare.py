@@ -29,7 +29,7 @@ from .render import DROP_REASONS, Renderer
 from .sources import Problem, open_source
 from .store import SampleWriter, TokenizedSamples
 
-PIPELINE_VERSION = 2  # bump when tokenization/masking changes, to invalidate caches
+PIPELINE_VERSION = 3  # bump when tokenization, masking or the cache layout change (3: sources.jsonl): new cache keys
 CHUNK = 512  # records per encode_batch call: big enough for the Rust tokenizer's threads, small for flat memory
 WORKER_CHUNK = 1024  # records per task of a worker process (it tokenizes single-threaded)
 PARALLEL_MIN_RECORDS = 20_000  # fewer valid records: tokenize in this process (a pool's start is not worth it)
@@ -152,10 +152,10 @@ def _tasks(source, ok: np.ndarray, route: np.ndarray | None, size: int):
 
 def _encode_task(renderer: Renderer, cfg: DataConfig, task) -> tuple:
     """Normalize, render, tokenize, mask and truncate one task's records (in this process or a worker). Returns
-    ``(ids, trained, lengths, to_eval, counters, untruncated)``: the kept samples concatenated (int32 ids, uint8
-    trained flags), their lengths and destinations, the truncation/drop counters by destination (with the first
-    ``max_errors_shown`` dropped or too long samples as "where (N tokens): reason"), and the untruncated length and
-    destination of every sample, dropped ones included."""
+    ``(ids, trained, lengths, to_eval, sources, counters, untruncated)``: the kept samples concatenated (int32 ids,
+    uint8 trained flags), their lengths, destinations and records (file:line), the truncation/drop counters by
+    destination (with the first ``max_errors_shown`` dropped or too long samples as "where (N tokens): reason"), and
+    the untruncated length and destination of every sample, dropped ones included."""
     decode, units, dests = task
     pairs = units if decode is None else decode(units)
     items = [normalize(rec, renderer.fmt, cfg, require_alternation=renderer.require_alternation)
@@ -164,7 +164,7 @@ def _encode_task(renderer: Renderer, cfg: DataConfig, task) -> tuple:
     del pairs, units
     counters: dict = {}
     examples: dict = {}
-    ids, trained, lens, to_eval = [], [], [], []
+    ids, trained, lens, to_eval, sources = [], [], [], [], []
     encoded = renderer.encode_chunk(items, wheres)
     for e, d, where in zip(encoded, dests, wheres):
         c = counters.get(d)
@@ -192,13 +192,14 @@ def _encode_task(renderer: Renderer, cfg: DataConfig, task) -> tuple:
         trained.append(e.trained)
         lens.append(len(e.ids))
         to_eval.append(d)
+        sources.append(where)
     if ids:
         ids_a = np.concatenate(ids).astype(np.int32, copy=False)
         tr_a = np.concatenate(trained).astype(np.uint8, copy=False)
     else:
         ids_a, tr_a = np.zeros(0, np.int32), np.zeros(0, np.uint8)
     untruncated = (np.array([e.original_length for e in encoded], dtype=np.int64), np.array(dests, dtype=bool))
-    return (ids_a, tr_a, np.array(lens, dtype=np.int64), np.array(to_eval, dtype=bool), counters,
+    return (ids_a, tr_a, np.array(lens, dtype=np.int64), np.array(to_eval, dtype=bool), sources, counters,
             (examples, *untruncated))
 
 
@@ -275,7 +276,8 @@ def _tokenize(source, ok: np.ndarray, renderer: Renderer, cfg: DataConfig, write
     untruncated = {k: [] for k in writers}
     workers = num_workers(int(ok.sum()))
     tasks = _tasks(source, ok, route, WORKER_CHUNK if workers else CHUNK)
-    for ids, trained, lens, to_eval, counters, (ex, full, full_eval) in _results(tasks, renderer, cfg, workers):
+    for ids, trained, lens, to_eval, wheres, counters, (ex, full, full_eval) in _results(tasks, renderer, cfg,
+                                                                                       workers):
         for d, c in counters.items():
             split = "eval" if d else name
             st[split].update(c)
@@ -284,13 +286,15 @@ def _tokenize(source, ok: np.ndarray, renderer: Renderer, cfg: DataConfig, write
             if len(part):
                 untruncated["eval" if d else name].append(part)
         if not to_eval.any():
-            writers[name].add_many(ids, trained, lens)
+            writers[name].add_many(ids, trained, lens, wheres)
         elif to_eval.all():
-            writers["eval"].add_many(ids, trained, lens)
+            writers["eval"].add_many(ids, trained, lens, wheres)
         else:
             tok_eval = np.repeat(to_eval, lens)
-            writers[name].add_many(ids[~tok_eval], trained[~tok_eval], lens[~to_eval])
-            writers["eval"].add_many(ids[tok_eval], trained[tok_eval], lens[to_eval])
+            writers[name].add_many(ids[~tok_eval], trained[~tok_eval], lens[~to_eval],
+                                   [w for w, d in zip(wheres, to_eval) if not d])
+            writers["eval"].add_many(ids[tok_eval], trained[tok_eval], lens[to_eval],
+                                     [w for w, d in zip(wheres, to_eval) if d])
     return {k: (st[k], examples[k], np.concatenate(untruncated[k]) if untruncated[k] else np.zeros(0, np.int64))
             for k in writers}
 
