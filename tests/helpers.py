@@ -155,3 +155,15 @@ COOKBOOK_PEFT_CONFIG = {
     "target_modules": "all-linear",
     "modules_to_save": None,
 }
+
+
+def shared_tokenizers() -> Path | None:
+    """The real tokenizer files of ../shared/tokenizers (its README: what, from where, facts measured with them), or
+    None where this checkout has no such folder. $PHITUNE_SHARED_TOKENIZERS names another place."""
+    import os
+
+    env = os.environ.get("PHITUNE_SHARED_TOKENIZERS")
+    candidates = [Path(env)] if env else []
+    # a main checkout sits next to shared/; a worktree one level further down (wt/NAME)
+    candidates += [ROOT.parent / "shared" / "tokenizers", ROOT.parents[1] / "shared" / "tokenizers"]
+    return next((c for c in candidates if (c / "phi-3-mini" / "tokenizer.json").is_file()), None)

@@ -29,6 +29,7 @@ _EXPORTS = {
     "LoraReport": "adapt",
     # data/: chat data pipeline
     "preview": "training.preview",
+    "preview_records": "training.preview",
     "DataConfig": "data",
     "prepare_data": "data",
     "preview_text": "data",

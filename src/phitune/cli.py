@@ -122,11 +122,14 @@ examples:
 _PREVIEW_EPILOG = """\
 Loads the config and the tokenizer only (no model weights), prepares the data exactly as training would, and prints
 the data statistics and N rendered samples with the trained tokens highlighted. Use it before spending GPU hours.
+With --json: one JSON object per sample and line on stdout ({"split", "index", "source": "file:line", "input_ids",
+"labels"}, labels -100 where no loss is taken), the statistics on stderr, to diff phitune's tokens against any tool.
 
 examples:
   phitune preview config.yaml
   phitune preview config.yaml -n 5 --no-color | less
   phitune preview config.yaml --set data.train_on=all
+  phitune preview config.yaml --json > samples.jsonl
 """
 
 _DEMO_EPILOG = """\
@@ -292,8 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Preview the training data as the model will see it (phitune.preview).",
     )
     p.add_argument("config", metavar="CONFIG", help="YAML config file (as for `phitune train`)")
-    p.add_argument("-n", "--num-samples", type=_non_negative_int, default=3, metavar="N",
-                   help="samples to print (default: 3; 0: the statistics only)")
+    p.add_argument("-n", "--num-samples", type=_non_negative_int, default=None, metavar="N",
+                   help="samples to print (default: 3, with --json every sample; 0: the statistics only)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per sample on stdout: split, index, source (file:line), input_ids, labels")
     color = p.add_mutually_exclusive_group()
     color.add_argument("--color", dest="color", action="store_true", default=None,
                        help="highlight trained tokens with terminal colours (default: when stdout is a terminal)")
@@ -379,7 +384,7 @@ def _cmd_export(args) -> int:
 def _cmd_preview(args) -> int:
     from .training.preview import preview  # lazy: torch and transformers load only when a command runs
 
-    preview(args.config, n=args.num_samples, color=args.color, overrides=args.overrides)
+    preview(args.config, n=args.num_samples, color=args.color, overrides=args.overrides, json=args.json)
     return 0
 
 

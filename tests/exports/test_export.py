@@ -29,18 +29,20 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
         {"role": "assistant", "content": "A person.\nShe codes."}, {"role": "user", "content": "And  Bob ?"}]
 
 
-def _make_run(root: Path, peft: dict, seed: int = 0, base: Path = DEMO) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _make_run(root: Path, peft: dict, seed: int = 0, base: Path = DEMO, tokenizer: Path | None = None) -> Path:
+    from transformers import AutoModelForCausalLM
 
-    from phitune.config import load_config
+    from phitune.config import build_model_config, load_config
+    from phitune.models.loading import load_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(base)
+    model_section = {"name_or_path": str(base), "tokenizer": str(tokenizer) if tokenizer else None}
+    tok = load_tokenizer(build_model_config(model_section))  # the tokenizer `phitune train` saves in the run
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     data = root / "chats.jsonl"
     data.write_text(json.dumps({"messages": CHAT[1:3]}) + "\n")
     run = root / "run"
-    config = load_config({"model": {"name_or_path": str(base)}, "data": {"train": str(data)},
+    config = load_config({"model": model_section, "data": {"train": str(data)},
                           "training_config": {"output_dir": str(run)}, "peft_config": peft})
     run.mkdir(parents=True)
     (run / "phitune_config.yaml").write_text(config.to_yaml())
@@ -219,7 +221,7 @@ def test_sentencepiece_vocabulary_keeps_pieces_scores_types_and_marks_added_toke
 
     from transformers import AutoTokenizer
 
-    from phitune.exports.to_gguf import _sentencepiece_vocab
+    from phitune.exports.gguf_tokenizer import _sentencepiece_vocab
     from phitune.models.tokenizer import default_corpus
 
     buf = io.BytesIO()
@@ -575,19 +577,34 @@ def test_llama_cpp_applies_the_gguf_lora_like_the_runs_adapter(tmp_path):
 # --- a real llama.cpp: a SentencePiece Phi-3 -----------------------------------------------------------------------
 
 
-def _sentencepiece_phi3(folder: Path, legacy: bool) -> Path:
+# (tokenizer.json beside tokenizer.model, tokenizer_config.json's legacy flag, llama.cpp's add_space_prefix)
+SENTENCEPIECE_LAYOUTS = {
+    # Phi-3's own files: tokenizer.json prepends "▁" to every piece of text, chat turns included (llama.cpp's default)
+    "phi3-files": (True, False, True),
+    # tokenizer.model alone: transformers 5 builds the pipeline from the legacy flag; non-legacy: no "▁" after a chat
+    # token, legacy: one
+    "model-only-nonlegacy": (False, False, False),
+    "model-only-legacy": (False, True, True),
+}
+
+
+def _sentencepiece_phi3(folder: Path, layout: str) -> Path:
     """A tiny random Phi-3 whose tokenizer is a real SentencePiece model laid out like Phi-3's: Llama's <unk> 0,
     <s> 1, </s> 2 and byte pieces 3..258 in tokenizer.model, the eleven chat tokens added right after its pieces in
     Phi-3's order (rstrip, as on the Hub), the embedding padded past them (32011 -> 32064 in Phi-3).
-    ``legacy`` is the tokenizer_config.json flag (Phi-3's own is false)."""
+    ``layout``: a key of SENTENCEPIECE_LAYOUTS; with tokenizer.json, one written the way Phi-3's was (transformers'
+    Llama conversion of tokenizer.model: BPE with byte fallback, a Prepend("▁") + Replace(" ", "▁") normalizer, no
+    pre-tokenizer, the matching decoder)."""
     import io
 
     import sentencepiece as spm
     import transformers
+    from tokenizers import Tokenizer, decoders, normalizers
     from transformers import AutoTokenizer
 
     from phitune.models.tokenizer import CHAT_SPECIAL_TOKENS, PHI3_CHAT_TEMPLATE, default_corpus
 
+    tokenizer_json, legacy, _ = SENTENCEPIECE_LAYOUTS[layout]
     folder.mkdir(parents=True)
     corpus = default_corpus(300) + [m["content"] for m in CHAT] * 3
     buf = io.BytesIO()
@@ -609,7 +626,14 @@ def _sentencepiece_phi3(folder: Path, legacy: bool) -> Path:
         "chat_template": PHI3_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>",
         "legacy": legacy, "model_max_length": 4096, "pad_token": "<unk>", "padding_side": "right",
         "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>", "use_default_system_prompt": False}))
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)  # from tokenizer.model: its vocabulary, merges and added tokens
+    if tokenizer_json:
+        backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        backend.pre_tokenizer = None
+        backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                             decoders.Strip(" ", 1, 0)])
+        backend.save(str(folder / "tokenizer.json"))
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     assert eos == n_pieces and len(tok) == n_pieces + len(CHAT_SPECIAL_TOKENS)
     cfg = transformers.Phi3Config(vocab_size=-(-len(tok) // 64) * 64, hidden_size=64, intermediate_size=96,
@@ -622,9 +646,46 @@ def _sentencepiece_phi3(folder: Path, legacy: bool) -> Path:
     return folder
 
 
+@pytest.mark.parametrize("layout", list(SENTENCEPIECE_LAYOUTS))
+def test_gguf_space_prefix_follows_the_tokenizer_and_phi3s_own_files_get_llama_cpps_default(layout, tmp_path):
+    """add_space_prefix says whether the run's tokenizer starts the text after a chat token with "▁"; with Phi-3's
+    own files (tokenizer.json as shipped) it does, which is llama.cpp's default for a SentencePiece vocabulary. The
+    run takes its tokenizer from a folder without the model's config.json (model.tokenizer), where transformers picks
+    the class tokenizer_config.json names (a model folder's config.json makes it pick the generic one). The run
+    folder's own tokenizer is reopened for the export: transformers 5 saves a legacy LlamaTokenizer without its
+    ``legacy`` flag, so only its tokenizer.json still says how the run was tokenized."""
+    pytest.importorskip("sentencepiece", reason="sentencepiece is not installed")
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from phitune.runs.folder import load_run_tokenizer
+
+    base = _sentencepiece_phi3(tmp_path / "base", layout)
+    tokenizer_only = tmp_path / "tokenizer"
+    tokenizer_only.mkdir()
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+        if (base / name).is_file():
+            shutil.copy(base / name, tokenizer_only)
+    run, _ = _make_run(tmp_path / "r", {"r": 2, "lora_alpha": 4, "target_modules": ["qkv_proj"]}, base=base,
+                       tokenizer=tokenizer_only)
+    export(run, "gguf", tmp_path / "g", outtype="f32", verbose=False)
+    (path,) = (tmp_path / "g").glob("*.gguf")
+    fields, _ = _fields(path)
+    assert fields["tokenizer.ggml.model"] == "llama"
+    assert fields["tokenizer.ggml.add_space_prefix"] is SENTENCEPIECE_LAYOUTS[layout][2]
+    tok = load_run_tokenizer(run)
+    pieces = tok.convert_ids_to_tokens(tok("<|user|>\nWho", add_special_tokens=False)["input_ids"])
+    assert pieces[0] == "<|user|>" and pieces[1].startswith("\u2581") is SENTENCEPIECE_LAYOUTS[layout][2]
+    if SENTENCEPIECE_LAYOUTS[layout][0]:  # the run trains on the ids the base's tokenizer.json defines
+        text = tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+        shipped = Tokenizer.from_file(str(base / "tokenizer.json"))
+        assert tok(text, add_special_tokens=False)["input_ids"] == shipped.encode(text, add_special_tokens=False).ids
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("legacy", [False, True])
-def test_llama_cpp_runs_a_sentencepiece_phi3_like_transformers(legacy, tmp_path):
+@pytest.mark.parametrize("layout", list(SENTENCEPIECE_LAYOUTS))
+def test_llama_cpp_runs_a_sentencepiece_phi3_like_transformers(layout, tmp_path):
     """Phi-3's real tokenizer kind: tokenizer.model is written as a "llama" vocabulary, llama.cpp tokenizes the chat
     prompt to training's ids (one BOS, chat tokens as single ids, the whitespace around them as transformers puts it),
     and its logits and greedy tokens equal transformers' as for the demo model."""
@@ -635,14 +696,15 @@ def test_llama_cpp_runs_a_sentencepiece_phi3_like_transformers(legacy, tmp_path)
 
     from phitune.generation.generate import build_prompt_ids
 
-    base = _sentencepiece_phi3(tmp_path / "base", legacy)
+    base = _sentencepiece_phi3(tmp_path / "base", layout)
     run, _ = _make_run(tmp_path / "r", {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}, base=base)
     export(run, "gguf", tmp_path / "g", outtype="f32", verbose=False)
     (path,) = (tmp_path / "g").glob("*.gguf")
     fields, _ = _fields(path)
     assert fields["tokenizer.ggml.model"] == "llama" and "phi-3" in fields["general.name"].lower()
-    # transformers 5 puts SentencePiece's "▁" after a chat token only for a legacy tokenizer; llama.cpp follows this
-    assert fields["tokenizer.ggml.add_space_prefix"] == legacy
+    # the "▁" after a chat token as the run's tokenizer puts it: Phi-3's own files always, tokenizer.model alone only
+    # when legacy; llama.cpp follows this
+    assert fields["tokenizer.ggml.add_space_prefix"] is SENTENCEPIECE_LAYOUTS[layout][2]
     phitune.merge(run, tmp_path / "merged", dtype="float32", verbose=False)
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()

@@ -4,6 +4,7 @@
     plan = batch_plan(prepared.train, batch_size=4, max_seq_length=2048, packing=True, seed=0, epoch=0)
     batch = collate(prepared.train, plan[0], 2048, packing=True, attn_implementation="sdpa")
     print(format_stats(prepared.stats)); print(preview_text(prepared, tokenizer, n=3))
+    for record in sample_records(prepared): ...   # {"split", "index", "source", "input_ids", "labels"} per sample
 """
 
 from .._lazy import exports
@@ -14,7 +15,7 @@ _EXPORTS = {
     "batch_plan": "batching", "collate": "batching", "pack_rows": "batching", "packing_efficiency": "batching",
     "DataConfig": "config",
     "PreparedData": "prepare", "default_cache_dir": "prepare", "prepare_data": "prepare",
-    "format_stats": "preview", "preview_text": "preview",
+    "format_stats": "preview", "preview_text": "preview", "sample_records": "preview",
     "Renderer": "render",
     "Problem": "sources", "open_source": "sources",
     "TokenizedSamples": "store",

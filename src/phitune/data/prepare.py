@@ -30,7 +30,7 @@ from .render import DROP_REASONS, Renderer
 from .sources import Problem, open_source
 from .store import SampleWriter, TokenizedSamples
 
-PIPELINE_VERSION = 2  # bump when tokenization/masking changes, to invalidate caches
+PIPELINE_VERSION = 3  # bump when tokenization, masking or the cache layout change (3: sources.jsonl): new cache keys
 CHUNK = 512  # records per encode_batch call: big enough for the Rust tokenizer's threads, small for flat memory
 WORKER_CHUNK = 1024  # records per task of a worker process (it tokenizes single-threaded)
 PARALLEL_MIN_RECORDS = 20_000  # fewer valid records: tokenize in this process (a pool's start is not worth it)
@@ -54,7 +54,11 @@ def default_cache_dir() -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides a tokenizer's ids: its class and its whole pipeline (normalizer, pre-tokenizer, model, added
+    tokens), special tokens and chat template. Phi-3's files loaded as a rebuilt LlamaTokenizer and as tokenizer.json
+    (issue 22) differ in both, so data tokenized the old way is never read back for the new."""
     h = hashlib.blake2b(digest_size=16)
+    h.update(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
     h.update(repr(sorted((getattr(tokenizer, "special_tokens_map", {}) or {}).items())).encode())
@@ -149,10 +153,10 @@ def _tasks(source, ok: np.ndarray, route: np.ndarray | None, size: int):
 
 def _encode_task(renderer: Renderer, cfg: DataConfig, task) -> tuple:
     """Normalize, render, tokenize, mask and truncate one task's records (in this process or a worker). Returns
-    ``(ids, trained, lengths, to_eval, counters, untruncated)``: the kept samples concatenated (int32 ids, uint8
-    trained flags), their lengths and destinations, the truncation/drop counters by destination (with the first
-    ``max_errors_shown`` dropped or too long samples as "where (N tokens): reason"), and the untruncated length and
-    destination of every sample, dropped ones included."""
+    ``(ids, trained, lengths, to_eval, sources, counters, untruncated)``: the kept samples concatenated (int32 ids,
+    uint8 trained flags), their lengths, destinations and records (file:line), the truncation/drop counters by
+    destination (with the first ``max_errors_shown`` dropped or too long samples as "where (N tokens): reason"), and
+    the untruncated length and destination of every sample, dropped ones included."""
     decode, units, dests = task
     pairs = units if decode is None else decode(units)
     items = [normalize(rec, renderer.fmt, cfg, require_alternation=renderer.require_alternation)
@@ -161,7 +165,7 @@ def _encode_task(renderer: Renderer, cfg: DataConfig, task) -> tuple:
     del pairs, units
     counters: dict = {}
     examples: dict = {}
-    ids, trained, lens, to_eval = [], [], [], []
+    ids, trained, lens, to_eval, sources = [], [], [], [], []
     encoded = renderer.encode_chunk(items, wheres)
     for e, d, where in zip(encoded, dests, wheres):
         c = counters.get(d)
@@ -189,13 +193,14 @@ def _encode_task(renderer: Renderer, cfg: DataConfig, task) -> tuple:
         trained.append(e.trained)
         lens.append(len(e.ids))
         to_eval.append(d)
+        sources.append(where)
     if ids:
         ids_a = np.concatenate(ids).astype(np.int32, copy=False)
         tr_a = np.concatenate(trained).astype(np.uint8, copy=False)
     else:
         ids_a, tr_a = np.zeros(0, np.int32), np.zeros(0, np.uint8)
     untruncated = (np.array([e.original_length for e in encoded], dtype=np.int64), np.array(dests, dtype=bool))
-    return (ids_a, tr_a, np.array(lens, dtype=np.int64), np.array(to_eval, dtype=bool), counters,
+    return (ids_a, tr_a, np.array(lens, dtype=np.int64), np.array(to_eval, dtype=bool), sources, counters,
             (examples, *untruncated))
 
 
@@ -272,7 +277,8 @@ def _tokenize(source, ok: np.ndarray, renderer: Renderer, cfg: DataConfig, write
     untruncated = {k: [] for k in writers}
     workers = num_workers(int(ok.sum()))
     tasks = _tasks(source, ok, route, WORKER_CHUNK if workers else CHUNK)
-    for ids, trained, lens, to_eval, counters, (ex, full, full_eval) in _results(tasks, renderer, cfg, workers):
+    for ids, trained, lens, to_eval, wheres, counters, (ex, full, full_eval) in _results(tasks, renderer, cfg,
+                                                                                       workers):
         for d, c in counters.items():
             split = "eval" if d else name
             st[split].update(c)
@@ -281,13 +287,15 @@ def _tokenize(source, ok: np.ndarray, renderer: Renderer, cfg: DataConfig, write
             if len(part):
                 untruncated["eval" if d else name].append(part)
         if not to_eval.any():
-            writers[name].add_many(ids, trained, lens)
+            writers[name].add_many(ids, trained, lens, wheres)
         elif to_eval.all():
-            writers["eval"].add_many(ids, trained, lens)
+            writers["eval"].add_many(ids, trained, lens, wheres)
         else:
             tok_eval = np.repeat(to_eval, lens)
-            writers[name].add_many(ids[~tok_eval], trained[~tok_eval], lens[~to_eval])
-            writers["eval"].add_many(ids[tok_eval], trained[tok_eval], lens[to_eval])
+            writers[name].add_many(ids[~tok_eval], trained[~tok_eval], lens[~to_eval],
+                                   [w for w, d in zip(wheres, to_eval) if not d])
+            writers["eval"].add_many(ids[tok_eval], trained[tok_eval], lens[to_eval],
+                                     [w for w, d in zip(wheres, to_eval) if d])
     return {k: (st[k], examples[k], np.concatenate(untruncated[k]) if untruncated[k] else np.zeros(0, np.int64))
             for k in writers}
 

@@ -73,6 +73,19 @@ def preview_text(prepared, tokenizer=None, n: int = 3, color: bool | None = None
     return legend + "\n".join(parts)
 
 
+def sample_records(prepared, splits: tuple[str, ...] = ("train", "eval"), n: int | None = None):
+    """Each sample as training sees it, one dict a sample: ``split``, ``index`` (in that split), ``source`` (its
+    record: ``file:line``), ``input_ids`` and ``labels`` (-100 where no loss is taken), train first, then eval;
+    ``n``: at most that many per split. What ``phitune preview --json`` prints, to diff against any other tool."""
+    for split in splits:
+        samples = prepared.train if split == "train" else prepared.eval
+        if samples is None:
+            continue
+        for i, source in zip(range(len(samples) if n is None else min(n, len(samples))), samples.sources()):
+            ids, labels = samples.arrays(i)
+            yield {"split": split, "index": i, "source": source, "input_ids": ids.tolist(), "labels": labels.tolist()}
+
+
 def data_warnings(split: str, s: dict, examples: int = 3) -> list[str]:
     """What the data preparation changed or left out in one split, in words: bad records skipped (by reason),
     samples truncated (which part) and dropped (why), with the max_seq_length that would fit them. Printed before

@@ -14,8 +14,9 @@ failure leaves nothing half-written. ``out`` follows the policy of every phitune
 ``phitune_export.json``); anything else is refused. Each target checks its result itself and reports it
 (:attr:`ExportResult.parity`).
 
-One file per target: to_gguf.py (the gguf package's writer; tokenizer, chat template, LoRA), to_ollama.py (Modelfile),
-to_onnx.py (onnxruntime-genai's model builder), to_vllm.py (adapter with folded scales, the serve command).
+One file per target: to_gguf.py (the gguf package's writer: merged model, LoRA) with gguf_tokenizer.py (vocabulary,
+special ids, chat template), to_ollama.py (Modelfile), to_onnx.py (onnxruntime-genai's model builder), to_vllm.py
+(adapter with folded scales, the serve command).
 """
 
 from __future__ import annotations

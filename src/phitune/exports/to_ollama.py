@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .common import ExportError
-from .to_gguf import _load_tokenizer, template_writes_bos
+from .gguf_tokenizer import folder_tokenizer, template_writes_bos
 
 _NOT_PER_MESSAGE = ("the chat template does more than wrap each message in fixed text, so a Modelfile TEMPLATE cannot "
                     "be derived from it; write the TEMPLATE yourself")
@@ -102,7 +102,7 @@ def go_template(pieces: dict[str, tuple[str, str]], generation: str) -> str:
 
 def write_modelfile(model_dir: Path, out: Path, gguf_name: str) -> dict:
     """Write ``out/Modelfile`` next to the GGUF: FROM, TEMPLATE, every stop token, num_ctx."""
-    tokenizer = _load_tokenizer(model_dir)
+    tokenizer = folder_tokenizer(model_dir)
     pieces, generation = role_pieces(tokenizer)
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     gen_path = model_dir / "generation_config.json"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..generation.generate import build_prompt_ids
+from ..models.loading import open_tokenizer
 from .common import ExportError
 
 PRECISIONS = {"cpu": ("fp32", "int4"), "cuda": ("fp16", "int4", "fp32"), "dml": ("fp16", "int4")}
@@ -76,9 +77,9 @@ def greedy_parity(model_dir: Path, onnx_dir: Path, stops: list[int]) -> tuple[in
     (equal tokens, compared tokens, index of the first difference or None). Both stop at the first stop id."""
     import onnxruntime_genai as og
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    tokenizer = open_tokenizer(str(model_dir))
     prompt = build_prompt_ids(tokenizer, _PROMPT)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False)
     model.eval()

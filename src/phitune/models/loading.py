@@ -108,14 +108,86 @@ def set_pad_token(tokenizer) -> None:
     tokenizer.padding_side = "right"
 
 
-def load_tokenizer(model_cfg: ModelConfig):
-    """The tokenizer of ``model_cfg`` with the pad token set for training."""
-    from transformers import AutoTokenizer
+# The parts of tokenizer.json that decide the ids of a text and their text back. post_processor is left out: it only
+# adds BOS/EOS around them, which tokenizer_config.json's add_bos_token governs and phitune's data pipeline sets itself.
+_PIPELINE_PARTS = ("normalizer", "pre_tokenizer", "decoder")
+_MODEL_OPTIONS = ("unk_token", "byte_fallback", "fuse_unk", "dropout", "continuing_subword_prefix",
+                  "end_of_word_suffix", "ignore_merges")
 
+
+def open_tokenizer(source, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of ``source`` (a folder or Hub id) encoding exactly as its tokenizer.json defines, whatever class
+    AutoTokenizer picks; logs the class used. Raises what transformers raises (OSError, ValueError).
+
+    transformers 5 rebuilds a model-specific class's normalizer and pre-tokenizer from tokenizer_config.json instead
+    of reading them from tokenizer.json. For Phi-3's files without a config.json beside them (a tokenizer-only
+    folder, ``model.tokenizer: DIR``) that is a LlamaTokenizer rebuilt from ``legacy: false``, which drops the "▁"
+    after every chat token (``<|user|>\nHello`` -> 10994 "Hello", not 15043 "▁Hello") and matches llama.cpp's 46
+    reference texts 31 times, tokenizer.json as shipped 46 (issue 22; benchmarks/tokenizer_fidelity.py). And a legacy
+    LlamaTokenizer saves no ``legacy`` flag, so a run folder it was saved to would reopen non-legacy. When the class's
+    pipeline differs from the file's, the file wins: the folder is reopened as the generic TokenizersBackend, which
+    applies it unchanged. A class from the model's own code (trust_remote_code) is kept: that code defines it."""
+    from transformers import AutoTokenizer, TokenizersBackend
+
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    picked = type(tokenizer).__name__
+    if not type(tokenizer).__module__.startswith("transformers."):
+        log.info("tokenizer %s: %s (the model's own code)", source, picked)
+        return tokenizer
+    differs = _differs_from_tokenizer_json(tokenizer, source, revision)
+    if not differs:
+        log.info("tokenizer %s: %s", source, picked)
+        return tokenizer
+    tokenizer = TokenizersBackend.from_pretrained(source, **kwargs)
+    log.info("tokenizer %s: TokenizersBackend, tokenizer.json as shipped (AutoTokenizer's %s rebuilds its %s "
+             "differently)", source, picked, ", ".join(differs))
+    return tokenizer
+
+
+def _differs_from_tokenizer_json(tokenizer, source, revision) -> list[str]:
+    """The parts in which ``tokenizer``'s backend differs from ``source``'s tokenizer.json (none when there is no
+    tokenizer.json or no backend to compare): normalizer, pre-tokenizer, decoder, the model's kind and options, its
+    vocabulary. Merges are not compared: every class reads them from the file."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers.utils import cached_file
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    path = cached_file(source, "tokenizer.json", revision=revision, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    if backend is None or path is None:
+        return []
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    vocab = data.get("model", {}).get("vocab")
+    if data.get("model", {}).get("type") == "BPE":
+        # Read back by `tokenizers` without its vocabulary, so both sides are serialized alike (serializing a 32k
+        # vocabulary twice took seconds); Unigram refuses an empty vocabulary and is read whole.
+        data = {**data, "model": {**data["model"], "vocab": {}, "merges": []}, "added_tokens": []}
+    shipped = Tokenizer.from_str(json.dumps(data))
+
+    def state(part):
+        return None if part is None else json.loads(part.__getstate__())
+
+    differs = [name for name in _PIPELINE_PARTS
+               if state(getattr(backend, name)) != state(getattr(shipped, name))]
+    ours, theirs = backend.model, shipped.model
+    if type(ours) is not type(theirs) or any(getattr(ours, o, None) != getattr(theirs, o, None)
+                                             for o in _MODEL_OPTIONS):
+        differs.append("model")
+    elif isinstance(vocab, dict) and backend.get_vocab(with_added_tokens=False) != vocab:
+        differs.append("vocabulary")
+    return differs
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    """The tokenizer of ``model_cfg`` (as its tokenizer.json defines, :func:`open_tokenizer`) with the pad token set
+    for training."""
     source = model_cfg.tokenizer or model_cfg.name_or_path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=model_cfg.revision,
-                                                  trust_remote_code=model_cfg.trust_remote_code)
+        tokenizer = open_tokenizer(source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.{'tokenizer' if model_cfg.tokenizer else 'name_or_path'}: cannot load a tokenizer "
                           f"from '{source}': {exc}") from exc

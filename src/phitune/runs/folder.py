@@ -24,8 +24,8 @@ from ..adapt import load_adapter, save_adapter
 from ..config import RunConfig, TrainingConfig, load_config, run_status, save_config
 from ..errors import ConfigError
 from ..training.metrics import plot_loss_curve, read_metrics
-from ..models.loading import (generation_config_for, load_model_and_tokenizer, load_tokenizer, resolve_device,
-                    set_pad_token)
+from ..models.loading import (generation_config_for, load_model_and_tokenizer, load_tokenizer, open_tokenizer,
+                              resolve_device, set_pad_token)
 
 CONFIG_FILE = "phitune_config.yaml"
 # Files transformers 5 no longer writes with save_pretrained, which converters still need: llama.cpp's converter stops
@@ -282,11 +282,8 @@ def load_run_tokenizer(run_dir: str | os.PathLike, config=None, *, trust_remote_
     run = open_run(run_dir)
     config = config if config is not None else load_run_config(run.root, trust_remote_code=trust_remote_code)
     if (run.root / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
         try:  # trust_remote_code explicit: never transformers' interactive prompt, never the folder's say-so
-            tokenizer = AutoTokenizer.from_pretrained(str(run.root),
-                                                      trust_remote_code=config.model.trust_remote_code)
+            tokenizer = open_tokenizer(str(run.root), trust_remote_code=config.model.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{run.root}: the saved tokenizer cannot be loaded ({exc})") from exc
         set_pad_token(tokenizer)
