@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import warnings
 from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from ..adapt import adapter_state_dict
+from ..adapt import adapter_state_dict, redraw_lora
+from ..adapt.inject import PEFT_PREFIX
 from ..errors import ConfigError, PhituneError
 from .fast.cross_entropy import decoder_of
 
@@ -347,8 +350,9 @@ def shard_model(model, tc, device: torch.device) -> int:
     # Whole on every process: what is trained, what the adapter file holds (e.g. a targeted embedding's base
     # weight), and weights shared between modules (tied embeddings).
     keep = {id(p) for p in model.parameters() if p.requires_grad}
-    held = {t.data_ptr() for t in adapter_state_dict(model).values()}
-    keep |= {id(p) for p in model.parameters() if p.data_ptr() in held}
+    # by name, not storage: an empty (meta) model's tensors have no storage to tell apart
+    held = {k[len(PEFT_PREFIX):].replace(".base_layer.", ".") for k in adapter_state_dict(model)}
+    keep |= {id(p) for n, p in model.named_parameters() if n in held}
     head = model.get_output_embeddings()
     if head is not None and head.weight is model.get_input_embeddings().weight:
         keep.add(id(head.weight))
@@ -370,21 +374,136 @@ def _move_whole_tensors(model, device: torch.device) -> None:
 
     with torch.no_grad():
         for p in model.parameters():
-            if not isinstance(p, DTensor) and p.device != device:
+            if not isinstance(p, DTensor) and p.device not in (device, _META):
                 p.data = p.data.to(device)
         for module in model.modules():
             for name, buf in module._buffers.items():
-                if buf is not None and not isinstance(buf, DTensor) and buf.device != device:
+                if buf is not None and not isinstance(buf, DTensor) and buf.device not in (device, _META):
                     module._buffers[name] = buf.to(device)
 
 
-def prepare_model(model, tc, device: torch.device) -> list[str]:
-    """After add_lora: the same trainable start on every process, then FSDP2 sharding if asked. Notes to log."""
+def loads_on_rank0(tc) -> bool:
+    """Whether the processes build the model empty and rank 0 alone reads the checkpoint (FSDP, unless
+    ``fsdp_config.cpu_ram_efficient_loading`` is false)."""
+    return fsdp_enabled(tc) and bool(tc.fsdp_config.get("cpu_ram_efficient_loading", True))
+
+
+def prepare_model(model, tc, device: torch.device, checkpoint=None) -> list[str]:
+    """After add_lora: the same trainable start on every process, then FSDP2 sharding if asked. Notes to log.
+
+    ``checkpoint``: ``() -> safetensors files``, for an empty model (``loads_on_rank0``); called on rank 0 only.
+    """
     if not active():
         return []
-    broadcast_params([p for p in model.parameters() if p.requires_grad])
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if not tc.fsdp:
+        broadcast_params(trainable)
         return [f"data parallel over {world_size()} processes: trainable gradients summed once per step"]
+    empty = checkpoint is not None
+    if not empty:
+        broadcast_params(trainable)
     n = shard_model(model, tc, device)
-    return [f"FSDP2 over {world_size()} processes: {n} decoder layers and the decoder body sharded "
-            f"({', '.join(tc.fsdp)}); LoRA parameters whole on every process"]
+    notes = [f"FSDP2 over {world_size()} processes: {n} decoder layers and the decoder body sharded "
+             f"({', '.join(tc.fsdp)}); LoRA parameters whole on every process"]
+    if empty:
+        size = fill_from_rank0(model, checkpoint() if is_main() else [], offload=_offloaded(tc))
+        init_lora_everywhere(model, tc.seed, device)
+        _move_whole_tensors(model, device)
+        notes.append(f"base weights ({size / 2**30:.2f} GiB) read by rank 0 alone and sent shard by shard; "
+                     f"LoRA drawn from seed {tc.seed} on every process and checked equal")
+    return notes
+
+
+_META = torch.device("meta")
+
+
+def _offloaded(tc) -> bool:
+    return "offload" in tc.fsdp or bool(tc.fsdp_config.get("offload_params"))
+
+
+_LAYER = re.compile(r".*?\.layers\.\d+\.")  # a decoder layer's prefix, e.g. "model.layers.12."
+
+
+def load_groups(files: list, names: set[str]) -> list[tuple[str, list[str]]]:
+    """(file, tensor names) in reading order: each decoder layer's tensors together, every other tensor alone, so
+    the reader holds one layer (or one embedding) at a time. Names the model does not have are skipped."""
+    from safetensors import safe_open
+
+    groups: list[tuple[str, list[str]]] = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            keys = [k for k in f.keys() if k in names]
+        by_layer: dict[str, list[str]] = {}
+        for key in keys:
+            match = _LAYER.match(key)
+            by_layer.setdefault(match.group(0) if match else key, []).append(key)
+        groups += [(str(file), group) for group in by_layer.values()]
+    return groups
+
+
+def fill_from_rank0(model, files: list, *, offload: bool = False) -> int:
+    """Fill an empty (meta), fully_shard-ed model's base weights: rank 0 reads ``files`` (the others pass []) one
+    group at a time (:func:`load_groups`) and every process keeps its shard of each tensor, and the whole tensors it
+    holds unsharded. PyTorch's documented path for this, ``set_model_state_dict(full_state_dict=True,
+    broadcast_from_rank0=True)``, called per group so no process ever holds more than its shards plus one layer.
+    Returns the bytes read. Tensors the model has and the files lack stop here with their names."""
+    from safetensors import safe_open
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    local = {n: (t.dtype, t.device) for n, t in model.state_dict().items()}
+    groups = broadcast_object(load_groups(files, set(local)) if is_main() else None)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False, cpu_offload=offload)
+    size = 0
+    for file, keys in groups:
+        full = {}
+        if is_main():
+            with safe_open(file, framework="pt") as f:  # opened per group: its mapped pages are let go each time
+                full = {k: f.get_tensor(k).to(local[k][0]) for k in keys}
+            size += sum(t.numel() * t.element_size() for t in full.values())
+        with warnings.catch_warnings():
+            # torch 2.13's own call to its deprecated _get_pg_default_device warns twice per call, in every process
+            warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed.checkpoint")
+            set_model_state_dict(model, full, options=options)
+        del full
+    missing = [n for n, p in model.named_parameters() if p.device == _META and not p.requires_grad]
+    if missing:
+        raise PhituneError(f"the checkpoint of this model has no {', '.join(missing[:5])}"
+                           f"{' ...' if len(missing) > 5 else ''}; rank 0 cannot fill them. Set "
+                           "training_config.fsdp_config.cpu_ram_efficient_loading: false to load it with "
+                           "transformers in every process")
+    return size
+
+
+def init_lora_everywhere(model, seed: int, device: torch.device) -> None:
+    """Give the LoRA factors of an empty model their start: created on ``device``, drawn from ``seed`` in add_lora's
+    order on every process (the values one process gets from the same seed), then compared with rank 0's."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and p.device == _META:
+                    module._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device=device),
+                                                                  requires_grad=p.requires_grad)
+    torch.manual_seed(seed)
+    redraw_lora(model)
+    check_same_everywhere([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+
+
+def check_same_everywhere(named: list[tuple[str, torch.Tensor]]) -> None:
+    """Raise unless every process holds rank 0's values of these tensors, bit for bit."""
+    if not active() or not named:
+        return
+    device = _comm_device()
+    mine = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for _, t in named])
+    theirs = mine.clone()
+    dist.broadcast(theirs, src=0)
+    differs = torch.tensor([float(not torch.equal(mine, theirs))], device=device)
+    dist.all_reduce(differs)
+    if differs.item():
+        offset, first = 0, None
+        for name, t in named:
+            if first is None and not torch.equal(mine[offset:offset + t.numel()], theirs[offset:offset + t.numel()]):
+                first = name
+            offset += t.numel()
+        raise PhituneError(f"the trainable parameters differ between processes ({int(differs.item())} of "
+                           f"{world_size()} differ from rank 0{', first ' + first if first else ''}): every process "
+                           "must draw the LoRA start from the same seed and the same code")

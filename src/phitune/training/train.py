@@ -42,7 +42,7 @@ from ..errors import ConfigError, PhituneError
 from .evaluation import evaluate_samples, generation_probe
 from .interrupt import Interrupted, StopOnSignal, signal_name
 from .metrics import MetricsLog, progress_bar, resolve_backends, setup_logging
-from ..models.loading import load_model_and_tokenizer, resolve_device
+from ..models.loading import checkpoint_files, load_model_and_tokenizer, resolve_device
 from .optim import autocast_context, build_optimization, enable_gradient_checkpointing, seed_everything, set_tf32
 from .preflight import checks_before_weights
 from ..runs.folder import finished_steps, logged_eval, prepare_output_dir, save_run, with_absolute_paths
@@ -199,11 +199,13 @@ def _model_with_lora(cfg: RunConfig, device: torch.device, tokenizer):
     the same start on every process (FSDP2 if asked), gradient checkpointing, the fast path."""
     tc = cfg.training_config
     set_tf32(tc.tf32, device)
+    empty = distributed.loads_on_rank0(tc)  # FSDP: built on the meta device, rank 0 alone reads the weights
     model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, host_load=distributed.fsdp_enabled(tc),
-                                                tokenizer=tokenizer)
+                                                tokenizer=tokenizer, weights=not empty)
     report = add_lora(model, cfg.peft_config, lora_dtype=torch.float32)
     log.info("%s", report)
-    for note in distributed.prepare_model(model, tc, device):
+    checkpoint = functools.partial(checkpoint_files, cfg.model) if empty else None
+    for note in distributed.prepare_model(model, tc, device, checkpoint):
         log.info("%s", note)
     enable_gradient_checkpointing(model, tc)
     fast = loss.apply_fast_path(model, tc)
