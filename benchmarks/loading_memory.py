@@ -12,7 +12,8 @@ train` loads it (``phitune.training.train._model_with_lora``: weights, LoRA, FSD
 
 A process's peak is its VmHWM (peak resident set, file-mapped pages included) from just before loading to just
 after, minus its VmRSS just before (torch, transformers, the tokenizer and a first empty model build, the same in
-every mode): the memory loading adds. The node's peak is the sum of its processes' peaks, an upper bound (they need not peak at once).
+every mode): the memory loading adds. The node's peak is the sum of its processes' peaks, an upper bound (they
+need not peak at once).
 Targets (issue 26): node peak with 2 processes <= 1.3 x the single-process peak; each process that does not read
 the files below half the model's size.
 
