@@ -215,18 +215,26 @@ def test_killed_two_process_run_resumes_to_the_same_end(two_process_run, tiny_mo
 
 
 @pytest.mark.slow
-def test_fsdp_trains_and_saves_an_adapter_that_loads_in_peft(two_process_run, tiny_model_dir, chat_files,
-                                                             tmp_path):
+def test_fsdp_with_rank0_loading_trains_like_one_process_and_its_adapter_loads_in_peft(tiny_model_dir, chat_files,
+                                                                                       tmp_path):
+    """2 processes under FSDP2, the base built on meta and filled by rank 0 (the default), against 1 process with the
+    doubled batch: the same losses, the same adapter, the same logits in peft."""
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
     from phitune.adapt import load_adapter
+    from phitune.config import load_config
 
-    ref, _ = two_process_run
-    out = tmp_path / "fsdp"
+    out, ref = tmp_path / "fsdp", tmp_path / "single"
     cfg = _config(tiny_model_dir, chat_files, out, fsdp="full_shard auto_wrap", gradient_checkpointing=True,
                   fsdp_config={"transformer_layer_cls_to_wrap": ["Phi3DecoderLayer"]})
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        assert distributed.loads_on_rank0(load_config(cfg).training_config)
+    finally:
+        del os.environ["WORLD_SIZE"]
     _join(_forked(cfg, report=str(tmp_path / "held")))
+    finetune(_config(tiny_model_dir, chat_files, ref, per_device_train_batch_size=2 * PER_DEVICE))
     # The frozen base of the decoder is sharded (each process holds half the rows); LoRA and lm_head are whole.
     held = [json.loads((tmp_path / f"held-{r}.json").read_text()) for r in range(2)]
     assert held[0] == held[1]
@@ -234,7 +242,7 @@ def test_fsdp_trains_and_saves_an_adapter_that_loads_in_peft(two_process_run, ti
     assert "model.embed_tokens.weight" in held[0]["sharded"] and "model.layers.1.mlp.down_proj.weight" in held[0][
         "sharded"]
     assert all(".lora_" in n or n == "lm_head.weight" for n in held[0]["whole"]), held[0]["whole"]
-    _assert_same_curve(out, ref)  # sharding the frozen base changes nothing in the updates
+    _assert_same_curve(out, ref)  # sharding the frozen base and loading it on rank 0 change nothing in the updates
     _assert_same_adapter(out, ref)
 
     ids = torch.tensor([[1, 5, 9, 30, 200, 17, 3, 44]])
@@ -245,12 +253,20 @@ def test_fsdp_trains_and_saves_an_adapter_that_loads_in_peft(two_process_run, ti
     theirs = peft.PeftModel.from_pretrained(base(), out).eval()
     ours = base()
     load_adapter(ours, out)
+    single = peft.PeftModel.from_pretrained(base(), ref).eval()
     with torch.no_grad():
-        a, b, plain = theirs(input_ids=ids).logits, ours(input_ids=ids).logits, base()(input_ids=ids).logits
+        a, b, c = theirs(input_ids=ids).logits, ours(input_ids=ids).logits, single(input_ids=ids).logits
+        plain = base()(input_ids=ids).logits
     # the same float32 network, sums in another order: eps x the longest reduction (intermediate 128) per layer
-    tol = EPS32 * 128 * 3 * float(a.abs().max())
-    torch.testing.assert_close(a, b, rtol=0, atol=tol)
-    assert (a - plain).abs().max() > 1e-4  # the adapter was trained, not saved at its zero init
+    rounding = EPS32 * 128 * 3 * float(a.abs().max())
+    torch.testing.assert_close(a, b, rtol=0, atol=rounding)
+    effect = float((c - plain).abs().max())
+    assert effect > 1e-4  # the adapter was trained, not saved at its zero init
+    # The adapters agree within _adam_tolerance per element; to first order, a relative change r of both LoRA
+    # factors changes the adapter's effect on the logits by 2r per layer it passes (2 layers here).
+    weights = _adapter(ref)
+    r = _adam_tolerance(ref) / min(float(t.abs().max()) for t in weights.values())
+    torch.testing.assert_close(a, c, rtol=0, atol=rounding + 2 * 2 * r * effect)
 
 
 # --- the pieces, in one process ---------------------------------------------------------------------------------------
@@ -343,3 +359,54 @@ def test_resume_accepts_another_process_count_with_the_same_total_batch(tiny_mod
     ckpt.check_compatible(folder, settings(1, 4))
     with pytest.raises(ckpt.CheckpointError, match=r"was 4, is 6"):
         ckpt.check_compatible(folder, settings(2, 3))
+
+
+def test_an_empty_model_draws_the_lora_start_a_loaded_one_gets_from_the_seed(tiny_model_dir):
+    """What every FSDP process does with its meta-built model gives the LoRA values of one process's add_lora."""
+    from phitune.adapt import add_lora
+    from phitune.models.loading import load_model_and_tokenizer
+
+    peft_config = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
+    torch.manual_seed(0)
+    loaded, tok = load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
+    add_lora(loaded, peft_config, lora_dtype=torch.float32)
+    empty, _ = load_model_and_tokenizer(str(tiny_model_dir), device="cpu", tokenizer=tok, weights=False)
+    assert {p.device.type for p in empty.parameters()} == {"meta"}
+    assert all(b.device.type == "cpu" for b in empty.buffers())  # RoPE's tables are computed, not loaded
+    add_lora(empty, peft_config, lora_dtype=torch.float32)
+    distributed.materialize(empty, torch.device("cpu"))
+    distributed.init_lora_everywhere(empty, seed=0)
+    mine = {n: p for n, p in empty.named_parameters() if p.requires_grad}
+    theirs = {n: p for n, p in loaded.named_parameters() if p.requires_grad}
+    assert mine.keys() == theirs.keys() and len(mine) == 16
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+
+
+def _check_worker(rank: int, port: int, outcome: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo")
+    same = torch.ones(3)
+    distributed.check_same_everywhere([("same", same)])
+    try:
+        distributed.check_same_everywhere([("same", same), ("lora_B", torch.full((2,), float(rank)))])
+        message = "no error"
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        message = str(exc)
+    Path(f"{outcome}-{rank}").write_text(message)
+    os._exit(0)
+
+
+def test_processes_that_drew_different_lora_starts_all_stop(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_check_worker, args=(r, port, str(tmp_path / "outcome"))) for r in range(2)]
+    for p in procs:
+        p.start()
+    _join(procs, timeout=60)
+    messages = [(tmp_path / f"outcome-{r}").read_text() for r in range(2)]
+    assert all("trainable parameters differ between processes" in m for m in messages), messages
+    assert "first lora_B" in messages[1]
