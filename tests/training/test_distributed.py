@@ -410,3 +410,23 @@ def test_processes_that_drew_different_lora_starts_all_stop(tmp_path):
     messages = [(tmp_path / f"outcome-{r}").read_text() for r in range(2)]
     assert all("trainable parameters differ between processes" in m for m in messages), messages
     assert "first lora_B" in messages[1]
+
+
+def test_the_layout_says_what_one_process_holds_before_step_1(tiny_model_dir):
+    from phitune.adapt import add_lora
+    from phitune.models.loading import load_model_and_tokenizer
+    from phitune.training.optim import build_optimizer
+
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
+    add_lora(model, {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}, lora_dtype=torch.float32)
+    tc = build_training_config({"use_cpu": True})
+    optimizer = build_optimizer(model, tc, torch.device("cpu"))
+    world, holds = distributed.describe_layout(model, optimizer, tc)
+    assert world == "world: 1 node x 1 process, backend none; one process, no distribution"
+    params = sum(p.numel() for p in model.parameters()) * 4  # float32
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    adapter = sum(p.numel() for p in trainable) * 4
+    assert f"parameters {params / 2**10:.1f} KiB (0.0 KiB sharded, {params / 2**10:.1f} KiB whole) on cpu" in holds
+    assert f"adapter {adapter / 2**10:.1f} KiB" in holds
+    # before step 1 AdamW holds nothing yet: two float32 moments and a step per trainable tensor, counted ahead
+    assert f"optimizer state {(2 * adapter + 4 * len(trainable)) / 2**10:.1f} KiB" in holds

@@ -262,6 +262,60 @@ def seed_per_process(seed: int) -> None:
         torch.manual_seed(seed + 1_000_003 * rank())
 
 
+def nodes() -> int:
+    """How many nodes (torchrun agents) the processes run on: GROUP_WORLD_SIZE as torchrun sets it, 1 without."""
+    if "GROUP_WORLD_SIZE" in os.environ:
+        return int(os.environ["GROUP_WORLD_SIZE"])
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    return max(world_size() // per_node, 1) if per_node else 1
+
+
+def describe_layout(model, optimizer, tc) -> list[str]:
+    """What ``phitune train`` says before step 1 (rank 0 logs it): the world (nodes x processes, backend, FSDP or
+    data parallel, what is sharded) and the bytes each process holds: parameters (its shards and the tensors kept
+    whole), the adapter (trainable), and the optimizer state (AdamW's two moments, in the parameters' dtype, and a
+    float32 step per trainable tensor; allocated at step 1, so counted from the parameters until then)."""
+    from torch.distributed.tensor import DTensor
+
+    world, n = world_size(), nodes()
+    where = (f"{n} node{'s' * (n > 1)} x {world // n} process{'es' * (world // n > 1)}" if world % n == 0
+             else f"{world} processes on {n} nodes")
+    if not active():
+        what = "one process, no distribution"
+    elif tc.fsdp:
+        reshard = tc.fsdp_config.get("reshard_after_forward", "shard_grad_op" not in tc.fsdp)
+        what = (f"FSDP2 {' '.join(tc.fsdp)}: frozen base sharded over {world} processes (decoder layers and body; "
+                f"{'resharded' if reshard else 'kept gathered'} after forward"
+                f"{', shards in host memory' if _offload(tc) else ''}); LoRA and lm_head whole on each")
+    else:
+        what = "data parallel: the whole model on every process, trainable gradients all-reduced once per step"
+    backend = dist.get_backend() if active() else "none"
+    local = lambda p: p.to_local() if isinstance(p, DTensor) else p  # noqa: E731
+    nbytes = lambda ps: sum(local(p).numel() * local(p).element_size() for p in ps)  # noqa: E731
+    params = list(model.parameters())
+    sharded = nbytes(p for p in params if isinstance(p, DTensor))
+    trainable = [p for p in params if p.requires_grad]
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    moments = (sum(t.numel() * t.element_size() for t in state) if state
+               else 2 * nbytes(trainable) + 4 * len(trainable))
+    devices = ", ".join(sorted({str(local(p).device) for p in params}))
+    return [f"world: {where}, backend {backend}; {what}",
+            f"per process: parameters {_mb(nbytes(params))} ({_mb(sharded)} sharded, {_mb(nbytes(params) - sharded)} "
+            f"whole) on {devices}; adapter {_mb(nbytes(trainable))} (trainable, and as much again for its "
+            f"gradients); optimizer state {_mb(moments)}"]
+
+
+def _mb(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def _offload(tc) -> bool:
+    return "offload" in tc.fsdp or bool(tc.fsdp_config.get("offload_params"))
+
+
 # --- data -------------------------------------------------------------------------------------------------------------
 
 
@@ -358,7 +412,7 @@ def shard_model(model, tc, device: torch.device) -> int:
 
     mesh = init_device_mesh(device.type, (world_size(),))
     reshard = bool(fcfg.get("reshard_after_forward", "shard_grad_op" not in opts))
-    offload = CPUOffloadPolicy() if ("offload" in opts or fcfg.get("offload_params")) else OffloadPolicy()
+    offload = CPUOffloadPolicy() if _offload(tc) else OffloadPolicy()
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload, ignored_params=ignored)
     fully_shard(body, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload, ignored_params=ignored)

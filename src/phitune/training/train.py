@@ -111,6 +111,8 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
     metrics_log = MetricsLog(out, tc.report_to, run_name=tc.run_name or out.resolve().name, config=cfg.to_dict(),
                              resume_step=state.step if resume_from is not None else None, write=main)
     _log_plan(tc, total_steps, plans.steps_per_epoch, world, prepared)
+    for line in distributed.describe_layout(model, optimizer, tc):  # what each process (GPU) holds, before step 1
+        log.info("%s", line)
     run_eval = _evaluator(model, tokenizer, prepared, cfg, fast, autocast)
     step_loss = functools.partial(loss.forward_loss, fast=fast)
     save = functools.partial(save_checkpoint, out, model=model, optimizer=optimizer, scheduler=scheduler,
