@@ -269,6 +269,116 @@ def test_fsdp_with_rank0_loading_trains_like_one_process_and_its_adapter_loads_i
     torch.testing.assert_close(a, c, rtol=0, atol=rounding + 2 * 2 * r * effect)
 
 
+# --- two nodes, rehearsed on one machine ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_model_dir, chat_files, tmp_path_factory):
+    """1 process with the batch of the 2 x 2 runs, uninterrupted: its output folder."""
+    out = tmp_path_factory.mktemp("single") / "single"
+    finetune(_config(tiny_model_dir, chat_files, out, per_device_train_batch_size=2 * PER_DEVICE))
+    return out
+
+
+def _two_nodes(cfg: dict, tmp: Path, name: str, **env) -> list[tuple[subprocess.Popen, Path]]:
+    """Two torchrun agents, one process each, as two nodes would start them (c10d rendezvous on the first node;
+    here both on 127.0.0.1): (agent, its console log) per node, started, not waited for."""
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    agents = []
+    for node in (0, 1):
+        log = tmp / f"{name}-node{node}.log"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+               "--rdzv_id", name, "--rdzv_conf", f"is_host={int(node == 0)}", "--max_restarts", "0",
+               "-m", "phitune", "train", str(path)]
+        with log.open("w") as f:
+            agents.append((subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT), log))
+    return agents
+
+
+def _wait(agents, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    try:
+        return [a.wait(max(deadline - time.monotonic(), 1)) for a, _ in agents]
+    finally:
+        for a, _ in agents:
+            if a.poll() is None:
+                _kill_node(a)
+
+
+def _kill_node(agent: subprocess.Popen) -> None:
+    """SIGKILL a torchrun agent and its workers at once, as when its node is lost (a worker outlives its agent)."""
+    psutil = pytest.importorskip("psutil")
+    procs = psutil.Process(agent.pid).children(recursive=True) + [psutil.Process(agent.pid)]
+    for p in procs:
+        p.kill()
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.mark.slow
+def test_two_nodes_train_like_one_process_and_write_once(one_process_run, tiny_model_dir, chat_files, tmp_path):
+    out, ref = tmp_path / "nodes", one_process_run
+    agents = _two_nodes(_config(tiny_model_dir, chat_files, out), tmp_path, "nodes")
+    codes = _wait(agents, 400)
+    logs = [log.read_text(errors="replace") for _, log in agents]
+    assert codes == [0, 0], "\n".join(text[-3000:] for text in logs)
+    _assert_same_curve(out, ref)
+    _assert_same_adapter(out, ref)
+    text = "".join(logs)
+    assert text.count("world: 2 nodes x 1 process, backend gloo; data parallel") == 1  # rank 0 alone says it
+    assert text.count("run saved to") == 1
+    # One output folder, written by one process: the 1-process run's files, nothing per rank or per node.
+    names = lambda o: sorted(str(p.relative_to(o)) for p in o.rglob("*"))  # noqa: E731
+    assert names(out) == names(ref)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_a_lost_node_stops_the_other_and_a_fresh_two_node_start_resumes(one_process_run, tiny_model_dir,
+                                                                         chat_files, tmp_path):
+    """The node running rank 0 is killed while it writes checkpoint-4: the other node stops with phitune's message
+    well before ddp_timeout; the same command with resume_from_checkpoint: auto finishes the run as if unbroken."""
+    out, timeout = tmp_path / "lost", 60
+    cfg = _config(tiny_model_dir, chat_files, out, ddp_timeout=timeout)
+    agents = _two_nodes(cfg, tmp_path, "lost", PHITUNE_TEST_SLOW_SAVE="4:300")
+    try:
+        deadline = time.monotonic() + 300
+        while not list((out / "checkpoints").glob(".tmp-checkpoint-4-*/meta.json")):
+            assert all(a.poll() is None for a, _ in agents), [log.read_text()[-2000:] for _, log in agents]
+            assert time.monotonic() < deadline, "the run never reached the save of checkpoint-4"
+            time.sleep(0.2)
+        main = next(i for i, (_, log) in enumerate(agents) if "phitune: step 4" in log.read_text(errors="replace"))
+        _kill_node(agents[main][0])
+        killed = time.monotonic()
+        survivor, log = agents[1 - main]
+        code = survivor.wait(timeout + 30)
+        took = time.monotonic() - killed
+    finally:
+        _wait(agents, 1)
+    text = log.read_text(errors="replace")
+    assert code != 0
+    assert took < timeout, f"the surviving node took {took:.0f} s to stop"
+    assert "another process of this run stopped" in text and "resume_from_checkpoint: auto" in text, text[-3000:]
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
+
+    cfg["training_config"]["resume_from_checkpoint"] = "auto"
+    agents = _two_nodes(cfg, tmp_path, "resumed")
+    codes = _wait(agents, 400)
+    assert codes == [0, 0], "\n".join(log.read_text(errors="replace")[-3000:] for _, log in agents)
+    _assert_same_curve(out, one_process_run)
+    _assert_same_adapter(out, one_process_run)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
 # --- the pieces, in one process ---------------------------------------------------------------------------------------
 
 

@@ -126,6 +126,29 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+@contextmanager
+def explain_lost_peers(output_dir):
+    """Turn a collective that failed because another process is gone (killed, out of memory, its node lost) into a
+    PhituneError that says so and how to continue, in every process that is left, instead of a backend traceback.
+    A process that stops answering without closing its connections ends the others at ``ddp_timeout``."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not (active() and _lost_peer(exc)):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PhituneError(f"process {rank()} of {world_size()}: another process of this run stopped (killed, out of "
+                           f"memory, or its node lost): {detail}. Every process stops. Start all of them again with "
+                           "training_config.resume_from_checkpoint: auto to continue from the last complete "
+                           f"checkpoint in {output_dir}/checkpoints") from exc
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    # torch's own types for NCCL and store failures; gloo raises a plain RuntimeError whose text starts with the
+    # source file of its TCP transport (e.g. "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer").
+    return isinstance(exc, getattr(dist, "DistError", ())) or "gloo/transport" in str(exc)
+
+
 # --- collectives ------------------------------------------------------------------------------------------------------
 
 

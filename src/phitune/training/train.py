@@ -77,6 +77,7 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
     cfg = _run_config(config, dict(model=model, data=data, training_config=training_config, peft_config=peft_config),
                       output_dir, overrides)
     with ExitStack() as run_scope:  # the output folder's lock and the signal handlers, released however we leave
+        run_scope.enter_context(distributed.explain_lost_peers(cfg.training_config.output_dir))
         return _finetune(cfg, run_scope)
 
 
