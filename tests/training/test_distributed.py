@@ -11,6 +11,7 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), which skips those imports.
 import json
 import multiprocessing
 import os
+import re
 import socket
 import signal
 import subprocess
@@ -540,3 +541,31 @@ def test_the_layout_says_what_one_process_holds_before_step_1(tiny_model_dir):
     assert f"adapter {adapter / 2**10:.1f} KiB" in holds
     # before step 1 AdamW holds nothing yet: two float32 moments and a step per trainable tensor, counted ahead
     assert f"optimizer state {(2 * adapter + 4 * len(trainable)) / 2**10:.1f} KiB" in holds
+
+
+@pytest.mark.slow
+def test_the_slurm_script_launch_line_trains_two_steps(tiny_model_dir, chat_files, tmp_path):
+    """examples/slurm/train.sbatch's per-node command, run as srun would on each of two nodes (its environment set
+    by hand, both nodes on this machine, CPU): two steps, one run folder."""
+    script = (ROOT / "examples" / "slurm" / "train.sbatch").read_text()
+    launch = re.search(r"srun [^\n]*bash -c '([^']+)'", script).group(1)
+    assert launch.startswith("exec torchrun ") and "--rdzv_endpoint \"$MASTER_ADDR:$MASTER_PORT\"" in launch
+    out = tmp_path / "slurm"
+    config = tmp_path / "slurm.yaml"
+    config.write_text(yaml.safe_dump(_config(tiny_model_dir, chat_files, out, max_steps=2, save_steps=1)))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+               SLURM_NNODES="2", SLURM_JOB_ID="4242", GPUS_PER_NODE="1", CONFIG=str(config),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    nodes = [subprocess.Popen(["bash", "-c", launch], env=dict(env, SLURM_NODEID=str(node)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for node in (0, 1)]
+    texts = [p.communicate(timeout=400)[0].decode(errors="replace") for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(t[-3000:] for t in texts)
+    assert [s for s, _ in losses(out)] == [1, 2]
+    text = "".join(texts)
+    assert text.count("world: 2 nodes x 1 process, backend gloo") == 1
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
