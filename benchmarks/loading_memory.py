@@ -8,12 +8,15 @@ train` loads it (``phitune.training.train._model_with_lora``: weights, LoRA, FSD
 - ``before``: 2 processes with ``fsdp_config.cpu_ram_efficient_loading: false``, every process reading the whole
   model with from_pretrained (the path phitune took before issue 26);
 - ``after``: 2 processes, the default: all build the model on the meta device, rank 0 alone reads the safetensors
-  one decoder layer at a time and each process keeps its shards.
+  one tensor at a time and sends each process its shard;
+- ``ddp``: 2 processes without FSDP, each loading the whole model memory-mapped (from_pretrained).
 
 A process's peak is its VmHWM (peak resident set, file-mapped pages included) from just before loading to just
 after, minus its VmRSS just before (torch, transformers, the tokenizer and a first empty model build, the same in
 every mode): the memory loading adds. The node's peak is the sum of its processes' peaks, an upper bound (they
-need not peak at once).
+need not peak at once). RSS counts a page of the memory-mapped file in every process that reads it, so the
+node PSS column (each process's proportional set size after reading its weights, minus before loading; shared
+pages divided among their readers) is the one that shows what ``ddp``'s processes share.
 Targets (issue 26): node peak with 2 processes <= 1.3 x the single-process peak; each process that does not read
 the files below half the model's size.
 
@@ -47,6 +50,15 @@ SIZES = {
 }
 
 
+def _pss() -> int:
+    """Proportional set size in bytes: shared pages (a memory-mapped file several processes read) divided among
+    them, so the processes' sum is the node's memory."""
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no Pss in /proc/self/smaps_rollup (Linux 4.14+)")
+
+
 def _status(field: str) -> int:
     """A /proc/self/status memory field in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -77,10 +89,11 @@ def write_model(folder: Path, size: str) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def run_config(folder: Path, efficient: bool) -> dict:
-    tc = {"output_dir": str(folder / "out"), "use_cpu": True, "max_steps": 1, "fsdp": "full_shard",
-          "fsdp_config": {"transformer_layer_cls_to_wrap": ["Phi3DecoderLayer"],
-                          "cpu_ram_efficient_loading": efficient}}
+def run_config(folder: Path, efficient: bool, fsdp: bool = True) -> dict:
+    tc = {"output_dir": str(folder / "out"), "use_cpu": True, "max_steps": 1}
+    if fsdp:
+        tc.update(fsdp="full_shard", fsdp_config={"transformer_layer_cls_to_wrap": ["Phi3DecoderLayer"],
+                                                  "cpu_ram_efficient_loading": efficient})
     return {"model": {"name_or_path": str(folder), "dtype": "float32"},
             "data": {"train": str(folder / "train.jsonl"), "cache": False},
             "training_config": tc, "peft_config": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}}
@@ -128,16 +141,17 @@ def _load(rank: int, world: int, port: int, cfg_dict: dict, result: str) -> None
         # what a first model build loads once (model classes, caches: 9 MB), the same in every mode: not loading
         load_model_and_tokenizer(cfg.model, device="cpu", tokenizer=tokenizer, weights=False)
         distributed.barrier()
-        before = _status("VmRSS")
+        before, pss_before = _status("VmRSS"), _pss()
         Path("/proc/self/clear_refs").write_text("5")  # restart VmHWM (the peak) from the current RSS
         started = time.perf_counter()
         model, *_ = train._model_with_lora(cfg, torch.device("cpu"), tokenizer)
         seconds = time.perf_counter() - started
         _read_every_weight(model)
         peak = _status("VmHWM")
-        distributed.barrier()
+        distributed.barrier()  # every process has read its weights: the shared pages are shared now
+        pss = _pss() - pss_before
         Path(result).write_text(json.dumps({"rank": rank, "rss_before": before, "peak": peak,
-                                            "loading_peak": peak - before, "seconds": seconds}))
+                                            "loading_peak": peak - before, "pss_after": pss, "seconds": seconds}))
         distributed.finish(created)
     except BaseException:  # noqa: BLE001 - the parent sees the exit code
         __import__("traceback").print_exc()
@@ -145,14 +159,14 @@ def _load(rank: int, world: int, port: int, cfg_dict: dict, result: str) -> None
     os._exit(code)
 
 
-def measure(folder: Path, world: int, efficient: bool) -> list[dict]:
+def measure(folder: Path, world: int, efficient: bool, fsdp: bool = True) -> list[dict]:
     """Per-process results of loading ``folder`` in ``world`` forked processes."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ctx = multiprocessing.get_context("fork")
-    results = [str(folder / f"result-{world}-{efficient}-{r}.json") for r in range(world)]
-    procs = [ctx.Process(target=_load, args=(r, world, port, run_config(folder, efficient), results[r]))
+    results = [str(folder / f"result-{world}-{efficient}-{fsdp}-{r}.json") for r in range(world)]
+    procs = [ctx.Process(target=_load, args=(r, world, port, run_config(folder, efficient, fsdp), results[r]))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -179,18 +193,19 @@ def main(argv=None) -> dict:
         model_bytes = queue.get()
         writer.join()
         runs = {"single": measure(folder, 1, False), "before": measure(folder, 2, False),
-                "after": measure(folder, 2, True)}
+                "after": measure(folder, 2, True), "ddp": measure(folder, 2, False, fsdp=False)}
     single = runs["single"][0]["loading_peak"]
     report = {"model_bytes": model_bytes, "single_peak": single}
     print(f"model: {model_bytes / MB:.0f} MB of float32 weights (save_pretrained, random); peak RSS added by loading:")
-    print(f"  {'mode':<8}{'process peaks (MB)':<26}{'node peak (MB)':>15}{'x single':>10}{'seconds':>9}")
+    print(f"  {'mode':<8}{'process peaks (MB)':<26}{'node peak (MB)':>15}{'x single':>10}{'node PSS (MB)':>15}"
+          f"{'seconds':>9}")
     for mode, results in runs.items():
         peaks = [r["loading_peak"] for r in results]
-        node = sum(peaks)
-        report[mode] = {"process_peaks": peaks, "node_peak": node, "ratio": node / single,
+        node, pss = sum(peaks), sum(r["pss_after"] for r in results)
+        report[mode] = {"process_peaks": peaks, "node_peak": node, "ratio": node / single, "node_pss": pss,
                         "seconds": max(r["seconds"] for r in results)}
         print(f"  {mode:<8}{' + '.join(f'{p / MB:.0f}' for p in peaks):<26}{node / MB:>15.0f}"
-              f"{node / single:>10.2f}{report[mode]['seconds']:>9.1f}")
+              f"{node / single:>10.2f}{pss / MB:>15.0f}{report[mode]['seconds']:>9.1f}")
     after = report["after"]
     others = after["process_peaks"][1:]
     print(f"targets: node peak after {after['ratio']:.2f}x single (<= 1.3); non-reading process "

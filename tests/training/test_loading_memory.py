@@ -1,5 +1,5 @@
-"""benchmarks/loading_memory.py at its smoke size (a 180 MB float32 model, 2 processes on gloo): FSDP's loading keeps
-one copy of the base per node, not one per process."""
+"""benchmarks/loading_memory.py at its smoke size (a 180 MB float32 model, 2 processes on gloo): loading keeps one
+copy of the base per node, not one per process (FSDP: rank 0 reads, the others get their shards; DDP: a shared map)."""
 
 import json
 import os
@@ -24,3 +24,5 @@ def test_two_fsdp_processes_load_the_base_once_per_node():
     assert report["after"]["ratio"] <= 1.3  # issue 26's target
     reader, *others = report["after"]["process_peaks"]
     assert all(p < 0.7 * single for p in others)  # its shards (half) and small fixed costs, not a copy
+    # without FSDP each process maps the file: one copy of its pages on the node (PSS), though each counts it in RSS
+    assert report["ddp"]["node_pss"] <= 1.3 * single
