@@ -518,21 +518,23 @@ def materialize(model, device: torch.device) -> None:
 def fill_from_rank0(model, files: list) -> int:
     """Fill a materialized, fully_shard-ed model's base weights: rank 0 reads ``files`` (the others pass []) one
     tensor at a time and sends each process its dim-0 chunk straight into that process's shard storage (whole
-    tensors, those fully_shard left alone, are broadcast into place). Returns the bytes read. Frozen tensors the
-    files lack stop it before any is read, with their names.
+    tensors, those fully_shard left alone, are broadcast into place). Returns the bytes read. Parameters the
+    files lack (all but the LoRA factors) stop it before any is read, with their names.
 
     Not ``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)``, the documented route, which
     broadcasts every full tensor to every process: measured with benchmarks/loading_memory.py (2 processes, gloo),
     its receive buffers, freed but kept by the C allocator, left the process that reads nothing at 0.70x the model
     (430 MB model) and the node at 1.26x the single-process peak (1.34x at 180 MB), and each call walks the whole
-    model (~0.1 s, per tensor or group). Here a process receives only its chunk, in place: 0.60x, 1.18x (1.26x at
+    model (~0.1 s, per tensor or group). Here a process receives only its chunk, in place: 0.60x, 1.17x (1.26x at
     180 MB)."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
     state = model.state_dict(keep_vars=True)
     tensors = broadcast_object(checkpoint_tensors(files, state) if is_main() else None)
-    missing = sorted({n for n, p in model.named_parameters() if not p.requires_grad} - {k for _, k in tensors})
+    # every parameter but the LoRA factors (drawn from the seed) comes from the files, modules_to_save included
+    needed = {n for n, _ in model.named_parameters() if not n.endswith((".lora_A", ".lora_B"))}
+    missing = sorted(needed - {k for _, k in tensors})
     if missing:
         raise PhituneError(f"the checkpoint of this model has no {', '.join(missing[:5])}"
                            f"{' ...' if len(missing) > 5 else ''}; rank 0 cannot send them. Set "
