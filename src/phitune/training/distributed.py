@@ -506,8 +506,7 @@ def checkpoint_tensors(files: list, names) -> list[tuple[str, str]]:
 def materialize(model, device: torch.device) -> None:
     """Storage on ``device`` for every parameter of an empty, fully_shard-ed model (its shards, and the tensors kept
     whole), uninitialised; buffers are kept (the model computed them). FSDP2's recipe: ``fully_shard`` on the meta
-    model, then ``to_empty``. Allocated before any weight arrives, so the weights in flight do not fragment the heap
-    between them: filling freshly cloned shards instead kept ~45% of a smoke-size model more in each process."""
+    model, then ``to_empty``; :func:`fill_from_rank0` then receives each shard straight into its storage."""
     kept = [(module, name, buf) for module in model.modules() for name, buf in module._buffers.items()
             if buf is not None and buf.device != _META]
     model.to_empty(device=device)
