@@ -11,6 +11,7 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), which skips those imports.
 import json
 import multiprocessing
 import os
+import re
 import socket
 import signal
 import subprocess
@@ -215,18 +216,26 @@ def test_killed_two_process_run_resumes_to_the_same_end(two_process_run, tiny_mo
 
 
 @pytest.mark.slow
-def test_fsdp_trains_and_saves_an_adapter_that_loads_in_peft(two_process_run, tiny_model_dir, chat_files,
-                                                             tmp_path):
+def test_fsdp_with_rank0_loading_trains_like_one_process_and_its_adapter_loads_in_peft(tiny_model_dir, chat_files,
+                                                                                       tmp_path):
+    """2 processes under FSDP2, the base built on meta and filled by rank 0 (the default), against 1 process with the
+    doubled batch: the same losses, the same adapter, the same logits in peft."""
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
     from phitune.adapt import load_adapter
+    from phitune.config import load_config
 
-    ref, _ = two_process_run
-    out = tmp_path / "fsdp"
+    out, ref = tmp_path / "fsdp", tmp_path / "single"
     cfg = _config(tiny_model_dir, chat_files, out, fsdp="full_shard auto_wrap", gradient_checkpointing=True,
                   fsdp_config={"transformer_layer_cls_to_wrap": ["Phi3DecoderLayer"]})
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        assert distributed.loads_on_rank0(load_config(cfg).training_config)
+    finally:
+        del os.environ["WORLD_SIZE"]
     _join(_forked(cfg, report=str(tmp_path / "held")))
+    finetune(_config(tiny_model_dir, chat_files, ref, per_device_train_batch_size=2 * PER_DEVICE))
     # The frozen base of the decoder is sharded (each process holds half the rows); LoRA and lm_head are whole.
     held = [json.loads((tmp_path / f"held-{r}.json").read_text()) for r in range(2)]
     assert held[0] == held[1]
@@ -234,7 +243,7 @@ def test_fsdp_trains_and_saves_an_adapter_that_loads_in_peft(two_process_run, ti
     assert "model.embed_tokens.weight" in held[0]["sharded"] and "model.layers.1.mlp.down_proj.weight" in held[0][
         "sharded"]
     assert all(".lora_" in n or n == "lm_head.weight" for n in held[0]["whole"]), held[0]["whole"]
-    _assert_same_curve(out, ref)  # sharding the frozen base changes nothing in the updates
+    _assert_same_curve(out, ref)  # sharding the frozen base and loading it on rank 0 change nothing in the updates
     _assert_same_adapter(out, ref)
 
     ids = torch.tensor([[1, 5, 9, 30, 200, 17, 3, 44]])
@@ -245,12 +254,130 @@ def test_fsdp_trains_and_saves_an_adapter_that_loads_in_peft(two_process_run, ti
     theirs = peft.PeftModel.from_pretrained(base(), out).eval()
     ours = base()
     load_adapter(ours, out)
+    single = peft.PeftModel.from_pretrained(base(), ref).eval()
     with torch.no_grad():
-        a, b, plain = theirs(input_ids=ids).logits, ours(input_ids=ids).logits, base()(input_ids=ids).logits
+        a, b, c = theirs(input_ids=ids).logits, ours(input_ids=ids).logits, single(input_ids=ids).logits
+        plain = base()(input_ids=ids).logits
     # the same float32 network, sums in another order: eps x the longest reduction (intermediate 128) per layer
-    tol = EPS32 * 128 * 3 * float(a.abs().max())
-    torch.testing.assert_close(a, b, rtol=0, atol=tol)
-    assert (a - plain).abs().max() > 1e-4  # the adapter was trained, not saved at its zero init
+    rounding = EPS32 * 128 * 3 * float(a.abs().max())
+    torch.testing.assert_close(a, b, rtol=0, atol=rounding)
+    effect = float((c - plain).abs().max())
+    assert effect > 1e-4  # the adapter was trained, not saved at its zero init
+    # The adapters agree within _adam_tolerance per element; to first order, a relative change r of both LoRA
+    # factors changes the adapter's effect on the logits by 2r per layer it passes (2 layers here).
+    weights = _adapter(ref)
+    r = _adam_tolerance(ref) / min(float(t.abs().max()) for t in weights.values())
+    torch.testing.assert_close(a, c, rtol=0, atol=rounding + 2 * 2 * r * effect)
+
+
+# --- two nodes, rehearsed on one machine ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_model_dir, chat_files, tmp_path_factory):
+    """1 process with the batch of the 2 x 2 runs, uninterrupted: its output folder."""
+    out = tmp_path_factory.mktemp("single") / "single"
+    finetune(_config(tiny_model_dir, chat_files, out, per_device_train_batch_size=2 * PER_DEVICE))
+    return out
+
+
+def _two_nodes(cfg: dict, tmp: Path, name: str, **env) -> list[tuple[subprocess.Popen, Path]]:
+    """Two torchrun agents, one process each, as two nodes would start them (c10d rendezvous on the first node;
+    here both on 127.0.0.1): (agent, its console log) per node, started, not waited for."""
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    agents = []
+    for node in (0, 1):
+        log = tmp / f"{name}-node{node}.log"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+               "--rdzv_id", name, "--rdzv_conf", f"is_host={int(node == 0)}", "--max_restarts", "0",
+               "-m", "phitune", "train", str(path)]
+        with log.open("w") as f:
+            agents.append((subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT), log))
+    return agents
+
+
+def _wait(agents, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    try:
+        return [a.wait(max(deadline - time.monotonic(), 1)) for a, _ in agents]
+    finally:
+        for a, _ in agents:
+            if a.poll() is None:
+                _kill_node(a)
+
+
+def _kill_node(agent: subprocess.Popen) -> None:
+    """SIGKILL a torchrun agent and its workers at once, as when its node is lost (a worker outlives its agent)."""
+    psutil = pytest.importorskip("psutil")
+    procs = psutil.Process(agent.pid).children(recursive=True) + [psutil.Process(agent.pid)]
+    for p in procs:
+        p.kill()
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.mark.slow
+def test_two_nodes_train_like_one_process_and_write_once(one_process_run, tiny_model_dir, chat_files, tmp_path):
+    out, ref = tmp_path / "nodes", one_process_run
+    agents = _two_nodes(_config(tiny_model_dir, chat_files, out), tmp_path, "nodes")
+    codes = _wait(agents, 400)
+    logs = [log.read_text(errors="replace") for _, log in agents]
+    assert codes == [0, 0], "\n".join(text[-3000:] for text in logs)
+    _assert_same_curve(out, ref)
+    _assert_same_adapter(out, ref)
+    text = "".join(logs)
+    assert text.count("world: 2 nodes x 1 process, backend gloo; data parallel") == 1  # rank 0 alone says it
+    assert text.count("run saved to") == 1
+    # One output folder, written by one process: the 1-process run's files, nothing per rank or per node.
+    names = lambda o: sorted(str(p.relative_to(o)) for p in o.rglob("*"))  # noqa: E731
+    assert names(out) == names(ref)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_a_lost_node_stops_the_other_and_a_fresh_two_node_start_resumes(one_process_run, tiny_model_dir,
+                                                                         chat_files, tmp_path):
+    """The node running rank 0 is killed while it writes checkpoint-4: the other node stops with phitune's message
+    well before ddp_timeout; the same command with resume_from_checkpoint: auto finishes the run as if unbroken."""
+    out, timeout = tmp_path / "lost", 60
+    cfg = _config(tiny_model_dir, chat_files, out, ddp_timeout=timeout)
+    agents = _two_nodes(cfg, tmp_path, "lost", PHITUNE_TEST_SLOW_SAVE="4:300")
+    try:
+        deadline = time.monotonic() + 300
+        while not list((out / "checkpoints").glob(".tmp-checkpoint-4-*/meta.json")):
+            assert all(a.poll() is None for a, _ in agents), [log.read_text()[-2000:] for _, log in agents]
+            assert time.monotonic() < deadline, "the run never reached the save of checkpoint-4"
+            time.sleep(0.2)
+        main = next(i for i, (_, log) in enumerate(agents) if "phitune: step 4" in log.read_text(errors="replace"))
+        _kill_node(agents[main][0])
+        killed = time.monotonic()
+        survivor, log = agents[1 - main]
+        code = survivor.wait(timeout + 30)
+        took = time.monotonic() - killed
+    finally:
+        _wait(agents, 1)
+    text = log.read_text(errors="replace")
+    assert code != 0
+    assert took < timeout, f"the surviving node took {took:.0f} s to stop"
+    assert "another process of this run stopped" in text and "resume_from_checkpoint: auto" in text, text[-3000:]
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
+
+    cfg["training_config"]["resume_from_checkpoint"] = "auto"
+    agents = _two_nodes(cfg, tmp_path, "resumed")
+    codes = _wait(agents, 400)
+    assert codes == [0, 0], "\n".join(log.read_text(errors="replace")[-3000:] for _, log in agents)
+    _assert_same_curve(out, one_process_run)
+    _assert_same_adapter(out, one_process_run)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
 # --- the pieces, in one process ---------------------------------------------------------------------------------------
@@ -343,3 +470,102 @@ def test_resume_accepts_another_process_count_with_the_same_total_batch(tiny_mod
     ckpt.check_compatible(folder, settings(1, 4))
     with pytest.raises(ckpt.CheckpointError, match=r"was 4, is 6"):
         ckpt.check_compatible(folder, settings(2, 3))
+
+
+def test_an_empty_model_draws_the_lora_start_a_loaded_one_gets_from_the_seed(tiny_model_dir):
+    """What every FSDP process does with its meta-built model gives the LoRA values of one process's add_lora."""
+    from phitune.adapt import add_lora
+    from phitune.models.loading import load_model_and_tokenizer
+
+    peft_config = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
+    torch.manual_seed(0)
+    loaded, tok = load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
+    add_lora(loaded, peft_config, lora_dtype=torch.float32)
+    empty, _ = load_model_and_tokenizer(str(tiny_model_dir), device="cpu", tokenizer=tok, weights=False)
+    assert {p.device.type for p in empty.parameters()} == {"meta"}
+    assert all(b.device.type == "cpu" for b in empty.buffers())  # RoPE's tables are computed, not loaded
+    add_lora(empty, peft_config, lora_dtype=torch.float32)
+    distributed.materialize(empty, torch.device("cpu"))
+    distributed.init_lora_everywhere(empty, seed=0)
+    mine = {n: p for n, p in empty.named_parameters() if p.requires_grad}
+    theirs = {n: p for n, p in loaded.named_parameters() if p.requires_grad}
+    assert mine.keys() == theirs.keys() and len(mine) == 16
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+
+
+def _check_worker(rank: int, port: int, outcome: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo")
+    same = torch.ones(3)
+    distributed.check_same_everywhere([("same", same)])
+    try:
+        distributed.check_same_everywhere([("same", same), ("lora_B", torch.full((2,), float(rank)))])
+        message = "no error"
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        message = str(exc)
+    Path(f"{outcome}-{rank}").write_text(message)
+    os._exit(0)
+
+
+def test_processes_that_drew_different_lora_starts_all_stop(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_check_worker, args=(r, port, str(tmp_path / "outcome"))) for r in range(2)]
+    for p in procs:
+        p.start()
+    _join(procs, timeout=60)
+    messages = [(tmp_path / f"outcome-{r}").read_text() for r in range(2)]
+    assert all("trainable parameters differ between processes" in m for m in messages), messages
+    assert "first lora_B" in messages[1]
+
+
+def test_the_layout_says_what_one_process_holds_before_step_1(tiny_model_dir):
+    from phitune.adapt import add_lora
+    from phitune.models.loading import load_model_and_tokenizer
+    from phitune.training.optim import build_optimizer
+
+    model, _ = load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
+    add_lora(model, {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}, lora_dtype=torch.float32)
+    tc = build_training_config({"use_cpu": True})
+    optimizer = build_optimizer(model, tc, torch.device("cpu"))
+    world, holds = distributed.describe_layout(model, optimizer, tc)
+    assert world == "world: 1 node x 1 process, backend none; one process, no distribution"
+    params = sum(p.numel() for p in model.parameters()) * 4  # float32
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    adapter = sum(p.numel() for p in trainable) * 4
+    assert f"parameters {params / 2**10:.1f} KiB (0.0 KiB sharded, {params / 2**10:.1f} KiB whole) on cpu" in holds
+    assert f"adapter {adapter / 2**10:.1f} KiB" in holds
+    # before step 1 AdamW holds nothing yet: two float32 moments and a step per trainable tensor, counted ahead
+    assert f"optimizer state {(2 * adapter + 4 * len(trainable)) / 2**10:.1f} KiB" in holds
+
+
+@pytest.mark.slow
+def test_the_slurm_script_launch_line_trains_two_steps(tiny_model_dir, chat_files, tmp_path):
+    """examples/slurm/train.sbatch's per-node command, run as srun would on each of two nodes (its environment set
+    by hand, both nodes on this machine, CPU): two steps, one run folder."""
+    script = (ROOT / "examples" / "slurm" / "train.sbatch").read_text()
+    launch = re.search(r"srun [^\n]*bash -c '([^']+)'", script).group(1)
+    assert launch.startswith("exec torchrun ") and "--rdzv_endpoint \"$MASTER_ADDR:$MASTER_PORT\"" in launch
+    out = tmp_path / "slurm"
+    config = tmp_path / "slurm.yaml"
+    config.write_text(yaml.safe_dump(_config(tiny_model_dir, chat_files, out, max_steps=2, save_steps=1)))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+               SLURM_NNODES="2", SLURM_JOB_ID="4242", GPUS_PER_NODE="1", CONFIG=str(config),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    nodes = [subprocess.Popen(["bash", "-c", launch], env=dict(env, SLURM_NODEID=str(node)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for node in (0, 1)]
+    texts = [p.communicate(timeout=400)[0].decode(errors="replace") for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(t[-3000:] for t in texts)
+    assert [s for s, _ in losses(out)] == [1, 2]
+    text = "".join(texts)
+    assert text.count("world: 2 nodes x 1 process, backend gloo") == 1
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]

@@ -17,7 +17,7 @@ from .._lazy import exports
 _EXPORTS = {
     "LoraConfig": "config", "parse_lora_config": "config",
     "FUSED_SLICES": "inject", "PEFT_PREFIX": "inject", "LoraReport": "inject", "adapter_state_dict": "inject",
-    "add_lora": "inject", "lora_report": "inject",
+    "add_lora": "inject", "lora_report": "inject", "redraw_lora": "inject",
     "merge_checked": "merge", "merge_lora": "merge", "merge_lora_checked": "merge",
     "CONFIG_NAME": "peft_format", "LEGACY_WEIGHTS_NAME": "peft_format", "WEIGHTS_NAME": "peft_format",
     "load_adapter": "peft_format", "load_adapter_state_dict": "peft_format", "read_adapter": "peft_format",

@@ -305,6 +305,21 @@ def _init_lora(layer: nn.Module, mode) -> None:
         nn.init.kaiming_uniform_(layer.lora_B, a=math.sqrt(5))
 
 
+@torch.no_grad()
+def redraw_lora(model: nn.Module) -> None:
+    """Draw every LoRA factor's start again from the current RNG, as :func:`add_lora` draws it and in its order
+    (the layer's own init, then ``init_lora_weights``): after the same seed, the values add_lora gives. For factors
+    add_lora created on the meta device (an empty model that receives its weights, phitune.training.distributed)."""
+    mode = lora_state(model).config.init_lora_weights
+    for _, layer in lora_modules(model):
+        if isinstance(layer, lora.Embedding):  # as _wrap_embedding: A zero, B normal
+            nn.init.zeros_(layer.lora_A)
+            layer.lora_B.normal_()
+        else:
+            layer._reset_lora()
+        _init_lora(layer, mode)
+
+
 def _untie(model: nn.Module, keep: list[str]) -> None:
     # peft trains a copy of each modules_to_save module, so a tied partner (embed_tokens <-> lm_head) stays unchanged.
     outside = {id(p) for n, p in model.named_parameters(remove_duplicate=False)

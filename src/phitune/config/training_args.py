@@ -86,7 +86,8 @@ class TrainingConfig:
         None, doc="shard the frozen base across processes (FSDP2): full_shard, shard_grad_op, offload, auto_wrap")
     fsdp_config: dict | None = field(
         None, doc="FSDP options: transformer_layer_cls_to_wrap, reshard_after_forward, offload_params, "
-                  "activation_checkpointing")
+                  "activation_checkpointing, cpu_ram_efficient_loading (default true: rank 0 alone reads the "
+                  "weights, the others receive their shards)")
     notes: list = notes_field()
 
     def __post_init__(self):
@@ -167,9 +168,9 @@ FSDP_OPTIONS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
 # fsdp_config keys phitune reads (TrainingArguments' names, with or without their "fsdp_" prefix), and the
 # FSDP1/accelerate knobs that FSDP2 has no use for (accepted with a note).
 FSDP_CONFIG_KEYS = ("transformer_layer_cls_to_wrap", "reshard_after_forward", "offload_params",
-                    "activation_checkpointing", "version")
+                    "activation_checkpointing", "cpu_ram_efficient_loading", "version")
 _FSDP_CONFIG_INERT = ("min_num_params", "backward_prefetch", "forward_prefetch", "limit_all_gathers",
-                      "use_orig_params", "sync_module_states", "cpu_ram_efficient_loading", "state_dict_type",
+                      "use_orig_params", "sync_module_states", "state_dict_type",
                       "auto_wrap_policy", "sharding_strategy", "xla", "xla_fsdp_v2", "xla_fsdp_grad_ckpt")
 
 

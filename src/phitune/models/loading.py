@@ -9,7 +9,9 @@ that masking padding never masks the real end of a turn; right padding for train
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+from pathlib import Path
 
 import torch
 
@@ -198,13 +200,23 @@ def load_tokenizer(model_cfg: ModelConfig):
 
 
 def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | str | None = None,
-                             host_load: bool = False, tokenizer=None, bf16_autocast: bool = False):
+                             host_load: bool = False, tokenizer=None, bf16_autocast: bool = False,
+                             weights: bool = True):
     """(model, tokenizer) for training: safetensors weights, use_cache off, dtype and attention resolved;
     ``tokenizer``: one already loaded by load_tokenizer (else it is loaded here); ``bf16_autocast``: training runs
     under bfloat16 autocast (``resolve_dtype``: a frozen base is then held in bfloat16 where the CPU has the hardware).
 
     ``host_load``: dtype and attention are chosen for ``device`` but the weights stay in host memory (FSDP then
     shards them onto the device: a base that does not fit one GPU is never placed whole on one).
+    ``weights=False``: the model without its weights (:func:`empty_model`: parameters on the meta device), for a
+    process that receives its shards from the one that reads the files (phitune.training.distributed).
+
+    Under plain data parallelism every process calls this with ``weights=True``, chosen over rank 0 loading and
+    broadcasting: transformers maps the safetensors file, and on a CPU the model's tensors stay views of the
+    mapping when the stored dtype is the one loaded, so the processes of a node share one copy of its pages (2
+    processes, a 428 MB float32 model: 450 MB of PSS on the node against 437 MB for one process,
+    benchmarks/loading_memory.py); on a GPU each streams its copy to its own device (``device_map``). A broadcast
+    must land in memory each receiving process owns, a private copy per process: the node peak is never lower.
     """
     from transformers import AutoModelForCausalLM
 
@@ -229,14 +241,17 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | s
     if device.type == "cuda" and not host_load:
         kwargs["device_map"] = {"": str(device)}  # load straight onto the GPU, no full copy in host memory
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, **kwargs)
+        else:
+            model = empty_model(model_cfg, dtype, attn)
     except (OSError, ValueError) as exc:
         hint = ""
         if "safetensors" in str(exc).lower():
             hint = (" phitune loads weights only from .safetensors files (a pickled .bin can run code); convert the "
                     "checkpoint with `model.save_pretrained(dir, safe_serialization=True)`.")
         raise ConfigError(f"model.name_or_path: cannot load '{model_cfg.name_or_path}': {exc}.{hint}") from exc
-    if device.type != "cuda":
+    if device.type != "cuda" and weights:
         model.to(device)
     model.config.use_cache = False
     if qlora_kwargs:
@@ -250,6 +265,48 @@ def load_model_and_tokenizer(model_cfg: ModelConfig, *, device: torch.device | s
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def empty_model(model_cfg: ModelConfig, dtype: torch.dtype, attn: str):
+    """The model of ``model_cfg`` built from its config alone: every parameter on the meta device (no memory, no
+    file read), buffers real, so the tables a model computes in ``__init__`` (RoPE's inv_freq, which no checkpoint
+    holds) need no loading. Its parameters are filled later from the checkpoint (:func:`checkpoint_files`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision,
+                                        trust_remote_code=model_cfg.trust_remote_code)
+
+    def on_meta(module, name, param):
+        # torch.empty of a large weight maps pages it never touches, so the transient host copy costs no memory
+        if param is not None and param.device.type != "meta":
+            return torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        return None
+
+    # A documented torch hook, registered only while this model is built (torch.device("meta") would put the
+    # buffers on meta as well, and recomputing them needs each model class's own code).
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(on_meta)
+    try:
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn,
+                                                trust_remote_code=model_cfg.trust_remote_code)
+    finally:
+        handle.remove()
+
+
+def checkpoint_files(model_cfg: ModelConfig) -> list[Path]:
+    """The .safetensors files of ``model_cfg``'s weights: a local folder's, or the Hub's (downloaded to its cache on
+    first use), in the order of the shard index when there is one."""
+    from transformers.utils import cached_file
+
+    def fetch(name: str, required: bool = True):
+        path = cached_file(model_cfg.name_or_path, name, revision=model_cfg.revision,
+                           _raise_exceptions_for_missing_entries=required)
+        return Path(path) if path else None
+
+    index = fetch("model.safetensors.index.json", required=False)
+    if index is None:
+        return [fetch("model.safetensors")]
+    shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+    return [fetch(name) for name in shards]
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:

@@ -36,7 +36,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..adapt import adapter_state_dict
+from ..adapt import adapter_state_dict, redraw_lora
+from ..adapt.inject import PEFT_PREFIX
 from ..errors import ConfigError, PhituneError
 from .fast.cross_entropy import decoder_of
 
@@ -123,6 +124,29 @@ def _comm_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+@contextmanager
+def explain_lost_peers(output_dir):
+    """Turn a collective that failed because another process is gone (killed, out of memory, its node lost) into a
+    PhituneError that says so and how to continue, in every process that is left, instead of a backend traceback.
+    A process that stops answering without closing its connections ends the others at ``ddp_timeout``."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not (active() and _lost_peer(exc)):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PhituneError(f"process {rank()} of {world_size()}: another process of this run stopped (killed, out of "
+                           f"memory, or its node lost): {detail}. Every process stops. Start all of them again with "
+                           "training_config.resume_from_checkpoint: auto to continue from the last complete "
+                           f"checkpoint in {output_dir}/checkpoints") from exc
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    # torch's own types for NCCL and store failures; gloo raises a plain RuntimeError whose text starts with the
+    # source file of its TCP transport (e.g. "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer").
+    return isinstance(exc, getattr(dist, "DistError", ())) or "gloo/transport" in str(exc)
 
 
 # --- collectives ------------------------------------------------------------------------------------------------------
@@ -261,6 +285,60 @@ def seed_per_process(seed: int) -> None:
         torch.manual_seed(seed + 1_000_003 * rank())
 
 
+def nodes() -> int:
+    """How many nodes (torchrun agents) the processes run on: GROUP_WORLD_SIZE as torchrun sets it, 1 without."""
+    if "GROUP_WORLD_SIZE" in os.environ:
+        return int(os.environ["GROUP_WORLD_SIZE"])
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    return max(world_size() // per_node, 1) if per_node else 1
+
+
+def describe_layout(model, optimizer, tc) -> list[str]:
+    """What ``phitune train`` says before step 1 (rank 0 logs it): the world (nodes x processes, backend, FSDP or
+    data parallel, what is sharded) and the bytes each process holds: parameters (its shards and the tensors kept
+    whole), the adapter (trainable), and the optimizer state (AdamW's two moments, in the parameters' dtype, and a
+    float32 step per trainable tensor; allocated at step 1, so counted from the parameters until then)."""
+    from torch.distributed.tensor import DTensor
+
+    world, n = world_size(), nodes()
+    where = (f"{n} node{'s' * (n > 1)} x {world // n} process{'es' * (world // n > 1)}" if world % n == 0
+             else f"{world} processes on {n} nodes")
+    if not active():
+        what = "one process, no distribution"
+    elif tc.fsdp:
+        reshard = tc.fsdp_config.get("reshard_after_forward", "shard_grad_op" not in tc.fsdp)
+        what = (f"FSDP2 {' '.join(tc.fsdp)}: frozen base sharded over {world} processes (decoder layers and body; "
+                f"{'resharded' if reshard else 'kept gathered'} after forward"
+                f"{', shards in host memory' if _offload(tc) else ''}); LoRA and lm_head whole on each")
+    else:
+        what = "data parallel: the whole model on every process, trainable gradients all-reduced once per step"
+    backend = dist.get_backend() if active() else "none"
+    local = lambda p: p.to_local() if isinstance(p, DTensor) else p  # noqa: E731
+    nbytes = lambda ps: sum(local(p).numel() * local(p).element_size() for p in ps)  # noqa: E731
+    params = list(model.parameters())
+    sharded = nbytes(p for p in params if isinstance(p, DTensor))
+    trainable = [p for p in params if p.requires_grad]
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    moments = (sum(t.numel() * t.element_size() for t in state) if state
+               else 2 * nbytes(trainable) + 4 * len(trainable))
+    devices = ", ".join(sorted({str(local(p).device) for p in params}))
+    return [f"world: {where}, backend {backend}; {what}",
+            f"per process: parameters {_mb(nbytes(params))} ({_mb(sharded)} sharded, {_mb(nbytes(params) - sharded)} "
+            f"whole) on {devices}; adapter {_mb(nbytes(trainable))} (trainable, and as much again for its "
+            f"gradients); optimizer state {_mb(moments)}"]
+
+
+def _mb(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def _offload(tc) -> bool:
+    return "offload" in tc.fsdp or bool(tc.fsdp_config.get("offload_params"))
+
+
 # --- data -------------------------------------------------------------------------------------------------------------
 
 
@@ -347,8 +425,9 @@ def shard_model(model, tc, device: torch.device) -> int:
     # Whole on every process: what is trained, what the adapter file holds (e.g. a targeted embedding's base
     # weight), and weights shared between modules (tied embeddings).
     keep = {id(p) for p in model.parameters() if p.requires_grad}
-    held = {t.data_ptr() for t in adapter_state_dict(model).values()}
-    keep |= {id(p) for p in model.parameters() if p.data_ptr() in held}
+    # by name, not storage: an empty (meta) model's tensors have no storage to tell apart
+    held = {k[len(PEFT_PREFIX):].replace(".base_layer.", ".") for k in adapter_state_dict(model)}
+    keep |= {id(p) for n, p in model.named_parameters() if n in held}
     head = model.get_output_embeddings()
     if head is not None and head.weight is model.get_input_embeddings().weight:
         keep.add(id(head.weight))
@@ -356,7 +435,7 @@ def shard_model(model, tc, device: torch.device) -> int:
 
     mesh = init_device_mesh(device.type, (world_size(),))
     reshard = bool(fcfg.get("reshard_after_forward", "shard_grad_op" not in opts))
-    offload = CPUOffloadPolicy() if ("offload" in opts or fcfg.get("offload_params")) else OffloadPolicy()
+    offload = CPUOffloadPolicy() if _offload(tc) else OffloadPolicy()
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload, ignored_params=ignored)
     fully_shard(body, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload, ignored_params=ignored)
@@ -370,21 +449,171 @@ def _move_whole_tensors(model, device: torch.device) -> None:
 
     with torch.no_grad():
         for p in model.parameters():
-            if not isinstance(p, DTensor) and p.device != device:
+            if not isinstance(p, DTensor) and p.device not in (device, _META):
                 p.data = p.data.to(device)
         for module in model.modules():
             for name, buf in module._buffers.items():
-                if buf is not None and not isinstance(buf, DTensor) and buf.device != device:
+                if buf is not None and not isinstance(buf, DTensor) and buf.device not in (device, _META):
                     module._buffers[name] = buf.to(device)
 
 
-def prepare_model(model, tc, device: torch.device) -> list[str]:
-    """After add_lora: the same trainable start on every process, then FSDP2 sharding if asked. Notes to log."""
+def loads_on_rank0(tc) -> bool:
+    """Whether the processes build the model empty and rank 0 alone reads the checkpoint (FSDP, unless
+    ``fsdp_config.cpu_ram_efficient_loading`` is false)."""
+    return fsdp_enabled(tc) and bool(tc.fsdp_config.get("cpu_ram_efficient_loading", True))
+
+
+def prepare_model(model, tc, device: torch.device, checkpoint=None) -> list[str]:
+    """After add_lora: the same trainable start on every process, then FSDP2 sharding if asked. Notes to log.
+
+    ``checkpoint``: ``() -> safetensors files``, for an empty model (``loads_on_rank0``); called on rank 0 only.
+    """
     if not active():
         return []
-    broadcast_params([p for p in model.parameters() if p.requires_grad])
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if not tc.fsdp:
+        broadcast_params(trainable)
         return [f"data parallel over {world_size()} processes: trainable gradients summed once per step"]
+    empty = checkpoint is not None
+    if not empty:
+        broadcast_params(trainable)
     n = shard_model(model, tc, device)
-    return [f"FSDP2 over {world_size()} processes: {n} decoder layers and the decoder body sharded "
-            f"({', '.join(tc.fsdp)}); LoRA parameters whole on every process"]
+    notes = [f"FSDP2 over {world_size()} processes: {n} decoder layers and the decoder body sharded "
+             f"({', '.join(tc.fsdp)}); LoRA parameters whole on every process"]
+    if empty:
+        materialize(model, device)
+        size = fill_from_rank0(model, checkpoint() if is_main() else [])
+        init_lora_everywhere(model, tc.seed)
+        notes.append(f"base weights ({size / 2**30:.2f} GiB) read by rank 0 alone and sent shard by shard; "
+                     f"LoRA drawn from seed {tc.seed} on every process and checked equal")
+    return notes
+
+
+_META = torch.device("meta")
+
+
+def checkpoint_tensors(files: list, names) -> list[tuple[str, str]]:
+    """(file, tensor name) of each tensor of ``files`` that the model has (``names``), in the files' order."""
+    from safetensors import safe_open
+
+    found = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            found += [(str(file), key) for key in f.keys() if key in names]
+    return found
+
+
+def materialize(model, device: torch.device) -> None:
+    """Storage on ``device`` for every parameter of an empty, fully_shard-ed model (its shards, and the tensors kept
+    whole), uninitialised; buffers are kept (the model computed them). FSDP2's recipe: ``fully_shard`` on the meta
+    model, then ``to_empty``; :func:`fill_from_rank0` then receives each shard straight into its storage."""
+    kept = [(module, name, buf) for module in model.modules() for name, buf in module._buffers.items()
+            if buf is not None and buf.device != _META]
+    model.to_empty(device=device)
+    for module, name, buf in kept:
+        module._buffers[name] = buf.to(device)
+
+
+def fill_from_rank0(model, files: list) -> int:
+    """Fill a materialized, fully_shard-ed model's base weights: rank 0 reads ``files`` (the others pass []) one
+    tensor at a time and sends each process its dim-0 chunk straight into that process's shard storage (whole
+    tensors, those fully_shard left alone, are broadcast into place). Returns the bytes read. Parameters the
+    files lack (all but the LoRA factors) stop it before any is read, with their names.
+
+    Not ``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)``, the documented route, which
+    broadcasts every full tensor to every process: measured with benchmarks/loading_memory.py (2 processes, gloo),
+    its receive buffers, freed but kept by the C allocator, left the process that reads nothing at 0.70x the model
+    (430 MB model) and the node at 1.26x the single-process peak (1.34x at 180 MB), and each call walks the whole
+    model (~0.1 s, per tensor or group). Here a process receives only its chunk, in place: 0.60x, 1.17x (1.26x at
+    180 MB)."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+
+    state = model.state_dict(keep_vars=True)
+    tensors = broadcast_object(checkpoint_tensors(files, state) if is_main() else None)
+    # every parameter but the LoRA factors (drawn from the seed) comes from the files, modules_to_save included
+    needed = {n for n, _ in model.named_parameters() if not n.endswith((".lora_A", ".lora_B"))}
+    missing = sorted(needed - {k for _, k in tensors})
+    if missing:
+        raise PhituneError(f"the checkpoint of this model has no {', '.join(missing[:5])}"
+                           f"{' ...' if len(missing) > 5 else ''}; rank 0 cannot send them. Set "
+                           "training_config.fsdp_config.cpu_ram_efficient_loading: false to load it with "
+                           "transformers in every process")
+    device, size = _comm_device(), 0
+    with torch.no_grad():
+        for file, key in tensors:
+            target, full = state[key], None
+            if is_main():
+                with safe_open(file, framework="pt") as f:  # opened per tensor: its mapped pages are let go each time
+                    full = f.get_tensor(key).to(target.dtype)
+                size += full.numel() * full.element_size()
+            if isinstance(target, DTensor):
+                _scatter_rows(key, full, target, device)
+            else:
+                _broadcast_into(full, target.data, device)
+    return size
+
+
+def _scatter_rows(key: str, full, target, device: torch.device) -> None:
+    """Rank 0 sends process r the r-th ``torch.chunk`` of ``full``'s rows, the split of DTensor's Shard(0) (checked
+    against the shard each process holds); each process receives into its own shard."""
+    from torch.distributed.tensor import Shard
+
+    local, world = target.to_local(), world_size()
+    rows = [c.shape[0] for c in torch.empty(target.shape[0], device=_META).chunk(world)]
+    rows += [0] * (world - len(rows))
+    if tuple(target.placements) != (Shard(0),) or local.shape[0] != rows[rank()]:
+        raise PhituneError(f"{key}: this process holds {tuple(local.shape)} of {tuple(target.shape)} "
+                           f"({target.placements}), not the rows torch.chunk gives; set "
+                           "training_config.fsdp_config.cpu_ram_efficient_loading: false")
+    if is_main():
+        start = rows[0]
+        local.copy_(full[:start])
+        for r in range(1, world):
+            if rows[r]:
+                dist.send(full[start:start + rows[r]].contiguous().to(device), dst=r)
+            start += rows[r]
+    elif local.numel():
+        buf = local if local.device == device else torch.empty_like(local, device=device)
+        dist.recv(buf, src=0)
+        if buf is not local:
+            local.copy_(buf)
+
+
+def _broadcast_into(full, target: torch.Tensor, device: torch.device) -> None:
+    """Rank 0's ``full`` into ``target`` on every process."""
+    buf = target if target.device == device else torch.empty_like(target, device=device)
+    if is_main():
+        buf.copy_(full)
+    dist.broadcast(buf, src=0)
+    if buf is not target:
+        target.copy_(buf)
+
+
+def init_lora_everywhere(model, seed: int) -> None:
+    """Give the LoRA factors of an empty model their start: drawn from ``seed`` in add_lora's order on every process
+    (the values one process gets from the same seed), then compared with rank 0's."""
+    torch.manual_seed(seed)
+    redraw_lora(model)
+    check_same_everywhere([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+
+
+def check_same_everywhere(named: list[tuple[str, torch.Tensor]]) -> None:
+    """Raise unless every process holds rank 0's values of these tensors, bit for bit."""
+    if not active() or not named:
+        return
+    device = _comm_device()
+    mine = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for _, t in named])
+    theirs = mine.clone()
+    dist.broadcast(theirs, src=0)
+    differs = torch.tensor([float(not torch.equal(mine, theirs))], device=device)
+    dist.all_reduce(differs)
+    if differs.item():
+        offset, first = 0, None
+        for name, t in named:
+            if first is None and not torch.equal(mine[offset:offset + t.numel()], theirs[offset:offset + t.numel()]):
+                first = name
+            offset += t.numel()
+        raise PhituneError(f"the trainable parameters differ between processes ({int(differs.item())} of "
+                           f"{world_size()} differ from rank 0{', first ' + first if first else ''}): every process "
+                           "must draw the LoRA start from the same seed and the same code")

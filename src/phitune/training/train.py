@@ -42,7 +42,7 @@ from ..errors import ConfigError, PhituneError
 from .evaluation import evaluate_samples, generation_probe
 from .interrupt import Interrupted, StopOnSignal, signal_name
 from .metrics import MetricsLog, progress_bar, resolve_backends, setup_logging
-from ..models.loading import load_model_and_tokenizer, resolve_device
+from ..models.loading import checkpoint_files, load_model_and_tokenizer, resolve_device
 from .optim import autocast_context, build_optimization, enable_gradient_checkpointing, seed_everything, set_tf32
 from .preflight import checks_before_weights
 from ..runs.folder import finished_steps, logged_eval, prepare_output_dir, save_run, with_absolute_paths
@@ -77,6 +77,7 @@ def finetune(config=None, *, model=None, data=None, training_config=None, peft_c
     cfg = _run_config(config, dict(model=model, data=data, training_config=training_config, peft_config=peft_config),
                       output_dir, overrides)
     with ExitStack() as run_scope:  # the output folder's lock and the signal handlers, released however we leave
+        run_scope.enter_context(distributed.explain_lost_peers(cfg.training_config.output_dir))
         return _finetune(cfg, run_scope)
 
 
@@ -111,6 +112,8 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
     metrics_log = MetricsLog(out, tc.report_to, run_name=tc.run_name or out.resolve().name, config=cfg.to_dict(),
                              resume_step=state.step if resume_from is not None else None, write=main)
     _log_plan(tc, total_steps, plans.steps_per_epoch, world, prepared)
+    for line in distributed.describe_layout(model, optimizer, tc):  # what each process (GPU) holds, before step 1
+        log.info("%s", line)
     run_eval = _evaluator(model, tokenizer, prepared, cfg, fast, autocast)
     step_loss = functools.partial(loss.forward_loss, fast=fast)
     save = functools.partial(save_checkpoint, out, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -199,11 +202,13 @@ def _model_with_lora(cfg: RunConfig, device: torch.device, tokenizer):
     the same start on every process (FSDP2 if asked), gradient checkpointing, the fast path."""
     tc = cfg.training_config
     set_tf32(tc.tf32, device)
+    empty = distributed.loads_on_rank0(tc)  # FSDP: built on the meta device, rank 0 alone reads the weights
     model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, host_load=distributed.fsdp_enabled(tc),
-                                                tokenizer=tokenizer, bf16_autocast=tc.bf16)
+                                                tokenizer=tokenizer, bf16_autocast=tc.bf16, weights=not empty)
     report = add_lora(model, cfg.peft_config, lora_dtype=torch.float32)
     log.info("%s", report)
-    for note in distributed.prepare_model(model, tc, device):
+    checkpoint = functools.partial(checkpoint_files, cfg.model) if empty else None
+    for note in distributed.prepare_model(model, tc, device, checkpoint):
         log.info("%s", note)
     enable_gradient_checkpointing(model, tc)
     fast = loss.apply_fast_path(model, tc)
