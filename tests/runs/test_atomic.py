@@ -163,3 +163,22 @@ def test_a_scratch_folder_is_removed_on_exit_and_after_a_kill_by_the_next_write(
     (tmp_path / f".tmp-phi3-gguf.merged-{_dead_pid()}-0123abcd").mkdir()  # what a killed export leaves
     write_text(tmp_path / "notes.txt", "x", "a file")
     assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_a_failed_second_rename_puts_the_previous_folder_back_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    out = tmp_path / "checkpoint-6"
+    with atomic_folder(out, "checkpoint 6") as staging:
+        (staging / "meta.json").write_text("old")
+    real_replace = os.replace
+
+    def second_rename_fails(src, dst):
+        if os.path.basename(src).startswith(".tmp-"):
+            raise OSError(errno.EIO, "Input/output error", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", second_rename_fails)
+    with pytest.raises(StorageError, match="checkpoint-6: cannot write checkpoint 6: an input/output error"):
+        with atomic_folder(out, "checkpoint 6") as staging:
+            (staging / "meta.json").write_text("new")
+    assert _tree(out) == {"meta.json": b"old"} and os.listdir(tmp_path) == ["checkpoint-6"]

@@ -215,7 +215,11 @@ def _swap_in(staging: Path, path: Path) -> None:
         return
     old = _sibling(path, _OLD)
     os.replace(path, old)
-    os.replace(staging, path)
+    try:
+        os.replace(staging, path)
+    except BaseException:
+        os.replace(old, path)  # the previous content goes back under its name at once
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
