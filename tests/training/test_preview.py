@@ -100,3 +100,22 @@ def test_preview_records_are_the_samples_training_uses(tiny_model_dir, tmp_path)
     assert prepared.stats["cache"]["hit"]  # the same cache entry preview_records made
     want = [{"input_ids": s["input_ids"], "labels": s["labels"]} for s in [*prepared.train, *prepared.eval]]
     assert [{"input_ids": x["input_ids"], "labels": x["labels"]} for x in records] == want
+
+
+def test_each_samples_source_is_its_own_record_with_eval_split_and_worker_processes(tok, tmp_path, monkeypatch):
+    """Records routed to eval by data.eval_split and tokenized in two worker processes still carry their own line."""
+    from phitune.data import DataConfig, prepare_data, sample_records
+
+    words = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "glass", "mouse", "candle"]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Reverse: {w}"},
+                                                     {"role": "assistant", "content": w[::-1]}]}) + "\n"
+                            for w in words))
+    monkeypatch.setenv("PHITUNE_DATA_WORKERS", "2")
+    prepared = prepare_data(DataConfig(train=str(data), eval_split=4, cache=False), tok)
+    records = list(sample_records(prepared))
+    assert [r["split"] for r in records] == ["train"] * 6 + ["eval"] * 4
+    lines = [int(r["source"].rsplit(":", 1)[1]) for r in records]
+    assert sorted(lines) == list(range(1, 11))
+    for record, line in zip(records, lines):
+        assert f"Reverse: {words[line - 1]}" in tok.decode(record["input_ids"])

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from ..runs.atomic import atomic_folder, is_leftover
+from ..runs.atomic import atomic_folder
 from .batching import packing_efficiency
 from .config import DataConfig
 from .formats import detect_format, normalize
 from .render import DROP_REASONS, Renderer
 from .sources import Problem, open_source
-from .store import SampleWriter, TokenizedSamples
+from .store import SampleWriter, TokenizedSamples, remove_orphans
 
 PIPELINE_VERSION = 3  # bump when tokenization, masking or the cache layout change (3: sources.jsonl): new cache keys
 CHUNK = 512  # records per encode_batch call: big enough for the Rust tokenizer's threads, small for flat memory
@@ -54,9 +54,8 @@ def default_cache_dir() -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """What decides a tokenizer's ids: its class and its whole pipeline (normalizer, pre-tokenizer, model, added
-    tokens), special tokens and chat template. Phi-3's files loaded as a rebuilt LlamaTokenizer and as tokenizer.json
-    (issue 22) differ in both, so data tokenized the old way is never read back for the new."""
+    """What decides a tokenizer's ids: its class, whole pipeline, special tokens and chat template (Phi-3's files as a
+    rebuilt LlamaTokenizer and as tokenizer.json differ in both: issue 22's old caches are never read back)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -200,8 +199,8 @@ def _encode_task(renderer: Renderer, cfg: DataConfig, task) -> tuple:
     else:
         ids_a, tr_a = np.zeros(0, np.int32), np.zeros(0, np.uint8)
     untruncated = (np.array([e.original_length for e in encoded], dtype=np.int64), np.array(dests, dtype=bool))
-    return (ids_a, tr_a, np.array(lens, dtype=np.int64), np.array(to_eval, dtype=bool), sources, counters,
-            (examples, *untruncated))
+    return (ids_a, tr_a, np.array(lens, dtype=np.int64), np.array(to_eval, dtype=bool),
+            np.array(sources, dtype=object), counters, (examples, *untruncated))
 
 
 # -- worker processes ------------------------------------------------------------------------------------------------
@@ -292,10 +291,8 @@ def _tokenize(source, ok: np.ndarray, renderer: Renderer, cfg: DataConfig, write
             writers["eval"].add_many(ids, trained, lens, wheres)
         else:
             tok_eval = np.repeat(to_eval, lens)
-            writers[name].add_many(ids[~tok_eval], trained[~tok_eval], lens[~to_eval],
-                                   [w for w, d in zip(wheres, to_eval) if not d])
-            writers["eval"].add_many(ids[tok_eval], trained[tok_eval], lens[to_eval],
-                                     [w for w, d in zip(wheres, to_eval) if d])
+            writers[name].add_many(ids[~tok_eval], trained[~tok_eval], lens[~to_eval], wheres[~to_eval])
+            writers["eval"].add_many(ids[tok_eval], trained[tok_eval], lens[to_eval], wheres[to_eval])
     return {k: (st[k], examples[k], np.concatenate(untruncated[k]) if untruncated[k] else np.zeros(0, np.int64))
             for k in writers}
 
@@ -425,7 +422,7 @@ def prepare_data(cfg: DataConfig | dict | Any, tokenizer) -> PreparedData:
                             "nothing left to train on")
 
     os.makedirs(root, exist_ok=True)
-    _remove_orphans(root)
+    remove_orphans(root)
     if cfg.cache:
         with atomic_folder(folder, "the data cache", fix="free space or set data.cache_dir elsewhere") as tmp:
             _write_prepared(str(tmp), sources, checked, cfg, tokenizer, key)
@@ -482,21 +479,6 @@ def _write_prepared(tmp: str, sources: dict, checked: dict, cfg: DataConfig, tok
                         "bos": renderer.bos_id is not None, "require_alternation": renderer.require_alternation}
     with open(os.path.join(tmp, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
-
-
-def _remove_orphans(root: str) -> None:
-    """Delete the temporary folders of processes that are gone: a killed run (SIGKILL skips atexit) leaves its
-    ``.tmp-PID-*`` folder behind, which would otherwise hold its tokens on disk for good."""
-    for name in os.listdir(root):
-        parts = name.split("-")
-        if is_leftover(name) or not name.startswith(".tmp-") or len(parts) < 3 or not parts[1].isdigit():
-            continue
-        try:
-            os.kill(int(parts[1]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        except OSError:  # alive, owned by another user
-            pass
 
 
 def _load(folder: str, cfg: DataConfig, tokenizer, hit: bool) -> PreparedData:

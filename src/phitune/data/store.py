@@ -1,7 +1,7 @@
 """Tokenized samples on disk: flat int32 token ids, a uint8 trained mask and int64 offsets. A sample is read with
 ``pread`` when it is needed, so a 200k-conversation data set costs no RAM beyond its offsets (8 bytes a sample).
 Each sample's record (``file:line``) is kept too, one JSON string a line in sources.jsonl, read in order only (by
-``phitune preview --json``), so it costs no RAM either.
+``phitune preview --json``), so it costs no RAM either. Also the cache root's housekeeping (:func:`remove_orphans`).
 
 Not memory-mapped on purpose: random access to a mapping faults whole readahead windows (64-128 KiB) into the
 process, so its resident size grew with the data set (measured: +220 MB between 20k and 50k conversations after
@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from array import array
+from typing import Iterable
 
 import numpy as np
 
+from ..runs.atomic import is_leftover
 from .labels import IGNORE_INDEX
 
 
@@ -43,7 +46,7 @@ class SampleWriter:
         self.n_tokens += len(ids)
         self.n_trained += int(trained.sum())
 
-    def add_many(self, ids: np.ndarray, trained: np.ndarray, lengths: np.ndarray, sources: list[str]) -> None:
+    def add_many(self, ids: np.ndarray, trained: np.ndarray, lengths: np.ndarray, sources: Iterable[str]) -> None:
         """Append several samples at once: their ids and trained flags concatenated, their lengths and records."""
         if not len(lengths):
             return
@@ -143,3 +146,18 @@ class TokenizedSamples:
 
     def __repr__(self) -> str:
         return f"TokenizedSamples({len(self)} samples, {self.num_tokens} tokens, {self.folder})"
+
+
+def remove_orphans(root: str) -> None:
+    """Delete the temporary folders of processes that are gone: a killed run (SIGKILL skips atexit) leaves its
+    ``.tmp-PID-*`` folder behind, which would otherwise hold its tokens on disk for good."""
+    for name in os.listdir(root):
+        parts = name.split("-")
+        if is_leftover(name) or not name.startswith(".tmp-") or len(parts) < 3 or not parts[1].isdigit():
+            continue  # an atomic write's leftover is runs/atomic.py's to clean
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        except OSError:  # alive, owned by another user
+            pass
