@@ -16,7 +16,7 @@ def test_code_metrics_reports_folders_long_files_cycles_and_duplicated_blocks(tm
     (pkg / "__init__.py").write_text("")
     (pkg / "sub" / "__init__.py").write_text("")
     (pkg / "a.py").write_text(f"from pkgx import b\n\n\ndef f():\n{BLOCK}\n")
-    (pkg / "b.py").write_text("from pkgx import a\n" + "x = 1\n" * 600)
+    (pkg / "b.py").write_text("from pkgx import a\n" + "".join(f"x{i} = {i}\n" for i in range(600)))
     (pkg / "sub" / "c.py").write_text(f"def g():\n    total = 0\n{BLOCK}\n")
     out = subprocess.run([sys.executable, str(SCRIPT), str(pkg), "--json", "--keys", "total"],
                          capture_output=True, text=True, check=True).stdout
