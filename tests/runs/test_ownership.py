@@ -116,7 +116,7 @@ def test_demo_replaces_an_earlier_demo(tmp_path):
     assert json.loads((out / "demo_answers.json").read_text())["answers"]
 
 
-# --- merge (see also tests/runs/test_run_commands.py: an earlier merge is replaced only with --force) -------------------------------
+# --- merge (see also tests/runs/test_run_commands.py: an earlier merge is replaced only with --force) ---
 
 
 def test_merge_cli_refuses_a_folder_it_did_not_write_even_with_force(tmp_path, capsys):

@@ -16,6 +16,7 @@ import torch
 
 from phitune.errors import ConfigError
 
+
 def test_open_run_accepts_a_run_and_its_checkpoints(run_dir, tmp_path):
     from phitune.runs.folder import open_run
 

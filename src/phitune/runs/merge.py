@@ -66,8 +66,6 @@ def merge(
         raise ConfigError(f"merge --out: '{out}' holds an earlier merged model; pass --force (force=True) to replace "
                           "it, or choose a new or empty folder (--out DIR)")
 
-
-
     started = time.time()
     config = load_run_config(run.root, trust_remote_code=trust_remote_code)
     dtype = _merge_dtype(config, dtype)
@@ -134,8 +132,6 @@ def merge(
     return out
 
 
-
-
 def _merge_dtype(config, dtype: str) -> str:
     """``auto``: the dtype the base model was published in (config.json), so a bf16 base stays bf16 (Phi-3-mini:
     7.6 GB instead of 15 GB); float32 when it says nothing or something else."""
@@ -151,7 +147,6 @@ def _merge_dtype(config, dtype: str) -> str:
     saved = getattr(base, "dtype", None) or getattr(base, "torch_dtype", None)
     saved = str(saved).replace("torch.", "") if saved is not None else ""
     return saved if saved in ("bfloat16", "float16") else "float32"
-
 
 
 def _full_precision_copy(model, model_cfg, dtype, device):
