@@ -8,7 +8,8 @@ every dotted word whose first part is a phitune module or class (fenced blocks w
   its first part must be a phitune module or package (by its last name or a dotted tail of its path:
   `train`, `training.train`, `phitune.training.train`), a class phitune defines, a config key section
   (`model.load_in_4bit`, `data.max_seq_length`) or one of OTHER_NAMES below; every following part must then exist:
-  a submodule, a name the module defines, imports or exports lazily, an attribute of a class, a config key;
+  a submodule, a name the module defines (a package: also imports or exports lazily; a plain module's imports do
+  not count, so `train.batch_maker` fails where `step.batch_maker` passes), a class attribute, a config key;
 - a file name (`train.py`, `training/step.py`, `scripts/sync_readme.py`): a file of the repository ends with it.
 And every import of a phitune module (inside functions too) must be allowed by the table under '## Import rules'
 in docs/architecture.md: a module may import its own subpackage, the leaves (errors, _typed, _lazy) and what
