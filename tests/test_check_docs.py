@@ -81,10 +81,11 @@ def test_an_import_that_the_rules_do_not_allow_is_reported(check_docs, tmp_path)
     (src / "data" / "render.py").write_text("from ..errors import PhituneError\n\n\ndef f():\n"
                                             "    from ..training.train import x\n")
     (src / "training" / "train.py").write_text("from ..data.render import f\nfrom .. import tools\n")
-    rules = {"data": set(), "training": {"data"}}
+    rules = {"data": set(), "training": {"data", "evals"}}
     assert check_docs.import_problems(rules, src) == [
         "data.render -> training.train: not in the 'data' row of the import rules (nothing)",
-        "training.train -> tools: not in the 'training' row of the import rules (data)",
+        "the import rules name evals, which is not a phitune module or subpackage",
+        "training.train -> tools: not in the 'training' row of the import rules (data, evals)",
     ]
 
 
