@@ -13,7 +13,7 @@ every dotted word whose first part is a phitune module or class (fenced blocks w
 - a file name (`train.py`, `training/step.py`, `scripts/sync_readme.py`): a file of the repository ends with it.
 And every import of a phitune module (inside functions too) must be allowed by the table under '## Import rules'
 in docs/architecture.md: a module may import its own subpackage, the leaves (errors, _typed, _lazy) and what
-its subpackage's row lists.
+its subpackage's row lists. The '## Layout' block there lists every module of src/phitune, and only those.
 The code is read with `ast` (nothing imported but phitune.config's key list, which loads without torch).
 A name of another library or of a local variable that a document quotes goes in OTHER_NAMES, so that a module
 renamed or removed in phitune is reported instead of passing as "someone else's name".
@@ -313,6 +313,44 @@ def import_problems(rules: dict[str, set[str]], src: Path = SRC) -> list[str]:
     return sorted(set(out))
 
 
+def layout_problems(doc: Path, src: Path = SRC) -> list[str]:
+    """The '## Layout' block of docs/architecture.md against the package: every module listed exists and every
+    module is listed (one line per module, indented under its folder)."""
+    block, in_section, fenced = [], False, False
+    for line in doc.read_text().splitlines():
+        if line.startswith("## "):
+            in_section = line.strip().startswith("## Layout")
+        elif in_section and line.startswith("```"):
+            if fenced:
+                break
+            fenced = True
+        elif in_section and fenced:
+            block.append(line)
+    listed: set[str] = set()
+    stack: list[tuple[int, str]] = []  # (indent, folder) of the folders the current line is inside
+    for line in block:
+        name = line.split()[0] if line.strip() else ""
+        indent = len(line) - len(line.lstrip())
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        if not name or indent == len(line):
+            continue
+        path = "/".join([f for _, f in stack] + [name.rstrip("/")])
+        if name.endswith("/") and indent < 40:  # a folder (text columns start further right)
+            stack.append((indent, name.rstrip("/")))
+        elif name.endswith(".py") and indent < 40:
+            listed.add(path)
+    prefix = "src/phitune/"
+    actual = {prefix + str(p.relative_to(src)) for p in src.rglob("*.py")}
+    # a subpackage's __init__.py is described by its folder's line, unless it holds code worth its own line
+    actual -= {p for p in actual if p.endswith("/__init__.py") and p.count("/") > 2 and p not in listed}
+    listed = {p for p in listed if p.startswith(prefix)}
+    out = [f"{doc.name} Layout lists {p}, which does not exist" for p in sorted(listed - actual)]
+    out += [f"{doc.name} Layout does not list {p} (one line per module: add it with what it owns)"
+            for p in sorted(actual - listed)]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="*", type=Path, default=[ROOT / d for d in DOCS])
@@ -325,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"{rules_doc.relative_to(ROOT)}: no import rules table under '## Import rules'")
         else:
             problems += [f"import rules: {line}" for line in import_problems(rules)]
+        problems += layout_problems(rules_doc)
     for line in problems:
         print(line)
     if problems:

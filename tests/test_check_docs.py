@@ -93,3 +93,19 @@ def test_the_import_rules_table_is_read_from_the_architecture_doc(check_docs):
     rules = check_docs.import_rules(ROOT / "docs" / "architecture.md")
     assert rules["lora"] == set() and "lora" in rules["adapt"] and "training" not in rules["data"]
     assert {"adapt", "config", "data", "models", "training", "runs", "cli"} <= set(rules)
+
+
+def test_the_layout_lists_every_module_and_only_modules_that_exist(check_docs, tmp_path):
+    src = tmp_path / "src" / "phitune"
+    for name in ("__init__.py", "cli.py", "data/__init__.py", "data/render.py", "data/new.py"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text("")
+    doc = tmp_path / "architecture.md"
+    doc.write_text("# map\n\n## Layout (one line per module)\n```\nsrc/phitune/\n"
+                   "  __init__.py      the API\n  cli.py           the CLI, not data/new.py\n"
+                   "  data/            the pipeline\n    render.py      messages -> tokens\n"
+                   "    gone.py        removed\ntests/           mirrors it\n  gone.py\n```\n\n## Import rules\n")
+    assert check_docs.layout_problems(doc, src) == [
+        "architecture.md Layout lists src/phitune/data/gone.py, which does not exist",
+        "architecture.md Layout does not list src/phitune/data/new.py (one line per module: add it with what it owns)",
+    ]
