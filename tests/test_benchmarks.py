@@ -2,8 +2,11 @@
 parse on a CPU (DRY_RUN=1), so a benchmark can never again break unseen (issue 21: train_throughput.py failed for
 every phitune variant after batch_plan started returning rows).
 
-The budget is CPU time (user + system of the script and every process it waited for, with 2 threads), not wall
-time: on a shared machine the wall clock measures the neighbours. On an idle 2-core machine the two agree.
+The budget is CPU time (user + system of the script and every process it waited for), not wall time: on a shared
+machine the wall clock measures the neighbours. The scripts run with one thread: with two on a busy machine,
+OpenMP's spin-waiting doubles the CPU time of the same work (qlora_throughput.py --smoke: 30 CPU seconds with two
+threads at a load average of 14, 19 with one). One thread's CPU time is about its wall time on an idle machine,
+which two cores only shorten.
 """
 
 import importlib.util
@@ -38,14 +41,15 @@ SMOKE = {
 
 
 def bench_env(tmp_path) -> dict:
-    """PYTHONPATH with this checkout's src first, 2 threads (the budget's machine), `python3` = this interpreter."""
+    """PYTHONPATH with this checkout's src first, one thread (see the module docstring), `python3` = this
+    interpreter."""
     bin_dir = Path(sys.executable).parent  # a virtualenv's bin/ (a symlink elsewhere would lose the virtualenv)
     if not (bin_dir / "python3").exists():
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir(exist_ok=True)
         (bin_dir / "python3").symlink_to(sys.executable)
     return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
-                OMP_NUM_THREADS="2", PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", TMPDIR=str(tmp_path))
+                OMP_NUM_THREADS="1", PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", TMPDIR=str(tmp_path))
 
 
 def run_measured(cmd: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float]:
