@@ -32,11 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 GIB = 2**30
 
 
-def build(kind: str, layers: int, tokens: int):
+# --smoke's model width (a tiny Phi-3), in place of Phi-3-mini's 3072 / 8192 / 32064
+SMOKE_WIDTH = {"hidden_size": 64, "intermediate_size": 128, "vocab_size": 256, "num_attention_heads": 4,
+               "num_key_value_heads": 4, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def build(kind: str, layers: int, tokens: int, width: dict | None = None):
     from transformers import Phi3Config, Phi3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Phi3Config(num_hidden_layers=layers, use_cache=False)  # Phi-3-mini width: 3072 / 8192 / 32064
+    cfg = Phi3Config(num_hidden_layers=layers, use_cache=False, **(width or {}))  # default: Phi-3-mini width
     model = Phi3ForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
     ids = torch.randint(0, cfg.vocab_size, (1, tokens))
     lora = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
@@ -64,8 +69,8 @@ def build(kind: str, layers: int, tokens: int):
     return model, forward
 
 
-def saved_bytes(kind: str, layers: int, tokens: int) -> int:
-    model, forward = build(kind, layers, tokens)
+def saved_bytes(kind: str, layers: int, tokens: int, width: dict | None = None) -> int:
+    model, forward = build(kind, layers, tokens, width)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -89,16 +94,21 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batches", default="4,8")
     p.add_argument("--layers", type=int, default=32, help="decoder layers of the full model (Phi-3-mini: 32)")
+    p.add_argument("--smoke", action="store_true", help="smallest size, for CI: it runs; no result")
     a = p.parse_args(argv)
+    if a.smoke:  # explicit arguments still win; a tiny width instead of Phi-3-mini's
+        p.set_defaults(tokens=16, seq=64, batches="1", layers=2)
+        a = p.parse_args(argv)
     from transformers import Phi3Config
 
-    cfg = Phi3Config()
+    width = SMOKE_WIDTH if a.smoke else None
+    cfg = Phi3Config(**(width or {}))
     H, F, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, a.layers  # F: the MLP's intermediate width
     weights = (2 * V * H + L * (H * 3 * H + H * H + H * 2 * F + F * H + 2 * H) + H) * 2  # bf16
     lora = L * 16 * ((H + 3 * H) + (H + H) + (H + 2 * F) + (F + H)) * 4  # float32 A and B
     t1, t2 = a.tokens // 2, a.tokens
     for kind in ("peer", "phitune"):
-        s = {(n, t): saved_bytes(kind, n, t) for n in (1, 2) for t in (t1, t2)}
+        s = {(n, t): saved_bytes(kind, n, t, width) for n in (1, 2) for t in (t1, t2)}
 
         def fit(f):  # bytes = fixed + per_token * tokens, from the two token counts
             per_token = (f(t2) - f(t1)) / (t2 - t1)

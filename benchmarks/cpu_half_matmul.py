@@ -30,7 +30,11 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--in-features", type=int, default=3072)
     p.add_argument("--out-features", type=int, default=9216)
+    p.add_argument("--smoke", action="store_true", help="smallest size, for CI: it runs; no result")
     a = p.parse_args(argv)
+    if a.smoke:  # explicit arguments still win
+        p.set_defaults(tokens=16, in_features=64, out_features=96)
+        a = p.parse_args(argv)
     from phitune.models.loading import cpu_has_fast_half
 
     print(json.dumps({"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),

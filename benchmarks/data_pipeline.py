@@ -146,7 +146,11 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[50_000, 200_000])
     ap.add_argument("--max-seq-length", type=int, default=2048)
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="smallest size, for CI: it runs; no result")
     a = ap.parse_args()
+    if a.smoke:  # explicit arguments still win
+        ap.set_defaults(sizes=[200], max_seq_length=512)
+        a = ap.parse_args()
     if a.child:
         print(json.dumps(child(a.child, a.max_seq_length)))
         return

@@ -38,7 +38,11 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stops", action="store_true", help="rows end on an end-of-turn id (default: none ends)")
+    ap.add_argument("--smoke", action="store_true", help="smallest size, for CI: it runs; no result")
     args = ap.parse_args(argv)
+    if args.smoke:  # explicit arguments still win
+        ap.set_defaults(prompts=4, batch=2, max_new_tokens=4, repeats=1)
+        args = ap.parse_args(argv)
 
     model, tok = load_model_and_tokenizer({"name_or_path": str(MODEL_DIR), "dtype": "float32"}, device="cpu")
     model.eval()

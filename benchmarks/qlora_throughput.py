@@ -221,7 +221,11 @@ def main(argv=None):
                    help="alternate the runs this many times and keep each one's best tokens/s (for a busy CPU)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true", help="smallest size, for CI: it runs; no result")
     a = p.parse_args(argv)
+    if a.smoke:  # explicit arguments still win
+        p.set_defaults(size="tiny", seq=32, batch=1, warmup=1, steps=1)
+        a = p.parse_args(argv)
     if a.child:
         print(json.dumps(run_phitune(a) if a.child == "phitune" else run_peer(a)), flush=True)
         return
@@ -229,11 +233,10 @@ def main(argv=None):
     import torch
 
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    import bitsandbytes
-    import peft
+    from importlib.metadata import version  # the children import them; the parent only names them
 
-    print(json.dumps({"device": a.device, "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
-                      "peft": peft.__version__, "threads": torch.get_num_threads(), "size": a.size, "batch": a.batch,
+    print(json.dumps({"device": a.device, "torch": torch.__version__, "bitsandbytes": version("bitsandbytes"),
+                      "peft": version("peft"), "threads": torch.get_num_threads(), "size": a.size, "batch": a.batch,
                       "seq": a.seq, "steps": a.steps, "gradient_checkpointing": a.ckpt, "lora": LORA}), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         write_model(a, Path(tmp))
@@ -242,11 +245,13 @@ def main(argv=None):
         common = [sys.executable, __file__, "--size", a.size, "--device", a.device, "--attn", a.attn,
                   "--batch", str(a.batch), "--seq", str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps),
                   "--model-dir", tmp] + (["--ckpt"] if a.ckpt else [])
-        results = {}
+        results, failed = {}, []
         for _ in range(a.repeat):
             for run in a.runs.split(","):
                 row, rss, err = run_measured(common + ["--child", run], env)
                 row = row or {"run": run, "error": err}
+                if "error" in row:
+                    failed.append(run)
                 if a.device != "cuda":
                     row["peak_rss_gib"] = round(rss, 3)
                 print(json.dumps(row), flush=True)
@@ -258,6 +263,8 @@ def main(argv=None):
         print(json.dumps({"ratio": f"phitune / peer (best of {a.repeat})",
                           "tokens_per_s": round(ours["tokens_per_s"] / peer["tokens_per_s"], 3),
                           "peak_memory": round(ours[mem] / peer[mem], 3)}), flush=True)
+    if failed:  # a failing run fails the invocation, after every row is printed
+        sys.exit(f"run(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -136,8 +136,12 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--top", type=int, default=8, help="how many of the 'other' ops to list by time")
+    p.add_argument("--smoke", action="store_true", help="smallest size, for CI: it runs; no result")
     a = p.parse_args(argv)
-    rate = peak_matmul_rate()
+    if a.smoke:  # explicit arguments still win
+        p.set_defaults(size="tiny", batch=1, seq=32, warmup=1, steps=1)
+        a = p.parse_args(argv)
+    rate = peak_matmul_rate(256 if a.smoke else 2048)
     rows = {}
     for kind in ("peer", "phitune"):
         rows[kind] = profile_step(kind, a, rate)

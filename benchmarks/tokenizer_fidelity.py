@@ -75,6 +75,7 @@ def trained_differences(tokenizer, folder: Path, work: Path) -> tuple[int, int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizers", help="the shared tokenizers folder (default: ../shared/tokenizers)")
+    parser.add_argument("--smoke", action="store_true", help="the same run: it takes seconds already (CI runs this)")
     args = parser.parse_args()
     shared = find_tokenizers(args.tokenizers)
     logging.getLogger("phitune").setLevel(logging.WARNING)

@@ -33,14 +33,28 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# the phitune variants of the module docstring, each optionally followed by "+ckpt"
+VARIANTS = ("fast", "plain", "no_loss", "no_lora", "no_mlp", "no_norm", "no_rope", "dense", "compile", "liger")
 
 
-def peer_script() -> Path:
+def peer_script(required: bool = True) -> Path | None:
     env = os.environ.get("PHITUNE_PEER_DIR")
     for d in ([Path(env)] if env else []) + [ROOT.parent / "shared" / "bench", ROOT / "shared" / "bench"]:
         if (d / "peer_baseline.py").exists():
             return d / "peer_baseline.py"
+    if not required:
+        return None
     raise SystemExit("peer_baseline.py not found: set PHITUNE_PEER_DIR to the folder holding it")
+
+
+def unknown_variants(variants: str) -> list[str]:
+    """The names in a --variants list that are not a VARIANTS entry with an optional "+ckpt"."""
+    out = []
+    for v in filter(None, variants.split(",")):
+        base, plus, extra = v.partition("+")
+        if base not in VARIANTS or (plus and extra != "ckpt"):
+            out.append(v)
+    return out
 
 
 def model_config(size: str):
@@ -92,12 +106,14 @@ def make_samples(a, vocab: int, n_rows: int):
     return out
 
 
-def matmul_rate(device: str) -> float:
-    """Measured matmul FLOP/s of this device (fp32 2048^3 on CPU, bf16 8192^3 on GPU), 10 products after 2 warm-ups.
-    On a 2-core CPU both phitune and the peer train at about this rate (MFU ~1.0): the step is matmul-bound there."""
+def matmul_rate(device: str, n: int | None = None) -> float:
+    """Measured matmul FLOP/s of this device (fp32 2048^3 on CPU, bf16 8192^3 on GPU, or n^3), 10 products after 2
+    warm-ups. On a 2-core CPU both phitune and the peer train at about this rate (MFU ~1.0): the step is matmul-bound
+    there."""
     import torch
 
-    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (2048, torch.float32)
+    size, dtype = (8192, torch.bfloat16) if device == "cuda" else (2048, torch.float32)
+    n = n or size
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     reps = 10
@@ -175,7 +191,8 @@ def child(a) -> dict:
         r = train_step(model, [b], optimizer, scheduler, scaler, tc, dev, autocast,
                        functools.partial(forward_loss, fast=fast))
         if i >= a.warmup:
-            tokens += sum(len(samples[k]["input_ids"]) for k in plan[i])  # real tokens, padding not counted
+            # real tokens, padding not counted; a plan entry is a list of rows, each row the samples packed in it
+            tokens += sum(len(samples[k]["input_ids"]) for row in plan[i] for k in row)
             supervised += r["tokens"]
     sync()
     dt = time.perf_counter() - t0
@@ -231,7 +248,26 @@ def main(argv=None):
                    help="run the whole peer/phitune sequence this many times, interleaved; ratios use each run's "
                         "best tokens/s (CPU timings on a shared machine drift)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true", help="smallest size, for CI: it runs; no result")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the arguments and variant names, print the runs it would make, run nothing "
+                        "(DRY_RUN=1 bash benchmarks/gpu_run.sh)")
     a = p.parse_args(argv)
+    if a.smoke:  # explicit arguments still win; no peer: peer_baseline.py lives outside the repository
+        p.set_defaults(size="tiny", seq=64, batch=2, warmup=1, steps=1, variants="fast,plain", peer="")
+        a = p.parse_args(argv)
+    if unknown_variants(a.child or a.variants):
+        p.error(f"unknown variant(s) {', '.join(unknown_variants(a.child or a.variants))}: "
+                f"one of {', '.join(VARIANTS)}, optionally followed by +ckpt")
+    if a.dry_run:
+        peer = peer_script(required=False)
+        print(json.dumps({"dry_run": True, "size": a.size, "device": a.device, "batch": a.batch, "seq": a.seq,
+                          "data": a.data, "phitune": a.variants.split(","), "peer": [v for v in a.peer.split(",") if v],
+                          "peer_script": str(peer) if peer else None}), flush=True)
+        if a.peer and peer is None:
+            print("warning: peer_baseline.py not found (copy ../shared/bench as gpu_run.sh's header says, or set "
+                  "PHITUNE_PEER_DIR)", file=sys.stderr)
+        return
     if a.child:
         try:
             print(json.dumps(child(a)), flush=True)
@@ -246,7 +282,7 @@ def main(argv=None):
     common = ["--size", a.size, "--device", a.device, "--attn", a.attn, "--batch", str(a.batch), "--seq", str(a.seq),
               "--warmup", str(a.warmup), "--steps", str(a.steps), "--data", a.data]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    rate = matmul_rate(a.device)
+    rate = matmul_rate(a.device, 256 if a.smoke else None)
     attn_len = a.seq if a.data == "blocks" else float(chat_lengths(4096, a.seq)[0].float().mean())
     fpt = flops_per_token(cfg, attn_len)
     print(json.dumps({"device": a.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -275,6 +311,7 @@ def main(argv=None):
         key = (r["run"], r.get("variant"))
         if "tokens_per_s" in r and (key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]):
             best[key] = r
+    failed = [r for r in results if "error" in r]
     results = list(best.values())
     peers = [r for r in results if r["run"] == "peer"]
     mem = "peak_mem_gib" if a.device == "cuda" else "peak_rss_gib"
@@ -287,6 +324,8 @@ def main(argv=None):
                                                                / ref["supervised_tokens_per_s"], 3),
                               "peak_memory": round(r.get(mem, 0) / ref[mem], 3) if ref.get(mem) else None}),
                   flush=True)
+    if failed:  # a failing variant fails the invocation (gpu_run.sh and CI see it), after every row is printed
+        sys.exit(f"{len(failed)} run(s) failed: {', '.join(str(r.get('variant')) for r in failed)}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Time to prepare one very long conversation that must be truncated: linear in its number of turns.
 
     python benchmarks/truncation_scaling.py 200 1600 10000
+    python benchmarks/truncation_scaling.py --smoke      (20 and 80 turns, for CI)
 """
 
-import sys
+import argparse
 import time
 
 from phitune.data import DataConfig, prepare_data
@@ -25,4 +26,8 @@ def main(turns: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    main([int(x) for x in sys.argv[1:]] or [200, 1600, 10000])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("turns", type=int, nargs="*", default=[200, 1600, 10000])
+    ap.add_argument("--smoke", action="store_true", help="smallest size, for CI: it runs; no result")
+    args = ap.parse_args()
+    main(args.turns if not args.smoke or args.turns != [200, 1600, 10000] else [20, 80])

@@ -1,10 +1,13 @@
-"""Structure figures of the package: lines per file, longest functions, import cycles, where config keys travel.
+"""Structure figures of the package: files and lines per folder, long files, import cycles, duplicated blocks.
 
-    python scripts/code_metrics.py [--src src/phitune] [--keys lora_dropout max_seq_length] [--json]
+    python scripts/code_metrics.py [SRC] [--keys lora_dropout max_seq_length] [--window 6] [--json]
 
+SRC is the package folder (default src/phitune; any checkout's, e.g. an old tree's, to compare before and after).
 Import cycles count every import of a phitune module, at module top or inside a function, because a cycle hidden
 in a function still ties the two modules together. "Files a key crosses" counts the files that name the key
-(an identifier or string), the path a value takes from YAML to where it acts.
+(an identifier or string), the path a value takes from YAML to where it acts. A duplicated block is a run of at
+least --window consecutive code lines (stripped, comments and blank lines dropped, docstrings kept) that occurs in
+two or more places; overlapping windows of one repeat are merged into one block.
 """
 
 from __future__ import annotations
@@ -99,18 +102,89 @@ def package_edges(graph: dict[str, set[str]]) -> dict[str, set[str]]:
     return {a: {b for b in bs if b != "phitune"} for a, bs in graph.items() if a != "phitune"}
 
 
+LONG_FILE = 500  # issue 21: no file over 500 lines unless it is one idea that needs the length
+
+
+def per_folder(lines: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """{folder relative to SRC ('.' for the top): (files, lines)} over the files directly in it."""
+    out: dict[str, list[int]] = {}
+    for name, n in lines.items():
+        folder = str(Path(name).parent)
+        entry = out.setdefault(folder, [0, 0])
+        entry[0] += 1
+        entry[1] += n
+    return {k: (v[0], v[1]) for k, v in sorted(out.items())}
+
+
+def code_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, normalised line) for each line that carries code: stripped, blank and comment lines dropped.
+
+    Trivial lines (a lone bracket, `else:`, `return`, ...) and import lines are dropped as well, or every pair of
+    functions would "share" their closing lines and every pair of modules their import headers."""
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(("#", "import ", "from ")) or len(line) < 4:
+            continue
+        out.append((number, " ".join(line.split())))
+    return out
+
+
+def duplicated_blocks(texts: dict[str, str], window: int) -> list[dict]:
+    """Runs of at least `window` equal normalised code lines found in more than one place (also within one file).
+
+    Each window of `window` consecutive code lines is hashed; windows seen in two or more places are duplicates, and
+    consecutive duplicate windows of the same pair of places are merged into one block."""
+    seen: dict[int, list[tuple[str, int]]] = {}
+    code = {name: code_lines(text) for name, text in texts.items()}
+    for name, rows in code.items():
+        for i in range(len(rows) - window + 1):
+            key = hash(tuple(line for _, line in rows[i:i + window]))
+            seen.setdefault(key, []).append((name, i))
+    # pair of places -> the window starts they share, so overlapping windows merge into one block
+    pairs: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for places in seen.values():
+        if len(places) < 2:
+            continue
+        first = places[0]
+        for other in places[1:]:
+            pairs.setdefault((first[0], other[0]), []).append((first[1], other[1]))
+    blocks = []
+    for (a, b), starts in pairs.items():
+        starts.sort()
+        run_start = prev = starts[0]
+        for cur in starts[1:] + [None]:
+            if cur is not None and cur == (prev[0] + 1, prev[1] + 1):
+                prev = cur
+                continue
+            n = prev[0] - run_start[0] + window
+            blocks.append({
+                "lines": n,
+                "a": f"{a}:{code[a][run_start[0]][0]}-{code[a][prev[0] + window - 1][0]}",
+                "b": f"{b}:{code[b][run_start[1]][0]}-{code[b][prev[1] + window - 1][0]}",
+            })
+            if cur is not None:
+                run_start = prev = cur
+    return sorted(blocks, key=lambda blk: (-blk["lines"], blk["a"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", default="src/phitune")
+    ap.add_argument("src", nargs="?", default=None, help="the package folder (default src/phitune)")
+    ap.add_argument("--src", dest="src_option", default="src/phitune", help=argparse.SUPPRESS)
+    ap.add_argument("--window", type=int, default=6, help="code lines a duplicated block has at least")
     ap.add_argument("--keys", nargs="*", default=["lora_dropout", "max_seq_length"])
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    src = Path(args.src)
+    src = Path(args.src or args.src_option)
+    if not src.is_dir():
+        ap.error(f"{src} is not a folder (give the package folder, e.g. src/phitune)")
     files = sorted(p for p in src.rglob("*.py"))
     modules = {module_name(p, src) for p in files}
 
-    lines = {str(p.relative_to(src)): len(p.read_text().splitlines()) for p in files}
+    texts = {str(p.relative_to(src)): p.read_text() for p in files}
+    lines = {name: len(text.splitlines()) for name, text in texts.items()}
     functions = []
     graph: dict[str, set[str]] = {}
     inner_imports = []
@@ -129,13 +203,19 @@ def main() -> None:
         pattern = re.compile(rf"\b{re.escape(key)}\b")
         key_files[key] = [str(p.relative_to(src)) for p in files if pattern.search(p.read_text())]
 
+    blocks = duplicated_blocks(texts, args.window)
     report = {
         "files": len(files),
         "total_lines": sum(lines.values()),
+        "folders": {k: {"files": f, "lines": n} for k, (f, n) in per_folder(lines).items()},
+        "files_over_500_lines": {k: n for k, n in sorted(lines.items(), key=lambda kv: -kv[1]) if n > LONG_FILE},
         "largest_files": sorted(lines.items(), key=lambda kv: -kv[1])[: args.top],
         "longest_functions": [f"{n} {name}" for n, name in sorted(functions, reverse=True)[: args.top]],
         "function_level_imports_of_phitune": len(inner_imports),
         "import_cycles": cycles(package_edges(graph)),
+        "duplicated_blocks": len(blocks),
+        "duplicated_lines": sum(blk["lines"] for blk in blocks),
+        "duplicates": blocks,
         "files_naming_key": {k: len(v) for k, v in key_files.items()},
         "key_files": key_files,
     }
@@ -143,10 +223,19 @@ def main() -> None:
         print(json.dumps(report, indent=1))
         return
     print(f"{report['files']} files, {report['total_lines']} lines")
+    print("files and lines per folder:")
+    for folder, entry in report["folders"].items():
+        label = "(top level)" if folder == "." else folder + "/"
+        print(f"  {label:<22} {entry['files']:>3} files {entry['lines']:>6} lines")
+    over = report["files_over_500_lines"]
+    print(f"files over {LONG_FILE} lines:", ", ".join(f"{k} {n}" for k, n in over.items()) or "none")
     print("largest files:", ", ".join(f"{name} {n}" for name, n in report["largest_files"]))
     print("longest functions:", ", ".join(report["longest_functions"]))
     print("imports of phitune modules inside functions:", report["function_level_imports_of_phitune"])
     print("import cycles:", report["import_cycles"] or "none")
+    print(f"duplicated blocks (>= {args.window} code lines): {len(blocks)}, {report['duplicated_lines']} lines")
+    for blk in blocks[: args.top]:
+        print(f"  {blk['lines']:>3} lines  {blk['a']}  ==  {blk['b']}")
     for key, names in key_files.items():
         print(f"files naming {key}: {len(names)} ({', '.join(names)})")
 

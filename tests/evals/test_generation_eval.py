@@ -243,6 +243,7 @@ def test_plain_text_data_has_no_answer_to_compare(tok, tmp_path):
 # --- phitune.evaluate(..., generate=True) ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 9 CPU seconds (2 threads, measured for issue 21; slow = over ~5)
 def test_evaluate_generate_compare_base_writes_report_and_samples(run_dir, tok):
     from phitune.models.loading import load_model_and_tokenizer
     from phitune.evals.report import read_summary
@@ -331,6 +332,7 @@ def test_cli_eval_generate(run_dir, capsys):
     assert "add --generate" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 37 CPU seconds (2 threads, measured for issue 21; slow = over ~5)
 def test_eval_generate_logs_answers_at_every_evaluation_and_training_goes_on(run_dir, tmp_path):
     from phitune.training.train import finetune
 

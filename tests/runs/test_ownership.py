@@ -104,6 +104,7 @@ def test_demo_refuses_a_folder_that_is_not_an_earlier_demo(kind, tmp_path, capsy
     assert _contents(out) == before
 
 
+@pytest.mark.slow  # 12 CPU seconds (2 threads, measured for issue 21; slow = over ~5)
 def test_demo_replaces_an_earlier_demo(tmp_path):
     from phitune.embedded.demo import demo
 
@@ -146,6 +147,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow  # 9 CPU seconds (2 threads, measured for issue 21; slow = over ~5)
 def test_a_second_run_on_a_locked_folder_stops_at_once_naming_the_holder_and_a_killed_holder_frees_it(
         tiny_model_dir, chat_files, tmp_path):
     out = tmp_path / "run"

@@ -95,6 +95,7 @@ def test_a_missing_model_folder_is_not_found_with_its_path_before_anything_loads
     assert not (tmp_path / "out").exists()  # a failed run leaves no empty output folder
 
 
+@pytest.mark.slow  # 7 CPU seconds (2 threads, measured for issue 21; slow = over ~5)
 def test_bad_records_and_truncation_are_reported_before_weights_load(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(DEMO_TRAIN.read_text().splitlines()[0] + "\n{\"messages\": 3}\n")
