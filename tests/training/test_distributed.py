@@ -270,6 +270,29 @@ def test_fsdp_with_rank0_loading_trains_like_one_process_and_its_adapter_loads_i
     torch.testing.assert_close(a, c, rtol=0, atol=rounding + 2 * 2 * r * effect)
 
 
+@pytest.mark.slow
+def test_rank0_loading_keeps_tied_embeddings_tied(tiny_model_dir, chat_files, tmp_path):
+    """A base whose lm_head shares the embedding (Phi-4-mini's layout; its checkpoint holds the embedding only)."""
+    from transformers import AutoModelForCausalLM
+
+    tied = tmp_path / "tied"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tied)
+    __import__("shutil").copytree(tiny_model_dir, tied, dirs_exist_ok=True,
+                                  ignore=lambda d, names: [n for n in names if n.startswith(("model", "config"))])
+    assert "lm_head.weight" not in load_file(str(tied / "model.safetensors"))
+    out, ref = tmp_path / "fsdp", tmp_path / "single"
+    _join(_forked(_config(tied, chat_files, out, max_steps=2, fsdp="full_shard", save_steps=1000),
+                  report=str(tmp_path / "held")))
+    finetune(_config(tied, chat_files, ref, max_steps=2, per_device_train_batch_size=2 * PER_DEVICE))
+    _assert_same_curve(out, ref)
+    _assert_same_adapter(out, ref)
+    held = json.loads((tmp_path / "held-0.json").read_text())
+    assert "model.embed_tokens.weight" in held["whole"]  # shared with lm_head: kept whole, filled once
+
+
 # --- two nodes, rehearsed on one machine ------------------------------------------------------------------------------
 
 

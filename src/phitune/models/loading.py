@@ -204,10 +204,12 @@ def empty_model(model_cfg: ModelConfig, dtype: torch.dtype, attn: str):
     # buffers on meta as well, and recomputing them needs each model class's own code).
     handle = torch.nn.modules.module.register_module_parameter_registration_hook(on_meta)
     try:
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn,
-                                                trust_remote_code=model_cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn,
+                                                 trust_remote_code=model_cfg.trust_remote_code)
     finally:
         handle.remove()
+    model.tie_weights()  # as from_pretrained does after loading (tie_word_embeddings: one tensor, filled once)
+    return model
 
 
 def checkpoint_files(model_cfg: ModelConfig) -> list[Path]:

@@ -509,9 +509,17 @@ def materialize(model, device: torch.device) -> None:
     model, then ``to_empty``; :func:`fill_from_rank0` then receives each shard straight into its storage."""
     kept = [(module, name, buf) for module in model.modules() for name, buf in module._buffers.items()
             if buf is not None and buf.device != _META]
-    model.to_empty(device=device)
+    places: dict[int, list] = {}  # a parameter shared by modules (tied embeddings) and where it sits
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                places.setdefault(id(p), []).append((module, name))
+    model.to_empty(device=device)  # from meta, torch gives each module a new Parameter: ties are lost
     for module, name, buf in kept:
         module._buffers[name] = buf.to(device)
+    for (owner, first), *others in (p for p in places.values() if len(p) > 1):
+        for module, name in others:
+            module._parameters[name] = owner._parameters[first]
 
 
 def fill_from_rank0(model, files: list) -> int:
