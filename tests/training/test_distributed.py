@@ -403,6 +403,33 @@ def test_a_lost_node_stops_the_other_and_a_fresh_two_node_start_resumes(one_proc
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
+@pytest.mark.slow
+def test_a_process_that_stops_answering_ends_the_others_at_ddp_timeout(tiny_model_dir, chat_files, tmp_path,
+                                                                     capfd):
+    """Rank 1 is frozen (SIGSTOP: its connections stay open, nothing closes them) while rank 0 writes checkpoint-4:
+    rank 0 stops with phitune's message once ddp_timeout has passed, not later."""
+    timeout, slow_save = 15, 5
+    cfg = _config(tiny_model_dir, chat_files, tmp_path / "silent", ddp_timeout=timeout)
+    procs = _forked(cfg, env={"PHITUNE_TEST_SLOW_SAVE": f"4:{slow_save}"})
+    try:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "silent" / "checkpoints").glob(".tmp-checkpoint-4-*/meta.json")):
+            assert all(p.is_alive() for p in procs) and time.monotonic() < deadline, [p.exitcode for p in procs]
+            time.sleep(0.1)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        procs[0].join(slow_save + timeout + 30)
+        took = time.monotonic() - frozen
+    finally:
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+            p.join(10)
+    assert procs[0].exitcode == 1
+    assert took <= slow_save + timeout + 10, f"rank 0 took {took:.0f} s"
+    assert "another process of this run stopped or stopped answering" in capfd.readouterr().err
+
+
 # --- the pieces, in one process ---------------------------------------------------------------------------------------
 
 

@@ -208,7 +208,6 @@ def empty_model(model_cfg: ModelConfig, dtype: torch.dtype, attn: str):
                                                  trust_remote_code=model_cfg.trust_remote_code)
     finally:
         handle.remove()
-    model.tie_weights()  # as from_pretrained does after loading (tie_word_embeddings: one tensor, filled once)
     return model
 
 

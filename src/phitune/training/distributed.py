@@ -137,8 +137,9 @@ def explain_lost_peers(output_dir):
         if not (active() and _lost_peer(exc)):
             raise
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PhituneError(f"process {rank()} of {world_size()}: another process of this run stopped (killed, out of "
-                           f"memory, or its node lost): {detail}. Every process stops. Start all of them again with "
+        raise PhituneError(f"process {rank()} of {world_size()}: another process of this run stopped or stopped "
+                           f"answering (killed, out of memory, hung, or its node lost): {detail}. Every process stops. "
+                           "Start all of them again with "
                            "training_config.resume_from_checkpoint: auto to continue from the last complete "
                            f"checkpoint in {output_dir}/checkpoints") from exc
 
