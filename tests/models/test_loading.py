@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import nullcontext
 
+import pytest
 import torch
 
 from phitune.models import loading as model_mod
 from phitune.config import TrainingConfig
+from phitune.errors import ConfigError
 from phitune.training.optim import autocast_context
 
 CPU = torch.device("cpu")
@@ -44,3 +47,20 @@ def test_bf16_autocast_falls_back_on_a_cpu_without_bf16_hardware(monkeypatch, ca
     assert isinstance(ctx, nullcontext) and "bf16: false" in caplog.text
     monkeypatch.setattr(model_mod, "cpu_has_fast_half", lambda dtype: True)
     assert isinstance(autocast_context(tc, CPU), torch.autocast)
+
+
+def test_checkpoint_files_are_the_shards_of_the_index_in_order(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from phitune.config import build_model_config
+    from phitune.models.loading import checkpoint_files
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]
+    files = checkpoint_files(build_model_config(str(tmp_path / "sharded")))
+    assert len(files) > 1 and [f.name for f in files] == list(dict.fromkeys(index.values()))
+    assert checkpoint_files(build_model_config(str(tiny_model_dir))) == [tiny_model_dir / "model.safetensors"]
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ConfigError, match="no model.safetensors"):
+        checkpoint_files(build_model_config(str(tmp_path / "none")))

@@ -483,7 +483,7 @@ def prepare_model(model, tc, device: torch.device, checkpoint=None) -> list[str]
              f"({', '.join(tc.fsdp)}); LoRA parameters whole on every process"]
     if empty:
         materialize(model, device)
-        size = fill_from_rank0(model, checkpoint() if is_main() else [])
+        size = fill_from_rank0(model, checkpoint)
         init_lora_everywhere(model, tc.seed)
         notes.append(f"base weights ({size / 2**30:.2f} GiB) read by rank 0 alone and sent shard by shard; "
                      f"LoRA drawn from seed {tc.seed} on every process and checked equal")
@@ -523,11 +523,12 @@ def materialize(model, device: torch.device) -> None:
             module._parameters[name] = owner._parameters[first]
 
 
-def fill_from_rank0(model, files: list) -> int:
-    """Fill a materialized, fully_shard-ed model's base weights: rank 0 reads ``files`` (the others pass []) one
-    tensor at a time and sends each process its dim-0 chunk straight into that process's shard storage (whole
-    tensors, those fully_shard left alone, are broadcast into place). Returns the bytes read. Parameters the
-    files lack (all but the LoRA factors) stop it before any is read, with their names.
+def fill_from_rank0(model, checkpoint) -> int:
+    """Fill a materialized, fully_shard-ed model's base weights: rank 0 reads the files ``checkpoint()`` lists
+    (called there only; its error, e.g. no safetensors, stops every process) one tensor at a time and sends each
+    process its dim-0 chunk straight into that process's shard storage (whole tensors, those fully_shard left alone,
+    are broadcast into place). Returns the bytes read. Parameters the files lack (all but the LoRA factors) stop it
+    before any is read, with their names.
 
     Not ``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)``, the documented route, which
     broadcasts every full tensor to every process: measured with benchmarks/loading_memory.py (2 processes, gloo),
@@ -539,7 +540,7 @@ def fill_from_rank0(model, files: list) -> int:
     from torch.distributed.tensor import DTensor
 
     state = model.state_dict(keep_vars=True)
-    tensors = broadcast_object(checkpoint_tensors(files, state) if is_main() else None)
+    tensors = on_main(lambda: checkpoint_tensors(checkpoint(), state))
     # every parameter but the LoRA factors (drawn from the seed) comes from the files, modules_to_save included
     needed = {n for n, _ in model.named_parameters() if not n.endswith((".lora_A", ".lora_B"))}
     missing = sorted(needed - {k for _, k in tensors})
