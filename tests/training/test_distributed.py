@@ -187,8 +187,9 @@ def test_killed_two_process_run_resumes_to_the_same_end(two_process_run, tiny_mo
             assert time.monotonic() < deadline, "the run never reached the save of checkpoint-4"
             time.sleep(0.2)
     finally:
-        for p in procs:
+        for p in procs:  # all at once: a survivor sees its peer's closed connection and stops by itself
             os.kill(p.pid, signal.SIGKILL)
+        for p in procs:
             p.join(30)
     assert [p.exitcode for p in procs] == [-signal.SIGKILL] * 2
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
