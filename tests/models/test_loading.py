@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import nullcontext
 
+import pytest
 import torch
 
 from phitune.models import loading as model_mod
 from phitune.config import TrainingConfig
+from phitune.errors import ConfigError
 from phitune.training.optim import autocast_context
 
 CPU = torch.device("cpu")
@@ -92,3 +95,20 @@ def test_a_bf16_held_base_gives_the_float32_base_loss_and_lora_gradients_under_b
     for name, g in grads32.items():
         diff = (grads16[name] - g).norm().item()
         assert diff <= 2 * roundings * eps * g.norm().item(), name  # a gradient's own rounding on top of the loss's
+
+
+def test_checkpoint_files_are_the_shards_of_the_index_in_order(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from phitune.config import build_model_config
+    from phitune.models.loading import checkpoint_files
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]
+    files = checkpoint_files(build_model_config(str(tmp_path / "sharded")))
+    assert len(files) > 1 and [f.name for f in files] == list(dict.fromkeys(index.values()))
+    assert checkpoint_files(build_model_config(str(tiny_model_dir))) == [tiny_model_dir / "model.safetensors"]
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ConfigError, match="no model.safetensors"):
+        checkpoint_files(build_model_config(str(tmp_path / "none")))

@@ -187,8 +187,9 @@ def test_killed_two_process_run_resumes_to_the_same_end(two_process_run, tiny_mo
             assert time.monotonic() < deadline, "the run never reached the save of checkpoint-4"
             time.sleep(0.2)
     finally:
-        for p in procs:
+        for p in procs:  # all at once: a survivor sees its peer's closed connection and stops by itself
             os.kill(p.pid, signal.SIGKILL)
+        for p in procs:
             p.join(30)
     assert [p.exitcode for p in procs] == [-signal.SIGKILL] * 2
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
@@ -268,6 +269,29 @@ def test_fsdp_with_rank0_loading_trains_like_one_process_and_its_adapter_loads_i
     weights = _adapter(ref)
     r = _adam_tolerance(ref) / min(float(t.abs().max()) for t in weights.values())
     torch.testing.assert_close(a, c, rtol=0, atol=rounding + 2 * 2 * r * effect)
+
+
+@pytest.mark.slow
+def test_rank0_loading_keeps_tied_embeddings_tied(tiny_model_dir, chat_files, tmp_path):
+    """A base whose lm_head shares the embedding (Phi-4-mini's layout; its checkpoint holds the embedding only)."""
+    from transformers import AutoModelForCausalLM
+
+    tied = tmp_path / "tied"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tied)
+    __import__("shutil").copytree(tiny_model_dir, tied, dirs_exist_ok=True,
+                                  ignore=lambda d, names: [n for n in names if n.startswith(("model", "config"))])
+    assert "lm_head.weight" not in load_file(str(tied / "model.safetensors"))
+    out, ref = tmp_path / "fsdp", tmp_path / "single"
+    _join(_forked(_config(tied, chat_files, out, max_steps=2, fsdp="full_shard", save_steps=1000),
+                  report=str(tmp_path / "held")))
+    finetune(_config(tied, chat_files, ref, max_steps=2, per_device_train_batch_size=2 * PER_DEVICE))
+    _assert_same_curve(out, ref)
+    _assert_same_adapter(out, ref)
+    held = json.loads((tmp_path / "held-0.json").read_text())
+    assert "model.embed_tokens.weight" in held["whole"]  # shared with lm_head: kept whole, filled once
 
 
 # --- two nodes, rehearsed on one machine ------------------------------------------------------------------------------
@@ -378,6 +402,33 @@ def test_a_lost_node_stops_the_other_and_a_fresh_two_node_start_resumes(one_proc
     _assert_same_adapter(out, one_process_run)
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
     assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_a_process_that_stops_answering_ends_the_others_at_ddp_timeout(tiny_model_dir, chat_files, tmp_path,
+                                                                     capfd):
+    """Rank 1 is frozen (SIGSTOP: its connections stay open, nothing closes them) while rank 0 writes checkpoint-4:
+    rank 0 stops with phitune's message once ddp_timeout has passed, not later."""
+    timeout, slow_save = 15, 5
+    cfg = _config(tiny_model_dir, chat_files, tmp_path / "silent", ddp_timeout=timeout)
+    procs = _forked(cfg, env={"PHITUNE_TEST_SLOW_SAVE": f"4:{slow_save}"})
+    try:
+        deadline = time.monotonic() + 240
+        while not list((tmp_path / "silent" / "checkpoints").glob(".tmp-checkpoint-4-*/meta.json")):
+            assert all(p.is_alive() for p in procs) and time.monotonic() < deadline, [p.exitcode for p in procs]
+            time.sleep(0.1)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        procs[0].join(slow_save + timeout + 30)
+        took = time.monotonic() - frozen
+    finally:
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+            p.join(10)
+    assert procs[0].exitcode == 1
+    assert took <= slow_save + timeout + 10, f"rank 0 took {took:.0f} s"
+    assert "another process of this run stopped or stopped answering" in capfd.readouterr().err
 
 
 # --- the pieces, in one process ---------------------------------------------------------------------------------------

@@ -286,27 +286,39 @@ def empty_model(model_cfg: ModelConfig, dtype: torch.dtype, attn: str):
     # buffers on meta as well, and recomputing them needs each model class's own code).
     handle = torch.nn.modules.module.register_module_parameter_registration_hook(on_meta)
     try:
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn,
-                                                trust_remote_code=model_cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn,
+                                                 trust_remote_code=model_cfg.trust_remote_code)
     finally:
         handle.remove()
+    return model
 
 
 def checkpoint_files(model_cfg: ModelConfig) -> list[Path]:
     """The .safetensors files of ``model_cfg``'s weights: a local folder's, or the Hub's (downloaded to its cache on
     first use), in the order of the shard index when there is one."""
-    from transformers.utils import cached_file
+    source = Path(model_cfg.name_or_path)
 
-    def fetch(name: str, required: bool = True):
-        path = cached_file(model_cfg.name_or_path, name, revision=model_cfg.revision,
-                           _raise_exceptions_for_missing_entries=required)
-        return Path(path) if path else None
+    def fetch(name: str) -> Path | None:
+        if source.is_dir():
+            return source / name if (source / name).is_file() else None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
 
-    index = fetch("model.safetensors.index.json", required=False)
-    if index is None:
-        return [fetch("model.safetensors")]
-    shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-    return [fetch(name) for name in shards]
+        try:
+            return Path(hf_hub_download(model_cfg.name_or_path, name, revision=model_cfg.revision))
+        except EntryNotFoundError:
+            return None
+
+    index = fetch("model.safetensors.index.json")
+    if index is not None:
+        shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+        return [fetch(name) for name in shards]
+    single = fetch("model.safetensors")
+    if single is None:
+        raise ConfigError(f"model.name_or_path: '{model_cfg.name_or_path}' has no model.safetensors(.index.json); "
+                          "phitune loads weights only from .safetensors files (convert with "
+                          "`model.save_pretrained(dir, safe_serialization=True)`)")
+    return [single]
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:

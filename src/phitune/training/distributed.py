@@ -137,8 +137,9 @@ def explain_lost_peers(output_dir):
         if not (active() and _lost_peer(exc)):
             raise
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PhituneError(f"process {rank()} of {world_size()}: another process of this run stopped (killed, out of "
-                           f"memory, or its node lost): {detail}. Every process stops. Start all of them again with "
+        raise PhituneError(f"process {rank()} of {world_size()}: another process of this run stopped or stopped "
+                           f"answering (killed, out of memory, hung, or its node lost): {detail}. Every process stops. "
+                           "Start all of them again with "
                            "training_config.resume_from_checkpoint: auto to continue from the last complete "
                            f"checkpoint in {output_dir}/checkpoints") from exc
 
@@ -482,7 +483,7 @@ def prepare_model(model, tc, device: torch.device, checkpoint=None) -> list[str]
              f"({', '.join(tc.fsdp)}); LoRA parameters whole on every process"]
     if empty:
         materialize(model, device)
-        size = fill_from_rank0(model, checkpoint() if is_main() else [])
+        size = fill_from_rank0(model, checkpoint)
         init_lora_everywhere(model, tc.seed)
         notes.append(f"base weights ({size / 2**30:.2f} GiB) read by rank 0 alone and sent shard by shard; "
                      f"LoRA drawn from seed {tc.seed} on every process and checked equal")
@@ -509,16 +510,25 @@ def materialize(model, device: torch.device) -> None:
     model, then ``to_empty``; :func:`fill_from_rank0` then receives each shard straight into its storage."""
     kept = [(module, name, buf) for module in model.modules() for name, buf in module._buffers.items()
             if buf is not None and buf.device != _META]
-    model.to_empty(device=device)
+    places: dict[int, list] = {}  # a parameter shared by modules (tied embeddings) and where it sits
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                places.setdefault(id(p), []).append((module, name))
+    model.to_empty(device=device)  # from meta, torch gives each module a new Parameter: ties are lost
     for module, name, buf in kept:
         module._buffers[name] = buf.to(device)
+    for (owner, first), *others in (p for p in places.values() if len(p) > 1):
+        for module, name in others:
+            module._parameters[name] = owner._parameters[first]
 
 
-def fill_from_rank0(model, files: list) -> int:
-    """Fill a materialized, fully_shard-ed model's base weights: rank 0 reads ``files`` (the others pass []) one
-    tensor at a time and sends each process its dim-0 chunk straight into that process's shard storage (whole
-    tensors, those fully_shard left alone, are broadcast into place). Returns the bytes read. Parameters the
-    files lack (all but the LoRA factors) stop it before any is read, with their names.
+def fill_from_rank0(model, checkpoint) -> int:
+    """Fill a materialized, fully_shard-ed model's base weights: rank 0 reads the files ``checkpoint()`` lists
+    (called there only; its error, e.g. no safetensors, stops every process) one tensor at a time and sends each
+    process its dim-0 chunk straight into that process's shard storage (whole tensors, those fully_shard left alone,
+    are broadcast into place). Returns the bytes read. Parameters the files lack (all but the LoRA factors) stop it
+    before any is read, with their names.
 
     Not ``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)``, the documented route, which
     broadcasts every full tensor to every process: measured with benchmarks/loading_memory.py (2 processes, gloo),
@@ -530,7 +540,7 @@ def fill_from_rank0(model, files: list) -> int:
     from torch.distributed.tensor import DTensor
 
     state = model.state_dict(keep_vars=True)
-    tensors = broadcast_object(checkpoint_tensors(files, state) if is_main() else None)
+    tensors = on_main(lambda: checkpoint_tensors(checkpoint(), state))
     # every parameter but the LoRA factors (drawn from the seed) comes from the files, modules_to_save included
     needed = {n for n, _ in model.named_parameters() if not n.endswith((".lora_A", ".lora_B"))}
     missing = sorted(needed - {k for _, k in tensors})
