@@ -1,4 +1,5 @@
-"""phitune.evals.generation: batched generation, scores, prompts from prepared data, base vs tuned, the eval command.
+"""phitune.evals (generation.py, prompts.py, scores.py) and the loop they share (phitune.generation.loop):
+batched generation, scores, prompts from prepared data, base vs tuned, the eval command.
 
 A hand-built run folder (tiny random Phi-3 + Phi-3-style tokenizer + a random non-zero adapter), as in test_run.py.
 """
@@ -12,18 +13,10 @@ from helpers import save_nonzero_adapter, write_run_folder
 import torch
 
 from phitune.errors import ConfigError, DataError
-from phitune.evals.generation import (
-    Prompt,
-    exact_match,
-    generate_batch,
-    generation_samples,
-    load_metric,
-    prompts_from_samples,
-    rouge_l,
-    score_answer,
-    token_f1,
-)
-from phitune.generation.generate import GenerationSettings, build_prompt_ids
+from phitune.evals.prompts import Prompt, generation_samples, prompts_from_samples
+from phitune.evals.scores import exact_match, load_metric, rouge_l, score_answer, token_f1
+from phitune.generation.generate import build_prompt_ids
+from phitune.generation.loop import GenerationSettings, generate_batch
 from phitune.lora import disable_adapters
 
 SYSTEM = {"role": "system", "content": "Answer in words."}

@@ -161,7 +161,3 @@ def end_of_turn_ids(tokenizer, configured=None, tokens: Iterable[str] = PHI3_END
             ids.append(value)
     return ids
 
-
-def chat_stop_token_ids(tokenizer) -> list[int]:
-    """Ids generation must stop on: eos plus every Phi-3 end-of-turn token the tokenizer knows."""
-    return end_of_turn_ids(tokenizer)

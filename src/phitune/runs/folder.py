@@ -24,7 +24,8 @@ from ..adapt import load_adapter, save_adapter
 from ..config import RunConfig, TrainingConfig, load_config, run_status, save_config
 from ..errors import ConfigError
 from ..training.metrics import plot_loss_curve, read_metrics
-from ..models.loading import (generation_config_for, load_model_and_tokenizer, load_tokenizer, resolve_device,
+from ..generation.stops import generation_config_for
+from ..models.loading import (load_model_and_tokenizer, load_tokenizer, resolve_device,
                     set_pad_token)
 
 CONFIG_FILE = "phitune_config.yaml"
