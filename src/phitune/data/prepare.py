@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
+from ..models.chat_template import resolve_chat_template
 from .batching import packing_efficiency
 from .config import DataConfig
 from .formats import detect_format, normalize
@@ -29,7 +30,7 @@ from .render import DROP_REASONS, Renderer
 from .sources import Problem, open_source
 from .store import SampleWriter, TokenizedSamples
 
-PIPELINE_VERSION = 2  # bump when tokenization/masking changes, to invalidate caches
+PIPELINE_VERSION = 3  # bump when tokenization/masking changes, to invalidate caches (3: the turn-end rule)
 CHUNK = 512  # records per encode_batch call: big enough for the Rust tokenizer's threads, small for flat memory
 WORKER_CHUNK = 1024  # records per task of a worker process (it tokenizes single-threaded)
 PARALLEL_MIN_RECORDS = 20_000  # fewer valid records: tokenize in this process (a pool's start is not worth it)
@@ -63,6 +64,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def _cache_key(cfg: DataConfig, tokenizer, sources: dict) -> str:
     opts = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in _NOT_IN_KEY | {"train", "eval"}}
+    opts["chat_template"] = resolve_chat_template(cfg.chat_template)  # a file's text, not its name
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([PIPELINE_VERSION, opts, tokenizer_fingerprint(tokenizer),
                          {k: s.fingerprint() for k, s in sources.items()}], sort_keys=True, default=str).encode())

@@ -96,9 +96,13 @@ def prompts_from_samples(samples, tokenizer, *, stop_ids: Sequence[int], context
         start = end - 1
         while start > 0 and labels[start - 1] != IGNORE_INDEX:
             start -= 1
-        if int(ids[end - 1]) not in stops:
+        # The answer ends at the first end-of-turn token of the span (models/chat_template.py: what follows it in
+        # the trained span, such as Phi-3's closing eos, is not part of the answer); none: the answer was cut.
+        ends = [k for k in range(start, end) if int(ids[k]) in stops]
+        if not ends:
             skipped.add("whose answer was cut by data.max_seq_length (raise it to score them)")
             continue
+        end = ends[0]
         if context is not None and start + 1 > context:
             skipped.add(f"with a prompt longer than the model's context of {context} tokens")
             continue

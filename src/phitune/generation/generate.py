@@ -38,7 +38,7 @@ def build_prompt_ids(tokenizer, messages: Sequence[Message]) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             "the tokenizer has no chat template; save one with the tokenizer (tokenizer.chat_template = ...) "
-            "or use a run folder written by `phitune train`, which saves it"
+            "or use a run folder written by `phitune train`, which saves it (and data.chat_template, if set)"
         )
     try:
         ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from ..config import load_config
 from ..data import format_stats, prepare_data, preview_text
+from ..models.chat_template import with_chat_template
 from ..models.loading import load_tokenizer
 from ..training.preflight import check_data_paths, check_model_source
 
@@ -30,7 +31,7 @@ def preview(config: Any, n: int = 3, color: bool | None = None, *, overrides: Se
         color = bool(getattr(out, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
     check_model_source(run_config.model, weights=False)
     check_data_paths(run_config.data)
-    tokenizer = load_tokenizer(run_config.model)
+    tokenizer = with_chat_template(load_tokenizer(run_config.model), run_config.data.chat_template)
     prepared = prepare_data(run_config.data, tokenizer)
     print(format_stats(prepared.stats), file=out)
     print(file=out)
