@@ -307,11 +307,9 @@ def _split_stats(n_records, bad: _Collector, tokenized: tuple, samples: Tokenize
     counters, examples, untruncated = tokenized
     pct = {f"p{q}": int(np.percentile(arr, q)) for q in (5, 50, 90, 95, 99)} if len(arr) else {}
     if len(arr):
-        pct["max"] = int(arr.max())
-        pct["mean"] = float(arr.mean())
+        pct.update(max=int(arr.max()), mean=float(arr.mean()))
     out = {
-        "format": fmt,
-        "records": int(n_records),
+        "format": fmt, "records": int(n_records),
         "bad_records": bad.total if bad else 0,
         "bad_by_reason": dict(bad.by_reason) if bad else {},
         "bad_examples": list(bad.shown) if bad else [],
