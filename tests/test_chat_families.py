@@ -1,7 +1,7 @@
 """Every chat family end to end (issue 22, items 1 and 5): tiny models with each family's real special tokens and
-published chat template (tests/helpers.py CHAT_FAMILIES), through preview, train (with the eval_generate probe),
-eval --generate --compare-base, chat --prompt and export --to gguf, all under the one turn-end rule
-(phitune/models/chat_template.py).
+published chat template (tests/helpers.py CHAT_FAMILIES), through preview (its tokens, from the Python API), and the
+CLI's train (with the eval_generate probe), eval --generate --compare-base, chat --prompt and export --to gguf, all
+under the one turn-end rule (phitune/models/chat_template.py).
 
 Gemma's base tokenizer is saved without a chat template: its template comes from data.chat_template (a file), and
 train, eval, chat and export all use it from there.
@@ -15,6 +15,7 @@ import pytest
 from helpers import CHAT_FAMILIES, family_model, family_tokenizer
 
 import phitune
+from phitune.cli import main
 
 WORDS = ["apple", "river", "stone", "cloud"]
 CHATS = [[{"role": "user", "content": f"Reverse: {w}"}, {"role": "assistant", "content": w[::-1]}] for w in WORDS]
@@ -49,8 +50,10 @@ def family(request, tmp_path_factory):
     tok.chat_template = template
     (root / "chats.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS))
     config = _config(root, name, root / "run")
-    result = phitune.finetune(config)
-    return {"name": name, "root": root, "tok": tok, "config": config, "run": result.output_dir,
+    path = root / "config.yaml"
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")  # JSON is YAML
+    assert main(["train", str(path)]) == 0
+    return {"name": name, "root": root, "tok": tok, "config": str(path), "run": root / "run",
             "spec": CHAT_FAMILIES[name]}
 
 
@@ -82,26 +85,28 @@ def test_train_saves_the_template_and_stops_on_the_end_of_turn_token(family):
 
 
 @pytest.mark.slow
-def test_eval_generate_compare_base_scores_every_answer(family):
-    metrics = phitune.evaluate(family["run"], generate=True, compare_base=True, max_new_tokens=12, verbose=False)
+def test_eval_generate_compare_base_scores_every_answer(family, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(family["run"]), "--generate", "--compare-base", "--max-new-tokens", "12", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
     assert metrics["gen_samples"] == len(CHATS) and metrics["gen_skipped"] == 0
     assert metrics["gen_stopped"] == 1.0 and metrics["gen_exact_match"] == 1.0  # memorized, each turn ended
 
 
 @pytest.mark.slow
-def test_chat_prompt_stops_at_the_end_of_the_turn(family):
-    answer = phitune.chat(family["run"], prompt=CHATS[0][0]["content"], greedy=True, max_new_tokens=12,
-                          stream=False)
-    assert answer == CHATS[0][1]["content"]
+def test_chat_prompt_stops_at_the_end_of_the_turn(family, capsys):
+    capsys.readouterr()
+    assert main(["chat", str(family["run"]), "--prompt", CHATS[0][0]["content"], "--greedy",
+                 "--max-new-tokens", "12"]) == 0
+    # the streamed answer and nothing after it: a turn that ran on would print the next header's text
+    assert capsys.readouterr().out == CHATS[0][1]["content"] + "\n"
 
 
 @pytest.mark.slow
 def test_gguf_chat_template_and_stop_tokens_render_what_training_saw(family, tmp_path):
     gguf = pytest.importorskip("gguf", reason="the export extra (gguf) is not installed")
-    from phitune.exports import export
-
     tok, end = family["tok"], family["spec"]["turn_end"]
-    export(family["run"], "gguf", tmp_path / "g", outtype="f32", verbose=False)
+    assert main(["export", str(family["run"]), "--to", "gguf", "--out", str(tmp_path / "g"), "--outtype", "f32"]) == 0
     (path,) = (tmp_path / "g").glob("*.gguf")
     reader = gguf.GGUFReader(str(path))
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
@@ -120,3 +125,20 @@ def test_gguf_chat_template_and_stop_tokens_render_what_training_saw(family, tmp
         ids, labels = prepared.train.arrays(i)
         first_trained = next(k for k, label in enumerate(labels) if label != -100)
         assert bos + tok(prompt, add_special_tokens=False)["input_ids"] == [int(t) for t in ids[:first_trained]]
+
+
+# Llama 3's, Mistral's and Gemma's templates write the BOS Ollama adds, and Qwen2's adds a default system turn: the
+# exporter refuses those (a Modelfile TEMPLATE cannot be derived); Phi-3's and Phi-4's wrap each message.
+@pytest.mark.parametrize("name", ["phi3", "phi4"])
+def test_ollama_modelfile_stops_on_the_families_end_of_turn_token(name, tmp_path):
+    pytest.importorskip("gguf", reason="the export extra (gguf) is not installed")
+    from phitune.exports.to_ollama import write_modelfile
+    from phitune.models.chat_template import turn_end
+
+    tok = family_tokenizer(name)
+    family_model(name, tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    details = write_modelfile(tmp_path, tmp_path, "model.gguf")
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert turn_end(tok).token in details["stops"] and tok.eos_token in details["stops"]
+    assert f'PARAMETER stop "{turn_end(tok).token}"' in modelfile

@@ -109,3 +109,18 @@ def test_the_cache_key_follows_the_template_files_text_not_its_name(tmp_path):
     before = _cache_key(cfg, tok, {})
     path.write_text(CHAT_FAMILIES["gemma"]["template"].replace("model", "bot"), encoding="utf-8")
     assert _cache_key(cfg, tok, {}) != before
+
+
+def test_microsofts_phi3_tokenizer_ends_turns_on_end_and_stops_on_its_three_ids():
+    from helpers import ROOT
+    from transformers import AutoTokenizer
+
+    # ../shared/tokenizers beside the repository (or beside the folder of worktrees)
+    folder = next((d / "shared" / "tokenizers" / "phi-3-mini" for d in (ROOT.parent, ROOT.parent.parent)
+                   if (d / "shared" / "tokenizers" / "phi-3-mini" / "tokenizer.json").is_file()), ROOT / "missing")
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip(f"no {folder} (the real Phi-3 tokenizer files; see the project README)")
+    tok = AutoTokenizer.from_pretrained(folder)
+    end = turn_end(tok)
+    assert (end.token, end.token_id, end.closing) == ("<|end|>", 32007, "\n<|endoftext|>")
+    assert stop_token_ids(tok) == [32000, 32001, 32007]  # Microsoft's generation_config.json
