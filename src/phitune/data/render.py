@@ -5,9 +5,9 @@ trained assistant turn i, the template is rendered again for ``messages[:i]`` wi
 i's reply starts) and for ``messages[:i+1]`` (where it ends: the longest common prefix with the full rendering, so the
 turn's closing ``<|end|>`` is included, and the final eos when i is the last message), less the whitespace after
 it (the one rule for the end of a turn: ``models/chat_template.py``; ChatML's ``<|im_end|>\n`` trains
-``<|im_end|>``). Both renderings must be
-prefixes of the full one, or the template is rejected. Those character spans are mapped onto tokens with the fast
-tokenizer's offsets, for a whole chunk of conversations in one batched ``encode_batch``.
+``<|im_end|>``). Both renderings must be prefixes of the full one, or the template is rejected. Those character
+spans are mapped onto tokens with the fast tokenizer's offsets, for a whole chunk of conversations in one batched
+``encode_batch``.
 
 Speed (the same output, checked against the reference path by tests/data/test_data_fast.py): renders go through the
 compiled template with a prebuilt context (Jinja's ``Template.render`` rebuilds a dict of the environment's globals

@@ -73,8 +73,8 @@ def evaluate(
         )
 
     tokenizer = load_run_tokenizer(run.root, config)
-    # The run's tokenizer carries data.chat_template (training saved it), even if the template file is gone now.
-    data_cfg = dataclasses.replace(data_cfg, chat_template=None)
+    if data_cfg.chat_template:  # training saved it with the tokenizer: its text, even if the file is gone now
+        data_cfg = dataclasses.replace(data_cfg, chat_template=tokenizer.chat_template)
     prepared = prepare_data(data_cfg, tokenizer)
     samples = prepared.train if data is not None else prepared.eval
     if generate:  # the prompts: the prepared conversations up to their last assistant turn
