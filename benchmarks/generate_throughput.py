@@ -1,4 +1,4 @@
-"""Generation throughput of phitune.evals.generation: batched (left-padded, one KV cache) vs one prompt at a time.
+"""Generation throughput of phitune.generation.loop: batched (left-padded, one KV cache) vs one prompt at a time.
 
     OMP_NUM_THREADS=2 python benchmarks/generate_throughput.py [--prompts 32 --batch 8 --max-new-tokens 32
                                                                --repeats 3 --stops]
@@ -19,9 +19,10 @@ import time
 import torch
 
 from phitune.embedded.demo import HELD_OUT_FILE, MODEL_DIR, read_held_out
-from phitune.evals.generation import generate_batch
+from phitune.generation.loop import generate_batch
+from phitune.generation.stops import stop_token_ids
 from phitune.generation.generate import build_prompt_ids
-from phitune.models.loading import load_model_and_tokenizer, stop_token_ids
+from phitune.models.loading import load_model_and_tokenizer
 
 
 def run(model, prompts, batch, max_new, stops, pad):
@@ -48,7 +49,7 @@ def main(argv=None):
     model.eval()
     questions = (read_held_out(HELD_OUT_FILE) * ((args.prompts + 99) // 100))[:args.prompts]
     prompts = [build_prompt_ids(tok, q["messages"]) for q in questions]
-    stops = stop_token_ids(tok, model) if args.stops else [len(tok) + 10**6]  # an id no row ever produces
+    stops = stop_token_ids(tok, model=model) if args.stops else [len(tok) + 10**6]  # an id no row ever produces
     pad = tok.pad_token_id
 
     batched = run(model, prompts, args.batch, args.max_new_tokens, stops, pad)

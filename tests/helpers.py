@@ -167,3 +167,111 @@ def shared_tokenizers() -> Path | None:
     # a main checkout sits next to shared/; a worktree one level further down (wt/NAME)
     candidates += [ROOT.parent / "shared" / "tokenizers", ROOT.parents[1] / "shared" / "tokenizers"]
     return next((c for c in candidates if (c / "phi-3-mini" / "tokenizer.json").is_file()), None)
+
+
+# --- chat families: tiny tokenizers with each family's real special tokens and published chat template ------------
+
+# Written from each family's tokenizer_config.json on the Hub (microsoft/phi-4, Qwen/Qwen2-0.5B-Instruct,
+# meta-llama/Meta-Llama-3-8B-Instruct, mistralai/Mistral-7B-Instruct-v0.2, google/gemma-2b-it).
+PHI4_TEMPLATE = (
+    "{% for message in messages %}{% if (message['role'] == 'system') %}"
+    "{{'<|im_start|>system<|im_sep|>' + message['content'] + '<|im_end|>'}}"
+    "{% elif (message['role'] == 'user') %}{{'<|im_start|>user<|im_sep|>' + message['content'] + '<|im_end|>'}}"
+    "{% elif (message['role'] == 'assistant') %}"
+    "{{'<|im_start|>assistant<|im_sep|>' + message['content'] + '<|im_end|>'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
+)
+QWEN2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+# family -> special tokens (in id order), their roles, the template, the end of an assistant turn as training must
+# see it (the end-of-turn token, then what the template closes the conversation with), the model architecture
+CHAT_FAMILIES = {
+    "phi3": dict(special=None, roles={}, template=None, turn_end="<|end|><|endoftext|>", arch="phi3"),
+    "phi4": dict(special=["<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>"],
+                 roles=dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"), template=PHI4_TEMPLATE,
+                 turn_end="<|im_end|>", arch="phi3"),
+    "chatml": dict(special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                   roles=dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"), template=QWEN2_TEMPLATE,
+                   turn_end="<|im_end|>", arch="qwen2"),
+    "llama3": dict(special=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                            "<|eot_id|>"],
+                   roles=dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"), template=LLAMA3_TEMPLATE,
+                   turn_end="<|eot_id|>", arch="llama"),
+    "mistral": dict(special=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
+                    roles=dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>"), template=MISTRAL_TEMPLATE,
+                    turn_end="</s>", arch="llama"),
+    "gemma": dict(special=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+                  roles=dict(pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"),
+                  template=GEMMA_TEMPLATE, turn_end="<end_of_turn>", arch="llama"),
+}
+
+
+def family_tokenizer(family: str, vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained in a second on phitune's default corpus, with ``family``'s special tokens
+    (first ids, in the family's order) and published chat template; Phi-3's is phitune's own builder."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from phitune.models.tokenizer import build_phi3_style_tokenizer, default_corpus
+
+    spec = CHAT_FAMILIES[family]
+    if spec["special"] is None:
+        return build_phi3_style_tokenizer(vocab_size=vocab_size)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=spec["special"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(default_corpus(), trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec["special"]])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, clean_up_tokenization_spaces=False,
+                                   **spec["roles"])
+    fast.chat_template = spec["template"]
+    return fast
+
+
+def family_model(family: str, tokenizer, seed: int = 0):
+    """A 2-layer, hidden-64 random model of the family's architecture (Gemma's template on a Llama body: phitune's
+    GGUF writer has no Gemma architecture, and the chat template is what is under test). Initialised with std 0.2,
+    not 0.02: the frozen lm_head's rows then have norm 0.2 x 8 = 1.6 against a normalised hidden state of norm 8, so
+    LoRA can reach logits of about 13 and memorise answers with a clear margin (at 0.02 the logits cap near 1.3 and
+    the loss stalls above 4)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+
+    classes = {"phi3": (Phi3Config, Phi3ForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+               "llama": (LlamaConfig, LlamaForCausalLM)}
+    config_cls, model_cls = classes[CHAT_FAMILIES[family]["arch"]]
+    cfg = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                     tie_word_embeddings=False, initializer_range=0.2, pad_token_id=tokenizer.pad_token_id,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    return model_cls(cfg)

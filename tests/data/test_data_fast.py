@@ -106,7 +106,7 @@ def test_worker_errors_reach_the_caller(tok, tmp_path, monkeypatch):
     """A record the template rejects fails with its location, from a worker process too."""
     t = build_phi3_style_tokenizer()
     t.chat_template = ("{% for m in messages %}{% if m['content'] == 'boom' %}{{ raise_exception('no boom') }}"
-                       "{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}")
+                       "{% endif %}{{ m['role'] + ': ' + m['content'] + '<|end|>\n' }}{% endfor %}")
     recs = varied_records(40, seed=3)
     recs[33]["messages"][-1]["content"] = "boom"
     from phitune.errors import DataError

@@ -90,7 +90,7 @@ def test_base_model_knows_facts_but_fails_the_questions(base):
     from phitune.data import prepare_data
     from phitune.evals.generation import evaluate_samples_by_generation
     from phitune.generation.generate import GenerationSettings
-    from phitune.models.loading import stop_token_ids
+    from phitune.generation.stops import stop_token_ids
 
     model, tok = base
     questions = read_held_out(HELD_OUT_FILE)[:16]
@@ -98,7 +98,7 @@ def test_base_model_knows_facts_but_fails_the_questions(base):
                                     f"data.eval={EVAL_FILE}"])
     data = dataclasses.replace(cfg.data, train=held_out_records(questions), eval=None)
     result = evaluate_samples_by_generation(model, tok, prepare_data(data, tok).train,
-                                            stop_ids=stop_token_ids(tok, model), progress=False,
+                                            stop_ids=stop_token_ids(tok, model=model), progress=False,
                                             settings=GenerationSettings(max_new_tokens=20, greedy=True))
     assert result.summary["samples"] == 16 and result.summary["tuned"]["exact_match"] == 0.0  # the model given
     assert [s["reference"] for s in result.samples] == [q["answer"] for q in questions]

@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-from phitune.evals.generation import Skipped, summarize
+from phitune.evals.generation import summarize
+from phitune.evals.prompts import Skipped
 from phitune.evals.report import read_summary, write_report, write_samples
 
 RECORDS = [{"step": s, "epoch": s / 10, "loss": 3.0 / s} for s in (1, 2, 3, 4)] + [

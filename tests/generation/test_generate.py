@@ -13,8 +13,8 @@ from phitune.generation.generate import (
     IncrementalDecoder,
     build_prompt_ids,
     generate_reply,
-    stop_token_ids,
 )
+from phitune.generation.stops import stop_token_ids
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +52,12 @@ def test_prompt_without_template_is_a_clear_error(tok):
 def test_stop_ids_read_every_end_of_turn_id(tok, tmp_path):
     eot = [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eot}))
-    assert stop_token_ids(tmp_path, tok) == eot
-    # No file: eos plus <|end|> (Phi-3's turn end, which is not its eos).
-    assert stop_token_ids(tmp_path / "nothing", tok) == [eot[0], eot[2]]
+    assert stop_token_ids(tok, run_dir=tmp_path) == sorted(eot)
+    # No file: eos plus Phi-3's end-of-turn tokens (<|end|>, which is not its eos, and <|assistant|>).
+    assert stop_token_ids(tok, run_dir=tmp_path / "nothing") == sorted(eot)
     (tmp_path / "generation_config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="generation_config.json"):
-        stop_token_ids(tmp_path, tok)
+        stop_token_ids(tok, run_dir=tmp_path)
 
 
 def test_incremental_decoder_matches_full_decode(tok):
@@ -79,7 +79,7 @@ def test_incremental_decoder_skips_stop_ids(tok):
 
 def test_greedy_reply_matches_manual_argmax_and_streams(tok, model):
     messages = [{"role": "user", "content": "Hello there"}]
-    stops = stop_token_ids(None, tok)
+    stops = stop_token_ids(tok)
     pieces: list[str] = []
     answer = generate_reply(model, tok, messages, GenerationSettings(greedy=True, max_new_tokens=12),
                             stop_ids=stops, on_text=pieces.append)
@@ -135,3 +135,45 @@ def test_chat_prompt_is_the_prefix_the_model_was_trained_on(tok):
     prompt = build_prompt_ids(tok, conv[:2])
     assert prompt.count(tok.bos_token_id) == 1 and prompt[0] == tok.bos_token_id
     assert trained_ids[: len(prompt)] == prompt
+
+
+def test_chat_reply_is_the_batched_loop_with_one_prompt(tok, model):
+    from phitune.generation.loop import generate_batch
+
+    messages = [{"role": "user", "content": "Hello there"}]
+    stops = [10**6]  # nothing stops: every one of the 10 tokens is compared
+    reply = generate_reply(model, tok, messages, GenerationSettings(greedy=True, max_new_tokens=10), stop_ids=stops)
+    [batched] = generate_batch(model, [build_prompt_ids(tok, messages)], stop_ids=stops, pad_id=tok.pad_token_id,
+                               max_new_tokens=10)
+    assert len(batched.ids) == 10 and reply == tok.decode(batched.ids, skip_special_tokens=True).strip()
+
+
+def test_the_loop_restores_train_mode_even_when_a_forward_fails(tok, model):
+    from phitune.generation.loop import generate_batch
+
+    class Boom(RuntimeError):
+        pass
+
+    def fail(*args, **kwargs):
+        raise Boom
+
+    model.train()
+    handle = model.model.layers[0].register_forward_pre_hook(lambda module, args: fail())
+    try:
+        with pytest.raises(Boom):
+            generate_batch(model, [[1, 2, 3]], stop_ids=[0], pad_id=0, max_new_tokens=2)
+        assert model.training
+    finally:
+        handle.remove()
+        model.eval()
+
+
+def test_pad_id_rule_is_the_tokenizers_pad_else_the_first_stop_id(tok):
+    import copy
+
+    from phitune.generation.loop import pad_token_id
+
+    assert pad_token_id(tok, [7, 9]) == tok.pad_token_id
+    nopad = copy.deepcopy(tok)
+    nopad.pad_token = None
+    assert pad_token_id(nopad, [7, 9]) == 7 and pad_token_id(nopad, []) == 0

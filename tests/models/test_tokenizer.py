@@ -1,11 +1,10 @@
 """The Phi-3-style tokenizer: special tokens, ids, chat template, BOS behaviour, save/load."""
 
-
+from phitune.generation.stops import stop_token_ids
 from phitune.models.tokenizer import (
     CHAT_SPECIAL_TOKENS,
     PHI3_CHAT_TEMPLATE,
     build_phi3_style_tokenizer,
-    chat_stop_token_ids,
 )
 
 CHAT = [
@@ -21,7 +20,7 @@ def test_special_tokens_and_ids(tok):
     assert ids == list(range(ids[0], ids[0] + 11))
     assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == ids[0]
     assert tok.pad_token == "<unk>" and tok.padding_side == "right"
-    assert chat_stop_token_ids(tok) == [ids[0], ids[1], ids[7]]
+    assert stop_token_ids(tok) == [ids[0], ids[1], ids[7]]  # Phi-3: 32000, 32001, 32007
 
 
 def test_chat_template_is_phi3(tok):

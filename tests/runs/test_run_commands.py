@@ -27,7 +27,8 @@ def test_open_run_accepts_a_run_and_its_checkpoints(run_dir, tmp_path):
 
 
 def test_chat_prompt_is_the_adapter_models_greedy_answer(run_dir):
-    from phitune.generation.generate import GenerationSettings, generate_reply, stop_token_ids
+    from phitune.generation.generate import GenerationSettings, generate_reply
+    from phitune.generation.stops import stop_token_ids
     from phitune.generation.chat import chat
 
     out = io.StringIO()
@@ -35,7 +36,7 @@ def test_chat_prompt_is_the_adapter_models_greedy_answer(run_dir):
     tok = run_dir["tokenizer"]
     expected = generate_reply(run_dir["model"], tok, [{"role": "user", "content": "What is 1 plus 2?"}],
                               GenerationSettings(greedy=True, max_new_tokens=10),
-                              stop_ids=stop_token_ids(run_dir["run"], tok))
+                              stop_ids=stop_token_ids(tok, run_dir=run_dir["run"]))
     assert answer == expected
     assert out.getvalue().strip() == answer  # streamed, then a newline
 

@@ -44,7 +44,9 @@ class DataConfig:
     columns: dict = field(default_factory=dict, doc="column/key renames, e.g. {messages: chat, content: text}")
     role_map: dict = field(default_factory=dict, doc="extra role names mapped to system/user/assistant, "
                                                      "e.g. {bot: assistant}")
-    chat_template: str | None = field(None, doc="Jinja chat template overriding the tokenizer's ('phi3' = Phi-3's)")
+    chat_template: str | None = field(None, doc="chat template overriding the tokenizer's: Jinja text, a .jinja "
+                                                "file's path, or 'phi3'; saved with the run's tokenizer, so eval, "
+                                                "chat and export use it too")
     max_seq_length: int = field(2048, doc="tokens per sample (and per packed sequence); longer conversations "
                                           "lose their oldest turns first (see truncation)")
     truncation: Literal["auto", "drop", "error"] = field(
@@ -53,7 +55,8 @@ class DataConfig:
                     "drop them; error: stop, listing them")
     packing: bool = field(True, doc="pack several samples per sequence (no attention across samples)")
     train_on: Literal["assistant", "all", "last_assistant"] = field(
-        "assistant", doc="which tokens get a loss: assistant turns (with <|end|> and eos), all, or the last reply")
+        "assistant", doc="which tokens get a loss: assistant turns (each through its end-of-turn token, e.g. <|end|>, "
+                         "<|im_end|>; the last with the eos the template closes with), all, or the last reply")
     on_bad_record: Literal["error", "skip"] = field("error", doc="stop on bad records (error) or drop them (skip)")
     max_errors_shown: int = field(20, doc="bad records listed in full in the error/summary")
     add_bos: bool | None = field(None, doc="prepend exactly one bos token (None: when the tokenizer has one)")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
+from ..models.chat_template import resolve_chat_template
 from ..runs.atomic import atomic_folder
 from .batching import packing_efficiency
 from .config import DataConfig
@@ -30,7 +31,8 @@ from .render import DROP_REASONS, Renderer
 from .sources import Problem, open_source
 from .store import SampleWriter, TokenizedSamples, remove_orphans
 
-PIPELINE_VERSION = 3  # bump when tokenization, masking or the cache layout change (3: sources.jsonl): new cache keys
+# bump when tokenization, masking or the cache layout change, to invalidate caches (3: sources.jsonl; 4: turn ends)
+PIPELINE_VERSION = 4
 CHUNK = 512  # records per encode_batch call: big enough for the Rust tokenizer's threads, small for flat memory
 WORKER_CHUNK = 1024  # records per task of a worker process (it tokenizes single-threaded)
 PARALLEL_MIN_RECORDS = 20_000  # fewer valid records: tokenize in this process (a pool's start is not worth it)
@@ -67,6 +69,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def _cache_key(cfg: DataConfig, tokenizer, sources: dict) -> str:
     opts = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in _NOT_IN_KEY | {"train", "eval"}}
+    opts["chat_template"] = resolve_chat_template(cfg.chat_template)  # a file's text, not its name
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([PIPELINE_VERSION, opts, tokenizer_fingerprint(tokenizer),
                          {k: s.fingerprint() for k, s in sources.items()}], sort_keys=True, default=str).encode())
@@ -311,11 +314,9 @@ def _split_stats(n_records, bad: _Collector, tokenized: tuple, samples: Tokenize
     counters, examples, untruncated = tokenized
     pct = {f"p{q}": int(np.percentile(arr, q)) for q in (5, 50, 90, 95, 99)} if len(arr) else {}
     if len(arr):
-        pct["max"] = int(arr.max())
-        pct["mean"] = float(arr.mean())
+        pct.update(max=int(arr.max()), mean=float(arr.mean()))
     out = {
-        "format": fmt,
-        "records": int(n_records),
+        "format": fmt, "records": int(n_records),
         "bad_records": bad.total if bad else 0,
         "bad_by_reason": dict(bad.by_reason) if bad else {},
         "bad_examples": list(bad.shown) if bad else [],

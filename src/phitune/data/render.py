@@ -3,9 +3,11 @@
 How the mask is derived (no marker strings, no pad ids): the conversation is rendered once in full, and, for every
 trained assistant turn i, the template is rendered again for ``messages[:i]`` with the generation prompt (where turn
 i's reply starts) and for ``messages[:i+1]`` (where it ends: the longest common prefix with the full rendering, so the
-turn's closing ``<|end|>`` is included, and the final eos when i is the last message). Both renderings must be
-prefixes of the full one, or the template is rejected. Those character spans are mapped onto tokens with the fast
-tokenizer's offsets, for a whole chunk of conversations in one batched ``encode_batch``.
+turn's closing ``<|end|>`` is included, and the final eos when i is the last message), less the whitespace after
+it (the one rule for the end of a turn: ``models/chat_template.py``; ChatML's ``<|im_end|>\n`` trains
+``<|im_end|>``). Both renderings must be prefixes of the full one, or the template is rejected. Those character
+spans are mapped onto tokens with the fast tokenizer's offsets, for a whole chunk of conversations in one batched
+``encode_batch``.
 
 Speed (the same output, checked against the reference path by tests/data/test_data_fast.py): renders go through the
 compiled template with a prebuilt context (Jinja's ``Template.render`` rebuilds a dict of the environment's globals
@@ -22,7 +24,7 @@ from itertools import chain
 import numpy as np
 
 from ..errors import DataError
-from ..models.tokenizer import PHI3_CHAT_TEMPLATE
+from ..models.chat_template import TEMPLATE_NEEDS, resolve_chat_template, trained_end, turn_end
 from .config import DataConfig
 
 
@@ -83,10 +85,7 @@ class Renderer:
             raise DataError(f"data: the tokenizer ({type(tokenizer).__name__}) is not a fast (Rust) tokenizer; "
                             "phitune needs its offset mappings to place the loss mask. Fix: load it with "
                             "AutoTokenizer.from_pretrained(..., use_fast=True)")
-        template = cfg.chat_template
-        if template == "phi3":
-            template = PHI3_CHAT_TEMPLATE
-        template = template or getattr(tokenizer, "chat_template", None)
+        template = resolve_chat_template(cfg.chat_template) or getattr(tokenizer, "chat_template", None)
         if isinstance(template, dict):
             template = template.get("default")
         self.template_str = template
@@ -95,8 +94,10 @@ class Renderer:
             if not template:
                 raise DataError(
                     f"data: the tokenizer has no chat template, and the data (format '{fmt}') needs one to turn "
-                    "conversations into text. Fix: use the instruct model's tokenizer, set data.chat_template "
-                    "(e.g. 'phi3' for Phi-3's), or use format 'text'")
+                    f"conversations into text. Fix: use the instruct model's tokenizer or format 'text'. "
+                    f"{TEMPLATE_NEEDS}")
+            if cfg.train_on != "all":  # where each trained answer ends (before any slow work)
+                turn_end(tokenizer, template)
             self.compiled = self._compile(template)
         self.kwargs = dict(getattr(tokenizer, "special_tokens_map", {}) or {})
         self._quick = self._quick_renderer() if self.compiled is not None else None
@@ -218,12 +219,8 @@ class Renderer:
                                 "prompt before an assistant turn is not a prefix of the whole conversation), so the "
                                 "loss mask cannot be placed safely. Fix: use data.train_on: all or another template")
             start = len(start_text)
-            if i == last:
-                end = limit = len(full)
-            else:
-                end = limit = _lcp(self.render(messages[: i + 1]), full)
-                while end > start and full[end - 1].isspace():
-                    end -= 1
+            limit = len(full) if i == last else _lcp(self.render(messages[: i + 1]), full)
+            end = trained_end(full, start, limit)  # the turn-end rule: models/chat_template.py
             if end > start:
                 spans.append((start, end, limit))
         return full, spans

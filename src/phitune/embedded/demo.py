@@ -38,7 +38,8 @@ from ..evals.generation import EVAL_DIR, REPORT_FILE, evaluate_samples_by_genera
 from ..generation.generate import GenerationSettings
 from ..lora import disable_adapters
 from ..training.metrics import METRICS_NAME, read_metrics
-from ..models.loading import load_model_and_tokenizer, stop_token_ids
+from ..generation.stops import stop_token_ids
+from ..models.loading import load_model_and_tokenizer
 from ..training.train import finetune
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -189,7 +190,7 @@ def held_out_eval(model, tokenizer, config, questions: Sequence[dict], run_dir: 
     data_cfg = dataclasses.replace(config.data, train=held_out_records(questions), eval=None, eval_split=None)
     samples = prepare_data(data_cfg, tokenizer).train
     return evaluate_samples_by_generation(
-        model, tokenizer, samples, stop_ids=stop_token_ids(tokenizer, model),
+        model, tokenizer, samples, stop_ids=stop_token_ids(tokenizer, model=model),
         settings=GenerationSettings(max_new_tokens=max_new_tokens, greedy=True), batch_size=batch_size,
         compare_base=True, out_dir=run_dir / EVAL_DIR, eval_metrics=eval_metrics,
         train_records=read_metrics(run_dir / METRICS_NAME), title="phitune demo, held-out questions",

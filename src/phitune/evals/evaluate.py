@@ -13,13 +13,16 @@ from typing import Any
 
 from ..data import prepare_data
 from ..errors import ConfigError, DataError
-from ..evals.generation import EVAL_DIR, evaluate_samples_by_generation, flat_metrics, generation_samples, load_metric
-from ..generation.generate import GenerationSettings, stop_token_ids
+from ..generation.loop import GenerationSettings
+from ..generation.stops import stop_token_ids
 from ..lora import disable_adapters
 from ..runs.folder import load_run_config, load_run_model, load_run_tokenizer, open_run
 from ..training.evaluation import evaluate_samples
 from ..training.metrics import METRICS_NAME, read_metrics
 from ..training.optim import autocast_context
+from .generation import EVAL_DIR, evaluate_samples_by_generation, flat_metrics
+from .prompts import generation_samples
+from .scores import load_metric
 
 # --- evaluate -------------------------------------------------------------------------------------------------------
 
@@ -70,6 +73,8 @@ def evaluate(
         )
 
     tokenizer = load_run_tokenizer(run.root, config)
+    if data_cfg.chat_template:  # training saved it with the tokenizer: its text, even if the file is gone now
+        data_cfg = dataclasses.replace(data_cfg, chat_template=tokenizer.chat_template)
     prepared = prepare_data(data_cfg, tokenizer)
     samples = prepared.train if data is not None else prepared.eval
     if generate:  # the prompts: the prepared conversations up to their last assistant turn
@@ -99,7 +104,7 @@ def evaluate(
             with disable_adapters(model):
                 base_metrics = evaluate_samples(model, samples, data_cfg, batch_size, tokenizer=tokenizer)
         result = evaluate_samples_by_generation(
-            model, tokenizer, gen_samples, stop_ids=stop_token_ids(run.root, tokenizer),
+            model, tokenizer, gen_samples, stop_ids=stop_token_ids(tokenizer, run_dir=run.root, model=model),
             settings=settings, batch_size=batch_size, max_samples=max_samples, compare_base=compare_base,
             metrics=metric_fns, eval_metrics=metrics, base_eval_metrics=base_metrics,
             out_dir=run.adapter_dir / EVAL_DIR, train_records=read_metrics(run.root / METRICS_NAME),

@@ -1,367 +1,42 @@
 """Did the fine-tune work? Answers generated for held-out conversations, scored against the reference answers.
 
 For every eval conversation the prompt is every turn before its last assistant turn, exactly the tokens training
-rendered (taken from the prepared samples: the last trained span is that turn), and the model generates the turn::
+rendered (:mod:`phitune.evals.prompts`), and the model generates the turn through the one generation loop
+(:func:`phitune.generation.loop.generate_batch`, batched: left-padded prompts, one KV cache)::
 
     prompts, skipped = prompts_from_samples(prepared.eval, tokenizer, stop_ids=stops, context=4096)
     result = evaluate_generation(model, tokenizer, prompts, stop_ids=stops, compare_base=True, out_dir="run/eval")
     result.summary["tuned"]["exact_match"], result.summary["base"]["rouge_l"]
 
-Scores per sample (and their means): exact match after normalising whitespace and case, token F1 and ROUGE-L
-(Google's ``rouge-score``) over lowercase word tokens, the answer's length in tokens, and whether generation stopped
-on an end-of-turn id (rather than running into the token limit); plus any ``(prediction, reference) -> float``
-function the user gives. With ``compare_base`` the same prompts also go through the base model: the LoRA layers
+Scores per sample (:mod:`phitune.evals.scores`, and their means): exact match, token F1, ROUGE-L, the answer's
+length in tokens, and whether generation stopped on an end-of-turn id (rather than running into the token limit);
+plus any custom metric. With ``compare_base`` the same prompts also go through the base model: the LoRA layers
 switched off in the same model (:func:`phitune.lora.disable_adapters`), batch by batch, so an interrupted run has
 both answers for every sample it wrote.
-
-Generation is batched: left-padded prompts, one KV cache, each row stopping on its own end-of-turn id or token limit.
-Greedy answers equal one-prompt-at-a-time answers token for token (tests/evals/test_generation_eval.py);
-``benchmarks/generate_throughput.py`` measures what batching buys.
-
-Not named ``evaluate.py``: ``phitune.evaluate`` is run.py's function (the public API), and a submodule of that name
-would replace it as the package attribute as soon as it is imported.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib
-import importlib.util
-import inspect
-import math
 import os
-import re
 import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
-
-import numpy as np
-import torch
+from typing import Any, Iterator, Sequence
 
 from . import report
-from ..data import prepare_data
-from ..errors import ConfigError, DataError
-from ..training.fast import attention as fast_attention
-from ..training.fast import varlen
-from ..generation.generate import GenerationSettings, context_length
-from ..data.labels import IGNORE_INDEX
+from ..errors import DataError
+from ..generation.generate import context_length
+from ..generation.loop import (Generation, GenerationSettings, generate_batch, generation_mode, pad_token_id,
+                              seeded_generator)
 from ..lora import disable_adapters
+from .prompts import Prompt, Skipped, prompts_from_samples
+from .scores import BUILTIN_SCORES, MetricFn, load_metric, primary_scores, score_answer, verdict
 
 EVAL_DIR = "eval"
 SAMPLES_FILE = "samples.jsonl"
 REPORT_FILE = "report.html"
-
-MetricFn = Callable[[str, str], float]
-
-
-# --- scores ---------------------------------------------------------------------------------------------------------
-
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def normalize_text(text: str) -> str:
-    """Lowercase, whitespace runs collapsed to one space, ends stripped (what exact match compares)."""
-    return " ".join(text.lower().split())
-
-
-def word_tokens(text: str) -> list[str]:
-    """Lowercase runs of word characters: the tokens of token F1 and ROUGE-L. Unicode-aware, unlike rouge-score's
-    default tokenizer, which keeps only ``[a-z0-9]`` and so scores every non-Latin answer 0."""
-    return _WORD.findall(text.lower())
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    """1.0 when the texts are equal after :func:`normalize_text`, else 0.0."""
-    return float(normalize_text(prediction) == normalize_text(reference))
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """Harmonic mean of precision and recall of the word tokens shared (as a multiset), as SQuAD scores answers."""
-    pred, ref = word_tokens(prediction), word_tokens(reference)
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-class _WordTokenizer:
-    """rouge-score's tokenizer interface over :func:`word_tokens`."""
-
-    def tokenize(self, text: str) -> list[str]:
-        return word_tokens(text)
-
-
-_ROUGE = None
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure (longest common subsequence of word tokens), computed by Google's ``rouge-score``."""
-    global _ROUGE
-    if _ROUGE is None:
-        from rouge_score import rouge_scorer
-
-        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_WordTokenizer())
-    return float(_ROUGE.score(reference, prediction)["rougeL"].fmeasure)
-
-
-BUILTIN_SCORES = ("exact_match", "token_f1", "rouge_l")
-
-
-def load_metric(spec: str | MetricFn | tuple[str, MetricFn]) -> tuple[str, MetricFn]:
-    """``(name, function)`` for a custom metric: a callable, ``"module:function"`` (a module importable from the
-    current folder or the installed packages), ``"path/to/file.py:function"``, or a ``(name, function)`` pair."""
-    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and callable(spec[1]):
-        return spec
-    if callable(spec):
-        return getattr(spec, "__name__", "metric"), spec
-    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise ConfigError(f"--metric {spec!r}: expected module:function (e.g. my_metrics:score) or "
-                          "path/to/file.py:function, a function (prediction, reference) -> float")
-    where, name = spec.split(":")
-    try:
-        if where.endswith(".py") or os.sep in where or "/" in where:
-            path = Path(where).expanduser()
-            if not path.is_file():
-                raise ConfigError(f"--metric {spec!r}: no file {path}")
-            module_spec = importlib.util.spec_from_file_location(f"phitune_metric_{path.stem}", path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            # The CLI entry point does not put the current folder on sys.path; a metric next to the data should load.
-            added = os.getcwd() not in sys.path
-            if added:
-                sys.path.insert(0, os.getcwd())
-            try:
-                module = importlib.import_module(where)
-            finally:
-                if added:
-                    sys.path.remove(os.getcwd())
-    except ConfigError:
-        raise
-    except Exception as exc:  # ImportError, or the module's own code failing
-        raise ConfigError(f"--metric {spec!r}: cannot import {where} ({type(exc).__name__}: {exc})") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ConfigError(f"--metric {spec!r}: {where} has no function {name!r}")
-    if name in BUILTIN_SCORES or name in ("answer_tokens", "stopped"):
-        raise ConfigError(f"--metric {spec!r}: {name!r} is the name of a built-in score; rename the function")
-    return name, fn
-
-
-def score_answer(prediction: str, reference: str, metrics: Sequence[tuple[str, MetricFn]] = ()) -> dict[str, float]:
-    """Every score of one answer: the built-in ones, then each custom metric (which must return a number)."""
-    scores = {"exact_match": exact_match(prediction, reference), "token_f1": token_f1(prediction, reference),
-              "rouge_l": rouge_l(prediction, reference)}
-    for name, fn in metrics:
-        value = fn(prediction, reference)
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
-            raise ConfigError(f"metric {name!r} returned {value!r} (for the prediction {prediction[:60]!r}); it must "
-                              "return a finite number")
-        scores[name] = float(value)
-    return scores
-
-
-# --- prompts ----------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Prompt:
-    """One held-out conversation to answer: ``ids`` are its tokens before the last assistant turn (ending with the
-    assistant header), ``reference`` that turn's text; ``index`` its position in the eval samples."""
-
-    index: int
-    ids: list[int]
-    reference: str
-    text: str = ""  # the prompt as rendered (special tokens shown), for the report
-
-
-@dataclasses.dataclass
-class Skipped:
-    """Prompts left out, counted by reason (each reason says what to change)."""
-
-    counts: Counter = dataclasses.field(default_factory=Counter)
-
-    def add(self, reason: str) -> None:
-        self.counts[reason] += 1
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def __str__(self) -> str:
-        return "; ".join(f"{n} {reason}" for reason, n in self.counts.most_common())
-
-
-def generation_data_config(data_cfg):
-    """The data settings whose samples mark the last assistant turn as their last trained span: the run's own when
-    it trains on assistant turns; with ``train_on: all`` the same rendering and truncation with ``last_assistant``."""
-    if data_cfg.train_on == "all":
-        return dataclasses.replace(data_cfg, train_on="last_assistant")
-    return data_cfg
-
-
-def generation_samples(prepared, data_cfg, tokenizer, split: str):
-    """The tokenized ``split`` ("train" or "eval") of ``prepared`` (made with ``data_cfg``) as generation needs it:
-    the same samples, or, for ``train_on: all``, the same data prepared again with the last assistant turn marked.
-    A clear error for data without assistant turns."""
-    gen_cfg = generation_data_config(data_cfg)
-    if gen_cfg is not data_cfg:
-        prepared = prepare_data(gen_cfg, tokenizer)
-    check_chat_format(prepared.stats, split)
-    return getattr(prepared, split)
-
-
-def check_chat_format(stats: dict, split: str) -> None:
-    """A clear error when the data has no assistant turns to compare with (plain ``text`` records)."""
-    fmt = (stats.get(split) or {}).get("format")
-    if fmt == "text":
-        raise DataError(f"the {split} data is plain text (format 'text'): there is no assistant turn to compare a "
-                        "generated answer with. Generation-based evaluation needs chat records (messages, "
-                        "conversations, instruction/output or prompt/completion)")
-
-
-def prompts_from_samples(samples, tokenizer, *, stop_ids: Sequence[int], context: int | None = None,
-                         max_new_tokens: int = 1, max_samples: int | None = None) -> tuple[list[Prompt], Skipped]:
-    """The prompts and references of tokenized samples whose last trained span is the last assistant turn (see
-    :func:`generation_data_config`), with what was skipped and why.
-
-    Skipped: a sample whose answer ends without an end-of-turn token (cut by ``data.max_seq_length``: the reference
-    would be incomplete) and a prompt that leaves no room in the model's ``context`` for even one new token.
-    ``max_samples`` stops after that many prompts.
-    """
-    stops = set(stop_ids)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    prompts: list[Prompt] = []
-    skipped = Skipped()
-    for i in range(len(samples)):
-        if max_samples is not None and len(prompts) >= max_samples:
-            break
-        ids, labels = samples.arrays(i)
-        trained = np.flatnonzero(labels != IGNORE_INDEX)
-        if not len(trained):
-            skipped.add("without an assistant turn")
-            continue
-        end = int(trained[-1]) + 1
-        start = end - 1
-        while start > 0 and labels[start - 1] != IGNORE_INDEX:
-            start -= 1
-        if int(ids[end - 1]) not in stops:
-            skipped.add("whose answer was cut by data.max_seq_length (raise it to score them)")
-            continue
-        if context is not None and start + 1 > context:
-            skipped.add(f"with a prompt longer than the model's context of {context} tokens")
-            continue
-        prompt = [int(t) for t in ids[:start]]
-        reference = tokenizer.decode([int(t) for t in ids[start:end]], skip_special_tokens=True).strip()
-        shown = prompt[1:] if prompt and prompt[0] == bos else prompt
-        prompts.append(Prompt(index=i, ids=prompt, reference=reference,
-                              text=tokenizer.decode(shown, skip_special_tokens=False)))
-    return prompts, skipped
-
-
-# --- batched generation -----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Generation:
-    """One generated answer: its token ids (without the end-of-turn token) and whether it ended on one."""
-
-    ids: list[int]
-    stopped: bool
-
-
-def _pick(logits: torch.Tensor, settings: GenerationSettings, generator) -> torch.Tensor:
-    if not settings.sampling:
-        return logits.argmax(-1)
-    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
-
-    scores = TemperatureLogitsWarper(settings.temperature)(None, logits)
-    if settings.top_p < 1.0:
-        scores = TopPLogitsWarper(settings.top_p)(None, scores)
-    return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(-1)
-
-
-@torch.no_grad()  # not inference_mode: during training, tensors a module caches here are used again by backward
-def generate_batch(model, prompts: Sequence[Sequence[int]], *, stop_ids: Sequence[int], pad_id: int,
-                   max_new_tokens: int | Sequence[int], settings: GenerationSettings | None = None,
-                   generator: torch.Generator | None = None) -> list[Generation]:
-    """Answers to a batch of prompts: left-padded into one batch, one KV cache, each row ending on its first stop
-    id or at its own token limit (``max_new_tokens``: one for all, or one per prompt). Greedy unless ``settings``
-    samples. The model's train/eval mode is restored afterwards."""
-    settings = settings or GenerationSettings(greedy=True)
-    n = len(prompts)
-    limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    if n == 0:
-        return []
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[row, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # each row counts from its first real token
-    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    limit = torch.tensor(limits, dtype=torch.long, device=device)
-    finished = limit < 1
-    ended = torch.zeros(n, dtype=torch.bool, device=device)
-    produced = torch.zeros(n, dtype=torch.long, device=device)
-    tokens: list[torch.Tensor] = []
-    was_training = model.training
-    model.eval()
-    try:
-        step_ids, step_pos, cache = ids, positions, {}
-        for _ in range(max(limits)):
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
-                        logits_to_keep=1, **cache)
-            cache = _cache_kwarg(model, out)
-            token = _pick(out.logits[:, -1, :].float(), settings, generator)
-            token = torch.where(finished, torch.full_like(token, pad_id), token)
-            tokens.append(token)
-            is_stop = torch.isin(token, stops) & ~finished
-            ended |= is_stop
-            produced += (~finished).long()
-            finished = finished | is_stop | (produced >= limit)
-            if bool(finished.all()):
-                break
-            step_ids = token[:, None]
-            step_pos = step_pos[:, -1:] + 1
-            mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
-    finally:
-        model.train(was_training)
-    rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(n)]
-    result = []
-    for row, count, stopped in zip(rows, produced.tolist(), ended.tolist()):
-        answer = row[:count]
-        result.append(Generation(ids=answer[:-1] if stopped else answer, stopped=bool(stopped)))
-    return result
-
-
-def _cache_kwarg(model, out) -> dict:
-    """The KV cache of ``out`` as the keyword the model's forward takes: transformers 5.x renamed
-    ``past_key_values`` to ``cache`` (the old name is deprecated, to be removed in 5.40)."""
-    if "cache" in inspect.signature(model.forward).parameters:
-        return {"cache": out.cache}
-    return {"past_key_values": out.past_key_values}
-
-
-@contextlib.contextmanager
-def generation_mode(model) -> Iterator[None]:
-    """The model as generation needs it: a training model's packed-sample attention kernel (phitune's varlen one
-    on CUDA, which ignores padding masks and the KV cache) is swapped for sdpa meanwhile."""
-    switched = fast_attention.implementation(model) == varlen.NAME and fast_attention.switch(model, "sdpa")
-    try:
-        yield
-    finally:
-        if switched:
-            fast_attention.switch(model, varlen.NAME)
 
 
 # --- the evaluation -----------------------------------------------------------------------------------------------
@@ -383,20 +58,6 @@ def _answer_record(tokenizer, gen: Generation, reference: str, metrics) -> dict:
     text = tokenizer.decode(gen.ids, skip_special_tokens=True).strip()
     return {"answer": text, **score_answer(text, reference, metrics), "answer_tokens": len(gen.ids),
             "stopped": gen.stopped}
-
-
-def verdict(tuned: dict, base: dict, primary: Sequence[str]) -> str:
-    """"better", "worse" or "same" for the tuned answer against the base one, on the ``primary`` scores in order."""
-    for key in primary:
-        a, b = round(tuned[key], 9), round(base[key], 9)
-        if a != b:
-            return "better" if a > b else "worse"
-    return "same"
-
-
-def primary_scores(metric_names: Sequence[str]) -> list[str]:
-    """What decides better/worse/same: the custom metrics first, then exact match, then ROUGE-L."""
-    return list(metric_names) + ["exact_match", "rouge_l"]
 
 
 def summarize(samples: list[dict], *, compare_base: bool, metric_names: Sequence[str], skipped: Skipped,
@@ -433,12 +94,10 @@ def generate_answers(model, tokenizer, prompts: Sequence[Prompt], *, stop_ids: S
     not fit in memory fails at once), with a progress bar showing samples/s and generated tokens/s."""
     from tqdm.auto import tqdm
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else list(stop_ids)[0]
+    pad_id = pad_token_id(tokenizer, list(stop_ids))
     device = next(model.parameters()).device
-    generator = None
-    if settings.sampling:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(settings.seed if settings.seed is not None else 0)
+    # Sampled eval answers are reproducible by default (seed 0): two evals of one run compare like for like.
+    generator = seeded_generator(dataclasses.replace(settings, seed=settings.seed or 0), device)
     order = sorted(prompts, key=lambda p: -len(p.ids))
     bar = tqdm(total=len(order), disable=not progress, desc="generate", unit="sample", dynamic_ncols=True,
                file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..models.chat_template import end_of_turn_id
 from ..models.loading import open_tokenizer
 from .common import ExportError
 
@@ -105,30 +106,11 @@ def _space_after_special_token(tokenizer) -> bool:
 
 
 def special_ids(tokenizer, folder: Path) -> dict[str, int | None]:
-    """bos, eos, eot (end of turn: ``<|end|>`` on Phi-3), unk and pad ids."""
-    vocab = tokenizer.get_vocab()
-    eot = vocab.get("<|end|>")
-    if eot is None:  # the token the chat template ends an assistant turn with, when it is one special token
-        eot = _turn_end_id(tokenizer)
-    return {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "eot": eot,
+    """bos, eos, eot, unk and pad ids. eot is the end-of-turn token of the chat template by phitune's one turn-end
+    rule (``models/chat_template.py``: ``<|end|>`` on Phi-3, ``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``),
+    so llama.cpp stops where training ended each answer; none when the tokenizer has no such template."""
+    return {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "eot": end_of_turn_id(tokenizer),
             "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id}
-
-
-def _turn_end_id(tokenizer) -> int | None:
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        return None
-    marker = "PHITUNEMARKER"
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": marker}],
-                                             tokenize=False)
-    except Exception:  # a template that needs more than two plain messages: no end-of-turn id
-        return None
-    tail = text.split(marker, 1)[-1]
-    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return ids[0] if ids and ids[0] in special else None
 
 
 def template_writes_bos(tokenizer) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..generation.stops import stop_token_ids
 from .common import ExportError
 from .gguf_tokenizer import folder_tokenizer, template_writes_bos
 
@@ -105,13 +106,7 @@ def write_modelfile(model_dir: Path, out: Path, gguf_name: str) -> dict:
     tokenizer = folder_tokenizer(model_dir)
     pieces, generation = role_pieces(tokenizer)
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    gen_path = model_dir / "generation_config.json"
-    stop_ids = json.loads(gen_path.read_text(encoding="utf-8")).get("eos_token_id") if gen_path.is_file() else None
-    stop_ids = stop_ids if isinstance(stop_ids, list) else [stop_ids] if isinstance(stop_ids, int) else []
-    for extra in (tokenizer.eos_token_id, tokenizer.get_vocab().get("<|end|>")):
-        if extra is not None and extra not in stop_ids:
-            stop_ids.append(extra)
-    stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_ids]
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer, run_dir=model_dir)]
     num_ctx = min(config.get("max_position_embeddings") or MAX_NUM_CTX, MAX_NUM_CTX)
     lines = ["# Written by `phitune export --to ollama`. Create the model with: ollama create NAME -f Modelfile",
              f"FROM ./{gguf_name}",

@@ -2,10 +2,11 @@
 
 The builder is run as its documented command (``python -m onnxruntime_genai.models.builder``) in a subprocess: its
 Python entry points change between releases, its command line does not. Afterwards genai_config.json gets every
-stop id of the run (the builder copies only config.json's eos). genai_config.json rejects keys it does not know, so
-the chat template travels as the builder saves it, next to it (chat_template.jinja / tokenizer_config.json), where
-``og.Tokenizer.apply_chat_template`` reads it. ORT GenAI's tokenizer adds no BOS: prepend
-``tokenizer.bos_token_id`` to the encoded prompt, as phitune trains (README, "Run your model elsewhere").
+stop id of the run (``generation.stops.stop_token_ids``; the builder copies only config.json's eos).
+genai_config.json rejects keys it does not know, so the chat template travels as the builder saves it, next to it
+(chat_template.jinja / tokenizer_config.json), where ``og.Tokenizer.apply_chat_template`` reads it. ORT GenAI's
+tokenizer adds no BOS: prepend ``tokenizer.bos_token_id`` to the encoded prompt, as phitune trains (README, "Run
+your model elsewhere").
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..generation.generate import build_prompt_ids
+from ..generation.stops import stop_token_ids
 from ..models.loading import open_tokenizer
 from .common import ExportError
 
@@ -45,7 +47,7 @@ def write_onnx(model_dir: Path, out: Path, precision: str, execution_provider: s
     if proc.returncode != 0 or not (out / "genai_config.json").is_file():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise ExportError(f"onnxruntime-genai's model builder failed (exit {proc.returncode}):\n{tail}")
-    stops = _stop_ids(model_dir)
+    stops = stop_token_ids(open_tokenizer(str(model_dir)), run_dir=model_dir)
     path = out / "genai_config.json"
     genai = json.loads(path.read_text(encoding="utf-8"))
     genai["model"]["eos_token_id"] = stops if len(stops) > 1 else stops[0]
@@ -59,17 +61,6 @@ def write_onnx(model_dir: Path, out: Path, precision: str, execution_provider: s
     where = "" if first is None else f", first difference at token {first}"
     return (f"greedy tokens of ONNX Runtime GenAI equal to transformers' on a chat prompt: {same}/{total}{where}",
             details)
-
-
-def _stop_ids(model_dir: Path) -> list[int]:
-    gen = model_dir / "generation_config.json"
-    ids = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id") if gen.is_file() else None
-    if ids is None:
-        ids = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("eos_token_id")
-    ids = ids if isinstance(ids, list) else [ids]
-    if not ids or ids[0] is None:
-        raise ExportError(f"{model_dir}: no eos_token_id in generation_config.json or config.json")
-    return ids
 
 
 def greedy_parity(model_dir: Path, onnx_dir: Path, stops: list[int]) -> tuple[int, int, int | None]:

@@ -10,8 +10,10 @@ import sys
 from typing import Callable
 
 from ..errors import ConfigError
-from ..generation.generate import GenerationSettings, build_prompt_ids, context_length, generate_reply, stop_token_ids
-from ..runs.folder import load_run_model, open_run
+from ..models.chat_template import turn_end
+from ..runs.folder import load_run_model, load_run_tokenizer, open_run
+from .generate import GenerationSettings, build_prompt_ids, context_length, generate_reply
+from .stops import stop_token_ids
 
 # --- chat -----------------------------------------------------------------------------------------------------------
 
@@ -47,8 +49,10 @@ def chat(
                                   greedy=greedy, seed=seed)
     run = open_run(run_dir)
     out = output if output is not None else sys.stdout
+    # Before the weights load: a template without an end-of-turn token could never stop (data.chat_template fixes it)
+    turn_end(load_run_tokenizer(run.root, trust_remote_code=trust_remote_code))
     model, tokenizer, config = load_run_model(run.adapter_dir, device=device, trust_remote_code=trust_remote_code)
-    stops = stop_token_ids(run.root, tokenizer)
+    stops = stop_token_ids(tokenizer, run_dir=run.root, model=model)
     limit = context_length(model, tokenizer)
 
     def reply(messages: list[dict]) -> str:

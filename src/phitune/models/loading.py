@@ -18,7 +18,6 @@ import torch
 from ..config import ModelConfig, build_model_config
 from ..errors import ConfigError
 from ..lora.quantized import is_4bit_linear, keep_float_4bit_path, require_bitsandbytes
-from .tokenizer import end_of_turn_ids
 
 log = logging.getLogger("phitune")
 
@@ -319,26 +318,6 @@ def checkpoint_files(model_cfg: ModelConfig) -> list[Path]:
                           "phitune loads weights only from .safetensors files (convert with "
                           "`model.save_pretrained(dir, safe_serialization=True)`)")
     return [single]
-
-
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """Every id that ends an assistant turn (``tokenizer.end_of_turn_ids``), the model's own generation_config eos
-    ids included, sorted (Phi-3: 32000, 32001, 32007)."""
-    gen = getattr(model, "generation_config", None) if model is not None else None
-    return sorted(end_of_turn_ids(tokenizer, gen.eos_token_id if gen is not None else None))
-
-
-def generation_config_for(model, tokenizer):
-    """The model's generation config, stopping on every end-of-turn id, padding with the tokenizer's pad."""
-    from transformers import GenerationConfig
-
-    gen = getattr(model, "generation_config", None)
-    gen = GenerationConfig.from_dict(gen.to_dict()) if gen is not None else GenerationConfig()
-    gen.eos_token_id = stop_token_ids(tokenizer, model)
-    gen.pad_token_id = tokenizer.pad_token_id
-    if tokenizer.bos_token_id is not None:
-        gen.bos_token_id = tokenizer.bos_token_id
-    return gen
 
 
 def enable_checkpointing(model, kwargs: dict | None = None) -> None:

@@ -149,10 +149,10 @@ def build_phi3_style_tokenizer(
 
 
 def end_of_turn_ids(tokenizer, configured=None, tokens: Iterable[str] = PHI3_END_OF_TURN_TOKENS) -> list[int]:
-    """The one rule for the ids that end an assistant turn, in order and without repeats: ``configured`` first (a
-    generation config's ``eos_token_id``: an int, a list or None), then the tokenizer's eos, then each of ``tokens``
-    that is a single token of the vocabulary. A Phi-3 turn ends with ``<|end|>`` (32007), which is not the
-    tokenizer's eos: a model that stops only on eos never stops."""
+    """The ids that end an assistant turn, in order and without repeats: ``configured`` first (a generation config's
+    ``eos_token_id``: an int, a list or None), then the tokenizer's eos, then each of ``tokens`` that is a single
+    token of the vocabulary (Phi-3's generation_config.json stop tokens). The stop-id rule every consumer uses,
+    :func:`phitune.generation.stops.stop_token_ids`, adds the chat template's own end-of-turn token to these."""
     ids: list[int] = []
     vocab = tokenizer.get_vocab()
     configured = configured if isinstance(configured, (list, tuple)) else [configured]
@@ -161,7 +161,3 @@ def end_of_turn_ids(tokenizer, configured=None, tokens: Iterable[str] = PHI3_END
             ids.append(value)
     return ids
 
-
-def chat_stop_token_ids(tokenizer) -> list[int]:
-    """Ids generation must stop on: eos plus every Phi-3 end-of-turn token the tokenizer knows."""
-    return end_of_turn_ids(tokenizer)

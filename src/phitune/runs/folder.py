@@ -24,8 +24,9 @@ from ..adapt import load_adapter, save_adapter
 from ..config import RunConfig, TrainingConfig, load_config, run_status, save_config
 from ..errors import ConfigError
 from ..training.metrics import plot_loss_curve, read_metrics
-from ..models.loading import (generation_config_for, load_model_and_tokenizer, load_tokenizer, open_tokenizer,
-                              resolve_device, set_pad_token)
+from ..generation.stops import generation_config_for
+from ..models.chat_template import is_local_path, looks_like_path, with_chat_template
+from ..models.loading import load_model_and_tokenizer, load_tokenizer, open_tokenizer, resolve_device, set_pad_token
 
 CONFIG_FILE = "phitune_config.yaml"
 # Files transformers 5 no longer writes with save_pretrained, which converters still need: llama.cpp's converter stops
@@ -82,13 +83,14 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     are."""
 
     def absolute(value):
-        if isinstance(value, (str, os.PathLike)) and Path(value).exists():
+        if isinstance(value, (str, os.PathLike)) and is_local_path(value):
             return str(Path(value).resolve())
         return value
 
     model = dataclasses.replace(cfg.model, name_or_path=absolute(cfg.model.name_or_path),
                                 tokenizer=absolute(cfg.model.tokenizer))
-    data = dataclasses.replace(cfg.data, train=absolute(cfg.data.train), eval=absolute(cfg.data.eval))
+    data = dataclasses.replace(cfg.data, train=absolute(cfg.data.train), eval=absolute(cfg.data.eval),
+                               chat_template=absolute(cfg.data.chat_template))
     return dataclasses.replace(cfg, model=model, data=data)
 
 
@@ -261,7 +263,8 @@ def _rebase_paths(config, run: RunFolder):
         return config
 
     def fix(value):
-        if not isinstance(value, str) or not value or Path(value).is_absolute() or Path(value).exists():
+        if not isinstance(value, str) or not value or Path(value).is_absolute() or not looks_like_path(value) \
+                or Path(value).exists():
             return value
         candidate = origin / value
         return str(candidate) if candidate.exists() else value
@@ -269,7 +272,8 @@ def _rebase_paths(config, run: RunFolder):
     model = dataclasses.replace(config.model, name_or_path=fix(config.model.name_or_path),
                                 tokenizer=fix(config.model.tokenizer))
     data = config.data
-    changes = {k: fix(getattr(data, k)) for k in ("train", "eval", "cache_dir") if hasattr(data, k)}
+    changes = {k: fix(getattr(data, k)) for k in ("train", "eval", "cache_dir", "chat_template")
+               if hasattr(data, k)}
     if changes.get("cache_dir") is not None and not Path(changes["cache_dir"]).is_absolute():
         changes["cache_dir"] = str(origin / changes["cache_dir"])
     data = dataclasses.replace(data, **changes)
@@ -288,7 +292,7 @@ def load_run_tokenizer(run_dir: str | os.PathLike, config=None, *, trust_remote_
             raise ConfigError(f"{run.root}: the saved tokenizer cannot be loaded ({exc})") from exc
         set_pad_token(tokenizer)
         return tokenizer
-    return load_tokenizer(config.model)
+    return with_chat_template(load_tokenizer(config.model), config.data.chat_template)
 
 
 def load_run_model(run_dir: str | os.PathLike, *, device: str | None = None, dtype: str | None = None,

@@ -18,7 +18,8 @@ import torch
 from ..adapt import adapter_state_dict, add_lora, load_adapter_state_dict, merge_checked, merge_lora_checked
 from ..adapt.inject import lora_state
 from ..errors import ConfigError
-from ..generation.generate import build_prompt_ids, stop_token_ids
+from ..generation.generate import build_prompt_ids
+from ..generation.stops import stop_token_ids
 from ..models.loading import load_model_and_tokenizer
 from ..runs import ownership as outdir
 from ..runs.atomic import atomic_folder
@@ -87,7 +88,7 @@ def merge(
     if (run.root / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(run.root))
     # Every end-of-turn id (Phi-3: 32000, 32001, 32007): converters read the stops from this file.
-    model.generation_config.eos_token_id = stop_token_ids(run.root, tokenizer)
+    model.generation_config.eos_token_id = stop_token_ids(tokenizer, run_dir=run.root, model=model)
     model.config.use_cache = True
     weights_dtype = str(next(model.parameters()).dtype).replace("torch.", "")
 

@@ -1,7 +1,6 @@
 """Evaluation during training and by ``phitune eval``: loss, perplexity and token accuracy over supervised tokens
 (``evaluate_samples``), and answers generated for a few eval prompts at each evaluation (``generation_probe``).
-Generation-based scoring itself lives in ``gen_eval.py`` (not ``evaluate.py``: a submodule of that name would
-replace the public function ``phitune.evaluate`` on the package once imported)."""
+Generation-based scoring itself lives in ``phitune.evals``."""
 
 from __future__ import annotations
 
@@ -14,10 +13,11 @@ from . import distributed
 from ..config import TrainingConfig
 from ..data import batch_plan
 from .fast import FastPath
-from ..evals.generation import generation_samples, probe_prompts_record, prompts_from_samples, training_probe
+from ..evals.generation import probe_prompts_record, training_probe
+from ..evals.prompts import generation_samples, prompts_from_samples
 from ..generation.generate import context_length
 from .loss import forward_loss
-from ..models.loading import stop_token_ids
+from ..generation.stops import stop_token_ids
 from .step import batch_maker, to_device, without_labels
 
 log = logging.getLogger("phitune")
@@ -60,7 +60,7 @@ def generation_probe(model, tokenizer, prepared, data_cfg, tc: TrainingConfig):
         return dict
     with distributed.local_main_first():
         samples = generation_samples(prepared, data_cfg, tokenizer, "eval")
-    stops, context = stop_token_ids(tokenizer, model), context_length(model, tokenizer)
+    stops, context = stop_token_ids(tokenizer, model=model), context_length(model, tokenizer)
     prompts, _ = prompts_from_samples(samples, tokenizer, stop_ids=stops, context=context,
                                       max_samples=tc.eval_generate)
     first = [True]

@@ -18,6 +18,7 @@ from ..data import prepare_data
 from ..data.preview import data_warnings
 from ..data.sources import check_local_path
 from ..errors import ConfigError
+from ..models.chat_template import with_chat_template
 from ..models.loading import load_tokenizer
 
 # what the Hub accepts as a repo id ("name" or "namespace/name")
@@ -82,7 +83,7 @@ def checks_before_weights(cfg, main: bool):
     cfg.peft_config.check_targets()
     check_model_source(cfg.model)
     check_data_paths(cfg.data)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = with_chat_template(load_tokenizer(cfg.model), cfg.data.chat_template)
     with distributed.local_main_first():  # one process per node writes the data cache, the others read it
         prepared = prepare_data(cfg.data, tokenizer)
     if main:

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 
 from ..config import load_config
 from ..data import format_stats, prepare_data, preview_text, sample_records
+from ..models.chat_template import with_chat_template
 from ..models.loading import load_tokenizer
 from ..training.preflight import check_data_paths, check_model_source
 
@@ -26,7 +27,7 @@ def _prepare(config: Any, overrides: Sequence[str] | None):
     run_config = load_config(config, overrides)
     check_model_source(run_config.model, weights=False)
     check_data_paths(run_config.data)
-    tokenizer = load_tokenizer(run_config.model)
+    tokenizer = with_chat_template(load_tokenizer(run_config.model), run_config.data.chat_template)
     return prepare_data(run_config.data, tokenizer), tokenizer
 
 
