@@ -1,0 +1,176 @@
+"""One steady-state training step of phitune, run on a fake device under torch's MemTracker: the peak memory by
+category and every op's FLOPs and bytes (for the roofline in ``gpus.py``).
+
+``simulate_step`` runs the same functions ``phitune train`` runs (add_lora -> gradient checkpointing ->
+apply_fast_path -> build_optimization -> batch_maker -> train_step) on a model built from its config.json with
+``layers`` decoder layers, inside ``FakeTensorMode`` on "cuda" (``phitune.plan.fakegpu``) or "cpu" (the tests compare
+the latter with the same step really run). The batch is collated for real on the CPU first, so sample boundaries and
+supervised-token counts are exact; the data-dependent ops on fake tensors are answered from it.
+
+The optimizer state exists before the tracked step (one untracked update first), as after a real run's warm-up:
+the peak is that of a steady-state step, what ``torch.cuda.max_memory_allocated`` reports after warm-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils.flop_counter import flop_registry
+
+from ..adapt import add_lora
+from ..config import RunConfig
+from ..training import loss
+from ..training.fast import varlen
+from ..training.optim import autocast_context, build_optimization, enable_gradient_checkpointing
+from ..training.step import batch_maker, supervised_tokens, train_step
+from . import fakegpu
+
+
+@dataclass
+class OpRecord:
+    """One aten op of the step: its FLOPs (torch's flop_registry), the bytes of its tensor inputs and outputs,
+    whether it computes in half precision, and whether it moves no data (views, factories)."""
+
+    name: str
+    flops: int
+    nbytes: int
+    half: bool
+    no_move: bool
+
+
+@dataclass
+class StepSimulation:
+    """What one simulated step measured, for one depth."""
+
+    layers: int
+    peak: dict[str, int]  # bytes at the step's peak, by MemTracker category (Parameter, Activation, Temp, ...)
+    ops: list[OpRecord]
+    trainable_bytes: int  # the adapter's parameters
+    batch_shape: tuple[int, int]
+    supervised: int
+    attention_kernels: dict[str, int] = field(default_factory=dict)
+    answers: list[str] = field(default_factory=list)
+    fast_path: tuple[str, ...] = ()
+
+
+# Ops that create or alias storage without reading or writing it on a GPU (torch's runtime estimator ignores
+# factories too, but charges views as traffic: obstacle 9 of the prototype's notes).
+_NO_TRAFFIC = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "alias", "lift_fresh",
+               "lift_fresh_copy", "_local_scalar_dense", "detach", "view", "_unsafe_view", "t", "transpose",
+               "permute", "expand", "slice", "select", "unsqueeze", "squeeze", "as_strided", "split",
+               "split_with_sizes", "unbind", "set_"}
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every op below it (FLOPs from torch's own formulas, bytes in and out); computes nothing itself.
+
+    Not torch's RuntimeEstimator: it asserts a real GPU and reads its specs from it, and its roofline halves the
+    FLOP count; the per-op cost model lives in ``gpus.py`` instead, priced afterwards for any GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[OpRecord] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        tensors_in = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        tensors_out = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors_in + tensors_out)
+        flops = int(flop_registry[packet](*args, **kwargs, out_val=out)) if packet in flop_registry else 0
+        half = any(t.dtype in (torch.bfloat16, torch.float16) for t in tensors_in + tensors_out)
+        no_move = getattr(func, "is_view", False) or packet.__name__ in _NO_TRAFFIC or not tensors_out
+        self.ops.append(OpRecord(packet.__name__, flops, 0 if no_move else nbytes, half, no_move))
+        return out
+
+
+def shaped_config(hf_config, layers: int):
+    """The model's config with ``layers`` decoder layers and no KV cache."""
+    data = {**hf_config.to_dict(), "num_hidden_layers": layers, "use_cache": False}
+    if "layer_types" in data and data["layer_types"]:
+        data["layer_types"] = list(data["layer_types"])[:layers]
+    return type(hf_config).from_dict(data)
+
+
+def model_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+    """The base weights' dtype as ``phitune train`` resolves it on an Ampere+ GPU (auto: bfloat16) or the CPU."""
+    name = cfg.model.dtype
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def worst_case_samples(rows: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
+    """``rows`` samples of ``length`` tokens, every position supervised: the fullest micro-batch packing can make."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(rows):
+        ids = rng.integers(0, vocab, length)
+        samples.append({"input_ids": ids, "labels": ids.copy()})
+    return samples
+
+
+def simulate_step(cfg: RunConfig, hf_config, layers: int, device: str = "cuda", samples: list[dict] | None = None,
+                  record_ops: bool = True) -> StepSimulation:
+    """Simulate one optimizer step (one micro-batch) of ``cfg`` with ``layers`` decoder layers on a fake ``device``
+    ("cuda" needs ``fakegpu``'s runtime on a CPU-only torch; "cpu" needs nothing). ``samples``: the micro-batch's
+    samples (default: the worst case of the config)."""
+    from transformers import AutoModelForCausalLM
+
+    tc, dc = cfg.training_config, cfg.data
+    rows, length = tc.per_device_train_batch_size, dc.max_seq_length
+    dev = torch.device(device, 0) if device == "cuda" else torch.device(device)
+    dtype = model_dtype(cfg, dev)
+    if cfg.model.load_in_4bit:
+        raise fakegpu.PlanUnsupported("model.load_in_4bit: the 4-bit base is not simulated yet")
+    samples = samples if samples is not None else worst_case_samples(rows, length, hf_config.vocab_size)
+    attn = "sdpa" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
+    gpu = fakegpu.fake_cuda() if dev.type == "cuda" else contextlib.nullcontext({})
+    with gpu as kernels, FakeTensorMode(allow_non_fake_inputs=True):
+        with torch.device(dev):
+            model = AutoModelForCausalLM.from_config(shaped_config(hf_config, layers), attn_implementation=attn,
+                                                     dtype=dtype)
+        add_lora(model, cfg.peft_config, lora_dtype=torch.float32)  # as train.py: float32 factors
+        enable_gradient_checkpointing(model, tc)
+        fast = loss.apply_fast_path(model, tc)
+        optimizer, scheduler, scaler = build_optimization(model, tc, dev, total_steps=10)
+        autocast = autocast_context(tc, dev)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        _warm_optimizer(optimizer, params)
+        with _disable_current_modes():  # a real batch on the CPU: its values are known
+            batch = batch_maker(model, None, dc, fast)(samples, list(range(len(samples))))
+            starts = len(varlen.boundaries(batch["position_ids"])[0]) - 1 if "position_ids" in batch else rows
+            supervised = supervised_tokens(batch)
+        answers = fakegpu.Answers(int_value=length,
+                                  nonzero_rows={"boundaries": starts, "head_loss": supervised,
+                                                "_supervised_positions": supervised})
+        tracker = fakegpu.frozen_safe_mem_tracker()
+        tracker.track_external(model, optimizer)
+        recorder = OpRecorder() if record_ops else contextlib.nullcontext()
+        step_loss = functools.partial(loss.forward_loss, fast=fast)
+        model.train()
+        with answers, tracker, recorder, contextlib.redirect_stdout(io.StringIO()):
+            train_step(model, [batch], optimizer, scheduler, scaler, tc, dev, autocast, step_loss)
+        peak = fakegpu.peak_by_category(tracker, dev.type)
+        trainable = sum(p.numel() * p.element_size() for p in params)
+    return StepSimulation(layers=layers, peak=peak, ops=recorder.ops if record_ops else [],
+                          trainable_bytes=trainable, batch_shape=tuple(batch["input_ids"].shape),
+                          supervised=supervised, attention_kernels=dict(kernels),
+                          answers=sorted(f"{k} (x{n})" for k, n in answers.log.items()), fast_path=fast.notes)
+
+
+def _warm_optimizer(optimizer, params) -> None:
+    """One update with zero gradients: AdamW's state exists, as after the first step of a real run."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
