@@ -1,7 +1,7 @@
 """A fake CUDA GPU for ``phitune plan``: FakeTensorMode tensors on "cuda" (shapes and dtypes, no memory), with
 what a real GPU would answer where torch or transformers ask the hardware.
 
-Everything here is undone when the ``with fake_cuda()`` block ends; nothing is patched at import. Each patch names
+Everything here is undone when the ``with fake_device()`` block ends; nothing is patched at import. Each patch names
 the upstream behaviour it works around (found on torch 2.13 / transformers 5.25; each upgrade may need a re-check):
 
 1. backward on a CPU-only torch needs a CUDA device guard: ``fake_cuda_runtime.cpp``, built once with
@@ -11,8 +11,8 @@ the upstream behaviour it works around (found on torch 2.13 / transformers 5.25;
    in its memo (pytorch PRs #184976, #196558, not in 2.13);
 4. CUDA autocast and ``torch.cuda.is_bf16_supported`` switch off when no GPU is present;
 5. transformers counts any FakeTensor as "tracing" and then always builds the causal mask (sdpa leaves flash);
-6. sdpa picks its *math* kernel for fake tensors (the fp32 (B, H, T, T) matrix saved): ``sdpa_as_on_cuda`` routes
-   to the aten kernel CUDA would pick;
+6. sdpa picks its *math* kernel for fake tensors (the fp32 (B, H, T, T) matrix saved): ``sdpa_kernel`` routes
+   to the aten kernel the device would pick (CUDA, or the CPU for the tests' comparison with a real run);
 7. data-dependent ops (``.item()``, ``nonzero``) get answers from ``Answers``, which logs each one with its caller;
 8. torch's MemTracker hooks every parameter's gradient and fails on frozen ones: ``FrozenSafeMemTracker``.
 """
@@ -96,41 +96,51 @@ def worker_command(module: str, shim: Path | None) -> list[str]:
 
 # --- the patches, active only inside ``with fake_cuda()`` ----------------------------------------------------------
 
-_MATH, _FLASH, _EFFICIENT = "math", "flash", "efficient"
+_MATH, _FLASH, _EFFICIENT, _FLASH_CPU = "math", "flash", "efficient", "flash_cpu"
 
 
-def _is_fake_gpu(t: torch.Tensor) -> bool:
+def _fake_on(t: torch.Tensor, device_type: str) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return isinstance(t, FakeTensor) and t.device.type == "cuda"
+    return isinstance(t, FakeTensor) and t.device.type == device_type
 
 
-def sdpa_kernel(q, k, v, attn_mask, enable_gqa) -> str:
-    """The kernel torch's CUDA sdpa dispatcher picks on an Ampere or newer GPU (sdp_utils.cpp): FlashAttention-2
-    without a mask for fp16/bf16 and head_dim <= 256 (a multiple of 8), memory-efficient attention with one, else
-    math."""
+def sdpa_kernel(q, k, v, attn_mask, enable_gqa, dropout_p: float = 0.0) -> str:
+    """The kernel torch's sdpa dispatcher picks for these inputs on their device (aten sdp_utils.cpp, torch 2.13).
+
+    CUDA (Ampere or newer): FlashAttention-2 without a mask for fp16/bf16 and head_dim <= 256 (a multiple of 8),
+    memory-efficient attention with one, else math. CPU: its flash kernel for dense 4-D inputs with equal head
+    counts and no dropout, else math."""
     head_dim, half = q.shape[-1], (torch.float16, torch.bfloat16)
-    heads_ok = q.shape[-3] == k.shape[-3] == v.shape[-3] or (enable_gqa and q.shape[-3] % k.shape[-3] == 0)
+    same_heads = q.shape[-3] == k.shape[-3] == v.shape[-3]
+    if q.device.type == "cpu":
+        return _FLASH_CPU if q.dim() == 4 and same_heads and not dropout_p else _MATH
+    heads_ok = same_heads or (enable_gqa and q.shape[-3] % k.shape[-3] == 0)
     if (attn_mask is None and q.dtype in half and q.dtype == k.dtype == v.dtype and head_dim <= 256
             and head_dim % 8 == 0 and q.dim() == 4 and heads_ok):
         return _FLASH
-    if q.dim() == 4 and q.shape[-3] == k.shape[-3] == v.shape[-3] and head_dim % (8 if q.dtype in half else 4) == 0:
+    if q.dim() == 4 and same_heads and head_dim % (8 if q.dtype in half else 4) == 0:
         return _EFFICIENT
     return _MATH
 
 
-def _sdpa_as_on_cuda(original, kernels: Counter):
+def _sdpa_as_on_device(original, device_type: str, kernels: Counter):
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        kernel = sdpa_kernel(query, key, value, attn_mask, enable_gqa) if _is_fake_gpu(query) else _MATH
-        if kernel != _MATH or _is_fake_gpu(query):
-            kernels[kernel] += 1
+        if not _fake_on(query, device_type):
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, enable_gqa=enable_gqa)
+        kernel = sdpa_kernel(query, key, value, attn_mask, enable_gqa, dropout_p)
+        kernels[kernel] += 1
+        bias = attn_mask
+        if bias is not None and bias.dtype == torch.bool:  # sdpa turns a bool mask into an additive one first
+            bias = torch.where(bias.logical_not(), float("-inf"), 0.0).to(query.dtype)
         if kernel == _FLASH:
             return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False,
                                                             scale=scale)[0]
+        if kernel == _FLASH_CPU:
+            return aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal,
+                                                                    attn_mask=bias, scale=scale)[0]
         if kernel == _EFFICIENT:
-            bias = attn_mask
-            if bias is not None and bias.dtype == torch.bool:  # sdpa turns a bool mask into an additive one
-                bias = torch.where(bias.logical_not(), float("-inf"), 0.0).to(query.dtype)
             lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
             return aten._scaled_dot_product_efficient_attention(query, key, value, bias, lse, dropout_p, is_causal,
                                                                 scale=scale)[0]
@@ -158,9 +168,9 @@ def _patched(obj, name: str, value):
 
 
 @contextlib.contextmanager
-def fake_cuda():
-    """Inside: fake "cuda" tensors behave as on an Ampere+ GPU (see the module docstring); yields a Counter of the
-    sdpa kernels chosen. Everything is restored on exit."""
+def fake_device(device_type: str = "cuda"):
+    """Inside: fake tensors on ``device_type`` behave as on that device (a CUDA GPU: Ampere or newer; see the module
+    docstring); yields a Counter of the sdpa kernels chosen. Everything is restored on exit."""
     import torch._subclasses.fake_tensor as fake_tensor
     import torch.cuda.amp.common as amp_common
     import transformers.masking_utils as masking
@@ -168,15 +178,16 @@ def fake_cuda():
 
     kernels: Counter = Counter()
     with contextlib.ExitStack() as stack:
-        if shim_needed():  # (2) would allocate a real CUDA tensor
-            stack.enter_context(_patched(fake_tensor, "init_gpu_context", lambda device: None))
-        stack.enter_context(_patched(torch.utils, "weakref", _weakref_without_keyedrefs()))  # (3)
-        stack.enter_context(_patched(amp_common, "amp_definitely_not_available", lambda: False))  # (4)
-        stack.enter_context(_patched(torch.cuda, "is_bf16_supported", lambda *a, **k: True))
+        if device_type == "cuda":
+            if shim_needed():  # (2) would allocate a real CUDA tensor
+                stack.enter_context(_patched(fake_tensor, "init_gpu_context", lambda device: None))
+            stack.enter_context(_patched(torch.utils, "weakref", _weakref_without_keyedrefs()))  # (3)
+            stack.enter_context(_patched(amp_common, "amp_definitely_not_available", lambda: False))  # (4)
+            stack.enter_context(_patched(torch.cuda, "is_bf16_supported", lambda *a, **k: True))
         # (5) real tracing (torch.fx, dynamo) still counts; a fake tensor's values are asked of Answers instead
         stack.enter_context(_patched(masking, "is_tracing", lambda tensor=None: is_tracing(None)))
         stack.enter_context(_patched(F, "scaled_dot_product_attention",
-                                     _sdpa_as_on_cuda(F.scaled_dot_product_attention, kernels)))  # (6)
+                                     _sdpa_as_on_device(F.scaled_dot_product_attention, device_type, kernels)))  # (6)
         yield kernels
 
 
@@ -186,17 +197,18 @@ def fake_cuda():
 class Answers(TorchDispatchMode):
     """(7) Answers the ops whose values a fake tensor cannot know, and logs each answer with its caller.
 
-    ``.item()`` etc. (aten._local_scalar_dense): floats ``1.0`` (a finite loss and gradient norm, so the optimizer
-    steps), bools ``True`` unless ``bools`` names the caller's function, ints ``int_value``. ``nonzero``: the row count
-    ``nonzero_rows`` gives for the calling function's name (default: every element). Real tensors pass through.
+    ``.item()`` etc. (aten._local_scalar_dense): the value ``scalars`` gives for the calling function's name, else
+    floats ``1.0`` (a finite loss and gradient norm, so the optimizer steps), bools ``True``, ints ``int_value``.
+    ``nonzero``: the row count ``nonzero_rows`` gives for the calling function's name (default: every element).
+    Real tensors pass through.
     """
 
     def __init__(self, *, int_value: int, nonzero_rows: dict[str, int] | None = None,
-                 bools: dict[str, bool] | None = None):
+                 scalars: dict[str, object] | None = None):
         super().__init__()
         self.int_value = int_value
         self.nonzero_rows = dict(nonzero_rows or {})
-        self.bools = dict(bools or {})
+        self.scalars = dict(scalars or {})
         self.log: Counter = Counter()
 
     @staticmethod
@@ -215,8 +227,10 @@ class Answers(TorchDispatchMode):
                 rows = self.nonzero_rows.get(name, t.numel())
                 self.log[f"{where}: nonzero -> {rows} rows"] += 1
                 return torch.empty((rows, t.dim()), dtype=torch.long, device=t.device)
-            if t.dtype == torch.bool:
-                value = self.bools.get(name, True)
+            if name in self.scalars:
+                value = self.scalars[name]
+            elif t.dtype == torch.bool:
+                value = True
             else:
                 value = 1.0 if t.dtype.is_floating_point else self.int_value
             self.log[f"{where}: {value!r}"] += 1

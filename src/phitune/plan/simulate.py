@@ -119,10 +119,11 @@ def worst_case_samples(rows: int, length: int, vocab: int, seed: int = 0) -> lis
 
 
 def simulate_step(cfg: RunConfig, hf_config, layers: int, device: str = "cuda", samples: list[dict] | None = None,
-                  record_ops: bool = True) -> StepSimulation:
+                  record_ops: bool = True, fake: bool = True) -> StepSimulation:
     """Simulate one optimizer step (one micro-batch) of ``cfg`` with ``layers`` decoder layers on a fake ``device``
     ("cuda" needs ``fakegpu``'s runtime on a CPU-only torch; "cpu" needs nothing). ``samples``: the micro-batch's
-    samples (default: the worst case of the config)."""
+    samples (default: the worst case of the config). ``fake=False`` runs the very same step for real (on "cpu"):
+    what the simulation is checked against."""
     from transformers import AutoModelForCausalLM
 
     tc, dc = cfg.training_config, cfg.data
@@ -133,8 +134,9 @@ def simulate_step(cfg: RunConfig, hf_config, layers: int, device: str = "cuda", 
         raise fakegpu.PlanUnsupported("model.load_in_4bit: the 4-bit base is not simulated yet")
     samples = samples if samples is not None else worst_case_samples(rows, length, hf_config.vocab_size)
     attn = "sdpa" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
-    gpu = fakegpu.fake_cuda() if dev.type == "cuda" else contextlib.nullcontext({})
-    with gpu as kernels, FakeTensorMode(allow_non_fake_inputs=True):
+    patches = fakegpu.fake_device(dev.type) if fake else contextlib.nullcontext({})
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with patches as kernels, fake_mode:
         with torch.device(dev):
             model = AutoModelForCausalLM.from_config(shaped_config(hf_config, layers), attn_implementation=attn,
                                                      dtype=dtype)
@@ -147,11 +149,13 @@ def simulate_step(cfg: RunConfig, hf_config, layers: int, device: str = "cuda", 
         _warm_optimizer(optimizer, params)
         with _disable_current_modes():  # a real batch on the CPU: its values are known
             batch = batch_maker(model, None, dc, fast)(samples, list(range(len(samples))))
-            starts = len(varlen.boundaries(batch["position_ids"])[0]) - 1 if "position_ids" in batch else rows
+            positions = batch.get("position_ids")
+            cu, longest = varlen.boundaries(positions) if positions is not None else (range(rows + 1), length)
             supervised = supervised_tokens(batch)
-        answers = fakegpu.Answers(int_value=length,
-                                  nonzero_rows={"boundaries": starts, "head_loss": supervised,
-                                                "_supervised_positions": supervised})
+        answers = fakegpu.Answers(int_value=length, nonzero_rows={"boundaries": len(cu) - 1, "head_loss": supervised},
+                                  scalars={"supervised_tokens": supervised, "boundaries": longest,
+                                           # transformers: "no row holds two samples" (then no packed mask)
+                                           "find_packed_sequence_indices": len(cu) - 1 == rows})
         tracker = fakegpu.frozen_safe_mem_tracker()
         tracker.track_external(model, optimizer)
         recorder = OpRecorder() if record_ops else contextlib.nullcontext()
