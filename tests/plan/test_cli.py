@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
+from helpers import ROOT
 
 from phitune.cli import main
 from phitune.plan import predict
@@ -56,3 +59,16 @@ def test_json_plan_of_the_tiny_model_on_a_fake_cuda_gpu(tmp_path, tiny_model_dir
 def test_fits_leaves_the_stated_margin():
     assert predict.fits(10.0, 11.5) == (True, 0.0)
     assert predict.fits(10.0, 11.49)[0] is False
+
+
+@pytest.mark.slow  # two rows, each simulated at 2 and 4 layers of the Phi-3-mini shape: ~30 s on one core
+def test_accuracy_benchmark_predicts_two_h200_rows_within_3_percent():
+    script = ROOT / "benchmarks" / "plan_accuracy.py"
+    done = subprocess.run([sys.executable, str(script), "--rows", "ckpt8,chat8-ckpt", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["row"] for r in rows] == ["ckpt8", "chat8-ckpt"]
+    for r in rows:
+        assert abs(r["error_pct"]) < 3.0, r
+    assert rows[0]["in_range"], rows[0]  # the measured step time lies inside the plan's range

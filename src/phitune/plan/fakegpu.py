@@ -88,10 +88,24 @@ def ensure_shim(log=None) -> Path | None:
     return path
 
 
-def worker_command(module: str, shim: Path | None) -> list[str]:
-    """``python -c ...`` that loads the shim (RTLD_GLOBAL, before torch) and runs ``module`` as __main__."""
+def worker_command(module: str, shim: Path | None, script: str | None = None, args: list[str] = ()) -> list[str]:
+    """``python -c ...`` that loads the shim (RTLD_GLOBAL, before torch) and runs ``module`` (or the file
+    ``script``, with ``args``) as __main__."""
     load = f"import ctypes; ctypes.CDLL({str(shim)!r}, mode=ctypes.RTLD_GLOBAL); " if shim is not None else ""
-    return [sys.executable, "-c", f"{load}import runpy; runpy.run_module({module!r}, run_name='__main__')"]
+    run = (f"import sys; sys.argv = {[script, *args]!r}; runpy.run_path({script!r}, run_name='__main__')" if script
+           else f"runpy.run_module({module!r}, run_name='__main__')")
+    return [sys.executable, "-c", f"{load}import runpy; {run}"]
+
+
+def reexec_on_fake_cuda(script: str, args: list[str]) -> None:
+    """For a script that simulates on fake CUDA: replace this process by one with the runtime loaded before torch
+    (``PHITUNE_FAKE_CUDA=1`` marks it); returns only in that process (or when none is needed)."""
+    if os.environ.get("PHITUNE_FAKE_CUDA") == "1" or not shim_needed():
+        return
+    command = worker_command("", ensure_shim(), script=script, args=args)
+    os.environ["PHITUNE_FAKE_CUDA"] = "1"
+    sys.stdout.flush()
+    os.execv(command[0], command)
 
 
 # --- the patches, active only inside ``with fake_cuda()`` ----------------------------------------------------------

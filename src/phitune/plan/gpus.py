@@ -19,9 +19,10 @@ from ..errors import ConfigError
 # What one real GPU achieved against its datasheet (bench/matmul_ceiling.py on the peer's H200).
 MATMUL_EFFICIENCY = 789.4 / 989.0
 COPY_EFFICIENCY = 4240.6 / 4800.0
-# Measured step time / roofline sum on the four H200 rows with a throughput (benchmarks/plan_accuracy.py:
-# 1.29-1.38); the plan prints the roofline sum times this range.
-TIME_RANGE = (1.15, 1.55)
+# Measured step time / roofline sum on the four H200 rows with a throughput: 1.259-1.327
+# (benchmarks/plan_accuracy.py); the plan prints the roofline sum times this range, about +-12 % around them, wider
+# than the H200's spread because other GPUs' rates are scaled from their datasheets.
+TIME_RANGE = (1.15, 1.5)
 # Launch and framework overhead per kernel (the roofline counts none): a CUDA launch costs ~5 us on the host;
 # most hide behind the previous kernel, so this is added only to the top of the range.
 LAUNCH_S = 5e-6

@@ -152,10 +152,13 @@ def simulate_step(cfg: RunConfig, hf_config, layers: int, device: str = "cuda", 
             positions = batch.get("position_ids")
             cu, longest = varlen.boundaries(positions) if positions is not None else (range(rows + 1), length)
             supervised = supervised_tokens(batch)
+            mask = batch.get("attention_mask")
+            unpadded = mask is None or mask.dim() != 2 or bool(mask.all())
         answers = fakegpu.Answers(int_value=length, nonzero_rows={"boundaries": len(cu) - 1, "head_loss": supervised},
                                   scalars={"supervised_tokens": supervised, "boundaries": longest,
                                            # transformers: "no row holds two samples" (then no packed mask)
-                                           "find_packed_sequence_indices": len(cu) - 1 == rows})
+                                           "find_packed_sequence_indices": len(cu) - 1 == rows,
+                                           "fast_all": unpadded})  # transformers: "no padding in this batch"
         tracker = fakegpu.frozen_safe_mem_tracker()
         tracker.track_external(model, optimizer)
         recorder = OpRecorder() if record_ops else contextlib.nullcontext()
