@@ -79,3 +79,15 @@ def test_peak_parts_add_up_and_name_the_adapter():
     assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"), abs=0.01)
     lora_params = 2 * (8 * (64 + 192) + 8 * (64 + 64) + 8 * (64 + 256) + 8 * (128 + 64))  # r x (in + out) per linear
     assert sim.trainable_bytes == lora_params * 4  # float32 factors, as train.py makes them
+
+
+def test_qlora_base_is_simulated_4bit_on_meta_with_float32_adapter_bytes():
+    pytest.importorskip("bitsandbytes")
+    plain = simulate_step(run_config(), tiny_phi3_config(2), 2, device="cpu", record_ops=False)
+    four_bit = load_config({**run_config(bf16=True).to_dict(),
+                            "model": {"name_or_path": "tiny", "dtype": "float32", "load_in_4bit": True}})
+    sim = simulate_step(four_bit, tiny_phi3_config(2), 2, device="cuda")
+    assert any(o.name == "gemm_4bit" and o.flops > 0 for o in sim.ops)  # the base matmuls, counted as matmuls
+    assert sim.trainable_bytes == plain.trainable_bytes  # float32 factors, as train.py keeps them
+    # 4-bit linears: well under the float32 base's parameter bytes (the embedding and lm_head stay float32)
+    assert sim.peak["Parameter"] < plain.peak["Parameter"]

@@ -116,6 +116,8 @@ _MATH, _FLASH, _EFFICIENT, _FLASH_CPU = "math", "flash", "efficient", "flash_cpu
 def _fake_on(t: torch.Tensor, device_type: str) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
+    if device_type == "meta":  # the 4-bit base's simulation: meta tensors stand for a CUDA GPU's
+        return t.device.type == "meta"
     return isinstance(t, FakeTensor) and t.device.type == device_type
 
 

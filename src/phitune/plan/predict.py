@@ -37,6 +37,10 @@ def not_modelled(cfg: RunConfig, world_size: int) -> list[str]:
         out.append("torch.compile (training_config.torch_compile): planned as the eager step")
     if tc.use_liger_kernel:
         out.append("Liger's Triton kernels (use_liger_kernel): no fake implementation; planned without them")
+    if cfg.model.load_in_4bit:
+        out.append("the 4-bit base runs on the meta device (bitsandbytes' weights cannot wrap fake tensors): no "
+                   "autocast there, so the LoRA factors are simulated in bf16 and their float32 bytes added back; "
+                   "attention as sdpa's flash kernel (phitune's varlen kernel on a GPU: the same memory class)")
     if cfg.model.attn_implementation == "flash_attention_2":
         out.append("the flash-attn package's kernels: planned as torch's own FlashAttention (same memory class)")
     return out

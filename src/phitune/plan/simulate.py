@@ -14,6 +14,7 @@ the peak is that of a steady-state step, what ``torch.cuda.max_memory_allocated`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils.flop_counter import flop_registry
 
 from ..adapt import add_lora
+from ..models.loading import prepare_kbit_training
 from ..config import RunConfig
 from ..training import loss
 from ..training.fast import varlen
@@ -68,6 +70,15 @@ _NO_TRAFFIC = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_s
                "split_with_sizes", "unbind", "set_"}
 
 
+def _gemm_4bit_flops(a, b, shape_b, *rest) -> int:
+    """bitsandbytes' fused dequantize + matmul (QLoRA's base forward) is one custom op torch's flop_registry does not
+    know: the matmul it is, 2 x M x N x K."""
+    return 2 * (a.numel() // a.shape[-1]) * shape_b[0] * shape_b[1]
+
+
+_EXTRA_FLOPS = {"gemm_4bit": _gemm_4bit_flops}
+
+
 class OpRecorder(TorchDispatchMode):
     """Records every op below it (FLOPs from torch's own formulas, bytes in and out); computes nothing itself.
 
@@ -85,7 +96,10 @@ class OpRecorder(TorchDispatchMode):
         tensors_in = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         tensors_out = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         nbytes = sum(t.numel() * t.element_size() for t in tensors_in + tensors_out)
-        flops = int(flop_registry[packet](*args, **kwargs, out_val=out)) if packet in flop_registry else 0
+        if packet in flop_registry:
+            flops = int(flop_registry[packet](*args, **kwargs, out_val=out))
+        else:
+            flops = _EXTRA_FLOPS.get(packet.__name__, lambda *a: 0)(*args)
         half = any(t.dtype in (torch.bfloat16, torch.float16) for t in tensors_in + tensors_out)
         no_move = getattr(func, "is_view", False) or packet.__name__ in _NO_TRAFFIC or not tensors_out
         self.ops.append(OpRecord(packet.__name__, flops, 0 if no_move else nbytes, half, no_move))
@@ -130,17 +144,27 @@ def simulate_step(cfg: RunConfig, hf_config, layers: int, device: str = "cuda", 
     rows, length = tc.per_device_train_batch_size, dc.max_seq_length
     dev = torch.device(device, 0) if device == "cuda" else torch.device(device)
     dtype = model_dtype(cfg, dev)
-    if cfg.model.load_in_4bit:
-        raise fakegpu.PlanUnsupported("model.load_in_4bit: the 4-bit base is not simulated yet")
+    four_bit = cfg.model.load_in_4bit
+    lora_dtype = torch.float32  # as train.py: float32 factors
+    if four_bit and device == "cuda":
+        # bitsandbytes' Params4bit is a _make_subclass tensor: it cannot wrap a FakeTensor, but its registered fake
+        # kernels serve the meta device. No autocast there: the factors are kept in the autocast dtype instead and
+        # the adapter's float32 bytes are added back afterwards (_float32_adapter).
+        dev, fake = torch.device("meta"), False
+        lora_dtype = torch.bfloat16 if tc.bf16 else torch.float16 if tc.fp16 else torch.float32
+        tc = dataclasses.replace(tc, bf16=False, fp16=False)
     samples = samples if samples is not None else worst_case_samples(rows, length, hf_config.vocab_size)
     attn = "sdpa" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
-    patches = fakegpu.fake_device(dev.type) if fake else contextlib.nullcontext({})
+    patches = fakegpu.fake_device(dev.type) if fake or dev.type == "meta" else contextlib.nullcontext({})
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     with patches as kernels, fake_mode:
         with torch.device(dev):
             model = AutoModelForCausalLM.from_config(shaped_config(hf_config, layers), attn_implementation=attn,
                                                      dtype=dtype)
-        add_lora(model, cfg.peft_config, lora_dtype=torch.float32)  # as train.py: float32 factors
+        if four_bit:
+            quantize_on(model, dev, cfg.model, dtype)
+            prepare_kbit_training(model)
+        add_lora(model, cfg.peft_config, lora_dtype=lora_dtype)
         enable_gradient_checkpointing(model, tc)
         fast = loss.apply_fast_path(model, tc)
         optimizer, scheduler, scaler = build_optimization(model, tc, dev, total_steps=10)
@@ -168,10 +192,52 @@ def simulate_step(cfg: RunConfig, hf_config, layers: int, device: str = "cuda", 
             train_step(model, [batch], optimizer, scheduler, scaler, tc, dev, autocast, step_loss)
         peak = fakegpu.peak_by_category(tracker, dev.type)
         trainable = sum(p.numel() * p.element_size() for p in params)
+        if lora_dtype != torch.float32:
+            peak, trainable = _float32_adapter(peak, trainable, lora_dtype)
     return StepSimulation(layers=layers, peak=peak, ops=recorder.ops if record_ops else [],
                           trainable_bytes=trainable, batch_shape=tuple(batch["input_ids"].shape),
                           supervised=supervised, attention_kernels=dict(kernels),
                           answers=sorted(f"{k} (x{n})" for k, n in answers.log.items()), fast_path=fast.notes)
+
+
+def quantize_on(model, device: torch.device, model_cfg, dtype: torch.dtype) -> int:
+    """Replace every nn.Linear but the output head by a bitsandbytes Linear4bit quantized on ``device``, as
+    ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` does with ``model.quantization``."""
+    import bitsandbytes as bnb
+
+    q = model_cfg.quantization
+    compute = dtype if q.compute_dtype == "auto" else getattr(torch, q.compute_dtype)
+    head = model.get_output_embeddings()
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=compute, compress_statistics=q.double_quant, quant_type=q.type,
+                                  device="meta")
+        weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=q.double_quant,
+                                   quant_type=q.type, module=layer)
+        layer.weight = weight._quantize(device)  # what Params4bit.to(device) does: 4-bit blocks + absmax
+        if module.bias is not None:
+            layer.bias = module.bias
+        model.set_submodule(name, layer)
+        count += 1
+    return count
+
+
+def _float32_adapter(peak: dict[str, int], trainable: int, simulated: torch.dtype) -> tuple[dict[str, int], int]:
+    """The peak with the adapter (parameters, gradients, AdamW's two moments) in float32 as train.py keeps it, from
+    a simulation that kept it in ``simulated`` (2 bytes) for want of autocast."""
+    scale = 4 // torch.empty((), dtype=simulated).element_size()
+    extra = trainable * (scale - 1)
+    peak = dict(peak)
+    peak["Parameter"] = peak.get("Parameter", 0) + extra
+    grads = min(peak.get("Gradient", 0), trainable)
+    opt_extra = peak.get("Optstate", 0) * (scale - 1)
+    peak["Gradient"] = peak.get("Gradient", 0) + grads * (scale - 1)
+    peak["Optstate"] = peak.get("Optstate", 0) + opt_extra
+    peak["Total"] = peak.get("Total", 0) + extra + grads * (scale - 1) + opt_extra
+    return peak, trainable * scale
 
 
 def _warm_optimizer(optimizer, params) -> None:
