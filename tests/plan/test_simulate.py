@@ -91,3 +91,18 @@ def test_qlora_base_is_simulated_4bit_on_meta_with_float32_adapter_bytes():
     assert sim.trainable_bytes == plain.trainable_bytes  # float32 factors, as train.py keeps them
     # 4-bit linears: well under the float32 base's parameter bytes (the embedding and lm_head stay float32)
     assert sim.peak["Parameter"] < plain.peak["Parameter"]
+
+
+def test_fsdp_rank_holds_its_shard_of_the_base_under_a_fake_process_group():
+    """shard_model once identified tensors by data_ptr(), 0 for every fake tensor: then nothing was sharded."""
+    def per_layer_parameter_bytes(**kw):
+        cfg = run_config(**({"fsdp": "full_shard"} if kw else {}))
+        two, four = (simulate_step(cfg, tiny_phi3_config(4), n, device="cpu", record_ops=False, **kw) for n in (2, 4))
+        return (four.peak["Parameter"] - two.peak["Parameter"]) / 2, two
+
+    whole, single = per_layer_parameter_bytes()
+    shard, sharded = per_layer_parameter_bytes(world_size=4)
+    # each added layer costs a quarter of its frozen weights on one of 4 ranks, plus its whole LoRA factors
+    lora = whole - 4 * (64 * 192 + 64 * 64 + 64 * 256 + 128 * 64)
+    assert shard == pytest.approx(lora + (whole - lora) / 4, rel=0.02)
+    assert sharded.trainable_bytes == single.trainable_bytes  # LoRA factors whole on every rank

@@ -31,7 +31,7 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from ..errors import PhituneError
 
@@ -205,6 +205,96 @@ def fake_device(device_type: str = "cuda"):
         stack.enter_context(_patched(F, "scaled_dot_product_attention",
                                      _sdpa_as_on_device(F.scaled_dot_product_attention, device_type, kernels)))  # (6)
         yield kernels
+
+
+# --- a process group of N ranks in one process (FSDP2 and data parallel, per rank) ----------------------------------
+
+
+class _NoEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+class _NoStream(_NoEvent):
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event or _NoEvent()
+
+
+class _CudaHandle:
+    """What FSDP2 asks of ``torch.cuda`` (streams, events, the current device), answered without a GPU: on one
+    stream nothing needs waiting for."""
+
+    Stream, Event = _NoStream, _NoEvent
+    _stream = _NoStream()
+
+    @staticmethod
+    def current_device():
+        return 0
+
+    @classmethod
+    def current_stream(cls, device=None):
+        return cls._stream
+
+    @staticmethod
+    @contextlib.contextmanager
+    def stream(stream):
+        yield
+
+    @staticmethod
+    def device_count():
+        return 1
+
+    @staticmethod
+    def is_available():
+        return False
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int):
+    """This process as rank 0 of ``world_size``: torch's "fake" backend (collectives return at once, nothing is
+    sent), with FSDP2 given a device handle for "cuda" and its DeviceMesh built outside FakeTensorMode (the mesh
+    keeps its rank layout in a real CPU tensor and reads it back). Destroyed on exit."""
+    import torch.distributed as dist
+    import torch.distributed.device_mesh as device_mesh
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives, _fsdp_init, _fsdp_param_group, _fsdp_state
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    original_mesh, original_handle = device_mesh.init_device_mesh, device_mesh._get_device_handle
+
+    def real_mesh(*args, **kwargs):
+        with _disable_current_modes():
+            return original_mesh(*args, **kwargs)
+
+    def handle(device_type: str = "cuda"):
+        return _CudaHandle if device_type == "cuda" else original_handle(device_type)
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_patched(device_mesh, "init_device_mesh", real_mesh))
+            for module in (_fsdp_collectives, _fsdp_init, _fsdp_param_group, _fsdp_state):
+                stack.enter_context(_patched(module, "_get_device_handle", handle))
+            yield
+    finally:
+        dist.destroy_process_group()
 
 
 # --- answers to data-dependent ops ---------------------------------------------------------------------------------

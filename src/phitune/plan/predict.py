@@ -51,12 +51,12 @@ def _line(a: float, b: float, layers: int, short: tuple[int, int]) -> float:
     return a + (b - a) / (hi - lo) * (layers - lo)
 
 
-def simulate_depths(cfg: RunConfig, hf_config, device: str = "cuda") -> tuple[list[StepSimulation], int]:
+def simulate_depths(cfg: RunConfig, hf_config, device: str = "cuda", world_size: int = 1
+                    ) -> tuple[list[StepSimulation], int]:
     """The simulated steps the plan extrapolates from, and the model's depth."""
     layers = hf_config.num_hidden_layers
-    if layers <= SHORT_DEPTHS[1]:
-        return [simulate_step(cfg, hf_config, layers, device)], layers
-    return [simulate_step(cfg, hf_config, n, device) for n in SHORT_DEPTHS], layers
+    depths = [layers] if layers <= SHORT_DEPTHS[1] else list(SHORT_DEPTHS)
+    return [simulate_step(cfg, hf_config, n, device, world_size=world_size) for n in depths], layers
 
 
 def extrapolate(steps: list[StepSimulation], layers: int, value) -> float:
@@ -121,7 +121,7 @@ def predict(cfg: RunConfig, hf_config, *, gpus=None, world_size: int = 1, shape_
     started = time.perf_counter()
     tc = cfg.training_config
     chosen = list(gpus) if gpus else [gpu_table.GPUS[n] for n in gpu_table.DEFAULT_GPUS]
-    steps, layers = simulate_depths(cfg, hf_config, device)
+    steps, layers = simulate_depths(cfg, hf_config, device, world_size)
     accumulation = tc.gradient_accumulation_steps
     peak = peak_parts(steps, layers, accumulation)
     rows, length = steps[-1].batch_shape

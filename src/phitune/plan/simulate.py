@@ -28,7 +28,7 @@ from torch.utils.flop_counter import flop_registry
 from ..adapt import add_lora
 from ..models.loading import prepare_kbit_training
 from ..config import RunConfig
-from ..training import loss
+from ..training import distributed, loss
 from ..training.fast import varlen
 from ..training.optim import autocast_context, build_optimization, enable_gradient_checkpointing
 from ..training.step import batch_maker, supervised_tokens, train_step
@@ -133,11 +133,12 @@ def worst_case_samples(rows: int, length: int, vocab: int, seed: int = 0) -> lis
 
 
 def simulate_step(cfg: RunConfig, hf_config, layers: int, device: str = "cuda", samples: list[dict] | None = None,
-                  record_ops: bool = True, fake: bool = True) -> StepSimulation:
+                  record_ops: bool = True, fake: bool = True, world_size: int = 1) -> StepSimulation:
     """Simulate one optimizer step (one micro-batch) of ``cfg`` with ``layers`` decoder layers on a fake ``device``
     ("cuda" needs ``fakegpu``'s runtime on a CPU-only torch; "cpu" needs nothing). ``samples``: the micro-batch's
     samples (default: the worst case of the config). ``fake=False`` runs the very same step for real (on "cpu"):
-    what the simulation is checked against."""
+    what the simulation is checked against. ``world_size`` > 1: rank 0 of a fake process group (data parallel, or
+    FSDP2 with ``training_config.fsdp``), as under torchrun."""
     from transformers import AutoModelForCausalLM
 
     tc, dc = cfg.training_config, cfg.data
@@ -157,7 +158,8 @@ def simulate_step(cfg: RunConfig, hf_config, layers: int, device: str = "cuda", 
     attn = "sdpa" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
     patches = fakegpu.fake_device(dev.type) if fake or dev.type == "meta" else contextlib.nullcontext({})
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    with patches as kernels, fake_mode:
+    group = fakegpu.fake_process_group(world_size) if world_size > 1 else contextlib.nullcontext()
+    with group, patches as kernels, fake_mode:
         with torch.device(dev):
             model = AutoModelForCausalLM.from_config(shaped_config(hf_config, layers), attn_implementation=attn,
                                                      dtype=dtype)
@@ -165,6 +167,7 @@ def simulate_step(cfg: RunConfig, hf_config, layers: int, device: str = "cuda", 
             quantize_on(model, dev, cfg.model, dtype)
             prepare_kbit_training(model)
         add_lora(model, cfg.peft_config, lora_dtype=lora_dtype)
+        distributed.prepare_model(model, tc, dev)  # FSDP2 or data parallel; nothing in one process
         enable_gradient_checkpointing(model, tc)
         fast = loss.apply_fast_path(model, tc)
         optimizer, scheduler, scaler = build_optimization(model, tc, dev, total_steps=10)

@@ -35,6 +35,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..adapt import adapter_state_dict
 from ..errors import ConfigError, PhituneError
@@ -192,8 +193,14 @@ def broadcast_params(params: list[torch.Tensor]) -> None:
         for p in params:
             buf = p.detach().to(device)
             dist.broadcast(buf, src=0)
-            if buf.data_ptr() != p.data_ptr():
+            if not _same_storage(buf, p):
                 p.copy_(buf)
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors share memory. By storage, not data_ptr(): a fake or meta tensor's data_ptr() is 0
+    (``phitune plan`` runs this code on fake tensors)."""
+    return StorageWeakRef(a.untyped_storage()) == StorageWeakRef(b.untyped_storage())
 
 
 def broadcast_object(obj):
@@ -346,9 +353,11 @@ def shard_model(model, tc, device: torch.device) -> int:
                           "(base_model_prefix) to shard")
     # Whole on every process: what is trained, what the adapter file holds (e.g. a targeted embedding's base
     # weight), and weights shared between modules (tied embeddings).
+    # Held tensors are found by their storage (_same_storage): by data_ptr(), under `phitune plan`'s fake process
+    # group every parameter looked held (a fake tensor's data_ptr() is 0) and nothing was sharded.
     keep = {id(p) for p in model.parameters() if p.requires_grad}
-    held = {t.data_ptr() for t in adapter_state_dict(model).values()}
-    keep |= {id(p) for p in model.parameters() if p.data_ptr() in held}
+    held = list(adapter_state_dict(model).values())
+    keep |= {id(p) for p in model.parameters() if any(_same_storage(p, t) for t in held)}
     head = model.get_output_embeddings()
     if head is not None and head.weight is model.get_input_embeddings().weight:
         keep.add(id(head.weight))
