@@ -20,6 +20,7 @@ report.py (the printed plan).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -27,11 +28,15 @@ import types
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from ..config import RunConfig, load_config
 from ..errors import ConfigError, PhituneError
-from . import fakegpu
+from . import auto, fakegpu
 from . import gpus as gpu_table
 from .shapes import model_shape
+
+log = logging.getLogger("phitune")
 
 
 def plan(config: str | Path | dict | RunConfig, *, gpus: Sequence[str] | None = None,
@@ -46,13 +51,44 @@ def plan(config: str | Path | dict | RunConfig, *, gpus: Sequence[str] | None = 
     cfg = load_config(config, overrides)
     if world_size < 1:
         raise ConfigError(f"--world-size must be >= 1, got {world_size}")
-    for name in gpus or ():
-        gpu_table.gpu(name)  # an unknown name fails here, before the slow work
+    chosen = [gpu_table.gpu(name) for name in gpus or ()]  # an unknown name fails here, before the slow work
     memories = [gpu_memory] if isinstance(gpu_memory, (int, float)) else list(gpu_memory or ())
     hf_config, shape_from = model_shape(cfg.model)
-    request = {"config": cfg.to_dict(), "hf_config": hf_config.to_dict(), "shape_from": shape_from,
-               "gpus": list(gpus or ()), "gpu_memory": memories, "world_size": world_size}
-    return run_worker(request)
+
+    def planned(run_cfg: RunConfig) -> dict:
+        return run_worker({"config": run_cfg.to_dict(), "hf_config": hf_config.to_dict(), "shape_from": shape_from,
+                           "gpus": list(gpus or ()), "gpu_memory": memories, "world_size": world_size})
+
+    if not cfg.training_config.batch_is_auto:
+        return planned(cfg)
+    sizes = [g.memory_gib for g in chosen] + memories
+    if len(sizes) != 1:
+        raise ConfigError("training_config.per_device_train_batch_size: auto is chosen for one GPU: give exactly "
+                          "one --gpu NAME (or --gpu-memory GIB) to see the choice phitune train would make there")
+    cfg, choice = auto.choose(cfg, sizes[0], lambda c: planned(c)["peak_gib"]["total"])
+    return {**planned(cfg), "auto_batch": choice}
+
+
+def resolve_auto_batch(cfg: RunConfig, device, world_size: int = 1) -> RunConfig:
+    """``cfg`` with ``per_device_train_batch_size: auto`` (and ``gradient_checkpointing: auto``) decided for the
+    CUDA GPU ``device`` before any weight loads, the choice logged; ``cfg`` itself when nothing is auto. On any
+    other device a ConfigError: there is no GPU memory to size against."""
+    if not cfg.training_config.batch_is_auto:
+        return cfg
+    if device.type != "cuda":
+        raise ConfigError(f"training_config.per_device_train_batch_size: auto sizes the micro-batch for the CUDA "
+                          f"GPU a run is on (from phitune plan); this run is on the {device.type}. Give a number "
+                          "(e.g. 4), or see what a GPU would take: phitune plan CONFIG --gpu NAME")
+    memory = torch.cuda.get_device_properties(device).total_memory / 2**30
+    log.info("per_device_train_batch_size: auto: planning micro-batches for this %.1f GiB GPU (phitune plan, "
+             "no weights loaded; about a minute)", memory)
+    resolved, choice = auto.choose(cfg, memory, lambda c: plan(c, world_size=world_size, gpu_memory=memory)[
+        "peak_gib"]["total"])
+    log.info("auto batch: micro-batch %d x accumulation %d (%d rows per step), gradient checkpointing %s: "
+             "predicted peak %.2f GiB of %.1f GiB", choice["per_device_train_batch_size"],
+             choice["gradient_accumulation_steps"], choice["rows_per_step"],
+             "on" if choice["gradient_checkpointing"] else "off", choice["predicted_peak_gib"], memory)
+    return resolved
 
 
 def run_worker(request: dict) -> dict:
@@ -89,4 +125,4 @@ class _CallablePackage(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallablePackage
 PlanUnsupported = fakegpu.PlanUnsupported
-__all__ = ["PlanUnsupported", "plan", "run_worker"]
+__all__ = ["PlanUnsupported", "plan", "resolve_auto_batch", "run_worker"]

@@ -3,7 +3,7 @@ whether it fits each GPU, and the step time from the roofline.
 
 Every per-layer quantity (weights, saved activations, FLOPs, bytes moved) is linear in the number of decoder layers,
 so a model of L layers is predicted from the same step at 2 and 4 layers: x(L) = x(2) + (x(4) - x(2)) / 2 * (L - 2)
-(checked against full-depth simulations in tests/plan/test_predict.py). A model of 4 layers or fewer is simulated
+(checked against full-depth simulations in tests/plan/test_plan_simulate.py). A model of 4 layers or fewer is simulated
 whole.
 """
 
@@ -15,14 +15,10 @@ import torch
 
 from ..config import RunConfig
 from . import gpus as gpu_table
+from .gpus import MARGIN_FRACTION, MARGIN_GIB, fits
 from .simulate import StepSimulation, model_dtype, simulate_step
 
 GiB = 2**30
-# Outside torch.cuda.max_memory_allocated, and not seen by MemTracker: the CUDA context (~0.5 GiB), cuBLAS and
-# FlashAttention workspaces (the simulation came out 0.06-0.11 GiB below all six H200 measurements), and the
-# caching allocator's fragmentation (a few % of the peak).
-MARGIN_GIB = 1.0
-MARGIN_FRACTION = 0.05
 SHORT_DEPTHS = (2, 4)
 
 
@@ -86,12 +82,6 @@ def peak_parts(steps: list[StepSimulation], layers: int, accumulation: int) -> d
     }
     parts = {k: round(v / GiB, 3) for k, v in parts.items()}
     return {"total": round(sum(parts.values()), 3), **parts}
-
-
-def fits(total_gib: float, memory_gib: float) -> tuple[bool, float]:
-    """(fits, GiB left) for a peak of ``total_gib`` on a GPU of ``memory_gib``, after the margin."""
-    need = total_gib * (1 + MARGIN_FRACTION) + MARGIN_GIB
-    return need <= memory_gib, round(memory_gib - need, 2)
 
 
 def gpu_rows(steps, layers: int, cfg: RunConfig, total_gib: float, tokens: int, chosen) -> list[dict]:
