@@ -24,7 +24,7 @@ def format_plan(p: dict) -> str:
         f"  per GPU ({p['margin']}):",
     ]
     for g in p["gpus"]:
-        verdict = "fits" if g["fits"] else "DOES NOT FIT"
+        verdict = "REFUSED" if "refused" in g else "fits" if g["fits"] else "DOES NOT FIT"
         line = f"    {g['gpu']:<12} {g['memory_gib']:6.1f} GiB  {verdict:<12} ({g['headroom_gib']:+.1f} GiB left)"
         if "refused" in g:
             line += f"  {g['refused']}"
