@@ -7,7 +7,8 @@ run of the peer on the `small` shape, benchmarks/step_profile.py). These functio
 passes over memory and save only what backward needs:
 
   lora_linear   y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ. Saves drop(x) and the (N, r) product; backward forms grad_x,
-                grad_A, grad_B with skinny matmuls accumulated in place (no (N, out) temporaries).
+                grad_A, grad_B with skinny matmuls accumulated in place (no (N, out) temporaries). On a 4-bit
+                (QLoRA) base the base matmul stays bitsandbytes' and only the LoRA branch is one function.
   swiglu_down   y = down(silu(gate)·up) with down's LoRA, from the gate_up output. Saves gate_up and a 1-byte
                 dropout mask; silu(gate)·up is recomputed in backward instead of being stored.
   rms_norm      Phi-3/Llama RMSNorm with a hand-written backward: saves x and one float per row.
@@ -25,17 +26,19 @@ before; ``uninstall(model)`` restores the original classes. Nothing is patched a
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
 from ... import lora
+from ...lora import quantized
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if dev != "meta" and torch.is_autocast_enabled(dev):  # meta (phitune plan's QLoRA) has no autocast: it raises
         return torch.get_autocast_dtype(dev)
     return x.dtype
 
@@ -118,6 +121,41 @@ class LoRALinearFn(torch.autograd.Function):
         if need_b:
             gb_ = g.sum(0).to(ctx.dtypes[1])
         return gx, gW, gb_, gA, gB, None, None
+
+
+class LoRABranchFn(torch.autograd.Function):
+    """s·(drop(x) Aᵀ) Bᵀ alone, for a base whose matmul has its own autograd (QLoRA's 4-bit base: bitsandbytes'
+    matmul_4bit keeps no input for a frozen weight). Saves drop(x) in the compute dtype, the (N, r) product and a
+    1-byte mask; the module path instead kept dropout's output, its float32 copy and autocast's bf16 copy of that."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, scaling: float, p: float):
+        cdt = x.dtype
+        Ac, Bc = A.to(cdt), B.to(cdt)
+        mask = _dropout_mask(x, p)
+        xd = _masked(x, mask)
+        s = scaling / (1.0 - p) if mask is not None else scaling  # dropout's 1/(1-p) folded in
+        xa = torch.mm(xd, Ac.t())  # (N, r)
+        y = torch.mm(xa, Bc.t()).mul_(s)
+        ctx.save_for_backward(Ac, Bc, xd, xa, mask)
+        ctx.scaling = s
+        ctx.dtypes = (A.dtype, B.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        Ac, Bc, xd, xa, mask = ctx.saved_tensors
+        s = ctx.scaling
+        g = g.to(xd.dtype)
+        gx = gA = gB = None
+        gbr = torch.mm(g, Bc)  # (N, r)
+        if ctx.needs_input_grad[0]:
+            gx = _masked(torch.mm(gbr, Ac), mask).mul_(s)
+        if ctx.needs_input_grad[1]:
+            gA = torch.mm(gbr.t(), xd).mul_(s).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[2]:
+            gB = torch.mm(g.t(), xa).mul_(s).to(ctx.dtypes[1])
+        return gx, gA, gB, None, None
 
 
 class SwiGLUDownFn(torch.autograd.Function):
@@ -328,6 +366,32 @@ class FusedLoRAMergedLinear(lora.MergedLinear):
         return lora_linear(self, x)
 
 
+def lora_linear_4bit(layer, x: torch.Tensor) -> torch.Tensor:
+    """The fused forward of a phitune LoRA layer on a 4-bit base: bitsandbytes' matmul, then LoRABranchFn."""
+    if not _fusable(layer):
+        return super(type(layer), layer).forward(x)
+    result = layer.base_forward(x)
+    cdt = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else contextlib.nullcontext():
+        branch = LoRABranchFn.apply(_as_2d(x).to(cdt), layer.lora_A, layer._lora_B_full(), layer.scaling,
+                                    _dropout_p(layer))
+    return result + branch.view(*x.shape[:-1], branch.shape[-1]).to(result.dtype)
+
+
+class FusedLoRALinear4bit(quantized.Linear4bit):
+    """quantized.Linear4bit whose LoRA branch is one autograd function (LoRABranchFn)."""
+
+    def forward(self, x):
+        return lora_linear_4bit(self, x)
+
+
+class FusedLoRAMergedLinear4bit(quantized.MergedLinear4bit):
+    """quantized.MergedLinear4bit whose LoRA branch is one autograd function (LoRABranchFn)."""
+
+    def forward(self, x):
+        return lora_linear_4bit(self, x)
+
+
 def _is_lora(m) -> bool:
     return isinstance(m, (lora.Linear, lora.MergedLinear))
 
@@ -448,7 +512,7 @@ _QKV_ROPE_ATTENTIONS = ("Phi3Attention",)
 def install(model, *, lora_layers: bool = True, mlp: bool = True, norms: bool = True,
             attention: bool = True) -> dict[str, int]:
     """Switch matching module instances of ``model`` to their fused subclasses; returns counts per kind."""
-    counts = {"lora_linear": 0, "swiglu_mlp": 0, "rms_norm": 0, "qkv_rope": 0}
+    counts = {"lora_linear": 0, "lora_linear_4bit": 0, "swiglu_mlp": 0, "rms_norm": 0, "qkv_rope": 0}
     for module in model.modules():
         cls = type(module)
         if getattr(cls, "_phitune_original_class", None) is not None:
@@ -459,6 +523,9 @@ def install(model, *, lora_layers: bool = True, mlp: bool = True, norms: bool = 
         elif lora_layers and cls is lora.MergedLinear:
             module.__class__ = FusedLoRAMergedLinear
             counts["lora_linear"] += 1
+        elif lora_layers and cls in (quantized.Linear4bit, quantized.MergedLinear4bit):
+            module.__class__ = FusedLoRALinear4bit if cls is quantized.Linear4bit else FusedLoRAMergedLinear4bit
+            counts["lora_linear_4bit"] += 1
         elif mlp and cls.__name__ in _FUSED_GATE_UP_MLPS and _silu_mlp(module):
             module.__class__ = _fused_subclass(cls, _mlp_forward, "mlp")
             counts["swiglu_mlp"] += 1
@@ -473,6 +540,8 @@ def install(model, *, lora_layers: bool = True, mlp: bool = True, norms: bool = 
 
 FusedLoRALinear._phitune_original_class = lora.Linear
 FusedLoRAMergedLinear._phitune_original_class = lora.MergedLinear
+FusedLoRALinear4bit._phitune_original_class = quantized.Linear4bit
+FusedLoRAMergedLinear4bit._phitune_original_class = quantized.MergedLinear4bit
 
 
 def _silu_mlp(module) -> bool:
