@@ -182,33 +182,71 @@ class SwiGLUDownFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         gu, Wc, Ac, Bc, xa, mask = ctx.saved_tensors
-        s = ctx.scaling  # includes dropout's 1/(1-p)
         need_gu, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         if need_W:
             raise RuntimeError("fused SwiGLU MLP: a trainable down_proj base weight is not supported")
         g = g.to(gu.dtype)
-        gate, up = gu.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        gA = gB = ggu = gb_ = None
-        gbr = torch.mm(g, Bc)
-        if need_A:
-            hd = _masked(silu * up, mask)
-            gA = torch.mm(gbr.t(), hd).mul_(s).to(ctx.dtypes[1])
-            del hd
-        if need_B:
-            gB = torch.mm(g.t(), xa).mul_(s).to(ctx.dtypes[2])
-        if need_b:
-            gb_ = g.sum(0).to(ctx.dtypes[0])
-        if need_gu:
-            gh = _input_grad(g, Wc, gbr, Ac, mask, s)
-            ggu = torch.empty_like(gu)
-            g_gate, g_up = ggu.chunk(2, dim=-1)
-            torch.mul(gh, silu, out=g_up)
-            # d silu(x)/dx = sig(x) * (1 + x * (1 - sig(x)))
-            dsilu = (1.0 - sig).mul_(gate).add_(1.0).mul_(sig)
-            torch.mul(gh.mul_(up), dsilu, out=g_gate)
+        ggu, gA, gB = _swiglu_down_grads(g, gu, Wc, Ac, Bc, xa, mask, ctx.scaling, need_gu, need_A, need_B)
+        gb_ = g.sum(0).to(ctx.dtypes[0]) if need_b else None
+        gA = None if gA is None else gA.to(ctx.dtypes[1])
+        gB = None if gB is None else gB.to(ctx.dtypes[2])
         return ggu, None, gb_, gA, gB, None, None
+
+
+class SwiGLUDown4bitFn(torch.autograd.Function):
+    """SwiGLUDownFn for a 4-bit (QLoRA) down_proj: bitsandbytes' matmul in forward, and in backward the weight
+    dequantized again (as bitsandbytes' own MatMul4Bit does) instead of a saved 16-bit copy. ``layer`` is the
+    lora.quantized layer (its frozen base and bias are not inputs of the function)."""
+
+    @staticmethod
+    def forward(ctx, gu, layer, A, B, scaling: float, p: float):
+        cdt = gu.dtype
+        gate, up = gu.chunk(2, dim=-1)
+        h = F.silu(gate).mul_(up)
+        Ac, Bc = A.to(cdt), B.to(cdt)
+        mask = _dropout_mask(h, p)
+        s = scaling / (1.0 - p) if mask is not None else scaling
+        y = layer.base_forward(h)
+        xa = torch.mm(_masked(h, mask), Ac.t())
+        y = y.addmm_(xa, Bc.t(), alpha=s)
+        ctx.save_for_backward(gu, Ac, Bc, xa, mask)
+        ctx.layer, ctx.scaling, ctx.dtypes = layer, s, (A.dtype, B.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        gu, Ac, Bc, xa, mask = ctx.saved_tensors
+        need_gu, _, need_A, need_B = ctx.needs_input_grad[:4]
+        g = g.to(gu.dtype)
+        Wc = quantized.dequantize_weight(ctx.layer).to(gu.dtype) if need_gu else None
+        ggu, gA, gB = _swiglu_down_grads(g, gu, Wc, Ac, Bc, xa, mask, ctx.scaling, need_gu, need_A, need_B)
+        gA = None if gA is None else gA.to(ctx.dtypes[0])
+        gB = None if gB is None else gB.to(ctx.dtypes[1])
+        return ggu, None, gA, gB, None, None
+
+
+def _swiglu_down_grads(g, gu, Wc, Ac, Bc, xa, mask, s: float, need_gu: bool, need_A: bool, need_B: bool):
+    """(grad of gu, grad of A, grad of B) of y = down(silu(gate)·up) + s·(drop(h) Aᵀ) Bᵀ, recomputing h from gu."""
+    gate, up = gu.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    gA = gB = ggu = None
+    gbr = torch.mm(g, Bc)
+    if need_A:
+        hd = _masked(silu * up, mask)
+        gA = torch.mm(gbr.t(), hd).mul_(s)
+        del hd
+    if need_B:
+        gB = torch.mm(g.t(), xa).mul_(s)
+    if need_gu:
+        gh = _input_grad(g, Wc, gbr, Ac, mask, s)
+        ggu = torch.empty_like(gu)
+        g_gate, g_up = ggu.chunk(2, dim=-1)
+        torch.mul(gh, silu, out=g_up)
+        # d silu(x)/dx = sig(x) * (1 + x * (1 - sig(x)))
+        dsilu = (1.0 - sig).mul_(gate).add_(1.0).mul_(sig)
+        torch.mul(gh.mul_(up), dsilu, out=g_gate)
+    return ggu, gA, gB
 
 
 def _stat_dtype(x):
@@ -400,13 +438,19 @@ def swiglu_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
     """Phi-3's MLP: gate_up (+LoRA) -> silu(gate)·up -> down (+LoRA), as two fused functions."""
     gate_up, down = mlp.gate_up_proj, mlp.down_proj
     gu = gate_up(x)
-    if not (_is_lora(down) and _fusable(down)):
+    four_bit = isinstance(down, quantized.Linear4bit)
+    if not ((_is_lora(down) or four_bit) and _fusable(down)):
         gate, up = gu.chunk(2, dim=-1)
         return down(up * F.silu(gate))
     cdt = _compute_dtype(gu)
-    A, B = _lora_factors(down)
-    with torch.autocast(x.device.type, enabled=False):
-        y = SwiGLUDownFn.apply(_as_2d(gu).to(cdt), down.weight, down.bias, A, B, down.scaling, _dropout_p(down))
+    with torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else contextlib.nullcontext():
+        if four_bit:
+            y = SwiGLUDown4bitFn.apply(_as_2d(gu).to(cdt), down, down.lora_A, down._lora_B_full(), down.scaling,
+                                       _dropout_p(down))
+        else:
+            A, B = _lora_factors(down)
+            y = SwiGLUDownFn.apply(_as_2d(gu).to(cdt), down.weight, down.bias, A, B, down.scaling,
+                                   _dropout_p(down))
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
