@@ -72,3 +72,18 @@ def test_accuracy_benchmark_predicts_two_h200_rows_within_3_percent():
     for r in rows:
         assert abs(r["error_pct"]) < 3.0, r
     assert rows[0]["in_range"], rows[0]  # the measured step time lies inside the plan's range
+
+
+def test_an_architecture_transformers_cannot_build_is_refused_with_exit_2(tmp_path, capsys):
+    model = tmp_path / "odd-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    assert main(["plan", tiny_yaml(tmp_path, model)]) == 2
+    err = capsys.readouterr().err
+    assert "transformers cannot build this architecture" in err and "config.json" in err
+
+
+def test_an_unknown_hub_id_offline_says_how_to_get_its_config(tmp_path, capsys):
+    assert main(["plan", tiny_yaml(tmp_path, "someone/not-cached-model")]) == 2
+    err = capsys.readouterr().err
+    assert "built-in table" in err and "huggingface-cli download someone/not-cached-model config.json" in err

@@ -6,8 +6,11 @@ From a local folder, else the Hugging Face cache (no download), else phitune's t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..config import ModelConfig
 from ..errors import ConfigError
+from . import fakegpu
 
 _MINI = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
              num_key_value_heads=32, vocab_size=32064)
@@ -40,6 +43,10 @@ def model_shape(model_cfg: ModelConfig):
                                             trust_remote_code=model_cfg.trust_remote_code)
         return config, f"config.json of {name}"
     except (OSError, ValueError) as exc:
+        if (Path(name) / "config.json").is_file():
+            raise fakegpu.PlanUnsupported(
+                f"model.name_or_path: {Path(name) / 'config.json'}: transformers cannot build this architecture "
+                f"({exc}); phitune plan simulates the models transformers builds from a config.json") from None
         shape = next((v for k, v in BUILT_IN.items() if k.lower() == str(name).lower()), None)
         if shape is None:
             raise ConfigError(f"model.name_or_path: no config.json for '{name}' in a local folder or the Hugging "

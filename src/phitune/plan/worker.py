@@ -31,7 +31,8 @@ def run(request: dict) -> dict:
                        device=request.get("device", "cuda"))
     except PhituneError as exc:
         return {"error": str(exc), "unsupported": True}
-    except NotImplementedError as exc:  # an op without a fake (meta) kernel: cannot be simulated
+    except (NotImplementedError, ValueError, KeyError) as exc:
+        # an op without a fake (meta) kernel, or a model transformers cannot build from this config: say which
         return {"error": f"{type(exc).__name__}: {exc}", "unsupported": True}
 
 
