@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes under torchrun (per-device memory and time; tokens per step for all)")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[], type=_override,
                    help=_SET_HELP)
+    p.add_argument("--data", action="store_true",
+                   help="plan the largest micro-batch the config's training data makes (tokenizer and data loaded "
+                   "and checked as train does) instead of the worst case of full rows")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.set_defaults(func=_cmd_plan)
 
@@ -378,7 +381,7 @@ def _cmd_plan(args) -> int:
     from .plan.report import format_plan
 
     result = plan(args.config, gpus=args.gpus, gpu_memory=args.gpu_memory, world_size=args.world_size,
-                  overrides=args.overrides)
+                  overrides=args.overrides, data=args.data)
     print(json.dumps(result) if args.json else format_plan(result))
     return 0
 

@@ -13,10 +13,10 @@ from phitune.cli import main
 from phitune.plan import predict
 
 
-def tiny_yaml(tmp_path, model_dir, **training) -> str:
+def tiny_yaml(tmp_path, model_dir, train="unused.jsonl", **training) -> str:
     tc = {"per_device_train_batch_size": 2, "bf16": True, **training}
-    lines = ["model:", f"  name_or_path: {model_dir}", "data:", "  train: unused.jsonl", "  max_seq_length: 64",
-             "training_config:"] + [f"  {k}: {json.dumps(v)}" for k, v in tc.items()] + [
+    lines = ["model:", f"  name_or_path: {model_dir}", "data:", f"  train: {train}", "  max_seq_length: 64",
+             "  cache: false", "training_config:"] + [f"  {k}: {json.dumps(v)}" for k, v in tc.items()] + [
              "peft_config:", "  r: 4", "  lora_alpha: 8", "  target_modules: all-linear"]
     path = tmp_path / "plan.yaml"
     path.write_text("\n".join(lines) + "\n")
@@ -87,3 +87,12 @@ def test_an_unknown_hub_id_offline_says_how_to_get_its_config(tmp_path, capsys):
     assert main(["plan", tiny_yaml(tmp_path, "someone/not-cached-model")]) == 2
     err = capsys.readouterr().err
     assert "built-in table" in err and "huggingface-cli download someone/not-cached-model config.json" in err
+
+
+@pytest.mark.slow  # the child process, as above
+def test_data_plans_the_largest_real_batch(tmp_path, tiny_model_dir, chat_files, capsys):
+    code = main(["plan", tiny_yaml(tmp_path, tiny_model_dir, train=chat_files[0]), "--data", "--gpu", "T4"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "the largest of the training data's" in out and "real tokens" in out
+    assert "T4" in out and "REFUSED" in out  # bf16 on a T4: said, not planned as if it would run

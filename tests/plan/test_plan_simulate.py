@@ -106,3 +106,22 @@ def test_fsdp_rank_holds_its_shard_of_the_base_under_a_fake_process_group():
     lora = whole - 4 * (64 * 192 + 64 * 64 + 64 * 256 + 128 * 64)
     assert shard == pytest.approx(lora + (whole - lora) / 4, rel=0.02)
     assert sharded.trainable_bytes == single.trainable_bytes  # LoRA factors whole on every rank
+
+
+def test_data_batch_is_the_largest_micro_batch_train_would_make(tiny_model_dir, chat_files):
+    from phitune.data import batch_plan, prepare_data
+    from phitune.models.loading import load_tokenizer
+    from phitune.plan.batch import longest_batch
+
+    cfg = load_config({"model": {"name_or_path": str(tiny_model_dir)},
+                       "data": {"train": str(chat_files[0]), "max_seq_length": 64, "packing": True, "cache": False},
+                       "training_config": {"per_device_train_batch_size": 2, "use_cpu": True},
+                       "peft_config": {"r": 4, "target_modules": "all-linear"}})
+    prepared = prepare_data(cfg.data, load_tokenizer(cfg.model))
+    samples, entry, about = longest_batch(prepared.train, cfg)
+    plan = batch_plan(prepared.train, 2, 64, True, cfg.data.seed, 0)
+    lengths = [[sum(len(prepared.train[i]["input_ids"]) for i in row) for row in e] for e in plan]
+    assert about["padded_tokens"] == max(len(r) * max(r) for r in lengths)
+    assert about["real_tokens"] == sum(len(s["input_ids"]) for s in samples)
+    sim = simulate_step(cfg, tiny_phi3_config(2), 2, device="cpu", record_ops=False, samples=samples, entry=entry)
+    assert sim.batch_shape[0] * sim.batch_shape[1] == about["padded_tokens"]

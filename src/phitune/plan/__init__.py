@@ -34,6 +34,8 @@ from ..config import RunConfig, load_config
 from ..errors import ConfigError, PhituneError
 from . import auto, fakegpu
 from . import gpus as gpu_table
+from ..training.preflight import checks_before_weights
+from .batch import longest_batch
 from .shapes import model_shape
 
 log = logging.getLogger("phitune")
@@ -41,12 +43,14 @@ log = logging.getLogger("phitune")
 
 def plan(config: str | Path | dict | RunConfig, *, gpus: Sequence[str] | None = None,
          gpu_memory: Sequence[float] | float | None = None, world_size: int = 1,
-         overrides: Sequence[str] | None = None) -> dict:
+         overrides: Sequence[str] | None = None, data: bool = False) -> dict:
     """Predict the peak GPU memory (with its parts), whether it fits each GPU, tokens and FLOPs per step, and a
     step-time range per GPU for training ``config`` (what ``phitune train`` takes; ``overrides``: ``--set`` items).
 
     ``gpus``: names from the GPU table (default: all of them); ``gpu_memory``: GiB of GPUs not in the table (fits
-    only); ``world_size``: processes under torchrun (per-device numbers; tokens per step for all). Returns plain data
+    only); ``world_size``: processes under torchrun (per-device numbers; tokens per step for all); ``data``: plan
+    the largest micro-batch of the config's training data (tokenizer and data loaded and checked as ``phitune
+    train`` does) instead of the worst case of full rows. Returns plain data
     (the ``--json`` output). Raises ``PlanUnsupported`` (exit 2 from the CLI) when the step cannot be simulated."""
     cfg = load_config(config, overrides)
     if world_size < 1:
@@ -54,10 +58,20 @@ def plan(config: str | Path | dict | RunConfig, *, gpus: Sequence[str] | None = 
     chosen = [gpu_table.gpu(name) for name in gpus or ()]  # an unknown name fails here, before the slow work
     memories = [gpu_memory] if isinstance(gpu_memory, (int, float)) else list(gpu_memory or ())
     hf_config, shape_from = model_shape(cfg.model)
+    real = {}
+    if data:
+        if cfg.training_config.batch_is_auto:
+            raise ConfigError("--data with per_device_train_batch_size: auto: give a number to plan the data's "
+                              "largest batch of that size")
+        _, prepared = checks_before_weights(cfg, True)
+        samples, entry, about = longest_batch(prepared.train, cfg)
+        real = {"samples": samples, "entry": entry}
 
     def planned(run_cfg: RunConfig) -> dict:
-        return run_worker({"config": run_cfg.to_dict(), "hf_config": hf_config.to_dict(), "shape_from": shape_from,
-                           "gpus": list(gpus or ()), "gpu_memory": memories, "world_size": world_size})
+        result = run_worker({"config": run_cfg.to_dict(), "hf_config": hf_config.to_dict(),
+                             "shape_from": shape_from, "gpus": list(gpus or ()), "gpu_memory": memories,
+                             "world_size": world_size, **real})
+        return {**result, "data_batch": about} if data else result
 
     if not cfg.training_config.batch_is_auto:
         return planned(cfg)

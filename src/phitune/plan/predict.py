@@ -47,12 +47,15 @@ def _line(a: float, b: float, layers: int, short: tuple[int, int]) -> float:
     return a + (b - a) / (hi - lo) * (layers - lo)
 
 
-def simulate_depths(cfg: RunConfig, hf_config, device: str = "cuda", world_size: int = 1
+def simulate_depths(cfg: RunConfig, hf_config, device: str = "cuda", world_size: int = 1, batch=None
                     ) -> tuple[list[StepSimulation], int]:
-    """The simulated steps the plan extrapolates from, and the model's depth."""
+    """The simulated steps the plan extrapolates from, and the model's depth (``batch``: (samples, rows) of a real
+    micro-batch, else the worst case)."""
     layers = hf_config.num_hidden_layers
     depths = [layers] if layers <= SHORT_DEPTHS[1] else list(SHORT_DEPTHS)
-    return [simulate_step(cfg, hf_config, n, device, world_size=world_size) for n in depths], layers
+    samples, entry = batch or (None, None)
+    return [simulate_step(cfg, hf_config, n, device, world_size=world_size, samples=samples, entry=entry)
+            for n in depths], layers
 
 
 def extrapolate(steps: list[StepSimulation], layers: int, value) -> float:
@@ -106,12 +109,12 @@ def gpu_rows(steps, layers: int, cfg: RunConfig, total_gib: float, tokens: int, 
 
 
 def predict(cfg: RunConfig, hf_config, *, gpus=None, world_size: int = 1, shape_from: str = "",
-            device: str = "cuda") -> dict:
+            device: str = "cuda", batch=None) -> dict:
     """The plan of ``cfg`` (see ``phitune.plan.plan``) as plain data; every number in it is a prediction."""
     started = time.perf_counter()
     tc = cfg.training_config
     chosen = list(gpus) if gpus else [gpu_table.GPUS[n] for n in gpu_table.DEFAULT_GPUS]
-    steps, layers = simulate_depths(cfg, hf_config, device, world_size)
+    steps, layers = simulate_depths(cfg, hf_config, device, world_size, batch)
     accumulation = tc.gradient_accumulation_steps
     peak = peak_parts(steps, layers, accumulation)
     rows, length = steps[-1].batch_shape

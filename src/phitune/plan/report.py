@@ -12,7 +12,10 @@ def format_plan(p: dict) -> str:
         f"phitune plan (PREDICTED on a fake GPU, not measured): {p['model']}",
         f"  shape: {p['layers']} layers from {p['shape_from']}; simulated at {p['simulated_layers']} layers"
         + (" and extrapolated" if len(p["simulated_layers"]) > 1 else ""),
-        f"  micro-batch {rows} x {length} tokens (worst case: full rows), accumulation "
+        f"  micro-batch {rows} x {length} tokens ("
+        + (f"the largest of the training data's {p['data_batch']['batches_in_epoch']} batches: "
+           f"{p['data_batch']['real_tokens']:,} real tokens" if p.get("data_batch") else "worst case: full rows")
+        + f"), accumulation "
         f"{p['gradient_accumulation_steps']}, gradient checkpointing {'on' if p['gradient_checkpointing'] else 'off'}"
         f", {p['dtype']}" + (f", {world} processes" if world > 1 else ""),
         f"  predicted peak GPU memory per device (torch.cuda.max_memory_allocated terms): {pk['total']:.2f} GiB",

@@ -133,16 +133,18 @@ def worst_case_samples(rows: int, length: int, vocab: int, seed: int = 0) -> lis
 
 
 def simulate_step(cfg: RunConfig, hf_config, layers: int, device: str = "cuda", samples: list[dict] | None = None,
-                  record_ops: bool = True, fake: bool = True, world_size: int = 1) -> StepSimulation:
+                  record_ops: bool = True, fake: bool = True, world_size: int = 1,
+                  entry: list[list[int]] | None = None) -> StepSimulation:
     """Simulate one optimizer step (one micro-batch) of ``cfg`` with ``layers`` decoder layers on a fake ``device``
     ("cuda" needs ``fakegpu``'s runtime on a CPU-only torch; "cpu" needs nothing). ``samples``: the micro-batch's
-    samples (default: the worst case of the config). ``fake=False`` runs the very same step for real (on "cpu"):
-    what the simulation is checked against. ``world_size`` > 1: rank 0 of a fake process group (data parallel, or
-    FSDP2 with ``training_config.fsdp``), as under torchrun."""
+    samples (default: the worst case of the config; ``entry``: their rows, default packed next-fit).
+    ``fake=False`` runs the very same step for real (on "cpu"): what the simulation is checked against.
+    ``world_size`` > 1: rank 0 of a fake process group (data parallel, or FSDP2 with ``training_config.fsdp``), as
+    under torchrun."""
     from transformers import AutoModelForCausalLM
 
     tc, dc = cfg.training_config, cfg.data
-    rows, length = tc.per_device_train_batch_size, dc.max_seq_length
+    length = dc.max_seq_length
     dev = torch.device(device, 0) if device == "cuda" else torch.device(device)
     dtype = model_dtype(cfg, dev)
     four_bit = cfg.model.load_in_4bit
@@ -154,7 +156,8 @@ def simulate_step(cfg: RunConfig, hf_config, layers: int, device: str = "cuda", 
         dev, fake = torch.device("meta"), False
         lora_dtype = torch.bfloat16 if tc.bf16 else torch.float16 if tc.fp16 else torch.float32
         tc = dataclasses.replace(tc, bf16=False, fp16=False)
-    samples = samples if samples is not None else worst_case_samples(rows, length, hf_config.vocab_size)
+    if samples is None:
+        samples = worst_case_samples(tc.per_device_train_batch_size, length, hf_config.vocab_size)
     attn = "sdpa" if cfg.model.attn_implementation == "auto" else cfg.model.attn_implementation
     patches = fakegpu.fake_device(dev.type) if fake or dev.type == "meta" else contextlib.nullcontext({})
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
@@ -175,7 +178,8 @@ def simulate_step(cfg: RunConfig, hf_config, layers: int, device: str = "cuda", 
         params = [p for g in optimizer.param_groups for p in g["params"]]
         _warm_optimizer(optimizer, params)
         with _disable_current_modes():  # a real batch on the CPU: its values are known
-            batch = batch_maker(model, None, dc, fast)(samples, list(range(len(samples))))
+            batch = batch_maker(model, None, dc, fast)(samples, entry or list(range(len(samples))))
+            rows = batch["input_ids"].shape[0]
             positions = batch.get("position_ids")
             cu, longest = varlen.boundaries(positions) if positions is not None else (range(rows + 1), length)
             supervised = supervised_tokens(batch)

@@ -28,7 +28,8 @@ def run(request: dict) -> dict:
         cfg = load_config(request["config"])
         return predict(cfg, hf_config_from(request["hf_config"]), gpus=chosen or None,
                        world_size=request.get("world_size", 1), shape_from=request.get("shape_from", ""),
-                       device=request.get("device", "cuda"))
+                       device=request.get("device", "cuda"),
+                       batch=(request["samples"], request["entry"]) if request.get("samples") else None)
     except PhituneError as exc:
         return {"error": str(exc), "unsupported": True}
     except (NotImplementedError, ValueError, KeyError) as exc:
