@@ -10,7 +10,8 @@ dropout 0 and no autocast, or a frozen base). The model is simulated at 2 and 4 
 32, as ``phitune plan`` does (``--full``: all 32). Measured peak = torch.cuda.max_memory_allocated after warm-up.
 
     python benchmarks/plan_accuracy.py                   # the six rows (about a minute on one core)
-    python benchmarks/plan_accuracy.py --rows ckpt8,chat8-ckpt --json   # the two cheapest (the test runs these)
+    python benchmarks/plan_accuracy.py --rows ckpt8,chat8-ckpt --json   # two rows (the test runs these)
+    python benchmarks/plan_accuracy.py --smoke                          # one row, about 20 s
 
 On a CPU-only torch the script re-executes itself with phitune's fake CUDA runtime loaded first.
 """
@@ -163,7 +164,11 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(r.name for r in ROWS), help="comma-separated row names")
     parser.add_argument("--full", action="store_true", help="simulate all 32 layers instead of extrapolating")
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
+    parser.add_argument("--smoke", action="store_true", help="the cheapest row only (no peft, no Trainer): a quick "
+                        "check that the machinery runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.rows = "plain-frozen"
     by_name = {r.name: r for r in ROWS}
     results = [evaluate(by_name[name], args.full) for name in args.rows.split(",")]
     for r in results:

@@ -12,9 +12,10 @@ config.json is enough (``shapes.py``). The model is simulated at 2 and 4 decoder
 build (``fakegpu.py``). Every number is a prediction; ``benchmarks/plan_accuracy.py`` compares the same machinery
 with real H200 measurements.
 
-Files: fakegpu.py (the fake GPU, the C++ runtime), simulate.py (one step), predict.py (depth extrapolation, parts,
-fits, time), gpus.py (the GPU table and roofline), shapes.py (config.json), worker.py (the child process),
-report.py (the printed plan).
+Files: fakegpu.py (the fake GPU, the C++ runtime fake_cuda_runtime.cpp, the fake process group), simulate.py (one
+step), predict.py (depth extrapolation, parts, time), gpus.py (the GPU table, roofline, fits and its margin),
+shapes.py (config.json), batch.py (``--data``: the largest real micro-batch), auto.py (``per_device_train_batch_size:
+auto``), worker.py (the child process), report.py (the printed plan).
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ import torch
 
 from ..config import RunConfig, load_config
 from ..errors import ConfigError, PhituneError
+from ..training.preflight import checks_before_weights
 from . import auto, fakegpu
 from . import gpus as gpu_table
-from ..training.preflight import checks_before_weights
 from .batch import longest_batch
 from .shapes import model_shape
 
