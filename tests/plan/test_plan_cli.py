@@ -96,3 +96,10 @@ def test_data_plans_the_largest_real_batch(tmp_path, tiny_model_dir, chat_files,
     assert code == 0, err
     assert "the largest of the training data's" in out and "real tokens" in out
     assert "T4" in out and "REFUSED" in out  # bf16 on a T4: said, not planned as if it would run
+
+
+def test_phitune_plan_stays_callable_after_its_subpackage_is_imported():
+    import phitune.plan.gpus  # sets the attribute phitune.plan to the package
+
+
+    assert callable(phitune.plan) and phitune.plan.plan.__doc__.startswith("Predict the peak GPU memory")
