@@ -101,5 +101,4 @@ def test_data_plans_the_largest_real_batch(tmp_path, tiny_model_dir, chat_files,
 def test_phitune_plan_stays_callable_after_its_subpackage_is_imported():
     import phitune.plan.gpus  # sets the attribute phitune.plan to the package
 
-
     assert callable(phitune.plan) and phitune.plan.plan.__doc__.startswith("Predict the peak GPU memory")
