@@ -10,7 +10,7 @@ import pytest
 import phitune
 from phitune import cli
 
-COMMANDS = ["train", "eval", "chat", "merge", "preview", "demo"]
+COMMANDS = ["train", "plan", "eval", "chat", "merge", "preview", "demo"]
 
 
 def run_main(argv, capsys):

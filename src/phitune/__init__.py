@@ -46,6 +46,8 @@ _EXPORTS = {
     "export": "exports",
     "ExportResult": "exports",
     "demo": "embedded.demo",
+    # plan/: peak GPU memory and step time, predicted on a fake GPU
+    "plan": "plan",
     # errors
     "PhituneError": "errors",
     "ConfigError": "errors",

@@ -30,13 +30,14 @@ examples:
   phitune demo                                   # tiny bundled model + data, no network, under a minute on 2 CPU cores
   phitune preview examples/phi3-mini-lora.yaml   # check the data: stats and samples, trained tokens highlighted
   phitune train examples/phi3-mini-lora.yaml --set training_config.learning_rate=1e-4
+  phitune plan examples/phi3-mini-lora.yaml --gpu L4  # will it fit? how fast? (predicted, no GPU needed)
   phitune eval runs/phi3-lora
   phitune chat runs/phi3-lora
   phitune merge runs/phi3-lora --out runs/phi3-merged
   phitune export runs/phi3-lora --to ollama --out phi3-ollama
 
 Every command is also a Python function: phitune.finetune, phitune.evaluate, phitune.chat, phitune.merge,
-phitune.export, phitune.preview, phitune.demo. Run `phitune COMMAND --help` for a command's options.
+phitune.export, phitune.preview, phitune.demo, phitune.plan. Run `phitune COMMAND --help` for a command's options.
 """
 
 _TRUST_HELP = ("allow the Python code of the run's base model to run, when the run's phitune_config.yaml asks for it "
@@ -59,6 +60,19 @@ examples:
   phitune train config.yaml --set training_config.max_steps=200 --set peft_config.r=8
   phitune train config.yaml --set training_config.resume_from_checkpoint=auto   # continue a stopped run
   phitune train --help-config                                                    # every config key, documented
+"""
+
+_PLAN_EPILOG = """\
+Runs phitune's own training step on a fake CUDA device (shapes only: no GPU, no memory, no weights; the model's
+config.json is enough) and prints the predicted peak memory with its parts, whether it fits each GPU (after a
+margin for the CUDA context and the allocator), tokens and FLOPs per step, and a step-time range per GPU. The worst
+case micro-batch is planned: per_device_train_batch_size rows of max_seq_length tokens. Takes seconds; on a
+CPU-only PyTorch the first plan builds a small C++ library (cached).
+
+examples:
+  phitune plan examples/phi3-mini-lora.yaml --gpu L4 --gpu A100-80GB
+  phitune plan examples/phi3-mini-lora.yaml --set training_config.per_device_train_batch_size=8 --json
+  phitune plan config.yaml --gpu-memory 32 --world-size 8
 """
 
 _EVAL_EPILOG = """\
@@ -172,6 +186,7 @@ def _number_at_least(kind: type, minimum: int):
 _positive_int = _number_at_least(int, 1)
 _non_negative_int = _number_at_least(int, 0)
 _non_negative_float = _number_at_least(float, 0)
+_positive_float = _number_at_least(float, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,6 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", action="store_true", help="print every config key with its default and doc, "
                    "then exit")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "plan", help="predict peak GPU memory and step time of a training config (no GPU, no weights)",
+        epilog=_PLAN_EPILOG, formatter_class=fmt,
+        description="Predict, on any machine, whether `phitune train CONFIG` fits a GPU and how long a step takes "
+                    "(phitune.plan).",
+    )
+    p.add_argument("config", metavar="CONFIG", help="the YAML file `phitune train` takes")
+    p.add_argument("--gpu", dest="gpus", metavar="NAME", action="append", default=[],
+                   help="a GPU from the table (H200, H100, A100-80GB, A100-40GB, L40S, L4, A10G, RTX4090, RTX3090, "
+                   "T4); repeat for several; default: all")
+    p.add_argument("--gpu-memory", metavar="GIB", type=_positive_float, action="append", default=[],
+                   help="a GPU not in the table, by its memory in GiB (fits or not; no step time)")
+    p.add_argument("--world-size", metavar="N", type=_positive_int, default=1,
+                   help="processes under torchrun (per-device memory and time; tokens per step for all)")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[], type=_override,
+                   help=_SET_HELP)
+    p.add_argument("--data", action="store_true",
+                   help="plan the largest micro-batch the config's training data makes (tokenizer and data loaded "
+                   "and checked as train does) instead of the worst case of full rows")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser(
         "eval", help="evaluate a run's adapter: loss, perplexity, token accuracy; --generate: its answers",
@@ -341,6 +378,16 @@ def _cmd_train(args) -> int:
         print("final metrics:")
         print(_format_metrics(result.metrics))
     print(f"next: phitune eval {result.output_dir}  |  phitune chat {result.output_dir}")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from .plan import plan  # lazy: torch and transformers load only when a command runs
+    from .plan.report import format_plan
+
+    result = plan(args.config, gpus=args.gpus, gpu_memory=args.gpu_memory, world_size=args.world_size,
+                  overrides=args.overrides, data=args.data)
+    print(json.dumps(result) if args.json else format_plan(result))
     return 0
 
 

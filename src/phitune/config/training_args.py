@@ -26,9 +26,15 @@ class TrainingConfig:
     output_dir: str = field("phitune-output", doc="run folder: adapter, tokenizer, config, metrics, checkpoints/")
     overwrite_output_dir: bool = field(
         False, doc="start over in an output_dir that holds an earlier run (else refuse unless resuming)")
-    per_device_train_batch_size: int = field(8, doc="micro-batch size (sequences, or packed rows)")
+    per_device_train_batch_size: int | Literal["auto"] = field(
+        8, doc="micro-batch size (sequences, or packed rows); auto: the largest that fits this GPU, predicted by "
+               "phitune plan before any weight loads")
     per_device_eval_batch_size: int = field(8, doc="evaluation batch size")
     gradient_accumulation_steps: int = field(1, doc="micro-batches per optimizer step")
+    auto_batch_target: int | None = field(
+        None, doc="with per_device_train_batch_size: auto, the rows per optimizer step per device to keep "
+                  "(gradient_accumulation_steps becomes this / the chosen micro-batch); default: the largest "
+                  "micro-batch that fits x gradient_accumulation_steps")
     num_train_epochs: float = field(3.0, doc="passes over the training data (fractions allowed); max_steps wins")
     max_steps: int = field(-1, doc="optimizer steps to run; -1: from num_train_epochs")
     learning_rate: float = field(2e-4, doc="peak learning rate (LoRA-typical; full fine-tuning uses ~5e-5)")
@@ -48,7 +54,9 @@ class TrainingConfig:
                        "matrix hardware (AVX2 only) it is skipped with a warning: it would run ~100x slower there")
     fp16: bool = field(False, doc="float16 autocast with loss scaling (CUDA only)")
     tf32: bool | None = field(None, doc="allow TF32 matmuls on Ampere+ GPUs (None: PyTorch's default)")
-    gradient_checkpointing: bool = field(False, doc="recompute activations in backward to save memory")
+    gradient_checkpointing: bool | Literal["auto"] = field(
+        False, doc="recompute activations in backward to save memory; auto (with per_device_train_batch_size: "
+                   "auto): only when the effective batch does not fit without it")
     gradient_checkpointing_kwargs: dict | None = field(
         None, doc="options of gradient checkpointing; default {use_reentrant: false}")
     logging_strategy: Literal["steps", "epoch", "no"] = field("steps", doc="when to log train metrics")
@@ -91,9 +99,10 @@ class TrainingConfig:
     notes: list = notes_field()
 
     def __post_init__(self):
+        self._check_auto_batch()
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps", "save_steps"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) != "auto" and getattr(self, key) < 1:
                 raise ConfigError(f"training_config.{key} must be >= 1, got {getattr(self, key)}",
                                   key=f"training_config.{key}")
         if self.eval_generate < 0:
@@ -153,6 +162,23 @@ class TrainingConfig:
         if isinstance(self.resume_from_checkpoint, str) and self.resume_from_checkpoint.lower() in ("", "none",
                                                                                                     "false"):
             self.resume_from_checkpoint = None
+
+    def _check_auto_batch(self) -> None:
+        auto = self.per_device_train_batch_size == "auto"
+        if self.gradient_checkpointing == "auto" and not auto:
+            raise ConfigError("training_config.gradient_checkpointing: auto chooses together with "
+                              "per_device_train_batch_size: auto; set the batch size to auto, or "
+                              "gradient_checkpointing to true or false")
+        if self.auto_batch_target is not None and not auto:
+            raise ConfigError("training_config.auto_batch_target: only used with per_device_train_batch_size: "
+                              "auto; remove it or set the batch size to auto")
+        if self.auto_batch_target is not None and self.auto_batch_target < 1:
+            raise ConfigError(f"training_config.auto_batch_target must be >= 1, got {self.auto_batch_target}")
+
+    @property
+    def batch_is_auto(self) -> bool:
+        """Whether the micro-batch (and maybe checkpointing) is still to be chosen for the GPU (phitune.plan.auto)."""
+        return self.per_device_train_batch_size == "auto"
 
     def warmup_steps_for(self, total_steps: int) -> int:
         """Warmup length in optimizer steps for a run of ``total_steps``."""

@@ -35,6 +35,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..adapt import adapter_state_dict, redraw_lora
 from ..adapt.inject import PEFT_PREFIX
@@ -217,8 +218,14 @@ def broadcast_params(params: list[torch.Tensor]) -> None:
         for p in params:
             buf = p.detach().to(device)
             dist.broadcast(buf, src=0)
-            if buf.data_ptr() != p.data_ptr():
+            if not _same_storage(buf, p):
                 p.copy_(buf)
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors share memory. By storage, not data_ptr(): a fake or meta tensor's data_ptr() is 0
+    (``phitune plan`` runs this code on fake tensors)."""
+    return StorageWeakRef(a.untyped_storage()) == StorageWeakRef(b.untyped_storage())
 
 
 def broadcast_object(obj):
@@ -425,8 +432,9 @@ def shard_model(model, tc, device: torch.device) -> int:
                           "(base_model_prefix) to shard")
     # Whole on every process: what is trained, what the adapter file holds (e.g. a targeted embedding's base
     # weight), and weights shared between modules (tied embeddings).
+    # Held tensors are found by name: by data_ptr(), under `phitune plan`'s fake process group every parameter looked
+    # held (a fake tensor's data_ptr() is 0) and nothing was sharded; an empty (meta) model's tensors have no storage.
     keep = {id(p) for p in model.parameters() if p.requires_grad}
-    # by name, not storage: an empty (meta) model's tensors have no storage to tell apart
     held = {k[len(PEFT_PREFIX):].replace(".base_layer.", ".") for k in adapter_state_dict(model)}
     keep |= {id(p) for n, p in model.named_parameters() if n in held}
     head = model.get_output_embeddings()

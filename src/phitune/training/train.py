@@ -43,6 +43,7 @@ from .evaluation import evaluate_samples, generation_probe
 from .interrupt import Interrupted, StopOnSignal, signal_name
 from .metrics import MetricsLog, progress_bar, resolve_backends, setup_logging
 from ..models.loading import checkpoint_files, load_model_and_tokenizer, resolve_device
+from ..plan import resolve_auto_batch
 from .optim import autocast_context, build_optimization, enable_gradient_checkpointing, seed_everything, set_tf32
 from .preflight import checks_before_weights
 from ..runs.folder import finished_steps, logged_eval, prepare_output_dir, save_run, with_absolute_paths
@@ -88,6 +89,10 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
     setup_logging(tc.log_level if main else "warning")
     for note in cfg.notes + distributed.check_supported(cfg):
         log.info(note)
+    # per_device_train_batch_size: auto is decided first: the resume check, the batch plan and the saved config
+    # all need the real micro-batch (a CPU run is refused here, before anything slow)
+    cfg = resolve_auto_batch(cfg, resolve_device(cfg.training_config.use_cpu), distributed.world_size())
+    tc = cfg.training_config
 
     # Everything that can refuse does so before the slow work: output folder, report_to packages, model, data.
     out, world = Path(tc.output_dir), distributed.world_size()

@@ -7,7 +7,8 @@ run of the peer on the `small` shape, benchmarks/step_profile.py). These functio
 passes over memory and save only what backward needs:
 
   lora_linear   y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ. Saves drop(x) and the (N, r) product; backward forms grad_x,
-                grad_A, grad_B with skinny matmuls accumulated in place (no (N, out) temporaries).
+                grad_A, grad_B with skinny matmuls accumulated in place (no (N, out) temporaries). On a 4-bit
+                (QLoRA) base the base matmul stays bitsandbytes' and only the LoRA branch is one function.
   swiglu_down   y = down(silu(gate)·up) with down's LoRA, from the gate_up output. Saves gate_up and a 1-byte
                 dropout mask; silu(gate)·up is recomputed in backward instead of being stored.
   rms_norm      Phi-3/Llama RMSNorm with a hand-written backward: saves x and one float per row.
@@ -17,10 +18,6 @@ passes over memory and save only what backward needs:
 Arithmetic runs in the compute dtype (the autocast dtype when autocast is on, else the input's); LoRA weights kept
 in float32 are cast to it once per call (r x in elements), and their gradients are returned in float32.
 
-QLoRA layers (``lora.Linear4bit``/``MergedLinear4bit``) take the same functions: their base weight arrives as a
-``Dequantize`` (the 4-bit layer, dequantized to the compute dtype in forward and again in backward, as bitsandbytes'
-own matmul_4bit does), so no dense copy of a 4-bit weight lives from forward to backward.
-
 How they are used: ``install(model)`` changes the class of matching module instances to a phitune subclass of the
 same class (``lora.Linear`` -> ``FusedLoRALinear``, ``Phi3MLP`` -> a fused subclass, ``Phi3RMSNorm`` -> likewise).
 Parameters, buffers, names and ``isinstance`` checks stay exactly as they were, so adapters save, merge and load as
@@ -29,41 +26,19 @@ before; ``uninstall(model)`` restores the original classes. Nothing is patched a
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
 from ... import lora
-from ...lora import quantized as qlora
-
-
-class Dequantize:
-    """A 4-bit base weight handed to the fused functions in place of a tensor: ``dense(dtype)`` dequantizes it (the
-    same bitsandbytes dequantization as ``matmul_4bit``), once in forward and once more in backward."""
-
-    __slots__ = ("layer",)
-
-    def __init__(self, layer):
-        self.layer = layer
-
-    def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        return qlora.dequantize_weight(self.layer).to(dtype)
-
-
-def _dense(W, dtype: torch.dtype) -> torch.Tensor:
-    """The base weight in ``dtype``: a cast of a tensor (a no-op when it already is), or a 4-bit one dequantized."""
-    return W.dense(dtype) if isinstance(W, Dequantize) else W.to(dtype)
-
-
-def _kept(W, Wc):
-    """What forward keeps of the base weight for backward: the tensor, or nothing for a 4-bit weight (recomputed)."""
-    return None if isinstance(W, Dequantize) else Wc
+from ...lora import quantized
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if dev != "meta" and torch.is_autocast_enabled(dev):  # meta (phitune plan's QLoRA) has no autocast: it raises
         return torch.get_autocast_dtype(dev)
     return x.dtype
 
@@ -111,7 +86,7 @@ class LoRALinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, bias, A, B, scaling: float, p: float):
         cdt = x.dtype
-        Wc = _dense(W, cdt)
+        Wc = W.to(cdt)
         bc = None if bias is None else bias.to(cdt)
         Ac, Bc = A.to(cdt), B.to(cdt)
         mask = _dropout_mask(x, p)
@@ -120,10 +95,9 @@ class LoRALinearFn(torch.autograd.Function):
         y = F.linear(x, Wc, bc)
         xa = torch.mm(xd, Ac.t())  # (N, r)
         y.addmm_(xa, Bc.t(), alpha=s)
-        ctx.save_for_backward(_kept(W, Wc), Ac, Bc, xd, xa, mask)
-        ctx.weight = W if isinstance(W, Dequantize) else None
+        ctx.save_for_backward(Wc, Ac, Bc, xd, xa, mask)
         ctx.scaling = s
-        ctx.dtypes = (getattr(W, "dtype", None), None if bias is None else bias.dtype, A.dtype, B.dtype)
+        ctx.dtypes = (W.dtype, None if bias is None else bias.dtype, A.dtype, B.dtype)
         return y
 
     @staticmethod
@@ -135,7 +109,7 @@ class LoRALinearFn(torch.autograd.Function):
         gx = gW = gb_ = gA = gB = None
         gbr = torch.mm(g, Bc)  # (N, r)
         if need_x:
-            gx = _input_grad(g, Wc if Wc is not None else _dense(ctx.weight, xd.dtype), gbr, Ac, mask, s)
+            gx = _input_grad(g, Wc, gbr, Ac, mask, s)
         if need_A:
             gA = torch.mm(gbr.t(), xd).mul_(s).to(ctx.dtypes[2])
         if need_B:
@@ -149,6 +123,41 @@ class LoRALinearFn(torch.autograd.Function):
         return gx, gW, gb_, gA, gB, None, None
 
 
+class LoRABranchFn(torch.autograd.Function):
+    """s·(drop(x) Aᵀ) Bᵀ alone, for a base whose matmul has its own autograd (QLoRA's 4-bit base: bitsandbytes'
+    matmul_4bit keeps no input for a frozen weight). Saves drop(x) in the compute dtype, the (N, r) product and a
+    1-byte mask; the module path instead kept dropout's output, its float32 copy and autocast's bf16 copy of that."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, scaling: float, p: float):
+        cdt = x.dtype
+        Ac, Bc = A.to(cdt), B.to(cdt)
+        mask = _dropout_mask(x, p)
+        xd = _masked(x, mask)
+        s = scaling / (1.0 - p) if mask is not None else scaling  # dropout's 1/(1-p) folded in
+        xa = torch.mm(xd, Ac.t())  # (N, r)
+        y = torch.mm(xa, Bc.t()).mul_(s)
+        ctx.save_for_backward(Ac, Bc, xd, xa, mask)
+        ctx.scaling = s
+        ctx.dtypes = (A.dtype, B.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        Ac, Bc, xd, xa, mask = ctx.saved_tensors
+        s = ctx.scaling
+        g = g.to(xd.dtype)
+        gx = gA = gB = None
+        gbr = torch.mm(g, Bc)  # (N, r)
+        if ctx.needs_input_grad[0]:
+            gx = _masked(torch.mm(gbr, Ac), mask).mul_(s)
+        if ctx.needs_input_grad[1]:
+            gA = torch.mm(gbr.t(), xd).mul_(s).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[2]:
+            gB = torch.mm(g.t(), xa).mul_(s).to(ctx.dtypes[1])
+        return gx, gA, gB, None, None
+
+
 class SwiGLUDownFn(torch.autograd.Function):
     """y = down(silu(gate)·up) (+ down's LoRA) from gu = [gate | up]; saves gu and a bool mask, recomputes the rest."""
 
@@ -157,7 +166,7 @@ class SwiGLUDownFn(torch.autograd.Function):
         cdt = gu.dtype
         gate, up = gu.chunk(2, dim=-1)
         h = F.silu(gate).mul_(up)
-        Wc = _dense(W, cdt)
+        Wc = W.to(cdt)
         bc = None if bias is None else bias.to(cdt)
         Ac, Bc = A.to(cdt), B.to(cdt)
         mask = _dropout_mask(h, p)
@@ -165,8 +174,7 @@ class SwiGLUDownFn(torch.autograd.Function):
         y = F.linear(h, Wc, bc)
         xa = torch.mm(_masked(h, mask), Ac.t())
         y.addmm_(xa, Bc.t(), alpha=s)
-        ctx.save_for_backward(gu, _kept(W, Wc), Ac, Bc, xa, mask)
-        ctx.weight = W if isinstance(W, Dequantize) else None
+        ctx.save_for_backward(gu, Wc, Ac, Bc, xa, mask)
         ctx.scaling = s
         ctx.dtypes = (None if bias is None else bias.dtype, A.dtype, B.dtype)
         return y
@@ -174,33 +182,71 @@ class SwiGLUDownFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         gu, Wc, Ac, Bc, xa, mask = ctx.saved_tensors
-        s = ctx.scaling  # includes dropout's 1/(1-p)
         need_gu, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         if need_W:
             raise RuntimeError("fused SwiGLU MLP: a trainable down_proj base weight is not supported")
         g = g.to(gu.dtype)
-        gate, up = gu.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        gA = gB = ggu = gb_ = None
-        gbr = torch.mm(g, Bc)
-        if need_A:
-            hd = _masked(silu * up, mask)
-            gA = torch.mm(gbr.t(), hd).mul_(s).to(ctx.dtypes[1])
-            del hd
-        if need_B:
-            gB = torch.mm(g.t(), xa).mul_(s).to(ctx.dtypes[2])
-        if need_b:
-            gb_ = g.sum(0).to(ctx.dtypes[0])
-        if need_gu:
-            gh = _input_grad(g, Wc if Wc is not None else _dense(ctx.weight, gu.dtype), gbr, Ac, mask, s)
-            ggu = torch.empty_like(gu)
-            g_gate, g_up = ggu.chunk(2, dim=-1)
-            torch.mul(gh, silu, out=g_up)
-            # d silu(x)/dx = sig(x) * (1 + x * (1 - sig(x)))
-            dsilu = (1.0 - sig).mul_(gate).add_(1.0).mul_(sig)
-            torch.mul(gh.mul_(up), dsilu, out=g_gate)
+        ggu, gA, gB = _swiglu_down_grads(g, gu, Wc, Ac, Bc, xa, mask, ctx.scaling, need_gu, need_A, need_B)
+        gb_ = g.sum(0).to(ctx.dtypes[0]) if need_b else None
+        gA = None if gA is None else gA.to(ctx.dtypes[1])
+        gB = None if gB is None else gB.to(ctx.dtypes[2])
         return ggu, None, gb_, gA, gB, None, None
+
+
+class SwiGLUDown4bitFn(torch.autograd.Function):
+    """SwiGLUDownFn for a 4-bit (QLoRA) down_proj: bitsandbytes' matmul in forward, and in backward the weight
+    dequantized again (as bitsandbytes' own MatMul4Bit does) instead of a saved 16-bit copy. ``layer`` is the
+    lora.quantized layer (its frozen base and bias are not inputs of the function)."""
+
+    @staticmethod
+    def forward(ctx, gu, layer, A, B, scaling: float, p: float):
+        cdt = gu.dtype
+        gate, up = gu.chunk(2, dim=-1)
+        h = F.silu(gate).mul_(up)
+        Ac, Bc = A.to(cdt), B.to(cdt)
+        mask = _dropout_mask(h, p)
+        s = scaling / (1.0 - p) if mask is not None else scaling
+        y = layer.base_forward(h)
+        xa = torch.mm(_masked(h, mask), Ac.t())
+        y = y.addmm_(xa, Bc.t(), alpha=s)
+        ctx.save_for_backward(gu, Ac, Bc, xa, mask)
+        ctx.layer, ctx.scaling, ctx.dtypes = layer, s, (A.dtype, B.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        gu, Ac, Bc, xa, mask = ctx.saved_tensors
+        need_gu, _, need_A, need_B = ctx.needs_input_grad[:4]
+        g = g.to(gu.dtype)
+        Wc = quantized.dequantize_weight(ctx.layer).to(gu.dtype) if need_gu else None
+        ggu, gA, gB = _swiglu_down_grads(g, gu, Wc, Ac, Bc, xa, mask, ctx.scaling, need_gu, need_A, need_B)
+        gA = None if gA is None else gA.to(ctx.dtypes[0])
+        gB = None if gB is None else gB.to(ctx.dtypes[1])
+        return ggu, None, gA, gB, None, None
+
+
+def _swiglu_down_grads(g, gu, Wc, Ac, Bc, xa, mask, s: float, need_gu: bool, need_A: bool, need_B: bool):
+    """(grad of gu, grad of A, grad of B) of y = down(silu(gate)·up) + s·(drop(h) Aᵀ) Bᵀ, recomputing h from gu."""
+    gate, up = gu.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    gA = gB = ggu = None
+    gbr = torch.mm(g, Bc)
+    if need_A:
+        hd = _masked(silu * up, mask)
+        gA = torch.mm(gbr.t(), hd).mul_(s)
+        del hd
+    if need_B:
+        gB = torch.mm(g.t(), xa).mul_(s)
+    if need_gu:
+        gh = _input_grad(g, Wc, gbr, Ac, mask, s)
+        ggu = torch.empty_like(gu)
+        g_gate, g_up = ggu.chunk(2, dim=-1)
+        torch.mul(gh, silu, out=g_up)
+        # d silu(x)/dx = sig(x) * (1 + x * (1 - sig(x)))
+        dsilu = (1.0 - sig).mul_(gate).add_(1.0).mul_(sig)
+        torch.mul(gh.mul_(up), dsilu, out=g_gate)
+    return ggu, gA, gB
 
 
 def _stat_dtype(x):
@@ -329,13 +375,8 @@ def _fusable(layer) -> bool:
 
 
 def _lora_factors(layer):
-    B = layer.expanded_B() if isinstance(layer, (lora.MergedLinear, qlora.MergedLinear4bit)) else layer.lora_B
+    B = layer.expanded_B() if isinstance(layer, lora.MergedLinear) else layer.lora_B
     return layer.lora_A, B
-
-
-def _base_weight(layer):
-    """What the fused functions take as the base weight: the Parameter, or a 4-bit one to dequantize."""
-    return Dequantize(layer) if isinstance(layer, qlora.Linear4bit) else layer.weight
 
 
 def lora_linear(layer, x: torch.Tensor) -> torch.Tensor:
@@ -345,8 +386,7 @@ def lora_linear(layer, x: torch.Tensor) -> torch.Tensor:
     cdt = _compute_dtype(x)
     A, B = _lora_factors(layer)
     with torch.autocast(x.device.type, enabled=False):
-        y = LoRALinearFn.apply(_as_2d(x).to(cdt), _base_weight(layer), layer.bias, A, B, layer.scaling,
-                               _dropout_p(layer))
+        y = LoRALinearFn.apply(_as_2d(x).to(cdt), layer.weight, layer.bias, A, B, layer.scaling, _dropout_p(layer))
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -364,40 +404,53 @@ class FusedLoRAMergedLinear(lora.MergedLinear):
         return lora_linear(self, x)
 
 
-class FusedLoRALinear4bit(qlora.Linear4bit):
-    """lora.Linear4bit (QLoRA) whose forward is LoRALinearFn on its dequantized base."""
+def lora_linear_4bit(layer, x: torch.Tensor) -> torch.Tensor:
+    """The fused forward of a phitune LoRA layer on a 4-bit base: bitsandbytes' matmul, then LoRABranchFn."""
+    if not _fusable(layer):
+        return super(type(layer), layer).forward(x)
+    result = layer.base_forward(x)
+    cdt = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else contextlib.nullcontext():
+        branch = LoRABranchFn.apply(_as_2d(x).to(cdt), layer.lora_A, layer._lora_B_full(), layer.scaling,
+                                    _dropout_p(layer))
+    return result + branch.view(*x.shape[:-1], branch.shape[-1]).to(result.dtype)
+
+
+class FusedLoRALinear4bit(quantized.Linear4bit):
+    """quantized.Linear4bit whose LoRA branch is one autograd function (LoRABranchFn)."""
 
     def forward(self, x):
-        return lora_linear(self, x)
+        return lora_linear_4bit(self, x)
 
 
-class FusedLoRAMergedLinear4bit(qlora.MergedLinear4bit):
-    """lora.MergedLinear4bit (QLoRA, fused projections) whose forward is LoRALinearFn on its dequantized base."""
+class FusedLoRAMergedLinear4bit(quantized.MergedLinear4bit):
+    """quantized.MergedLinear4bit whose LoRA branch is one autograd function (LoRABranchFn)."""
 
     def forward(self, x):
-        return lora_linear(self, x)
-
-
-_FUSED_LORA = {lora.Linear: FusedLoRALinear, lora.MergedLinear: FusedLoRAMergedLinear,
-               qlora.Linear4bit: FusedLoRALinear4bit, qlora.MergedLinear4bit: FusedLoRAMergedLinear4bit}
+        return lora_linear_4bit(self, x)
 
 
 def _is_lora(m) -> bool:
-    return isinstance(m, (lora.Linear, lora.MergedLinear, qlora.Linear4bit))
+    return isinstance(m, (lora.Linear, lora.MergedLinear))
 
 
 def swiglu_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
     """Phi-3's MLP: gate_up (+LoRA) -> silu(gate)·up -> down (+LoRA), as two fused functions."""
     gate_up, down = mlp.gate_up_proj, mlp.down_proj
     gu = gate_up(x)
-    if not (_is_lora(down) and _fusable(down)):
+    four_bit = isinstance(down, quantized.Linear4bit)
+    if not ((_is_lora(down) or four_bit) and _fusable(down)):
         gate, up = gu.chunk(2, dim=-1)
         return down(up * F.silu(gate))
     cdt = _compute_dtype(gu)
-    A, B = _lora_factors(down)
-    with torch.autocast(x.device.type, enabled=False):
-        y = SwiGLUDownFn.apply(_as_2d(gu).to(cdt), _base_weight(down), down.bias, A, B, down.scaling,
-                               _dropout_p(down))
+    with torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else contextlib.nullcontext():
+        if four_bit:
+            y = SwiGLUDown4bitFn.apply(_as_2d(gu).to(cdt), down, down.lora_A, down._lora_B_full(), down.scaling,
+                                       _dropout_p(down))
+        else:
+            A, B = _lora_factors(down)
+            y = SwiGLUDownFn.apply(_as_2d(gu).to(cdt), down.weight, down.bias, A, B, down.scaling,
+                                   _dropout_p(down))
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -503,14 +556,20 @@ _QKV_ROPE_ATTENTIONS = ("Phi3Attention",)
 def install(model, *, lora_layers: bool = True, mlp: bool = True, norms: bool = True,
             attention: bool = True) -> dict[str, int]:
     """Switch matching module instances of ``model`` to their fused subclasses; returns counts per kind."""
-    counts = {"lora_linear": 0, "swiglu_mlp": 0, "rms_norm": 0, "qkv_rope": 0}
+    counts = {"lora_linear": 0, "lora_linear_4bit": 0, "swiglu_mlp": 0, "rms_norm": 0, "qkv_rope": 0}
     for module in model.modules():
         cls = type(module)
         if getattr(cls, "_phitune_original_class", None) is not None:
             continue
-        if lora_layers and cls in _FUSED_LORA:
-            module.__class__ = _FUSED_LORA[cls]
+        if lora_layers and cls is lora.Linear:
+            module.__class__ = FusedLoRALinear
             counts["lora_linear"] += 1
+        elif lora_layers and cls is lora.MergedLinear:
+            module.__class__ = FusedLoRAMergedLinear
+            counts["lora_linear"] += 1
+        elif lora_layers and cls in (quantized.Linear4bit, quantized.MergedLinear4bit):
+            module.__class__ = FusedLoRALinear4bit if cls is quantized.Linear4bit else FusedLoRAMergedLinear4bit
+            counts["lora_linear_4bit"] += 1
         elif mlp and cls.__name__ in _FUSED_GATE_UP_MLPS and _silu_mlp(module):
             module.__class__ = _fused_subclass(cls, _mlp_forward, "mlp")
             counts["swiglu_mlp"] += 1
@@ -523,8 +582,10 @@ def install(model, *, lora_layers: bool = True, mlp: bool = True, norms: bool = 
     return counts
 
 
-for _original, _fused in _FUSED_LORA.items():
-    _fused._phitune_original_class = _original
+FusedLoRALinear._phitune_original_class = lora.Linear
+FusedLoRAMergedLinear._phitune_original_class = lora.MergedLinear
+FusedLoRALinear4bit._phitune_original_class = quantized.Linear4bit
+FusedLoRAMergedLinear4bit._phitune_original_class = quantized.MergedLinear4bit
 
 
 def _silu_mlp(module) -> bool:
