@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 MB = 1e6
 # (hidden, intermediate, layers, vocab): the embedding and lm_head about 4% of the weights, as in Phi-3-mini (5%),
-# since the lm_head stays whole on every process (phitune.training.distributed.shard_model)
+# since the lm_head stays whole on every process (phitune.training.fsdp.shard_model)
 SIZES = {
     "full": (1024, 2816, 8, 2048),  # 107 M parameters, 0.43 GB in float32
     "smoke": (768, 2048, 6, 2048),  # 45 M parameters, 0.18 GB

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from helpers import losses, tiny_config
 
 from phitune.training import checkpoint as ckpt
-from phitune.training import distributed
+from phitune.training import distributed, fsdp
 from phitune.config import build_training_config
 from phitune.errors import ConfigError
 from phitune.training.train import finetune
@@ -232,7 +232,7 @@ def test_fsdp_with_rank0_loading_trains_like_one_process_and_its_adapter_loads_i
                   fsdp_config={"transformer_layer_cls_to_wrap": ["Phi3DecoderLayer"]})
     os.environ["WORLD_SIZE"] = "2"
     try:
-        assert distributed.loads_on_rank0(load_config(cfg).training_config)
+        assert fsdp.loads_on_rank0(load_config(cfg).training_config)
     finally:
         del os.environ["WORLD_SIZE"]
     _join(_forked(cfg, report=str(tmp_path / "held")))
@@ -500,7 +500,7 @@ def test_fsdp_with_qlora_is_refused_under_torchrun(monkeypatch, tiny_model_dir, 
     cfg = load_config(_config(tiny_model_dir, chat_files, tmp_path / "q", fsdp="full_shard"))
     cfg.model.load_in_4bit = True
     with pytest.raises(ConfigError, match="fsdp with model.load_in_4bit.*Remove fsdp"):
-        distributed.check_supported(cfg)
+        fsdp.check_supported(cfg)
     with pytest.raises(ConfigError, match="torchrun"):  # WORLD_SIZE without the rest of torchrun's variables
         distributed.init(cfg.training_config)
 
@@ -536,8 +536,8 @@ def test_an_empty_model_draws_the_lora_start_a_loaded_one_gets_from_the_seed(tin
     assert {p.device.type for p in empty.parameters()} == {"meta"}
     assert all(b.device.type == "cpu" for b in empty.buffers())  # RoPE's tables are computed, not loaded
     add_lora(empty, peft_config, lora_dtype=torch.float32)
-    distributed.materialize(empty, torch.device("cpu"))
-    distributed.init_lora_everywhere(empty, seed=0)
+    fsdp.materialize(empty, torch.device("cpu"))
+    fsdp.init_lora_everywhere(empty, seed=0)
     mine = {n: p for n, p in empty.named_parameters() if p.requires_grad}
     theirs = {n: p for n, p in loaded.named_parameters() if p.requires_grad}
     assert mine.keys() == theirs.keys() and len(mine) == 16
@@ -550,9 +550,9 @@ def _check_worker(rank: int, port: int, outcome: str) -> None:
                       MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo")
     same = torch.ones(3)
-    distributed.check_same_everywhere([("same", same)])
+    fsdp.check_same_everywhere([("same", same)])
     try:
-        distributed.check_same_everywhere([("same", same), ("lora_B", torch.full((2,), float(rank)))])
+        fsdp.check_same_everywhere([("same", same), ("lora_B", torch.full((2,), float(rank)))])
         message = "no error"
     except Exception as exc:  # noqa: BLE001 - reported to the test
         message = str(exc)

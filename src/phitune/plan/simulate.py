@@ -28,7 +28,7 @@ from torch.utils.flop_counter import flop_registry
 from ..adapt import add_lora
 from ..models.loading import prepare_kbit_training
 from ..config import RunConfig
-from ..training import distributed, loss
+from ..training import fsdp, loss
 from ..training.fast import varlen
 from ..training.optim import autocast_context, build_optimization, enable_gradient_checkpointing
 from ..training.step import batch_maker, supervised_tokens, train_step
@@ -170,7 +170,7 @@ def simulate_step(cfg: RunConfig, hf_config, layers: int, device: str = "cuda", 
             quantize_on(model, dev, cfg.model, dtype)
             prepare_kbit_training(model)
         add_lora(model, cfg.peft_config, lora_dtype=lora_dtype)
-        distributed.prepare_model(model, tc, dev)  # FSDP2 or data parallel; nothing in one process
+        fsdp.prepare_model(model, tc, dev)  # FSDP2 or data parallel; nothing in one process
         enable_gradient_checkpointing(model, tc)
         fast = loss.apply_fast_path(model, tc)
         optimizer, scheduler, scaler = build_optimization(model, tc, dev, total_steps=10)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from . import distributed, loss
+from . import distributed, fsdp, loss
 from ..runs import ownership as outdir
 from . import fast as fastpath
 from .._typed import suggest
@@ -87,7 +87,7 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
     created_group = distributed.init(tc)  # under torchrun: join the other processes (nothing in one process)
     main = distributed.is_main()
     setup_logging(tc.log_level if main else "warning")
-    for note in cfg.notes + distributed.check_supported(cfg):
+    for note in cfg.notes + fsdp.check_supported(cfg):
         log.info(note)
     # per_device_train_batch_size: auto is decided first: the resume check, the batch plan and the saved config
     # all need the real micro-batch (a CPU run is refused here, before anything slow)
@@ -207,13 +207,13 @@ def _model_with_lora(cfg: RunConfig, device: torch.device, tokenizer):
     the same start on every process (FSDP2 if asked), gradient checkpointing, the fast path."""
     tc = cfg.training_config
     set_tf32(tc.tf32, device)
-    empty = distributed.loads_on_rank0(tc)  # FSDP: built on the meta device, rank 0 alone reads the weights
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, host_load=distributed.fsdp_enabled(tc),
+    empty = fsdp.loads_on_rank0(tc)  # FSDP: built on the meta device, rank 0 alone reads the weights
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, host_load=fsdp.fsdp_enabled(tc),
                                                 tokenizer=tokenizer, bf16_autocast=tc.bf16, weights=not empty)
     report = add_lora(model, cfg.peft_config, lora_dtype=torch.float32)
     log.info("%s", report)
     checkpoint = functools.partial(checkpoint_files, cfg.model) if empty else None
-    for note in distributed.prepare_model(model, tc, device, checkpoint):
+    for note in fsdp.prepare_model(model, tc, device, checkpoint):
         log.info("%s", note)
     enable_gradient_checkpointing(model, tc)
     fast = loss.apply_fast_path(model, tc)
