@@ -358,7 +358,9 @@ def _as_plain_sections(sections: dict) -> dict:
     out = {}
     for name, value in sections.items():
         if dataclasses.is_dataclass(value):
-            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init and f.name != "notes"}
+            skip = value.keys_not_read() if hasattr(value, "keys_not_read") else ()
+            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)
+                     if f.init and f.name != "notes" and f.name not in skip}
         out[name] = value
     return out
 
