@@ -22,16 +22,16 @@ import math
 import pytest
 import torch
 
+from phitune.adapt import add_lora, load_adapter_state_dict
+from phitune.config.training_args import TrainingConfig
+from phitune.data import collate
+from phitune.data.preference import prepare_preference_data
+from phitune.training import preference
+from phitune.training.fast import PLAIN
+from phitune.training.loss import apply_fast_path
+
 pytest.importorskip("trl")
 pytestmark = pytest.mark.slow
-
-from phitune.adapt import add_lora, load_adapter_state_dict  # noqa: E402
-from phitune.config.training_args import TrainingConfig  # noqa: E402
-from phitune.data import collate  # noqa: E402
-from phitune.data.preference import prepare_preference_data  # noqa: E402
-from phitune.training import preference  # noqa: E402
-from phitune.training.fast import PLAIN, FastPath  # noqa: E402
-from phitune.training.loss import apply_fast_path  # noqa: E402
 
 EPS = torch.finfo(torch.float32).eps
 HIDDEN, INTERMEDIATE, LAYERS = 64, 128, 2
