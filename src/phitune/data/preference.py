@@ -37,7 +37,7 @@ from ..errors import DataError
 from .config import DataConfig
 from .formats import _chat, alternation_problem
 from .prepare import (PreparedData, _cache_key, _Collector, _eval_route, _raise_bad, _remove_orphans, _split_stats,
-                      default_cache_dir)
+                      default_cache_dir, prepare_data)
 from .render import DROP_REASONS, Encoded, Renderer
 from .sources import Problem, open_source
 from .store import SampleWriter, TokenizedSamples
@@ -350,6 +350,14 @@ def _load(folder: str, cfg: DataConfig, tokenizer, hit: bool) -> PreparedData:
                         config=cfg, kind="pairs")
 
 
+def prepare_run_data(data_cfg, tokenizer, training_config) -> PreparedData:
+    """The data of a run as its ``training_config.method`` reads it: chats (sft) or preference pairs (dpo, orpo);
+    what training, ``phitune preview`` and ``phitune eval`` all prepare."""
+    if training_config.method == "sft":
+        return prepare_data(data_cfg, tokenizer)
+    return prepare_preference_data(data_cfg, tokenizer, training_config.max_prompt_length)
+
+
 # --- batches ----------------------------------------------------------------------------------------------------------
 
 
@@ -360,3 +368,17 @@ def pair_plan(samples, pairs_per_batch: int, seed: int = 0, epoch: int = 0) -> l
     order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
     return [[[2 * k + side] for k in order[i:i + pairs_per_batch] for side in (0, 1)]
             for i in range(0, n, pairs_per_batch)]
+
+
+class ChosenReplies:
+    """The chosen side of every pair of a pair store, as a sequence of samples (``arrays(i)`` is pair i's chosen):
+    what generation-based evaluation answers (prompt from the pair, the chosen reply as the reference)."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples) // 2
+
+    def arrays(self, i: int):
+        return self.samples.arrays(2 * i)

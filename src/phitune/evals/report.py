@@ -17,8 +17,9 @@ from typing import Any, Sequence
 
 _LABELS = {"exact_match": "exact match", "token_f1": "token F1", "rouge_l": "ROUGE-L",
            "answer_tokens": "answer length (tokens)", "stopped": "ended its turn", "eval_loss": "eval loss",
-           "eval_perplexity": "eval perplexity"}
-_SHARES = ("exact_match", "stopped")  # shown as percentages
+           "eval_perplexity": "eval perplexity",
+           "eval_preference_accuracy": "preference accuracy (chosen more likely than rejected)"}
+_SHARES = ("exact_match", "stopped", "eval_preference_accuracy")  # shown as percentages
 
 
 def read_generation_history(records: Sequence[dict]) -> dict[str, Any]:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from . import distributed
 from ..config import ModelConfig
-from ..data import prepare_data
-from ..data.preference import prepare_preference_data
+from ..data.preference import prepare_run_data
 from ..data.preview import data_warnings
 from ..data.sources import check_local_path
 from ..errors import ConfigError
@@ -82,11 +81,7 @@ def checks_before_weights(cfg, main: bool):
     check_data_paths(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     with distributed.local_main_first():  # one process per node writes the data cache, the others read it
-        tc = cfg.training_config
-        if tc.method == "sft":
-            prepared = prepare_data(cfg.data, tokenizer)
-        else:
-            prepared = prepare_preference_data(cfg.data, tokenizer, tc.max_prompt_length)
+        prepared = prepare_run_data(cfg.data, tokenizer, cfg.training_config)
     if main:
         for split in ("train", "eval"):
             for line in data_warnings(split, prepared.stats[split]) if prepared.stats.get(split) else []:

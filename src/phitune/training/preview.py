@@ -11,7 +11,8 @@ import sys
 from typing import Any, Sequence
 
 from ..config import load_config
-from ..data import format_stats, prepare_data, preview_text
+from ..data import format_stats, preview_text
+from ..data.preference import prepare_run_data
 from ..models.loading import load_tokenizer
 from ..training.preflight import check_data_paths, check_model_source
 
@@ -31,7 +32,7 @@ def preview(config: Any, n: int = 3, color: bool | None = None, *, overrides: Se
     check_model_source(run_config.model, weights=False)
     check_data_paths(run_config.data)
     tokenizer = load_tokenizer(run_config.model)
-    prepared = prepare_data(run_config.data, tokenizer)
+    prepared = prepare_run_data(run_config.data, tokenizer, run_config.training_config)
     print(format_stats(prepared.stats), file=out)
     print(file=out)
     print(preview_text(prepared, tokenizer, n, color), file=out)
