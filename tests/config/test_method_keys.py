@@ -73,3 +73,12 @@ def test_the_resolved_config_of_each_method_loads_back_and_lists_only_its_keys()
         saved = cfg.to_dict()["training_config"]
         assert ("beta" in saved) == (method != "sft") and ("loss_type" in saved) == (method == "dpo")
         assert load_config(saved and {**BASE, "training_config": saved}).training_config == cfg.training_config
+
+
+def test_the_shipped_dpo_example_loads_as_a_dpo_run():
+    from helpers import ROOT
+
+    cfg = load_config(ROOT / "examples" / "phi3-mini-dpo.yaml")
+    tc = cfg.training_config
+    assert (tc.method, tc.beta, tc.loss_type, tc.max_prompt_length) == ("dpo", 0.1, "sigmoid", 512)
+    assert cfg.notes == [] and cfg.peft_config.target_modules == "all-linear"
