@@ -9,7 +9,7 @@ dropout 0. Pairs: a random-word prompt and two random-word replies of log-normal
 records both tokenize with the model's chat template. Timing: ``--warmup`` steps, then ``--steps`` timed steps;
 pairs/s = timed pairs / timed seconds (phitune: around train_step; TRL: between its step callbacks).
 
-  python benchmarks/preference_throughput.py --smoke                   # a tiny model, seconds (CI)
+  python benchmarks/preference_throughput.py --smoke                   # a tiny model (CI; ~25 s of CPU, TRL import included)
   python benchmarks/preference_throughput.py --size small --batch 4 --steps 4
   python benchmarks/preference_throughput.py --size small --device cuda --batch 8 --steps 10
 """
@@ -201,7 +201,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeat", type=int, default=1, help="run both this many times, interleaved; best of each")
-    p.add_argument("--smoke", action="store_true", help="tiny model, 8 pairs, 2 timed steps (CI: seconds)")
+    p.add_argument("--smoke", action="store_true", help="tiny model, 8 pairs, 2 timed steps (CI)")
     p.add_argument("--child", choices=["phitune", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
