@@ -9,7 +9,7 @@ dropout 0. Pairs: a random-word prompt and two random-word replies of log-normal
 records both tokenize with the model's chat template. Timing: ``--warmup`` steps, then ``--steps`` timed steps;
 pairs/s = timed pairs / timed seconds (phitune: around train_step; TRL: between its step callbacks).
 
-  python benchmarks/preference_throughput.py --smoke                   # a tiny model (CI; ~25 s of CPU, TRL import included)
+  python benchmarks/preference_throughput.py --smoke     # a tiny model (CI; ~25 s of CPU, TRL import included)
   python benchmarks/preference_throughput.py --size small --batch 4 --steps 4
   python benchmarks/preference_throughput.py --size small --device cuda --batch 8 --steps 10
 """
