@@ -251,8 +251,8 @@ class EpochPlans:
 
 def _resume(resume_from: Path | None, cfg: RunConfig, model, optimizer, scheduler, scaler, world: int,
             total_steps: int):
-    """(TrainState, config as it really trains): a fresh start, or the checkpoint's position after restoring model,
-    optimizer, schedule and RNG states."""
+    """(TrainState, config as it really trains, the checkpoint's extra state): a fresh start, or the checkpoint's
+    position after restoring model, optimizer, schedule and RNG states."""
     if resume_from is None:
         return TrainState(), cfg, {}
     saved = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
