@@ -5,8 +5,9 @@ includes what each imports: TRL brings the Trainer, accelerate and datasets), to
 Both use the reference policy TRL uses with peft and phitune uses with LoRA: the same model with its adapters off
 (one no-grad forward per micro-batch, no precomputation), the sigmoid loss, beta 0.1, AdamW, LoRA r 16 on every
 linear layer (phitune's Phi-3 slices qkv_proj/gate_up_proj per projection; peft adapts the fused layers as one),
-dropout 0. Pairs: a random-word prompt and two random-word replies of log-normal lengths (seed 0), as chat
-records both tokenize with the model's chat template. Timing: ``--warmup`` steps, then ``--steps`` timed steps;
+dropout 0, gradient checkpointing off in both (``--ckpt``: on in both; TRL's DPOConfig defaults to on). Pairs: a
+random-word prompt and two random-word replies of log-normal lengths (seed 0), as chat records both tokenize with
+the model's chat template. Timing: ``--warmup`` steps, then ``--steps`` timed steps;
 pairs/s = timed pairs / timed seconds (phitune: around train_step; TRL: between its step callbacks).
 
   python benchmarks/preference_throughput.py --smoke     # a tiny model (CI; ~25 s of CPU, TRL import included)
@@ -77,7 +78,8 @@ def child_phitune(a, folder: Path, data: Path) -> dict:
     from phitune.models.loading import load_model_and_tokenizer
     from phitune.training import preference
     from phitune.training.loss import apply_fast_path
-    from phitune.training.optim import autocast_context, build_optimizer, build_scheduler
+    from phitune.training.optim import (autocast_context, build_optimizer, build_scheduler,
+                                        enable_gradient_checkpointing)
     from phitune.training.step import process_batch, train_step
 
     dev = torch.device(a.device)
@@ -85,9 +87,11 @@ def child_phitune(a, folder: Path, data: Path) -> dict:
     model, tok = load_model_and_tokenizer({"name_or_path": str(folder / "model"), "dtype": dtype}, device=dev)
     steps = a.warmup + a.steps
     tc = TrainingConfig(output_dir=str(folder / "out"), method="dpo", per_device_train_batch_size=a.batch,
-                        max_steps=steps, learning_rate=5e-5, use_cpu=a.device == "cpu", bf16=a.device == "cuda")
+                        max_steps=steps, learning_rate=5e-5, use_cpu=a.device == "cpu", bf16=a.device == "cuda",
+                        gradient_checkpointing=a.ckpt)
     add_lora(model, {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
              lora_dtype=torch.float32)
+    enable_gradient_checkpointing(model, tc)
     fast = apply_fast_path(model, tc)
     model.train()
     prepared = prepare_preference_data({"train": str(data), "max_seq_length": a.max_length, "cache": False}, tok)
@@ -147,7 +151,8 @@ def child_trl(a, folder: Path, data: Path) -> dict:
     args = DPOConfig(output_dir=str(folder / "trl"), per_device_train_batch_size=a.batch, max_steps=steps,
                      learning_rate=5e-5, beta=0.1, loss_type=["sigmoid"], max_length=a.max_length, report_to=[],
                      logging_steps=10**6, save_strategy="no", use_cpu=a.device == "cpu", bf16=a.device == "cuda",
-                     dataloader_num_workers=0, seed=0, lr_scheduler_type="linear", warmup_steps=0)
+                     dataloader_num_workers=0, seed=0, lr_scheduler_type="linear", warmup_steps=0,
+                     gradient_checkpointing=a.ckpt)  # TRL's default is on; both run the same way here
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tok,
                          peft_config=lora, callbacks=[Clock()])
@@ -200,6 +205,7 @@ def main(argv=None):
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--ckpt", action="store_true", help="gradient checkpointing in both (TRL's default; off: both)")
     p.add_argument("--repeat", type=int, default=1, help="run both this many times, interleaved; best of each")
     p.add_argument("--smoke", action="store_true", help="tiny model, 8 pairs, 2 timed steps (CI)")
     p.add_argument("--child", choices=["phitune", "trl"], help=argparse.SUPPRESS)
@@ -222,12 +228,13 @@ def main(argv=None):
                                                     pairs(a.pairs, a.prompt_words, a.reply_words)))
         print(json.dumps({"device": a.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "size": a.size, **SIZES[a.size], "vocab": 32064, "pairs_per_step": a.batch,
-                          "timed_steps": a.steps, "max_length": a.max_length}), flush=True)
+                          "timed_steps": a.steps, "max_length": a.max_length, "gradient_checkpointing": a.ckpt}),
+              flush=True)
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    TOKENIZERS_PARALLELISM="false")
         best: dict = {}
         args = ["--size", a.size, "--device", a.device, "--batch", str(a.batch), "--max-length", str(a.max_length),
-                "--warmup", str(a.warmup), "--steps", str(a.steps), "--folder", tmp]
+                "--warmup", str(a.warmup), "--steps", str(a.steps), "--folder", tmp] + (["--ckpt"] if a.ckpt else [])
         for _ in range(max(1, a.repeat)):
             for name in ("trl", "phitune"):
                 row, rss, _ = run_measured([sys.executable, __file__, *args, "--child", name], env)
