@@ -158,7 +158,7 @@ def child_trl(a, folder: Path, data: Path) -> dict:
                          peft_config=lora, callbacks=[Clock()])
     result = trainer.train()
     out = {"run": "trl", "pairs_per_s": round(a.steps * a.batch / (marks[1] - marks[0]), 3),
-           "last_loss": round(result.training_loss, 4)}
+           "mean_loss": round(result.training_loss, 4)}  # the Trainer reports the run's mean, not the last step
     if a.device == "cuda":
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return out
