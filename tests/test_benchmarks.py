@@ -33,6 +33,8 @@ SMOKE = {
     "loading_memory.py": ((), ["x single", "before", "after"]),
     "lora_layers.py": (("peft", "loralib"), ["phitune Linear", "loralib/phitune =", "peft/phitune ="]),
     "plan_accuracy.py": ((), ["predicted", "measured", "calibration: measured / roofline"]),
+    "preference_throughput.py": (("trl", "peft"), ['"run": "trl", "pairs_per_s"', '"run": "phitune", "pairs_per_s"',
+                                                  '"ratio": "phitune / trl"']),
     "qlora_cpu_accuracy.py": (("bitsandbytes",), ["nf4 64x96: max|err|", "fp4 64x96: max|err|"]),
     "qlora_throughput.py": (("bitsandbytes", "peft"), ['"run": "peer", "tokens_per_s"',
                                                        '"run": "phitune", "tokens_per_s"', '"ratio"']),

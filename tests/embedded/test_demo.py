@@ -162,3 +162,23 @@ def test_full_demo_shows_learning(tmp_path):
     assert result.before == 0.0
     assert result.after >= 0.8, result.answers[:5]
     assert result.peak_rss_mb < 2048
+
+
+@pytest.mark.slow
+def test_preference_demo_runs_sft_merge_dpo_and_reports_before_and_after(tmp_path):
+    """The path of `phitune demo --preference`, shortened (2 SFT steps, 2 DPO steps, 4 held-out pairs): the numbers
+    of a full run are not asserted here, only that every stage runs and reports them."""
+    from phitune.embedded.preference_demo import held_out_pairs, preference_demo, short_answer
+
+    assert short_answer("The home of Taimfel Bilby is in Brindle.") == "Brindle."
+    printed = io.StringIO()
+    result = preference_demo(tmp_path / "demo", sft_steps=2, max_steps=2, max_pairs=4, out=printed)
+    assert (tmp_path / "demo" / "sft-merged" / "model.safetensors").is_file()
+    assert result.n_pairs == 4 and 0 <= result.preference_accuracy_after <= 1 and result.report.is_file()
+    text = printed.getvalue()
+    assert "preference accuracy (chosen more likely than rejected)" in text and "exact match" in text
+    saved = json.loads((result.output_dir / "demo_preference.json").read_text())
+    assert saved["held_out_pairs"] == 4 and saved["preference_accuracy_after"] == result.preference_accuracy_after
+    pairs = held_out_pairs([{"messages": [{"role": "user", "content": "q"}], "answer": "The job of X is tailor."}])
+    assert pairs == [{"prompt": [{"role": "user", "content": "q"}], "chosen": "tailor.",
+                      "rejected": "The job of X is tailor."}]

@@ -620,3 +620,27 @@ def test_the_slurm_script_launch_line_trains_two_steps(tiny_model_dir, chat_file
     text = "".join(texts)
     assert text.count("world: 2 nodes x 1 process, backend gloo") == 1
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precompute", [False, True])
+def test_dpo_on_two_processes_equals_one_process_with_the_doubled_batch(tiny_model_dir, tmp_path, precompute):
+    """Preference runs shard whole pairs (chosen and rejected stay on one process); the pairs, the rewards metrics
+    and the reference (adapters off, or precomputed on every process) are summed over processes."""
+    words = ["apple", "river stone", "cloud", "tiger lemon piano", "glass", "mouse", "candle forest", "rocket"]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Reverse: {w}", "chosen": w[::-1], "rejected": w}) + "\n"
+                             for w in words))
+    extra = {"method": "dpo", "max_steps": 3, "save_steps": 1000, "precompute_ref_log_probs": precompute,
+             "lr_scheduler_type": "constant"}
+    out1, out2 = tmp_path / "single", tmp_path / "two"
+    _join(_forked(_config(tiny_model_dir, (pairs, pairs), out2, **extra)))
+    finetune(_config(tiny_model_dir, (pairs, pairs), out1, **extra, per_device_train_batch_size=2 * PER_DEVICE))
+    _assert_same_curve(out2, out1)
+    _assert_same_adapter(out2, out1)
+    r1, r2 = ([json.loads(line) for line in (o / "metrics.jsonl").read_text().splitlines()] for o in (out1, out2))
+    for a, b in zip(r1, r2):
+        assert a.get("pairs") == b.get("pairs") and a.get("eval_pairs") == b.get("eval_pairs")
+        for k in ("rewards/margins", "eval_rewards/margins", "logps/chosen"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=ROUNDING, abs=1e-6), k

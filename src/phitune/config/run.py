@@ -63,8 +63,9 @@ _SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "training_config": T
 def _section_dict(obj) -> Any:
     if dataclasses.is_dataclass(obj):
         out = {}
+        skip = obj.keys_not_read() if hasattr(obj, "keys_not_read") else ()
         for f in dataclasses.fields(obj):
-            if not f.init or f.name == "notes":
+            if not f.init or f.name == "notes" or f.name in skip:
                 continue
             out[f.name] = _plain(getattr(obj, f.name))
         return out

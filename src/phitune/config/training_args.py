@@ -96,10 +96,28 @@ class TrainingConfig:
         None, doc="FSDP options: transformer_layer_cls_to_wrap, reshard_after_forward, offload_params, "
                   "activation_checkpointing, cpu_ram_efficient_loading (default true: rank 0 alone reads the "
                   "weights, the others receive their shards)")
+    method: Literal["sft", "dpo", "orpo"] = field(
+        "sft", doc="sft: supervised fine-tuning on chats; dpo or orpo: preference tuning on chosen/rejected pairs "
+                   "(the reference policy of dpo is the model with its adapters off)")
+    beta: float = field(0.1, doc="dpo/orpo: DPO's beta (how far the policy may move from the reference; for ipo its "
+                                 "tau), or ORPO's lambda (weight of the odds-ratio term)")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = field(
+        "sigmoid", doc="dpo: sigmoid (DPO), ipo (IPO, log-ratios averaged per token) or hinge (SLiC)")
+    label_smoothing: float = field(0.0, doc="dpo with loss_type sigmoid: probability that a pair's preference is "
+                                            "flipped (conservative DPO), in [0, 0.5)")
+    precompute_ref_log_probs: bool = field(
+        False, doc="dpo: compute the reference log-probs of every pair once before training (kept in checkpoints) "
+                   "instead of one adapters-off forward per micro-batch")
+    max_prompt_length: int | None = field(
+        None, doc="dpo/orpo: cut each pair's prompt to its last N tokens (the BOS and the assistant header stay); "
+                  "null: only data.max_seq_length limits it")
+    rpo_alpha: float | None = field(None, doc="dpo: weight of an added NLL loss on the chosen answers (RPO); null: "
+                                              "none")
     notes: list = notes_field()
 
     def __post_init__(self):
         self._check_auto_batch()
+        _check_method_keys(self)
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps", "save_steps"):
             if getattr(self, key) != "auto" and getattr(self, key) < 1:
@@ -168,17 +186,24 @@ class TrainingConfig:
         if self.gradient_checkpointing == "auto" and not auto:
             raise ConfigError("training_config.gradient_checkpointing: auto chooses together with "
                               "per_device_train_batch_size: auto; set the batch size to auto, or "
-                              "gradient_checkpointing to true or false")
+                              "gradient_checkpointing to true or false", key="training_config.gradient_checkpointing")
         if self.auto_batch_target is not None and not auto:
             raise ConfigError("training_config.auto_batch_target: only used with per_device_train_batch_size: "
-                              "auto; remove it or set the batch size to auto")
+                              "auto; remove it or set the batch size to auto",
+                              key="training_config.auto_batch_target")
         if self.auto_batch_target is not None and self.auto_batch_target < 1:
-            raise ConfigError(f"training_config.auto_batch_target must be >= 1, got {self.auto_batch_target}")
+            raise ConfigError(f"training_config.auto_batch_target must be >= 1, got {self.auto_batch_target}",
+                              key="training_config.auto_batch_target")
 
     @property
     def batch_is_auto(self) -> bool:
         """Whether the micro-batch (and maybe checkpointing) is still to be chosen for the GPU (phitune.plan.auto)."""
         return self.per_device_train_batch_size == "auto"
+
+    def keys_not_read(self) -> set[str]:
+        """The preference keys this run's method does not read: left out of the resolved config written with the
+        run, so it loads back (they are refused by name when given)."""
+        return {k for k, methods in METHOD_KEYS.items() if self.method not in methods}
 
     def warmup_steps_for(self, total_steps: int) -> int:
         """Warmup length in optimizer steps for a run of ``total_steps``."""
@@ -186,6 +211,38 @@ class TrainingConfig:
             return int(self.warmup_steps)
         ratio = self.warmup_steps if self.warmup_steps > 0 else self.warmup_ratio
         return int(-(-ratio * total_steps // 1))  # ceil, as transformers does for warmup_ratio
+
+
+# The preference keys and the methods that read them: a key given for another method is refused by name.
+METHOD_KEYS = {"beta": ("dpo", "orpo"), "loss_type": ("dpo",), "label_smoothing": ("dpo",),
+               "precompute_ref_log_probs": ("dpo",), "max_prompt_length": ("dpo", "orpo"), "rpo_alpha": ("dpo",)}
+
+
+def _check_method_keys(tc: TrainingConfig, given=None) -> None:
+    """Refuse a preference key of another method (``given``: the keys the user wrote; None: the non-default ones)
+    and values out of range."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingConfig) if f.name in METHOD_KEYS}
+    for key, methods in METHOD_KEYS.items():
+        set_ = key in given if given is not None else getattr(tc, key) != defaults[key]
+        if set_ and tc.method not in methods:
+            raise ConfigError(f"training_config.{key}: a key of method {' and '.join(methods)}, but method is "
+                              f"{tc.method!r}; remove {key}, or set training_config.method: {methods[0]}",
+                              key=f"training_config.{key}")
+    if tc.beta <= 0:
+        raise ConfigError(f"training_config.beta must be > 0 (e.g. 0.1), got {tc.beta}", key="training_config.beta")
+    if not 0 <= tc.label_smoothing < 0.5:
+        raise ConfigError(f"training_config.label_smoothing must be in [0, 0.5), got {tc.label_smoothing}",
+                          key="training_config.label_smoothing")
+    if tc.label_smoothing and tc.loss_type != "sigmoid":
+        raise ConfigError(f"training_config.label_smoothing: only loss_type sigmoid reads it (got loss_type "
+                          f"{tc.loss_type!r}); remove label_smoothing or set loss_type: sigmoid",
+                          key="training_config.label_smoothing")
+    if tc.max_prompt_length is not None and tc.max_prompt_length < 2:
+        raise ConfigError(f"training_config.max_prompt_length must be >= 2 or null, got {tc.max_prompt_length}",
+                          key="training_config.max_prompt_length")
+    if tc.rpo_alpha is not None and tc.rpo_alpha < 0:
+        raise ConfigError(f"training_config.rpo_alpha must be >= 0 or null, got {tc.rpo_alpha}",
+                          key="training_config.rpo_alpha")
 
 
 REPORT_BACKENDS = ("tensorboard", "wandb", "mlflow")
@@ -345,5 +402,6 @@ def build_training_config(data: Any) -> TrainingConfig:
         else:
             kept[key] = value
     cfg = from_dict(TrainingConfig, kept, "training_config")
+    _check_method_keys(cfg, given=kept)
     cfg.notes.extend(notes)
     return cfg

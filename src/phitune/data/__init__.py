@@ -18,6 +18,7 @@ _EXPORTS = {
     "format_stats": "preview", "preview_text": "preview", "sample_records": "preview",
     "Renderer": "render",
     "Problem": "sources", "open_source": "sources",
+    "pair_plan": "preference", "prepare_preference_data": "preference",
     "TokenizedSamples": "store",
 }
 __all__ = sorted(_EXPORTS)

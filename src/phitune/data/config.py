@@ -24,6 +24,8 @@ DEFAULT_COLUMNS = {
     "prompt": "prompt",
     "completion": "completion",
     "text": "text",
+    "chosen": "chosen",  # preference pairs (training_config.method dpo/orpo)
+    "rejected": "rejected",
 }
 
 

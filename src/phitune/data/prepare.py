@@ -49,6 +49,7 @@ class PreparedData:
     stats: dict
     tokenizer: Any = None
     config: DataConfig | None = None
+    kind: str = "chats"  # or "pairs": preference pairs, chosen and rejected as samples 2k and 2k+1 (data.preference)
 
 
 def default_cache_dir() -> str:

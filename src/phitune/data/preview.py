@@ -41,10 +41,12 @@ def preview_text(prepared, tokenizer=None, n: int = 3, color: bool | None = None
         buf = io.StringIO()
         console = Console(file=buf, force_terminal=True, color_system="standard", width=120, soft_wrap=True)
     parts = []
-    for i in range(min(n, len(samples))):
+    pairs = getattr(prepared, "kind", "chats") == "pairs"  # samples 2k, 2k+1: chosen and rejected of pair k
+    for i in range(min(2 * n if pairs else n, len(samples))):
         ids, labels = samples.arrays(i)
         n_tr = int((labels != IGNORE_INDEX).sum())
-        head = f"=== {split} sample {i}: {len(ids)} tokens, {n_tr} trained ==="
+        what = f"pair {i // 2}, {('chosen', 'rejected')[i % 2]}" if pairs else f"sample {i}"
+        head = f"=== {split} {what}: {len(ids)} tokens, {n_tr} trained ==="
         pieces = [(tokenizer.decode(ids[a:b].tolist(), skip_special_tokens=False), tr) for a, b, tr in _runs(labels)]
         shown = ids[:max_tokens]
         toks = tokenizer.convert_ids_to_tokens(shown.tolist())
@@ -96,15 +98,16 @@ def data_warnings(split: str, s: dict, examples: int = 3) -> list[str]:
         lines.append(f"data.{split}: {s['bad_records']} bad record(s) skipped ({reasons})")
         lines += [f"  {m}" for m in s.get("bad_examples", [])[:examples]]
     fit = s.get("fit_max_seq_length") or {}
-    fits = f"max_seq_length {fit.get('95%')} fits 95% of the samples whole, {fit.get('100%')} all of them"
-    n = s["samples"] + sum((s.get("dropped") or {}).values())
+    unit = "pairs" if "pairs" in s else "samples"  # preference data counts cuts and drops per pair
+    fits = f"max_seq_length {fit.get('95%')} fits 95% of the {unit} whole, {fit.get('100%')} all of them"
+    n = s.get("pairs", s["samples"]) + sum((s.get("dropped") or {}).values())
     if s.get("truncated"):
         parts = ", ".join(f"{k} {v}" for k, v in (s.get("truncated_parts") or {}).items() if v)
-        lines.append(f"data.{split}: {s['truncated']} of {n} samples truncated to fit max_seq_length (samples "
+        lines.append(f"data.{split}: {s['truncated']} of {n} {unit} truncated to fit max_seq_length ({unit} "
                      f"that lost: {parts}); {fits}")
     if s.get("dropped"):
         why = ", ".join(f"{DROP_REASONS.get(r, r)}: {c}" for r, c in s["dropped"].items())
-        lines.append(f"data.{split}: {sum(s['dropped'].values())} of {n} samples dropped, not trained on ({why})"
+        lines.append(f"data.{split}: {sum(s['dropped'].values())} of {n} {unit} dropped, not trained on ({why})"
                      + (f"; {fits}" if s.get("over_max_seq_length") else ""))
         lines += [f"  {m}" for m in s.get("dropped_examples", [])[:examples]]
     return lines
@@ -117,7 +120,8 @@ def format_stats(stats: dict) -> str:
         s = stats.get(split)
         if not s:
             continue
-        lines.append(f"{split}: {s['records']} records ({s['format']}), {s['samples']} samples, "
+        pairs = f" = {s['pairs']} pairs (chosen + rejected)" if "pairs" in s else ""
+        lines.append(f"{split}: {s['records']} records ({s['format']}), {s['samples']} samples{pairs}, "
                      f"{s['tokens']} tokens")
         lines.append(f"  supervised tokens: {s['supervised_tokens']} ({100 * s['supervised_share']:.1f}%)")
         p = s.get("length_percentiles") or {}

@@ -11,13 +11,14 @@ import os
 import sys
 from typing import Any
 
-from ..data import prepare_data
+from ..data.preference import ChosenReplies, prepare_run_data
 from ..errors import ConfigError, DataError
 from ..generation.loop import GenerationSettings
 from ..generation.stops import stop_token_ids
 from ..lora import disable_adapters
 from ..runs.folder import load_run_config, load_run_model, load_run_tokenizer, open_run
 from ..training.evaluation import evaluate_samples
+from ..training.preference import evaluate_pairs
 from ..training.metrics import METRICS_NAME, read_metrics
 from ..training.optim import autocast_context
 from .generation import EVAL_DIR, evaluate_samples_by_generation, flat_metrics
@@ -73,15 +74,19 @@ def evaluate(
         )
 
     tokenizer = load_run_tokenizer(run.root, config)
+    tc = config.training_config
+    pairs = tc.method != "sft"
     if data_cfg.chat_template:  # training saved it with the tokenizer: its text, even if the file is gone now
         data_cfg = dataclasses.replace(data_cfg, chat_template=tokenizer.chat_template)
-    prepared = prepare_data(data_cfg, tokenizer)
+    prepared = prepare_run_data(data_cfg, tokenizer, tc)  # preference runs: pairs; the chosen reply is the reference
     samples = prepared.train if data is not None else prepared.eval
-    if generate:  # the prompts: the prepared conversations up to their last assistant turn
-
+    if generate and pairs:
+        gen_samples = ChosenReplies(samples)
+    elif generate:  # the prompts: the prepared conversations up to their last assistant turn
         gen_samples = generation_samples(prepared, data_cfg, tokenizer, "train" if data is not None else "eval")
-    if samples is not None and max_samples is not None and max_samples < len(samples):
-        samples = samples[:max_samples]
+    limit = max_samples * 2 if pairs and max_samples is not None else max_samples  # a pair is two samples
+    if samples is not None and limit is not None and limit < len(samples):
+        samples = samples[:limit]
     if samples is None or len(samples) == 0:
         raise DataError(f"no samples to evaluate on ({'the given data' if data is not None else 'the eval data'} "
                         "is empty after preparation)")
@@ -90,10 +95,17 @@ def evaluate(
     model, tokenizer, _ = load_run_model(run.adapter_dir, device=device, trust_remote_code=trust_remote_code)
     device_ = next(model.parameters()).device
     if verbose:
-        print(f"evaluating {run.adapter_dir} on {len(samples)} samples "
-              f"({'given data' if data is not None else 'the run eval data'})", file=sys.stderr)
+        print(f"evaluating {run.adapter_dir} on {len(samples) // 2 if pairs else len(samples)} "
+              f"{'pairs' if pairs else 'samples'} ({'given data' if data is not None else 'the run eval data'})",
+              file=sys.stderr)
+
+    def score() -> dict:
+        if pairs:
+            return evaluate_pairs(model, samples, data_cfg, batch_size, tc, tokenizer=tokenizer)
+        return evaluate_samples(model, samples, data_cfg, batch_size, tokenizer=tokenizer)
+
     with autocast_context(config.training_config, device_):  # the precision training evaluated with
-        metrics = evaluate_samples(model, samples, data_cfg, batch_size, tokenizer=tokenizer)
+        metrics = score()
     metrics["eval_samples"] = len(samples)
     if not generate:
         return metrics
@@ -102,7 +114,9 @@ def evaluate(
     with autocast_context(config.training_config, device_):
         if compare_base:
             with disable_adapters(model):
-                base_metrics = evaluate_samples(model, samples, data_cfg, batch_size, tokenizer=tokenizer)
+                base_metrics = score()
+            if pairs:
+                metrics["base_eval_preference_accuracy"] = base_metrics["eval_preference_accuracy"]
         result = evaluate_samples_by_generation(
             model, tokenizer, gen_samples, stop_ids=stop_token_ids(tokenizer, run_dir=run.root, model=model),
             settings=settings, batch_size=batch_size, max_samples=max_samples, compare_base=compare_base,

@@ -60,6 +60,11 @@ def _answer_record(tokenizer, gen: Generation, reference: str, metrics) -> dict:
             "stopped": gen.stopped}
 
 
+# likelihood-based eval numbers the summary and report show next to the generation scores (preference runs: the
+# share of eval pairs whose chosen reply the model finds more likely than the rejected one)
+CARRIED_EVAL_METRICS = ("eval_loss", "eval_perplexity", "eval_preference_accuracy")
+
+
 def summarize(samples: list[dict], *, compare_base: bool, metric_names: Sequence[str], skipped: Skipped,
               eval_metrics: dict | None = None, base_eval_metrics: dict | None = None) -> dict[str, Any]:
     """Means of every score per model, tuned minus base, better/worse/same counts, skipped prompts by reason."""
@@ -72,12 +77,11 @@ def summarize(samples: list[dict], *, compare_base: bool, metric_names: Sequence
     summary: dict[str, Any] = {"samples": len(samples), "skipped": skipped.total,
                                "skipped_by_reason": dict(skipped.counts), "tuned": means("tuned")}
     if eval_metrics:
-        summary["tuned"].update({k: v for k, v in eval_metrics.items() if k in ("eval_loss", "eval_perplexity")})
+        summary["tuned"].update({k: v for k, v in eval_metrics.items() if k in CARRIED_EVAL_METRICS})
     if compare_base:
         summary["base"] = means("base")
         if base_eval_metrics:
-            summary["base"].update({k: v for k, v in base_eval_metrics.items()
-                                    if k in ("eval_loss", "eval_perplexity")})
+            summary["base"].update({k: v for k, v in base_eval_metrics.items() if k in CARRIED_EVAL_METRICS})
         summary["delta"] = {k: summary["tuned"][k] - summary["base"][k] for k in summary["tuned"]
                             if k in summary["base"]}
         summary["verdicts"] = dict(Counter(s["verdict"] for s in samples))
@@ -202,7 +206,7 @@ def flat_metrics(summary: dict) -> dict[str, float]:
     out: dict[str, float] = {}
     for which, prefix in (("tuned", "gen_"), ("base", "base_gen_")):
         for k, v in (summary.get(which) or {}).items():
-            if k in ("eval_loss", "eval_perplexity"):
+            if k in CARRIED_EVAL_METRICS:
                 if which == "base":
                     out[f"base_{k}"] = v
                 continue

@@ -19,8 +19,9 @@ from ..runs.atomic import write_text
 
 _LABELS = {"exact_match": "exact match", "token_f1": "token F1", "rouge_l": "ROUGE-L",
            "answer_tokens": "answer length (tokens)", "stopped": "ended its turn", "eval_loss": "eval loss",
-           "eval_perplexity": "eval perplexity"}
-_SHARES = ("exact_match", "stopped")  # shown as percentages
+           "eval_perplexity": "eval perplexity",
+           "eval_preference_accuracy": "preference accuracy (chosen more likely than rejected)"}
+_SHARES = ("exact_match", "stopped", "eval_preference_accuracy")  # shown as percentages
 _FIX = "free space or make the folder writable, then run the evaluation again (the files there are intact)"
 
 

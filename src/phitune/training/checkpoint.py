@@ -40,6 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..adapt import save_adapter
+from ..config.training_args import METHOD_KEYS
 from ..errors import CheckpointError
 from ..runs.atomic import atomic_folder, remove_folder
 from ..runs.storage import readable_like_the_rest
@@ -67,6 +68,8 @@ def resume_settings(config, world_size: int = 1) -> dict[str, Any]:
     training = run["training_config"]
     model = {k: run["model"][k] for k in ("name_or_path", "revision", "tokenizer")}
     training = {k: training[k] for k in RESUME_KEYS}
+    if run["training_config"].get("method", "sft") != "sft":  # absent for SFT, so older SFT checkpoints still match
+        training.update({k: v for k, v in run["training_config"].items() if k == "method" or k in METHOD_KEYS})
     if world_size > 1:
         training["world_size"] = world_size
     return {

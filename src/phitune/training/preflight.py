@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import distributed
 from ..config import ModelConfig
-from ..data import prepare_data
+from ..data.preference import prepare_run_data
 from ..data.preview import data_warnings
 from ..data.sources import check_local_path
 from ..errors import ConfigError
@@ -85,7 +85,7 @@ def checks_before_weights(cfg, main: bool):
     check_data_paths(cfg.data)
     tokenizer = with_chat_template(load_tokenizer(cfg.model), cfg.data.chat_template)
     with distributed.local_main_first():  # one process per node writes the data cache, the others read it
-        prepared = prepare_data(cfg.data, tokenizer)
+        prepared = prepare_run_data(cfg.data, tokenizer, cfg.training_config)
     if main:
         for split in ("train", "eval"):
             for line in data_warnings(split, prepared.stats[split]) if prepared.stats.get(split) else []:

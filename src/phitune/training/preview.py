@@ -14,7 +14,8 @@ import sys
 from typing import Any, Iterator, Sequence
 
 from ..config import load_config
-from ..data import format_stats, prepare_data, preview_text, sample_records
+from ..data import format_stats, preview_text, sample_records
+from ..data.preference import prepare_run_data
 from ..models.chat_template import with_chat_template
 from ..models.loading import load_tokenizer
 from ..training.preflight import check_data_paths, check_model_source
@@ -28,7 +29,7 @@ def _prepare(config: Any, overrides: Sequence[str] | None):
     check_model_source(run_config.model, weights=False)
     check_data_paths(run_config.data)
     tokenizer = with_chat_template(load_tokenizer(run_config.model), run_config.data.chat_template)
-    return prepare_data(run_config.data, tokenizer), tokenizer
+    return prepare_run_data(run_config.data, tokenizer, run_config.training_config), tokenizer
 
 
 def preview(config: Any, n: int | None = None, color: bool | None = None, *, overrides: Sequence[str] | None = None,

@@ -35,23 +35,30 @@ def _input_tokens(batch: dict) -> int:
 
 
 def train_step(model, batches: list[dict], optimizer, scheduler, scaler, tc: TrainingConfig, device, autocast,
-               forward_loss) -> dict[str, float]:
-    """Forward/backward every micro-batch, clip, step. Each micro-batch's summed loss is divided by the supervised
-    tokens of the WHOLE step, so the accumulated gradient equals that of one batch holding all of them."""
-    n_tokens, input_tokens = distributed.sum_ints(sum(supervised_tokens(b) for b in batches),
+               forward_loss, units=supervised_tokens) -> dict[str, float]:
+    """Forward/backward every micro-batch, clip, step. Each micro-batch's summed loss is divided by the ``units``
+    (supervised tokens; pairs for preference methods) of the WHOLE step, so the accumulated gradient equals that of
+    one batch holding all of them. ``sums`` in the result: the step's sums of the metrics the forward reports
+    (``out.sums``, e.g. rewards/chosen of training.preference), over all processes."""
+    n_tokens, input_tokens = distributed.sum_ints(sum(units(b) for b in batches),
                                                   sum(_input_tokens(b) for b in batches))  # over all processes
     divisor = max(n_tokens, 1)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+    sums: dict[str, torch.Tensor] = {}
     for batch in batches:
         batch = to_device(batch, device)
         with autocast:
             out = forward_loss(model, batch)
         scaler.scale(out.loss_sum.float() / divisor).backward()
         loss_sum += out.loss_sum.detach().float()
+        for key, value in getattr(out, "sums", {}).items():
+            sums[key] = sums.get(key, 0.0) + value.detach().float()
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
     distributed.sum_gradients(params)  # one all-reduce after accumulation (nothing in one process)
     distributed.sum_(loss_sum)
+    for value in sums.values():
+        distributed.sum_(value)
     scaler.unscale_(optimizer)
     max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -68,7 +75,7 @@ def train_step(model, batches: list[dict], optimizer, scheduler, scaler, tc: Tra
     if scaler.is_enabled() and not math.isfinite(grad_norm):
         grad_norm = 0.0  # an fp16 overflow that the scaler handled, not a divergence
     return {"loss": loss, "loss_sum": float(loss_sum), "tokens": n_tokens, "grad_norm": grad_norm, "lr": lr,
-            "input_tokens": input_tokens}
+            "input_tokens": input_tokens, "sums": {k: float(v) for k, v in sums.items()}}
 
 
 def process_batch(make_batch, samples, entry: list[int], part=list) -> dict:

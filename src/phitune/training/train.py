@@ -31,13 +31,14 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from . import distributed, fsdp, loss
+from . import distributed, fsdp, loss, preference
 from ..runs import ownership as outdir
 from . import fast as fastpath
 from .._typed import suggest
 from ..adapt import add_lora
 from ..config import SECTIONS, RunConfig, TrainingConfig, load_config, read_yaml, save_config
 from ..data import batch_plan
+from ..data.preference import pair_plan
 from ..errors import ConfigError, PhituneError
 from .evaluation import evaluate_samples, generation_probe
 from .interrupt import Interrupted, StopOnSignal, signal_name
@@ -47,11 +48,12 @@ from ..plan import resolve_auto_batch
 from .optim import autocast_context, build_optimization, enable_gradient_checkpointing, seed_everything, set_tf32
 from .preflight import checks_before_weights
 from ..runs.folder import finished_steps, logged_eval, prepare_output_dir, save_run, with_absolute_paths
-from .step import batch_maker, process_batch, train_step
+from .step import batch_maker, process_batch, supervised_tokens, train_step
 
 log = logging.getLogger("phitune")
 
 NONFINITE_DUMP = "nonfinite_batch.pt"
+_BAR_METRICS = ("rewards/accuracies", "rewards/margins")  # of a preference step, next to its loss
 
 
 @dataclass
@@ -98,7 +100,8 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
     out, world = Path(tc.output_dir), distributed.world_size()
     settings = ckpt.resume_settings(cfg, world_size=world)
     resume_from, tokenizer, prepared = _before_weights(cfg, out, settings, run_scope)
-    plans = EpochPlans(prepared.train, dc, tc.per_device_train_batch_size * world, tc.gradient_accumulation_steps)
+    plans = EpochPlans(prepared.train, dc, tc.per_device_train_batch_size * world, tc.gradient_accumulation_steps,
+                       pairs=prepared.kind == "pairs")
     total_steps = tc.max_steps if tc.max_steps > 0 else math.ceil(tc.num_train_epochs * plans.steps_per_epoch)
     if (complete := _already_complete(out, tc, total_steps, created_group)) is not None:
         return complete
@@ -107,22 +110,31 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
     seed_everything(tc.seed)
     device = resolve_device(tc.use_cpu)  # under torchrun: this process's GPU (LOCAL_RANK)
     model, tokenizer, report, fast = _model_with_lora(cfg, device, tokenizer)
-    make_batch, my_part = batch_maker(model, tokenizer, dc, fast), distributed.sharder()
 
     # optimizer and schedule; a resume restores them with the loop position
     optimizer, scheduler, scaler = build_optimization(model, tc, device, total_steps)
     autocast = autocast_context(tc, device)
-    state, cfg = _resume(resume_from, cfg, model, optimizer, scheduler, scaler, world, total_steps)
+    state, cfg, saved = _resume(resume_from, cfg, model, optimizer, scheduler, scaler, world, total_steps)
+
+    # the method (sft, dpo, orpo) chooses the loss, what a step divides it by, and how rows are batched
+    if tc.method == "sft":
+        step_loss, units = functools.partial(loss.forward_loss, fast=fast), supervised_tokens
+        make_batch, my_part, reference = batch_maker(model, tokenizer, dc, fast), distributed.sharder(), {}
+    else:
+        state.unit = "pairs"
+        reference = _reference_log_probs(cfg, model, tokenizer, prepared, fast, autocast, saved)
+        step_loss, units = preference.objective(tc, fast)
+        make_batch = preference.pair_batch_maker(model, tokenizer, dc, fast, reference.get("train"))
+        my_part = preference.pair_sharder()
     distributed.on_main(save_config, with_absolute_paths(cfg), out / "phitune_config.yaml", status="incomplete")
     metrics_log = MetricsLog(out, tc.report_to, run_name=tc.run_name or out.resolve().name, config=cfg.to_dict(),
                              resume_step=state.step if resume_from is not None else None, write=main)
     _log_plan(tc, total_steps, plans.steps_per_epoch, world, prepared)
     for line in distributed.describe_layout(model, optimizer, tc):  # what each process (GPU) holds, before step 1
         log.info("%s", line)
-    run_eval = _evaluator(model, tokenizer, prepared, cfg, fast, autocast)
-    step_loss = functools.partial(loss.forward_loss, fast=fast)
+    run_eval = _evaluator(model, tokenizer, prepared, cfg, fast, autocast, reference.get("eval"))
     save = functools.partial(save_checkpoint, out, model=model, optimizer=optimizer, scheduler=scheduler,
-                             scaler=scaler, settings=settings, cfg=cfg)
+                             scaler=scaler, settings=settings, cfg=cfg, reference=reference)
 
     # the loop; SIGINT/SIGTERM stop it at a step boundary with a checkpoint (phitune.training.interrupt)
     stop = run_scope.enter_context(StopOnSignal())
@@ -135,13 +147,14 @@ def _finetune(cfg: RunConfig, run_scope: ExitStack) -> FinetuneResult:
     while state.step < total_steps:
         entries = plans(state.epoch)[state.micro:state.micro + tc.gradient_accumulation_steps]
         batches = [process_batch(make_batch, prepared.train, e, my_part) for e in entries]
-        step = train_step(model, batches, optimizer, scheduler, scaler, tc, device, autocast, step_loss)
+        step = train_step(model, batches, optimizer, scheduler, scaler, tc, device, autocast, step_loss, units)
         if not math.isfinite(step["loss"]) or not math.isfinite(step["grad_norm"]):
             stop_on_nonfinite(out, state, step, batches)
         epoch_done = state.advance(len(entries), len(plans(state.epoch)), step)
         bar.update(1)
-        bar.set_postfix(loss=f"{step['loss']:.4f}", lr=f"{step['lr']:.2e}", tok_s=f"{state.tokens_per_s():.0f}",
-                        gnorm=f"{step['grad_norm']:.3f}", refresh=False)
+        shown = {k: f"{v / max(step['tokens'], 1):.3f}" for k, v in step["sums"].items() if k in _BAR_METRICS}
+        bar.set_postfix({"loss": f"{step['loss']:.4f}", **shown, "lr": f"{step['lr']:.2e}",
+                         "tok_s": f"{state.tokens_per_s():.0f}", "gnorm": f"{step['grad_norm']:.3f}"}, refresh=False)
 
         last = state.step == total_steps
         epoch_f = round(state.epoch + state.micro / max(len(plans(state.epoch)), 1), 4)
@@ -227,8 +240,8 @@ class EpochPlans:
     """``plans(epoch)``: the batch plan of an epoch (one on every process, micro-batches of the per-device batch x
     processes; each process trains on its part), built when first asked and kept while that epoch runs."""
 
-    def __init__(self, samples, data_cfg, batch_size: int, accumulation: int):
-        self.samples, self.data_cfg, self.batch_size = samples, data_cfg, batch_size
+    def __init__(self, samples, data_cfg, batch_size: int, accumulation: int, pairs: bool = False):
+        self.samples, self.data_cfg, self.batch_size, self.pairs = samples, data_cfg, batch_size, pairs
         self._epoch, self._plan = None, None
         self.steps_per_epoch = math.ceil(len(self(0)) / accumulation)
         if self.steps_per_epoch == 0:
@@ -237,34 +250,59 @@ class EpochPlans:
     def __call__(self, epoch: int) -> list:
         if epoch != self._epoch:
             dc = self.data_cfg
-            self._plan = batch_plan(self.samples, self.batch_size, dc.max_seq_length, dc.packing, dc.seed, epoch)
+            if self.pairs:  # preference pairs: batch_size pairs per micro-batch, never packed
+                self._plan = pair_plan(self.samples, self.batch_size, dc.seed, epoch)
+            else:
+                self._plan = batch_plan(self.samples, self.batch_size, dc.max_seq_length, dc.packing, dc.seed,
+                                        epoch)
             self._epoch = epoch
         return self._plan
 
 
 def _resume(resume_from: Path | None, cfg: RunConfig, model, optimizer, scheduler, scaler, world: int,
             total_steps: int):
-    """(TrainState, config as it really trains): a fresh start, or the checkpoint's position after restoring model,
-    optimizer, schedule and RNG states."""
+    """(TrainState, config as it really trains, the checkpoint's extra state): a fresh start, or the checkpoint's
+    position after restoring model, optimizer, schedule and RNG states."""
     if resume_from is None:
-        return TrainState(), cfg
+        return TrainState(), cfg, {}
     saved = ckpt.load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                  rank=distributed.rank(), world_size=world)
     state = TrainState.from_dict(saved["extra"]["train_state"])
     log.info("resumed from %s (step %d of %d)", resume_from, state.step, total_steps)
-    return state, _kept_from_checkpoint(cfg, optimizer)
+    return state, _kept_from_checkpoint(cfg, optimizer), saved["extra"]
+
+
+def _reference_log_probs(cfg: RunConfig, model, tokenizer, prepared, fast, autocast, saved: dict) -> dict:
+    """precompute_ref_log_probs: {"train": ..., "eval": ...} reference log-probs of every sample (adapters off),
+    taken from the checkpoint being resumed (``saved``: its extra state), so the resumed run uses the very numbers
+    it started with, or computed once now; {} when the reference runs with every micro-batch."""
+    tc = cfg.training_config
+    if not tc.precompute_ref_log_probs:
+        return {}
+    if saved.get("reference_logps"):
+        return {k: v.double().numpy() for k, v in saved["reference_logps"].items()}
+    splits = {"train": prepared.train, **({"eval": prepared.eval} if prepared.eval else {})}
+    started = time.perf_counter()
+    with autocast:
+        tables = {k: preference.reference_table(model, v, cfg.data, tc.per_device_eval_batch_size, tokenizer, fast)
+                  for k, v in splits.items()}
+    log.info("reference log-probs of %s samples precomputed in %.1f s",
+             " + ".join(str(len(v)) for v in tables.values()), time.perf_counter() - started)
+    return tables
 
 
 def _log_plan(tc: TrainingConfig, total_steps: int, steps_per_epoch: int, world: int, prepared) -> None:
-    log.info("training %d steps (%d per epoch; %d sequences x %d accumulation%s), %d train samples, %d eval samples",
-             total_steps, steps_per_epoch, tc.per_device_train_batch_size, tc.gradient_accumulation_steps,
+    what = "sequences" if prepared.kind == "chats" else "pairs"
+    log.info("training %d steps (%d per epoch; %d %s x %d accumulation%s), %d train samples, %d eval samples",
+             total_steps, steps_per_epoch, tc.per_device_train_batch_size, what, tc.gradient_accumulation_steps,
              f" x {world} processes" if world > 1 else "", len(prepared.train), len(prepared.eval or []))
 
 
 def _final_metrics(state: "TrainState", runtime_s: float, metrics_log: MetricsLog, run_eval) -> dict:
     """train_loss/steps/tokens/runtime, and the eval numbers of the last evaluation (run now if the loop's last
     step did not evaluate; ``run_eval`` None: no eval data). Closes the metrics log."""
-    final = {"train_loss": state.mean_loss(), "train_steps": state.step, "train_tokens": state.total_tokens,
+    counted = "train_tokens" if state.unit == "supervised_tokens" else f"train_{state.unit}"
+    final = {"train_loss": state.mean_loss(), "train_steps": state.step, counted: state.total_tokens,
              "train_runtime_s": round(runtime_s, 2)}
     if run_eval is not None:
         last_eval = distributed.on_main(logged_eval, metrics_log.path, state.step)
@@ -273,9 +311,21 @@ def _final_metrics(state: "TrainState", runtime_s: float, metrics_log: MetricsLo
     return final
 
 
-def _evaluator(model, tokenizer, prepared, cfg: RunConfig, fast, autocast):
-    """``run_eval() -> metrics``: eval loss/perplexity/accuracy, plus the eval_generate answers when asked."""
+def _evaluator(model, tokenizer, prepared, cfg: RunConfig, fast, autocast, reference=None):
+    """``run_eval() -> metrics``: eval loss/perplexity/accuracy (preference runs: loss and TRL's rewards/logps
+    metrics over the eval pairs), plus the eval_generate answers when asked."""
     tc = cfg.training_config
+    if prepared.kind == "pairs":
+        if tc.eval_generate:
+            log.warning("training_config.eval_generate: not available during preference training; after it, run "
+                        "phitune eval RUN --generate --compare-base")
+
+        def run_pair_eval() -> dict[str, float]:
+            with autocast:
+                return preference.evaluate_pairs(model, prepared.eval, cfg.data, tc.per_device_eval_batch_size, tc,
+                                                 tokenizer=tokenizer, fast=fast, reference=reference)
+
+        return run_pair_eval
     probe = generation_probe(model, tokenizer, prepared, cfg.data, tc)
 
     def run_eval() -> dict[str, float]:
@@ -324,15 +374,19 @@ def _kept_from_checkpoint(cfg: RunConfig, optimizer) -> RunConfig:
 
 
 def save_checkpoint(out: Path, state: "TrainState", model, optimizer, scheduler, scaler, settings: dict,
-                    cfg: RunConfig) -> None:
-    """Write checkpoint-STEP and apply save_total_limit, on rank 0 (with every process's RNG state)."""
+                    cfg: RunConfig, reference: dict | None = None) -> None:
+    """Write checkpoint-STEP and apply save_total_limit, on rank 0 (with every process's RNG state and the
+    precomputed reference log-probs, if any)."""
     rng_per_process = distributed.gather_objects(ckpt.rng_state())  # None in one process
+    extra = {"train_state": state.to_dict()}
+    if reference:
+        extra["reference_logps"] = {k: torch.from_numpy(v) for k, v in reference.items()}
 
     def write():
         saved = ckpt.save_checkpoint(out, state.step, model=model, optimizer=optimizer, scheduler=scheduler,
                                      data_position={"epoch": state.epoch, "micro_batch": state.micro},
                                      settings=settings, base_model_name_or_path=cfg.model.name_or_path,
-                                     scaler=scaler, extra={"train_state": state.to_dict()},
+                                     scaler=scaler, extra=extra,
                                      rng_per_process=rng_per_process)
         ckpt.rotate_checkpoints(out, cfg.training_config.save_total_limit, keep=saved)
 
@@ -368,7 +422,9 @@ def _as_plain_sections(sections: dict) -> dict:
     out = {}
     for name, value in sections.items():
         if dataclasses.is_dataclass(value):
-            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init and f.name != "notes"}
+            skip = value.keys_not_read() if hasattr(value, "keys_not_read") else ()
+            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)
+                     if f.init and f.name != "notes" and f.name not in skip}
         out[name] = value
     return out
 
@@ -404,6 +460,7 @@ class TrainState:
 
     step: int = 0
     epoch: int = 0
+    unit: str = "supervised_tokens"  # what a step's loss is divided by: supervised_tokens, or pairs (preference)
     micro: int = 0  # next micro-batch of the epoch's plan
     total_loss_sum: float = 0.0
     total_tokens: int = 0
@@ -412,6 +469,7 @@ class TrainState:
     window_steps: int = 0
     window_grad_norm: float = 0.0
     window_lr: float = 0.0
+    window_sums: dict = field(default_factory=dict)  # sums of the forward's metrics (preference: rewards/chosen...)
     _window_start: float = field(default_factory=time.perf_counter, repr=False)
     _window_input_tokens: int = 0
 
@@ -435,6 +493,8 @@ class TrainState:
         self.window_grad_norm += s["grad_norm"]
         self.window_lr = s["lr"]
         self._window_input_tokens += s["input_tokens"]
+        for key, value in s.get("sums", {}).items():
+            self.window_sums[key] = self.window_sums.get(key, 0.0) + value
 
     def tokens_per_s(self) -> float:
         return self._window_input_tokens / max(time.perf_counter() - self._window_start, 1e-9)
@@ -444,11 +504,13 @@ class TrainState:
                 "lr": self.window_lr,
                 "grad_norm": self.window_grad_norm / max(self.window_steps, 1),
                 "tokens_per_s": round(self.tokens_per_s(), 1),
-                "supervised_tokens": self.window_tokens}
+                self.unit: self.window_tokens,
+                **{k: v / max(self.window_tokens, 1) for k, v in self.window_sums.items()}}
 
     def reset_window(self) -> None:
         self.window_loss_sum, self.window_tokens, self.window_steps, self.window_grad_norm = 0.0, 0, 0, 0.0
         self._window_start, self._window_input_tokens = time.perf_counter(), 0
+        self.window_sums = {}
 
     def mean_loss(self) -> float:
         return self.total_loss_sum / max(self.total_tokens, 1)
