@@ -25,6 +25,12 @@ from ..models.tokenizer import end_of_turn_ids
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
 
+# What transformers' generate() uses for a decoding field that generation_config.json leaves unset
+# (GenerationConfig._get_default_generation_params in transformers 5.x; tests/generation checks they still agree).
+TRANSFORMERS_DECODING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50,
+                                  "repetition_penalty": 1.0}
+
+
 @dataclasses.dataclass
 class GenerationSettings:
     """How to sample an answer. ``greedy=True`` (or ``temperature=0``) picks the most likely token every step."""
@@ -34,6 +40,8 @@ class GenerationSettings:
     top_p: float = 0.9
     greedy: bool = False
     seed: int | None = None
+    top_k: int = 0  # 0: no top-k cut
+    repetition_penalty: float = 1.0  # 1.0: off; applies to greedy decoding too
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -42,23 +50,75 @@ class GenerationSettings:
             raise ConfigError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"top_k must be a whole number >= 0 (0: no top-k cut), got {self.top_k!r}")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"repetition_penalty must be > 0 (1.0: off), got {self.repetition_penalty}")
 
     @property
     def sampling(self) -> bool:
         return not self.greedy and self.temperature > 0
 
+    @classmethod
+    def from_generation_config(cls, generation_config: GenerationConfig | dict | None, *, greedy: bool = False,
+                               temperature: float | None = None, top_p: float | None = None,
+                               top_k: int | None = None, repetition_penalty: float | None = None,
+                               max_new_tokens: int = 256, seed: int | None = None,
+                               where: str = "generation_config.json") -> GenerationSettings:
+        """The decoding a model's generation config asks for, as ``model.generate`` would do it (greedy unless it
+        sets ``do_sample: true``; transformers' defaults for what it leaves unset), with the arguments given here
+        overriding it: ``greedy=True`` or ``temperature=0`` decode greedily, any other ``temperature``, ``top_p``
+        or ``top_k`` samples. ``where`` names the config in errors."""
+        if isinstance(generation_config, GenerationConfig):
+            generation_config = generation_config.to_dict()
+        given = {k: v for k, v in (generation_config or {}).items() if k in TRANSFORMERS_DECODING_DEFAULTS
+                 and v is not None}
+        file = {**TRANSFORMERS_DECODING_DEFAULTS, **given}
+        asked = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
+                                   ("repetition_penalty", repetition_penalty)) if v is not None}
+        sample = (not greedy and temperature != 0
+                  and (bool(asked.keys() - {"repetition_penalty"}) or file["do_sample"] is True))
+        value = {**file, **asked}
+        try:
+            return cls(max_new_tokens=max_new_tokens, greedy=not sample, seed=seed,
+                       temperature=float(value["temperature"]), top_p=float(value["top_p"]),
+                       top_k=value["top_k"], repetition_penalty=float(value["repetition_penalty"]))
+        except (ConfigError, TypeError, ValueError) as exc:
+            from_file = {k: v for k, v in given.items() if k not in asked and k != "do_sample"}
+            if not from_file:
+                raise
+            sets = ", ".join(f"{k}: {v!r}" for k, v in from_file.items())
+            raise ConfigError(f"{where} ({sets}): {exc}; fix the file, or override the value") from None
+
+    def describe(self) -> str:
+        """The decoding in words, e.g. ``greedy`` or ``sampling (temperature 0.7, top-p 0.9)``."""
+        extra = f", repetition penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1.0 else ""
+        if not self.sampling:
+            return f"greedy{' (' + extra[2:] + ')' if extra else ''}"
+        top_k = f", top-k {self.top_k}" if self.top_k else ""
+        return f"sampling (temperature {self.temperature:g}, top-p {self.top_p:g}{top_k}{extra})"
+
+
+def read_generation_config(run_dir: str | Path | None) -> dict:
+    """The folder's ``generation_config.json`` as a dict (empty when there is none)."""
+    if run_dir is None:
+        return {}
+    path = Path(run_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); delete it or fix it") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}; delete it or fix it")
+    return data
+
 
 def stop_token_ids(run_dir: str | Path | None, tokenizer) -> list[int]:
     """Every id that ends an assistant turn (``tokenizer.end_of_turn_ids``): those of the folder's
     ``generation_config.json`` (``eos_token_id``, an int or a list), the tokenizer's eos, and ``<|end|>``."""
-    configured = None
-    if run_dir is not None:
-        path = Path(run_dir) / "generation_config.json"
-        if path.is_file():
-            try:
-                configured = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}: not valid JSON ({exc}); delete it or fix it") from exc
+    configured = read_generation_config(run_dir).get("eos_token_id")
     return end_of_turn_ids(tokenizer, configured, tokens=("<|end|>",))
 
 
@@ -180,9 +240,11 @@ def generate_reply(
     # A fresh GenerationConfig, so nothing is inherited from the base model's file (e.g. a single eos id).
     gen_kwargs = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=stop_ids or None, pad_token_id=pad_id)
     if settings.sampling:
-        gen_kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+        gen_kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
     else:
         gen_kwargs.update(do_sample=False)
+    if settings.repetition_penalty != 1.0:
+        gen_kwargs.update(repetition_penalty=settings.repetition_penalty)
     generation_config = GenerationConfig(**gen_kwargs)
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
