@@ -113,7 +113,7 @@ def test_examples_demo_yaml_loads_and_is_the_shipped_one():
     with open(example, encoding="utf-8") as f:
         assert f.read() == CONFIG_FILE.read_text(encoding="utf-8")
     cfg = load_config(example)
-    assert cfg.peft_config.target_modules == "all-linear"
+    assert cfg.peft_config.target_modules == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"]
     assert os.path.normpath(os.path.join(REPO, cfg.model.name_or_path)) == str(MODEL_DIR)
     assert os.path.normpath(os.path.join(REPO, cfg.data.train)) == str(TRAIN_FILE)
     assert cfg.training_config.use_cpu
