@@ -29,6 +29,7 @@ SMOKE = {
     "activation_memory.py": (("peft",), ['"run": "peer"', '"run": "phitune"', '"saved_total_gib"']),
     "cpu_half_matmul.py": ((), ['"dtype": "float32"', '"dtype": "bfloat16"', '"input_grad_dY_W_s"']),
     "data_pipeline.py": ((), ['"conversations": 200', '"end_to_end_tokens_per_s"', '"cache_hit": true']),
+    "demo_decoding.py": ((), ["held-out exact match: greedy", "ceiling through the base lm_head"]),
     "generate_throughput.py": ((), ["tokens/s", "answers identical token for token"]),
     "loading_memory.py": ((), ["x single", "before", "after"]),
     "lora_layers.py": (("peft", "loralib"), ["phitune Linear", "loralib/phitune =", "peft/phitune ="]),

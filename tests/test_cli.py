@@ -64,6 +64,10 @@ def test_parsing_of_each_command():
                       "--temperature", "0", "--seed", "1"])
     assert (a.prompt, a.system, a.max_new_tokens, a.greedy, a.temperature, a.seed) == \
         ("hi", "be nice", 7, True, 0.0, 1)
+    a = p.parse_args(["chat", "run", "--top-p", "0.8", "--top-k", "20", "--repetition-penalty", "1.1"])
+    assert (a.temperature, a.top_p, a.top_k, a.repetition_penalty, a.greedy) == (None, 0.8, 20, 1.1, False)
+    a = p.parse_args(["chat", "run"])  # nothing given: the run's generation_config.json decides
+    assert (a.temperature, a.top_p, a.top_k, a.repetition_penalty, a.greedy) == (None, None, None, None, False)
     a = p.parse_args(["merge", "run", "--out", "m", "--dtype", "bfloat16", "--force"])
     assert (a.run_dir, a.out, a.dtype, a.force) == ("run", "m", "bfloat16", True)
     a = p.parse_args(["preview", "c.yaml", "-n", "5", "--no-color", "--set", "data.packing=false"])

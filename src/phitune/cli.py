@@ -97,7 +97,9 @@ examples:
 _CHAT_EPILOG = """\
 Interactive: type a message, the answer streams back; the conversation is kept as context.
 Commands inside the chat: /reset (forget the conversation), /system TEXT (set the system prompt and reset),
-/exit or Ctrl-D (quit). Generation stops on every end-of-turn id of the run's generation_config.json.
+/exit or Ctrl-D (quit). Generation stops on every end-of-turn id of the run's generation_config.json and
+decodes as that file says (do_sample, temperature, top_p, top_k, repetition_penalty; greedy when it sets no
+sampling, as transformers and Phi-3's own file do); the options below override it.
 
 examples:
   phitune chat runs/phi3-lora
@@ -277,10 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", metavar="TEXT", help="system prompt put before the conversation")
     p.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
                    help="longest answer in tokens (default: 256)")
-    p.add_argument("--temperature", type=_non_negative_float, default=0.7, metavar="T",
-                   help="sampling temperature; 0 means greedy (default: 0.7)")
-    p.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling threshold (default: 0.9)")
-    p.add_argument("--greedy", action="store_true", help="always pick the most likely token (deterministic)")
+    p.add_argument("--temperature", type=_non_negative_float, metavar="T",
+                   help="sample at this temperature; 0 means greedy (default: the run's generation_config.json)")
+    p.add_argument("--top-p", type=float, metavar="P", help="sample with this nucleus threshold (default: the run's "
+                   "generation_config.json, else 1.0)")
+    p.add_argument("--top-k", type=_non_negative_int, metavar="K", help="sample from the K most likely tokens; 0: no "
+                   "cut (default: the run's generation_config.json, else 50, as transformers)")
+    p.add_argument("--repetition-penalty", type=float, metavar="R", help="penalise tokens already in the text; 1.0: "
+                   "off (default: the run's generation_config.json, else 1.0)")
+    p.add_argument("--greedy", action="store_true", help="always pick the most likely token (deterministic; the "
+                   "default when generation_config.json sets no sampling, as Phi-3's)")
     p.add_argument("--seed", type=int, help="random seed for sampling (reproducible answers)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
@@ -411,7 +419,8 @@ def _cmd_chat(args) -> int:
     from .generation.chat import chat  # lazy: torch and transformers load only when a command runs
 
     chat(args.run_dir, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
-         temperature=args.temperature, top_p=args.top_p, greedy=args.greedy, seed=args.seed, device=args.device,
+         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+         repetition_penalty=args.repetition_penalty, greedy=args.greedy, seed=args.seed, device=args.device,
          trust_remote_code=args.trust_remote_code)
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 
 from helpers import ROOT
 
@@ -112,7 +113,7 @@ def test_examples_demo_yaml_loads_and_is_the_shipped_one():
     with open(example, encoding="utf-8") as f:
         assert f.read() == CONFIG_FILE.read_text(encoding="utf-8")
     cfg = load_config(example)
-    assert cfg.peft_config.target_modules == "all-linear"
+    assert cfg.peft_config.target_modules == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"]
     assert os.path.normpath(os.path.join(REPO, cfg.model.name_or_path)) == str(MODEL_DIR)
     assert os.path.normpath(os.path.join(REPO, cfg.data.train)) == str(TRAIN_FILE)
     assert cfg.training_config.use_cpu
@@ -156,12 +157,116 @@ def test_missing_assets_are_a_clear_error(monkeypatch, tmp_path):
         demo(tmp_path / "run")
 
 
+@pytest.fixture(scope="module")
+def full_demo(tmp_path_factory):
+    """The full demo, run once for the slow tests below (about 30 s on 2 idle CPU cores)."""
+    out = io.StringIO()
+    result = demo(tmp_path_factory.mktemp("demo") / "run", out=out)
+    return result, out.getvalue()
+
+
 @pytest.mark.slow
-def test_full_demo_shows_learning(tmp_path):
-    result = demo(tmp_path / "run", out=io.StringIO())
+def test_full_demo_shows_learning(full_demo):
+    result, text = full_demo
     assert result.before == 0.0
-    assert result.after >= 0.8, result.answers[:5]
+    assert result.after >= 0.95, result.answers[:5]
     assert result.peak_rss_mb < 2048
+    # Issue 28: the tuned model is sure where it is right, so sampling (as a chat user might) answers cleanly too.
+    assert result.after_sampled >= 0.9 and result.ended_sampled >= 0.95, (result.after_sampled, result.ended_sampled)
+    assert f"{result.after_sampled:.0%} sampled" in text
+    from phitune.evals.report import read_summary
+
+    sampled = read_summary(result.report.read_text(encoding="utf-8"))["sampled"]
+    assert (sampled["seeds"], sampled["temperature"], sampled["top_p"]) == (5, 0.7, 0.9)
+    assert sampled["exact_match"] == result.after_sampled and len(sampled["per_seed"]) == 5
+    assert "id='sampled'" in result.report.read_text(encoding="utf-8")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
+# The demo's answers: "The home of X is in Y.", "The job of X is Y.", "The favourite colour of X is Y."
+_ANSWER = re.compile(r"The (home of [A-Z][a-z]+ [A-Z][a-z]+ is in [A-Z][a-z]+( Bay| Point)?|job of [A-Z][a-z]+ "
+                     r"[A-Z][a-z]+ is [a-z]+|favourite colour of [A-Z][a-z]+ [A-Z][a-z]+ is [a-z]+)\.")
+
+
+class _Terminal:
+    """A command on a pseudo-terminal, read up to a marker as a user would watch it (ANSI codes removed)."""
+
+    def __init__(self, argv, timeout=60.0):
+        import subprocess
+
+        self.fd, child = os.openpty()
+        self.timeout = timeout
+        env = dict(os.environ, TERM="dumb", HF_HUB_OFFLINE="1")
+        self.proc = subprocess.Popen(argv, stdin=child, stdout=child, stderr=child, env=env, close_fds=True)
+        os.close(child)
+        self.seen = ""
+
+    def read_until(self, marker: str) -> str:
+        import select
+        import time
+
+        deadline = time.monotonic() + self.timeout
+        while marker not in self.seen:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise AssertionError(f"no {marker!r} after {self.timeout:.0f} s; the terminal shows:\n{self.seen}")
+            try:
+                chunk = os.read(self.fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                chunk = b""
+            if not chunk:
+                raise AssertionError(f"the command ended before {marker!r}; the terminal shows:\n{self.seen}")
+            self.seen += _ANSI.sub("", chunk.decode("utf-8", "replace").replace("\r", ""))
+        text, _, self.seen = self.seen.partition(marker)
+        return text
+
+    def type(self, line: str) -> None:
+        os.write(self.fd, (line + "\n").encode())
+
+    def ask(self, question: str) -> str:
+        """Type a question; the answer as shown, checked to end at its end-of-turn token: nothing after it."""
+        self.type(question)
+        shown = self.read_until("\nyou> ")
+        assert shown.startswith(question + "\nassistant> "), shown
+        answer, *after = shown[len(question + "\nassistant> "):].split("\n")
+        assert not "".join(after).strip(), f"text after the answer {answer!r}: {after}"
+        return answer
+
+    def close(self) -> int:
+        code = self.proc.wait(timeout=self.timeout)
+        os.close(self.fd)
+        return code
+
+
+@pytest.mark.slow
+def test_chat_in_a_terminal_after_the_demo_answers_and_ends_each_turn(full_demo):
+    # Issue 28, as a user meets it: `phitune chat RUN` after `phitune demo`, typed into a terminal.
+    import sys
+
+    result, _ = full_demo
+    asked = [(q["messages"][-1]["content"], row) for q, row in zip(read_held_out(HELD_OUT_FILE), result.answers)
+             if len(q["messages"]) == 1 and row["tuned_ok"]][:2]
+    (first, first_row), (second, second_row) = asked
+    term = _Terminal([sys.executable, "-m", "phitune", "chat", str(result.output_dir), "--max-new-tokens", "48"])
+    banner = term.read_until("\nyou> ")
+    assert "decoding: greedy, as" in banner and "generation_config.json says" in banner  # the run's file: no sampling
+    # A one-turn chat is the prompt the demo scored: the same greedy answer, then the turn ends.
+    assert term.ask(first) == first_row["tuned"] == first_row["expected"]
+    assert _ANSWER.fullmatch(term.ask(second)), "second answer, with the first turn as context"
+    term.type("/reset")
+    assert "(conversation cleared)" in term.read_until("\nyou> ")
+    assert term.ask(second) == second_row["tuned"]  # no context left: the demo's one-turn prompt again
+    term.type("/exit")
+    assert term.close() == 0
+
+    # Sampled at the settings the demo reports (the command line overrides the run's file): clean answers too.
+    term = _Terminal([sys.executable, "-m", "phitune", "chat", str(result.output_dir), "--temperature", "0.7",
+                      "--top-p", "0.9", "--seed", "0", "--max-new-tokens", "48"])
+    assert "decoding: sampling (temperature 0.7, top-p 0.9, top-k 50), as you asked" in term.read_until("\nyou> ")
+    for question in (first, second):
+        assert _ANSWER.fullmatch(term.ask(question))
+    term.type("/exit")
+    assert term.close() == 0
 
 
 @pytest.mark.slow

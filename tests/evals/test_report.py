@@ -61,6 +61,23 @@ def test_report_is_self_contained_and_embeds_the_summary(tmp_path):
                                                                                        "better"]
 
 
+def test_report_shows_sampled_answers_next_to_the_greedy_table(tmp_path):
+    samples = _samples()
+    summary = summarize(samples, compare_base=True, metric_names=[], skipped=Skipped())
+    summary.update(settings={"max_new_tokens": 16, "greedy": True}, sampled={
+        "temperature": 0.7, "top_p": 0.9, "seeds": 2, "exact_match": 0.925, "stopped": 1.0,
+        "per_seed": [{"seed": 0, "exact_match": 0.9, "stopped": 1.0},
+                     {"seed": 1, "exact_match": 0.95, "stopped": 1.0}]})
+    text = write_report(tmp_path / "report.html", summary, samples).read_text()
+    assert ("<p id='sampled'>Sampled instead of greedy (temperature 0.7, top-p 0.9, 2 seeds), the tuned model's "
+            "answers match exactly in 92.5% and end their turn in 100.0% (exact match per seed: 90.0%, 95.0%).</p>"
+            ) in text
+    assert text.index("id='metrics'") < text.index("id='sampled'") < text.index("<h2>Samples</h2>")
+    assert read_summary(text)["sampled"]["exact_match"] == 0.925
+    del summary["sampled"]
+    assert "id='sampled'" not in write_report(tmp_path / "plain.html", summary, samples).read_text()
+
+
 def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

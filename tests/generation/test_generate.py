@@ -8,12 +8,8 @@ import pytest
 import torch
 
 from phitune.errors import ConfigError
-from phitune.generation.generate import (
-    GenerationSettings,
-    IncrementalDecoder,
-    build_prompt_ids,
-    generate_reply,
-)
+from phitune.generation.generate import GenerationSettings, IncrementalDecoder, build_prompt_ids, generate_reply
+from phitune.generation.loop import TRANSFORMERS_DECODING_DEFAULTS
 from phitune.generation.stops import stop_token_ids
 
 
@@ -177,3 +173,89 @@ def test_pad_id_rule_is_the_tokenizers_pad_else_the_first_stop_id(tok):
     nopad = copy.deepcopy(tok)
     nopad.pad_token = None
     assert pad_token_id(nopad, [7, 9]) == 7 and pad_token_id(nopad, []) == 0
+
+
+def _decoding(s: GenerationSettings) -> tuple:
+    return (s.sampling, s.temperature, s.top_p, s.top_k, s.repetition_penalty) if s.sampling else \
+        (False, s.repetition_penalty)
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({}, (False, 1.0)),  # Phi-3's generation_config.json sets no sampling: greedy, as model.generate
+    ({"eos_token_id": [1, 2], "do_sample": False, "temperature": 0.6}, (False, 1.0)),
+    ({"do_sample": True}, (True, 1.0, 1.0, 50, 1.0)),  # transformers' defaults for the rest
+    ({"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 0, "repetition_penalty": 1.1},
+     (True, 0.6, 0.95, 0, 1.1)),
+    ({"repetition_penalty": 1.2, "top_p": None}, (False, 1.2)),  # a null field is unset
+])
+def test_settings_decode_as_the_generation_config_says(config, expected):
+    assert _decoding(GenerationSettings.from_generation_config(config)) == expected
+
+
+def test_settings_take_a_transformers_generation_config():
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=True, temperature=0.5, top_k=10)
+    assert _decoding(GenerationSettings.from_generation_config(config)) == (True, 0.5, 1.0, 10, 1.0)
+    assert _decoding(GenerationSettings.from_generation_config(GenerationConfig())) == (False, 1.0)
+
+
+@pytest.mark.parametrize("config, kwargs, expected", [
+    ({}, {"temperature": 0.7, "top_p": 0.9}, (True, 0.7, 0.9, 50, 1.0)),
+    ({}, {"top_p": 0.8}, (True, 1.0, 0.8, 50, 1.0)),
+    ({}, {"top_k": 5}, (True, 1.0, 1.0, 5, 1.0)),
+    ({}, {"repetition_penalty": 1.3}, (False, 1.3)),  # a penalty alone does not switch sampling on
+    ({"do_sample": True, "temperature": 0.9}, {"greedy": True}, (False, 1.0)),
+    ({"do_sample": True, "temperature": 0.9}, {"temperature": 0}, (False, 1.0)),
+    ({"do_sample": True, "temperature": 0.9, "top_p": 0.5}, {"temperature": 0.3}, (True, 0.3, 0.5, 50, 1.0)),
+])
+def test_arguments_override_the_generation_config(config, kwargs, expected):
+    assert _decoding(GenerationSettings.from_generation_config(config, **kwargs)) == expected
+
+
+def test_a_bad_value_in_the_generation_config_names_the_file_and_key():
+    with pytest.raises(ConfigError, match=r"run/generation_config.json \(top_p: 0\).*top_p must be in"):
+        GenerationSettings.from_generation_config({"do_sample": True, "top_p": 0}, where="run/generation_config.json")
+    with pytest.raises(ConfigError, match="top_k"):
+        GenerationSettings.from_generation_config({"top_k": "many"})
+    # An override that fixes the bad value is enough; a bad override is blamed on itself, not on the file.
+    assert GenerationSettings.from_generation_config({"top_p": 0}, top_p=0.5).top_p == 0.5
+    with pytest.raises(ConfigError, match=r"^top_p must be in"):
+        GenerationSettings.from_generation_config({}, top_p=1.5)
+
+
+def test_unset_fields_default_as_transformers_does():
+    from transformers import GenerationConfig
+
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
+    if defaults is None:  # transformers 4.x kept its defaults on GenerationConfig() itself
+        fresh = GenerationConfig()
+        assert {k: getattr(fresh, k) for k in TRANSFORMERS_DECODING_DEFAULTS} == TRANSFORMERS_DECODING_DEFAULTS
+    else:
+        assert {k: defaults()[k] for k in TRANSFORMERS_DECODING_DEFAULTS} == TRANSFORMERS_DECODING_DEFAULTS
+
+
+def test_sampled_reply_equals_model_generate_with_the_same_config(tok, model):
+    # The run's file says only do_sample: model.generate fills in the rest (top_k 50 included) and must draw the
+    # same tokens as generate_reply with the settings resolved from that file.
+    from transformers import GenerationConfig
+
+    messages = [{"role": "user", "content": "Hello there"}]
+    settings = GenerationSettings.from_generation_config({"do_sample": True}, max_new_tokens=12, seed=5)
+    ids = build_prompt_ids(tok, messages)
+    torch.manual_seed(5)
+    out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         generation_config=GenerationConfig(do_sample=True, max_new_tokens=12, eos_token_id=[0],
+                                                            pad_token_id=0))
+    expected = tok.decode([t for t in out[0, len(ids):].tolist() if t != 0], skip_special_tokens=True).strip()
+    assert expected and generate_reply(model, tok, messages, settings, stop_ids=[0]) == expected
+
+
+@pytest.mark.parametrize("settings, text", [
+    (GenerationSettings(greedy=True), "greedy"),
+    (GenerationSettings(greedy=True, repetition_penalty=1.1), "greedy (repetition penalty 1.1)"),
+    (GenerationSettings(temperature=0.7, top_p=0.9), "sampling (temperature 0.7, top-p 0.9)"),
+    (GenerationSettings(temperature=1.0, top_p=1.0, top_k=50), "sampling (temperature 1, top-p 1, top-k 50)"),
+])
+def test_settings_describe_themselves(settings, text):
+    assert settings.describe() == text

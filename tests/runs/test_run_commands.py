@@ -69,6 +69,71 @@ def test_chat_ends_on_eof(run_dir):
     assert chat(run_dir["run"], greedy=True, input_fn=eof, output=io.StringIO()) == []
 
 
+def _run_with_generation_config(run_dir, tmp_path, **fields):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir["run"], run)
+    path = run / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    return run
+
+
+def _reply(run_dir, run, prompt, settings):
+    from phitune.generation.generate import generate_reply
+    from phitune.generation.stops import stop_token_ids
+
+    return generate_reply(run_dir["model"], run_dir["tokenizer"], [{"role": "user", "content": prompt}], settings,
+                          stop_ids=stop_token_ids(run_dir["tokenizer"], run_dir=run))
+
+
+def test_chat_decodes_as_the_runs_generation_config(run_dir, tmp_path):
+    # Issue 28: the run's generation_config.json decides (greedy where it sets no sampling, as model.generate);
+    # the arguments override it.
+    from phitune.generation.chat import chat
+    from phitune.generation.generate import GenerationSettings
+
+    prompt = "What is 1 plus 2?"
+    greedy = _reply(run_dir, run_dir["run"], prompt, GenerationSettings(greedy=True, max_new_tokens=12))
+    assert chat(run_dir["run"], prompt=prompt, max_new_tokens=12, stream=False) == greedy  # the file sets no sampling
+
+    run = _run_with_generation_config(run_dir, tmp_path, do_sample=True, temperature=1.5, top_k=20)
+    sampled = GenerationSettings(temperature=1.5, top_p=1.0, top_k=20, seed=4, max_new_tokens=12)
+    answer = chat(run, prompt=prompt, max_new_tokens=12, seed=4, stream=False)
+    assert answer == _reply(run_dir, run, prompt, sampled) != greedy
+    assert chat(run, prompt=prompt, max_new_tokens=12, greedy=True, stream=False) == greedy
+    assert chat(run, prompt=prompt, max_new_tokens=12, temperature=0, stream=False) == greedy
+    assert chat(run, prompt=prompt, max_new_tokens=12, seed=4, top_k=1, stream=False) == greedy  # top-1 sampling
+
+
+def test_chat_banner_says_which_decoding_and_how_to_change_it(run_dir, tmp_path):
+    from phitune.generation.chat import chat
+
+    def eof(prompt):
+        raise EOFError
+
+    out = io.StringIO()
+    chat(run_dir["run"], input_fn=eof, output=out)
+    assert (f"decoding: greedy, as {run_dir['run'] / 'generation_config.json'} says (it sets no sampling); "
+            "--temperature 0.7 --top-p 0.9 to sample instead") in out.getvalue()
+    run = _run_with_generation_config(run_dir, tmp_path, do_sample=True, temperature=0.6, top_p=0.95)
+    out = io.StringIO()
+    chat(run, input_fn=eof, output=out)
+    assert "decoding: sampling (temperature 0.6, top-p 0.95, top-k 50), as " in out.getvalue()
+    assert "--greedy for deterministic answers" in out.getvalue()
+    out = io.StringIO()
+    chat(run, input_fn=eof, output=out, greedy=True)
+    assert "decoding: greedy, as you asked (over the run's generation_config.json)" in out.getvalue()
+
+
+def test_a_bad_generation_config_is_named_before_loading(run_dir, tmp_path):
+    run = _run_with_generation_config(run_dir, tmp_path, do_sample=True, top_p=2)
+    from phitune.generation.chat import chat
+
+    with pytest.raises(ConfigError, match=r"generation_config.json \(top_p: 2\): top_p must be in"):
+        chat(run, prompt="hi")
+
+
 def test_chat_checks_settings_before_loading(run_dir):
     from phitune.generation.chat import chat
 

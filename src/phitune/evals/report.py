@@ -85,6 +85,15 @@ def _metrics_table(summary: dict) -> str:
     return f"<table id='metrics'>{head}{''.join(rows)}</table>"
 
 
+def _sampled_paragraph(sampled: dict) -> str:
+    """The tuned model's answers sampled once per seed (``summary["sampled"]``), next to the greedy table."""
+    per_seed = ", ".join(_fmt("exact_match", r["exact_match"]) for r in sampled.get("per_seed", []))
+    return (f"<p id='sampled'>Sampled instead of greedy (temperature {sampled['temperature']:g}, top-p "
+            f"{sampled['top_p']:g}, {sampled['seeds']} seeds), the tuned model's answers match exactly in "
+            f"{_fmt('exact_match', sampled['exact_match'])} and end their turn in "
+            f"{_fmt('stopped', sampled['stopped'])} (exact match per seed: {per_seed}).</p>")
+
+
 def loss_curve_svg(records: Sequence[dict], width: int = 640, height: int = 240) -> str:
     """Train (and eval) loss against the step as an inline SVG; empty when there is no loss to draw."""
     series = [("train loss", "#1f77b4", [(r["step"], r["loss"]) for r in records if _num(r.get("loss"))]),
@@ -260,6 +269,8 @@ def write_report(path: str | Path, summary: dict, samples: Sequence[dict], *, tr
         reasons = "; ".join(f"{n} {html.escape(r)}" for r, n in summary["skipped_by_reason"].items())
         parts.append(f"<p class='note'>Skipped {summary['skipped']}: {reasons}.</p>")
     parts.append("<h2>Metrics</h2>" + _metrics_table(summary))
+    if summary.get("sampled"):
+        parts.append(_sampled_paragraph(summary["sampled"]))
     if compare:
         v = summary.get("verdicts", {})
         parts.append(f"<p>Per sample, the tuned answer is better in {v.get('better', 0)}, worse in "

@@ -1,19 +1,23 @@
 """``phitune chat``: talk to a run folder's model (one prompt, or an interactive loop), with its chat template.
 
     answer = phitune.chat("runs/phi3-lora", prompt="Hello!", greedy=True)
+
+It decodes as the run's ``generation_config.json`` says, as ``model.generate`` would (Phi-3's and the demo's set no
+sampling: greedy); ``greedy``/``temperature``/``top_p``/``top_k``/``repetition_penalty`` override it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError
 from ..models.chat_template import turn_end
 from ..runs.folder import load_run_model, load_run_tokenizer, open_run
 from .generate import GenerationSettings, build_prompt_ids, context_length, generate_reply
-from .stops import stop_token_ids
+from .stops import read_generation_config, stop_token_ids
 
 # --- chat -----------------------------------------------------------------------------------------------------------
 
@@ -26,8 +30,10 @@ def chat(
     *,
     system: str | None = None,
     max_new_tokens: int = 256,
-    temperature: float = 0.7,
-    top_p: float = 0.9,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
     greedy: bool = False,
     seed: int | None = None,
     device: str | None = None,
@@ -41,13 +47,19 @@ def chat(
     With ``prompt``: answer it once (streamed to ``output``, default stdout, unless ``stream=False``) and return the
     answer. Without: an interactive loop reading lines with ``input_fn`` that keeps the conversation as context
     (oldest turns dropped when it outgrows the context window) and returns the conversation (list of messages).
-    Generation stops on every end-of-turn id of the run's ``generation_config.json``. ``trust_remote_code``: allow
-    the code of a run whose config asks for it (see :func:`load_run_config`).
+    Decoding follows the run's ``generation_config.json`` (greedy where it sets no sampling, as ``model.generate``);
+    ``greedy=True`` or ``temperature=0`` force greedy decoding, any other ``temperature``/``top_p``/``top_k`` samples,
+    and each given value replaces the file's (:meth:`GenerationSettings.from_generation_config`). Generation stops
+    on every end-of-turn id of that file. ``trust_remote_code``: allow the code of a run whose config asks for it
+    (see :func:`load_run_config`).
     """
 
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  greedy=greedy, seed=seed)
     run = open_run(run_dir)
+    gen_file = run.root / "generation_config.json"
+    overrides = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
+    settings = GenerationSettings.from_generation_config(read_generation_config(run.root), greedy=greedy,
+                                                         max_new_tokens=max_new_tokens, seed=seed, where=str(gen_file),
+                                                         **overrides)
     out = output if output is not None else sys.stdout
     # Before the weights load: a template without an end-of-turn token could never stop (data.chat_template fixes it)
     turn_end(load_run_tokenizer(run.root, trust_remote_code=trust_remote_code))
@@ -78,6 +90,8 @@ def chat(
         except ImportError:
             pass
     print(f"chatting with {run.adapter_dir} (base {config.model.name_or_path}); {_CHAT_HELP}", file=out)
+    print(decoding_banner(settings, gen_file, overridden=greedy or any(v is not None for v in overrides.values())),
+          file=out)
     history: list[dict] = []
     while True:
         try:
@@ -117,6 +131,19 @@ def chat(
             continue
         history.append({"role": "assistant", "content": answer})
     return head + history
+
+
+def decoding_banner(settings: GenerationSettings, gen_file, *, overridden: bool) -> str:
+    """One line for the chat's banner: the decoding in use, where it comes from, and how to change it."""
+    if overridden:
+        origin = "as you asked (over the run's generation_config.json)"
+    elif Path(gen_file).is_file():
+        origin = f"as {gen_file} says" + ("" if settings.sampling else " (it sets no sampling)")
+    else:
+        origin = "transformers' default (the run has no generation_config.json)"
+    change = ("--greedy for deterministic answers" if settings.sampling else
+              "--temperature 0.7 --top-p 0.9 to sample instead")
+    return f"decoding: {settings.describe()}, {origin}; {change} (or the same arguments of phitune.chat)"
 
 
 def _fit_context(tokenizer, messages: list[dict], budget: int) -> list[dict]:

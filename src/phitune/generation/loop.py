@@ -21,6 +21,12 @@ from ..training.fast import attention as fast_attention
 from ..training.fast import varlen
 
 
+# What transformers' generate() uses for a decoding field that generation_config.json leaves unset
+# (GenerationConfig._get_default_generation_params in transformers 5.x; tests/generation checks they still agree).
+TRANSFORMERS_DECODING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50,
+                                  "repetition_penalty": 1.0}
+
+
 @dataclasses.dataclass
 class GenerationSettings:
     """How to sample an answer. ``greedy=True`` (or ``temperature=0``) picks the most likely token every step."""
@@ -30,6 +36,8 @@ class GenerationSettings:
     top_p: float = 0.9
     greedy: bool = False
     seed: int | None = None
+    top_k: int = 0  # 0: no top-k cut
+    repetition_penalty: float = 1.0  # 1.0: off; applies to greedy decoding too
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -38,10 +46,52 @@ class GenerationSettings:
             raise ConfigError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"top_k must be a whole number >= 0 (0: no top-k cut), got {self.top_k!r}")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"repetition_penalty must be > 0 (1.0: off), got {self.repetition_penalty}")
 
     @property
     def sampling(self) -> bool:
         return not self.greedy and self.temperature > 0
+
+    @classmethod
+    def from_generation_config(cls, generation_config, *, greedy: bool = False, temperature: float | None = None,
+                               top_p: float | None = None, top_k: int | None = None,
+                               repetition_penalty: float | None = None, max_new_tokens: int = 256,
+                               seed: int | None = None, where: str = "generation_config.json") -> GenerationSettings:
+        """The decoding a model's generation config (a GenerationConfig or its dict) asks for, as ``model.generate``
+        would do it (greedy unless it sets ``do_sample: true``; transformers' defaults for what it leaves unset),
+        with the arguments given here overriding it: ``greedy=True`` or ``temperature=0`` decode greedily, any other
+        ``temperature``, ``top_p`` or ``top_k`` samples. ``where`` names the config in errors."""
+        if hasattr(generation_config, "to_dict"):
+            generation_config = generation_config.to_dict()
+        given = {k: v for k, v in (generation_config or {}).items() if k in TRANSFORMERS_DECODING_DEFAULTS
+                 and v is not None}
+        file = {**TRANSFORMERS_DECODING_DEFAULTS, **given}
+        asked = {k: v for k, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
+                                   ("repetition_penalty", repetition_penalty)) if v is not None}
+        sample = (not greedy and temperature != 0
+                  and (bool(asked.keys() - {"repetition_penalty"}) or file["do_sample"] is True))
+        value = {**file, **asked}
+        try:
+            return cls(max_new_tokens=max_new_tokens, greedy=not sample, seed=seed,
+                       temperature=float(value["temperature"]), top_p=float(value["top_p"]),
+                       top_k=value["top_k"], repetition_penalty=float(value["repetition_penalty"]))
+        except (ConfigError, TypeError, ValueError) as exc:
+            from_file = {k: v for k, v in given.items() if k not in asked and k != "do_sample"}
+            if not from_file:
+                raise
+            sets = ", ".join(f"{k}: {v!r}" for k, v in from_file.items())
+            raise ConfigError(f"{where} ({sets}): {exc}; fix the file, or override the value") from None
+
+    def describe(self) -> str:
+        """The decoding in words, e.g. ``greedy`` or ``sampling (temperature 0.7, top-p 0.9)``."""
+        extra = f", repetition penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1.0 else ""
+        if not self.sampling:
+            return f"greedy{' (' + extra[2:] + ')' if extra else ''}"
+        top_k = f", top-k {self.top_k}" if self.top_k else ""
+        return f"sampling (temperature {self.temperature:g}, top-p {self.top_p:g}{top_k}{extra})"
 
 
 @dataclasses.dataclass
@@ -69,12 +119,20 @@ def seeded_generator(settings: GenerationSettings, device) -> torch.Generator | 
     return generator
 
 
-def _pick(logits: torch.Tensor, settings: GenerationSettings, generator) -> torch.Tensor:
+def _pick(logits: torch.Tensor, settings: GenerationSettings, generator, seen: torch.Tensor | None) -> torch.Tensor:
+    """The next token per row, as ``model.generate`` picks it: repetition penalty over ``seen`` (the ids so far,
+    prompt included), then greedy, or temperature, top-k and top-p (transformers' processors, its order) and a draw."""
+    if settings.repetition_penalty != 1.0:
+        from transformers import RepetitionPenaltyLogitsProcessor
+
+        logits = RepetitionPenaltyLogitsProcessor(settings.repetition_penalty)(seen, logits)
     if not settings.sampling:
         return logits.argmax(-1)
-    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     scores = TemperatureLogitsWarper(settings.temperature)(None, logits)
+    if settings.top_k:
+        scores = TopKLogitsWarper(settings.top_k)(None, scores)
     if settings.top_p < 1.0:
         scores = TopPLogitsWarper(settings.top_p)(None, scores)
     return torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(-1)
@@ -115,11 +173,12 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], *, stop_ids: Sequenc
     model.eval()
     try:
         step_ids, step_pos, cache = ids, positions, {}
+        seen = ids if settings.repetition_penalty != 1.0 else None  # the ids the penalty looks at
         for _ in range(max(limits)):
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
                         logits_to_keep=1, **cache)
             cache = _cache_kwarg(model, out)
-            token = _pick(out.logits[:, -1, :].float(), settings, generator)
+            token = _pick(out.logits[:, -1, :].float(), settings, generator, seen)
             token = torch.where(finished, torch.full_like(token, pad_id), token)
             tokens.append(token)
             if on_step is not None:
@@ -131,6 +190,8 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], *, stop_ids: Sequenc
             if bool(finished.all()):
                 break
             step_ids = token[:, None]
+            if seen is not None:
+                seen = torch.cat([seen, step_ids], dim=1)
             step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, mask.new_ones((n, 1))], dim=1)
     finally:

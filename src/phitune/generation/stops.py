@@ -23,17 +23,25 @@ from ..models.tokenizer import end_of_turn_ids
 GENERATION_CONFIG = "generation_config.json"
 
 
-def configured_stop_ids(folder: str | os.PathLike | None) -> list[int] | int | None:
-    """``eos_token_id`` of ``folder/generation_config.json`` (None when there is no such file)."""
+def read_generation_config(folder: str | os.PathLike | None) -> dict:
+    """``folder/generation_config.json`` as a dict (empty when there is none)."""
     if folder is None:
-        return None
+        return {}
     path = Path(folder) / GENERATION_CONFIG
     if not path.is_file():
-        return None
+        return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc}); delete it or fix it") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}; delete it or fix it")
+    return data
+
+
+def configured_stop_ids(folder: str | os.PathLike | None) -> list[int] | int | None:
+    """``eos_token_id`` of ``folder/generation_config.json`` (None when there is no such file)."""
+    return read_generation_config(folder).get("eos_token_id")
 
 
 def stop_token_ids(tokenizer, *, run_dir: str | os.PathLike | None = None, model=None) -> list[int]:
