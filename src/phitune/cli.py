@@ -1,10 +1,13 @@
 """The ``phitune`` command: a thin argparse layer over phitune's Python functions.
 
 Each sub-command calls one importable function (``phitune.finetune``, ``phitune.evaluate``, ``phitune.chat``,
-``phitune.merge``, ``phitune.export``, ``phitune.preview``, ``phitune.demo``) and does nothing else. Exit codes:
-0 success, 2 a usage or configuration error (the message, no traceback), 1 anything else (with the traceback, so it
-can be reported), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); training first saves a checkpoint and prints
-the resume command.
+``phitune.merge``, ``phitune.export``, ``phitune.preview``, ``phitune.demo``, ``phitune.plan``) and does nothing
+else. Exit codes: 0 success, 2 a usage or configuration error (the message, no traceback), 1 anything else (with
+the traceback, so it can be reported), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); training first saves a
+checkpoint and prints the resume command.
+
+Past 500 lines on purpose: it is one idea, the command line, and ``build_parser`` lists every command's flags in one
+place, which ``--help``, the README's CLI section and tests/test_cli.py read together.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from ..errors import DataError
 from ..runs.atomic import atomic_folder
 from .config import DataConfig
 from .formats import _chat, alternation_problem
+from .prepare import _load as load_prepared
 from .prepare import (PreparedData, _cache_key, _Collector, _eval_route, _raise_bad, _split_stats,
                       default_cache_dir, prepare_data)
 from .render import DROP_REASONS, Encoded, Renderer
@@ -348,13 +349,7 @@ def _write_pairs(tmp: str, splits: dict, renderer, tokenizer, cfg: DataConfig, m
 
 
 def _load(folder: str, cfg: DataConfig, tokenizer, hit: bool) -> PreparedData:
-    with open(os.path.join(folder, "stats.json")) as f:
-        stats = json.load(f)
-    stats["cache"] = {"key": stats.get("cache", {}).get("key"), "path": folder, "hit": hit}
-    ev = os.path.join(folder, "eval")
-    return PreparedData(train=TokenizedSamples(os.path.join(folder, "train")),
-                        eval=TokenizedSamples(ev) if os.path.exists(ev) else None, stats=stats, tokenizer=tokenizer,
-                        config=cfg, kind="pairs")
+    return load_prepared(folder, cfg, tokenizer, hit, kind="pairs")
 
 
 def prepare_run_data(data_cfg, tokenizer, training_config) -> PreparedData:

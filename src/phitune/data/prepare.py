@@ -483,10 +483,11 @@ def _write_prepared(tmp: str, sources: dict, checked: dict, cfg: DataConfig, tok
         json.dump(stats, f, indent=1)
 
 
-def _load(folder: str, cfg: DataConfig, tokenizer, hit: bool) -> PreparedData:
+def _load(folder: str, cfg: DataConfig, tokenizer, hit: bool, kind: str = "chats") -> PreparedData:
+    """The prepared data in ``folder`` (a cache entry or a scratch folder): chats, or pairs (data.preference)."""
     with open(os.path.join(folder, "stats.json")) as f:
         stats = json.load(f)
     stats["cache"] = {"key": stats.get("cache", {}).get("key"), "path": folder, "hit": hit}
     train = TokenizedSamples(os.path.join(folder, "train"))
     ev = TokenizedSamples(os.path.join(folder, "eval")) if os.path.exists(os.path.join(folder, "eval")) else None
-    return PreparedData(train=train, eval=ev, stats=stats, tokenizer=tokenizer, config=cfg)
+    return PreparedData(train=train, eval=ev, stats=stats, tokenizer=tokenizer, config=cfg, kind=kind)
