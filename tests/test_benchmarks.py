@@ -30,6 +30,7 @@ SMOKE = {
     "cpu_half_matmul.py": ((), ['"dtype": "float32"', '"dtype": "bfloat16"', '"input_grad_dY_W_s"']),
     "data_pipeline.py": ((), ['"conversations": 200', '"end_to_end_tokens_per_s"', '"cache_hit": true']),
     "generate_throughput.py": ((), ["tokens/s", "answers identical token for token"]),
+    "gpu_predicted.py": (("peft",), ["PREDICTED", "predicted ratio phitune/peer", '"setting": "blocks_b4"']),
     "loading_memory.py": ((), ["x single", "before", "after"]),
     "lora_layers.py": (("peft", "loralib"), ["phitune Linear", "loralib/phitune =", "peft/phitune ="]),
     "plan_accuracy.py": ((), ["predicted", "measured", "calibration: measured / roofline"]),
