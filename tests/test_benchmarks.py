@@ -96,6 +96,23 @@ def test_train_throughput_refuses_an_unknown_variant_before_running_anything(tmp
 
 
 @pytest.mark.slow
+def test_train_throughput_bf16_trains_phitune_with_bf16_and_the_base_dtype_rule(tmp_path):
+    """--bf16 reaches phitune's run: training_config.bf16 on, and the frozen base in bfloat16 exactly where this CPU
+    has bfloat16 matrix hardware (models.loading.resolve_dtype), float32 elsewhere."""
+    import torch
+
+    from phitune.models.loading import cpu_has_fast_half
+
+    done = subprocess.run([sys.executable, str(BENCH / "train_throughput.py"), "--smoke", "--bf16"],
+                          capture_output=True, text=True, env=bench_env(tmp_path), cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(x) for x in done.stdout.splitlines() if x.startswith('{"run": "phitune"')]
+    assert len(rows) == 2 and all(r["bf16"] is True for r in rows)
+    expected = "bfloat16" if cpu_has_fast_half(torch.bfloat16) else "float32"
+    assert {r["base_dtype"] for r in rows} == {expected}
+
+
+@pytest.mark.slow
 def test_gpu_run_dry_run_checks_every_command_on_a_cpu(tmp_path):
     env = dict(bench_env(tmp_path), DRY_RUN="1", OUT=str(tmp_path / "out"))
     done, cpu_s = run_measured(["bash", str(BENCH / "gpu_run.sh")], env)
