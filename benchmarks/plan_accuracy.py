@@ -69,12 +69,13 @@ ROWS = (
 )
 
 
-def simulate_peer(row: Row, layers: int) -> StepSimulation:
-    """One steady-state step of the peer's configuration ``row`` with ``layers`` decoder layers on fake CUDA."""
+def simulate_peer(row: Row, layers: int, hf_config=None) -> StepSimulation:
+    """One steady-state step of the peer's configuration ``row`` with ``layers`` decoder layers on fake CUDA
+    (``hf_config``: the model's shape, default Phi-3-mini's)."""
     from peft import LoraConfig, get_peft_model
 
     dev = torch.device("cuda", 0)
-    shape = shaped_config(Phi3Config(), layers)
+    shape = shaped_config(hf_config or Phi3Config(), layers)
     with fakegpu.fake_device("cuda") as kernels, FakeTensorMode(allow_non_fake_inputs=True):
         from transformers import Phi3ForCausalLM
 

@@ -14,8 +14,13 @@ collate (packing) -> build_optimizer -> train_step(forward_loss). Variants turn 
   dense        ... keeping sdpa and the dense 4-D packed mask (no varlen attention)
   compile      fast + torch_compile (decoder layers)               liger    fast + use_liger_kernel (CUDA)
 Append "+ckpt" to a variant for gradient checkpointing (e.g. fast+ckpt).
+``--bf16`` (a CPU with bfloat16 matrix hardware, or CUDA): phitune with ``training_config.bf16: true`` and its base
+dtype rule (models.loading.resolve_dtype: the frozen base in bfloat16 where the hardware has it, LoRA factors and
+optimizer state float32); the peer with its --bf16 (model loaded in bfloat16, TrainingArguments(bf16=True), as the
+cookbook does).
 
   python benchmarks/train_throughput.py --size small --seq 512 --batch 2 --steps 3 --variants fast,plain
+  python benchmarks/train_throughput.py --bf16 --size small --seq 512 --batch 2 --steps 3 --variants fast
   python benchmarks/train_throughput.py --size mini --device cuda --batch 4 --seq 2048 --data chat \
       --variants fast --peer base,liger
 """
@@ -138,6 +143,7 @@ def child(a) -> dict:
     from phitune.adapt import add_lora
     from phitune.config import TrainingConfig
     from phitune.data import batch_plan
+    from phitune.models.loading import resolve_dtype
     from phitune.training.loss import Pieces, apply_fast_path, forward_loss
     from phitune.training.optim import autocast_context, build_optimizer, build_scheduler, enable_gradient_checkpointing
     from phitune.training.step import batch_maker, train_step
@@ -148,7 +154,8 @@ def child(a) -> dict:
     dev = torch.device(a.device)
     cfg = model_config(a.size)
     cfg.use_cache = False
-    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
+    # train.py's rule: on CUDA bfloat16; on a CPU bfloat16 only with --bf16 (autocast) and bf16 matrix hardware
+    dtype = resolve_dtype("auto", dev, bf16_autocast=a.bf16) if a.device != "cuda" else torch.bfloat16
     from transformers import Phi3ForCausalLM
 
     with dev:
@@ -156,7 +163,7 @@ def child(a) -> dict:
     steps = a.warmup + a.steps
     tc = TrainingConfig(output_dir="/tmp/phitune_bench", per_device_train_batch_size=a.batch, max_steps=steps,
                         learning_rate=2e-4, gradient_checkpointing="ckpt" in extra, use_cpu=a.device == "cpu",
-                        torch_compile=base == "compile", use_liger_kernel=base == "liger")
+                        torch_compile=base == "compile", use_liger_kernel=base == "liger", bf16=a.bf16)
     tc.fast_path = "off" if base == "plain" else "auto"
     pieces = Pieces(loss=base != "no_loss", lora=base != "no_lora", mlp=base != "no_mlp", norm=base != "no_norm",
                     rope=base != "no_rope", attention=base != "dense")
@@ -201,7 +208,8 @@ def child(a) -> dict:
     out = {"run": "phitune", "variant": variant, "tokens_per_s": round(tokens / dt, 1),
            "supervised_tokens_per_s": round(supervised / dt, 1), "last_loss": round(r["loss"], 4),
            "fast_path": list(notes), "fused_modules": sum("Fused" in type(m).__name__ for m in model.modules()),
-           "attn": model.config._attn_implementation}
+           "attn": model.config._attn_implementation, "base_dtype": str(dtype).replace("torch.", ""),
+           "bf16": a.bf16}
     if a.device == "cuda":
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
@@ -247,6 +255,8 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=1,
                    help="run the whole peer/phitune sequence this many times, interleaved; ratios use each run's "
                         "best tokens/s (CPU timings on a shared machine drift)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (phitune: training_config bf16: "
+                   "true; the peer: bfloat16 weights and bf16=True)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--smoke", action="store_true", help="smallest size, for CI: it runs; no result")
     p.add_argument("--dry-run", action="store_true",
@@ -280,14 +290,15 @@ def main(argv=None):
 
     cfg = model_config(a.size)
     common = ["--size", a.size, "--device", a.device, "--attn", a.attn, "--batch", str(a.batch), "--seq", str(a.seq),
-              "--warmup", str(a.warmup), "--steps", str(a.steps), "--data", a.data]
+              "--warmup", str(a.warmup), "--steps", str(a.steps), "--data", a.data] + (["--bf16"] if a.bf16 else [])
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     rate = matmul_rate(a.device, 256 if a.smoke else None)
     attn_len = a.seq if a.data == "blocks" else float(chat_lengths(4096, a.seq)[0].float().mean())
     fpt = flops_per_token(cfg, attn_len)
     print(json.dumps({"device": a.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "matmul_tflops": round(rate / 1e12, 3), "forward_gflop_per_token": round(fpt / 1e9, 3),
-                      "size": a.size, "batch": a.batch, "seq": a.seq, "data": a.data, "steps": a.steps}), flush=True)
+                      "size": a.size, "batch": a.batch, "seq": a.seq, "data": a.data, "steps": a.steps,
+                      "bf16": a.bf16}), flush=True)
     results = []
     jobs = [("peer", v, [sys.executable, str(peer_script()), *common, "--variants", v])
             for v in a.peer.split(",") if v]

@@ -31,6 +31,7 @@ SMOKE = {
     "data_pipeline.py": ((), ['"conversations": 200', '"end_to_end_tokens_per_s"', '"cache_hit": true']),
     "demo_decoding.py": ((), ["held-out exact match: greedy", "ceiling through the base lm_head"]),
     "generate_throughput.py": ((), ["tokens/s", "answers identical token for token"]),
+    "gpu_predicted.py": (("peft",), ["PREDICTED", "predicted ratio phitune/peer", '"setting": "blocks_b4"']),
     "loading_memory.py": ((), ["x single", "before", "after"]),
     "lora_layers.py": (("peft", "loralib"), ["phitune Linear", "loralib/phitune =", "peft/phitune ="]),
     "plan_accuracy.py": ((), ["predicted", "measured", "calibration: measured / roofline"]),
@@ -95,6 +96,23 @@ def test_train_throughput_refuses_an_unknown_variant_before_running_anything(tmp
     done = subprocess.run([sys.executable, str(BENCH / "train_throughput.py"), "--variants", "fast,fsat",
                            "--dry-run"], capture_output=True, text=True, env=bench_env(tmp_path), cwd=ROOT)
     assert done.returncode == 2 and "unknown variant(s) fsat" in done.stderr
+
+
+@pytest.mark.slow
+def test_train_throughput_bf16_trains_phitune_with_bf16_and_the_base_dtype_rule(tmp_path):
+    """--bf16 reaches phitune's run: training_config.bf16 on, and the frozen base in bfloat16 exactly where this CPU
+    has bfloat16 matrix hardware (models.loading.resolve_dtype), float32 elsewhere."""
+    import torch
+
+    from phitune.models.loading import cpu_has_fast_half
+
+    done = subprocess.run([sys.executable, str(BENCH / "train_throughput.py"), "--smoke", "--bf16"],
+                          capture_output=True, text=True, env=bench_env(tmp_path), cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(x) for x in done.stdout.splitlines() if x.startswith('{"run": "phitune"')]
+    assert len(rows) == 2 and all(r["bf16"] is True for r in rows)
+    expected = "bfloat16" if cpu_has_fast_half(torch.bfloat16) else "float32"
+    assert {r["base_dtype"] for r in rows} == {expected}
 
 
 @pytest.mark.slow

@@ -443,7 +443,7 @@ def test_chat_and_evaluate_on_a_qlora_run(qlora_run):
 def test_the_fast_path_fuses_4bit_lora_layers_with_the_plain_paths_loss_and_gradients(tiny_model_dir):
     """QLoRA layers take the fused LoRA functions (base dequantized in forward and again in backward) and keep the
     plain path's loss and LoRA gradients: the same float32 products summed in another order."""
-    from phitune.training.fast import fused
+    from phitune.training.fast import fused, fused_4bit
     from phitune.training.loss import apply_fast_path, forward_loss
 
     model = load_4bit(tiny_model_dir).train()
@@ -462,7 +462,7 @@ def test_the_fast_path_fuses_4bit_lora_layers_with_the_plain_paths_loss_and_grad
     ref_loss, ref = loss_and_grads(fused_loss=False)
     apply_fast_path(model, None)
     kinds = {type(m) for m in model.modules()}
-    assert fused.FusedLoRALinear4bit in kinds or fused.FusedLoRAMergedLinear4bit in kinds
+    assert fused_4bit.FusedLoRALinear4bit in kinds or fused_4bit.FusedLoRAMergedLinear4bit in kinds
     loss, got = loss_and_grads()
     cfg = model.config
     # float32 rounding of a reduction of length K, through every layer: a relative bound on each norm

@@ -8,7 +8,7 @@ from transformers import Phi3Config, Phi3ForCausalLM
 
 from phitune import lora
 from phitune.adapt import adapter_state_dict, add_lora
-from phitune.training.fast import fused
+from phitune.training.fast import fused, fused_4bit, lora_autograd, norm_rope
 from phitune.training.loss import apply_fast_path, forward_loss
 
 torch.set_num_threads(1)
@@ -45,7 +45,8 @@ class FixedMask:
     """Replaces the dropout mask generator with a fixed pattern, so dropout paths can be compared and grad-checked."""
 
     def __init__(self, monkeypatch):
-        monkeypatch.setattr(fused, "_dropout_mask", self)
+        monkeypatch.setattr(lora_autograd, "_dropout_mask", self)
+        monkeypatch.setattr(fused_4bit, "_dropout_mask", self)
 
     def __call__(self, x, p):
         if p <= 0:
@@ -63,9 +64,9 @@ def test_lora_linear_gradcheck(monkeypatch, p):
     b = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
     A = torch.randn(3, 6, dtype=torch.float64, generator=g, requires_grad=True)
     B = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    fn = lambda x, b, A, B: fused.LoRALinearFn.apply(x, W, b, A, B, 1.5, p)  # noqa: E731
+    fn = lambda x, b, A, B: lora_autograd.LoRALinearFn.apply(x, W, b, A, B, 1.5, p)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, b, A, B))
-    mask = fused._dropout_mask(x, p)
+    mask = lora_autograd._dropout_mask(x, p)
     xd = x if mask is None else x * mask / (1 - p)
     ref = F.linear(x, W, b) + 1.5 * (xd @ A.t()) @ B.t()
     torch.testing.assert_close(fn(x, b, A, B), ref)
@@ -79,11 +80,11 @@ def test_swiglu_down_gradcheck(monkeypatch, p):
     W = torch.randn(6, 4, dtype=torch.float64, generator=g)
     A = torch.randn(2, 4, dtype=torch.float64, generator=g, requires_grad=True)
     B = torch.randn(6, 2, dtype=torch.float64, generator=g, requires_grad=True)
-    fn = lambda gu, A, B: fused.SwiGLUDownFn.apply(gu, W, None, A, B, 2.0, p)  # noqa: E731
+    fn = lambda gu, A, B: lora_autograd.SwiGLUDownFn.apply(gu, W, None, A, B, 2.0, p)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (gu, A, B))
     gate, up = gu.chunk(2, -1)
     h = F.silu(gate) * up
-    mask = fused._dropout_mask(h, p)
+    mask = lora_autograd._dropout_mask(h, p)
     hd = h if mask is None else h * mask / (1 - p)
     torch.testing.assert_close(fn(gu, A, B), F.linear(h, W) + 2.0 * (hd @ A.t()) @ B.t())
 
@@ -94,8 +95,8 @@ def test_qkv_rope_gradcheck(rotary):
     qkv = torch.randn(2, 3, (2 + 2 * 1) * 8, dtype=torch.float64, generator=g, requires_grad=True)
     cos, sin = torch.randn(2, 3, rotary, dtype=torch.float64, generator=g), torch.randn(2, 3, rotary,
                                                                                        dtype=torch.float64, generator=g)
-    assert torch.autograd.gradcheck(lambda t: fused.QKVRopeFn.apply(t, cos, sin, 2, 1, 8), (qkv,))
-    q, k, v = fused.QKVRopeFn.apply(qkv, cos, sin, 2, 1, 8)
+    assert torch.autograd.gradcheck(lambda t: norm_rope.QKVRopeFn.apply(t, cos, sin, 2, 1, 8), (qkv,))
+    q, k, v = norm_rope.QKVRopeFn.apply(qkv, cos, sin, 2, 1, 8)
     from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
     qr = qkv[..., :16].view(2, 3, 2, 8).transpose(1, 2)
     kr = qkv[..., 16:24].view(2, 3, 1, 8).transpose(1, 2)
@@ -109,7 +110,7 @@ def test_rms_norm_gradcheck():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 6, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w: fused.RMSNormFn.apply(x, w, 1e-6), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: norm_rope.RMSNormFn.apply(x, w, 1e-6), (x, w))
 
 
 @pytest.mark.parametrize("target,kw", [("all-linear", {}), (["q_proj", "v_proj", "down_proj"], {}),
@@ -146,7 +147,7 @@ def test_fast_path_dropout_same_as_plain_with_same_mask(monkeypatch):
 
     def masked_dropout(mod, inp):  # the plain path with the same fixed mask
         (x,) = inp
-        m = fused._dropout_mask(x, 0.2)
+        m = lora_autograd._dropout_mask(x, 0.2)
         return x * m / 0.8
 
     fused.uninstall(model)
@@ -273,7 +274,7 @@ def test_gpu_varlen_kernel_matches_sdpa():
 @pytest.mark.parametrize("p", [0.05, 0.5])
 def test_cpu_keep_mask_rate_and_seeding(p):
     torch.manual_seed(0)
-    m = fused.keep_mask_cpu((1001, 999), p)  # odd element count: the last 64-bit draw is half used
+    m = lora_autograd.keep_mask_cpu((1001, 999), p)  # odd element count: the last 64-bit draw is half used
     assert m.dtype == torch.bool and m.shape == (1001, 999)
     n = m.numel()
     rate = m.double().mean().item()
@@ -281,7 +282,7 @@ def test_cpu_keep_mask_rate_and_seeding(p):
     halves = m.flatten()[: n - 1].view(-1, 2).double().mean(0)  # both halves of each draw are Bernoulli(1-p)
     assert (halves - (1 - p)).abs().max().item() < 5 * (p * (1 - p) / (n // 2)) ** 0.5
     torch.manual_seed(0)
-    assert torch.equal(fused.keep_mask_cpu((1001, 999), p), m)
-    assert not torch.equal(fused.keep_mask_cpu((1001, 999), p), m)
+    assert torch.equal(lora_autograd.keep_mask_cpu((1001, 999), p), m)
+    assert not torch.equal(lora_autograd.keep_mask_cpu((1001, 999), p), m)
     x = torch.ones(3, 4)
-    assert fused._dropout_mask(x, 0.0) is None and fused._dropout_mask(x, 0.3).shape == (3, 4)
+    assert lora_autograd._dropout_mask(x, 0.0) is None and lora_autograd._dropout_mask(x, 0.3).shape == (3, 4)

@@ -1,0 +1,220 @@
+"""The LoRA autograd functions of the fast path: LoRA linear, the LoRA branch alone, SwiGLU + down_proj with its
+LoRA, and the helpers they share (dropout masks kept as 1-byte bools, compute dtype, layer checks).
+
+Why one function per block, and what each saves: see ``fused.py``'s docstring. Arithmetic runs in the compute dtype
+(the autocast dtype when autocast is on, else the input's); LoRA weights kept in float32 are cast to it once per
+call, and their gradients are returned in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ... import lora
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    if dev != "meta" and torch.is_autocast_enabled(dev):  # meta (phitune plan's QLoRA) has no autocast: it raises
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _dropout_mask(x: torch.Tensor, p: float):
+    """Bernoulli(1-p) keep mask as bool (1 byte per element, not 4), or None when there is no dropout."""
+    if p <= 0:
+        return None
+    if x.device.type == "cpu":
+        return keep_mask_cpu(x.shape, p)
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
+
+
+def keep_mask_cpu(shape, p: float) -> torch.Tensor:
+    """Bernoulli(1-p) bool mask from the default CPU generator, about 1.7x faster than ``bernoulli_`` there.
+
+    The CPU generator is serial and costs about the same per draw whatever the dtype, and ``bernoulli_`` takes one
+    draw per element plus a float conversion. Here each 64-bit draw (63 random bits) gives two elements: its two 32-bit
+    halves, each cut to 31 uniform bits and kept when >= round(p * 2^31). The keep probability is 1 - p to within
+    2^-32 (torch's own CPU bernoulli_ compares a 24-bit float), and ``torch.manual_seed`` reproduces it.
+    """
+    n = math.prod(shape)
+    words = torch.empty((n + 1) // 2, dtype=torch.int64).random_()  # uniform in [0, 2^63)
+    halves = words.view(torch.int32)[:n].view(shape)
+    return halves.bitwise_and_(0x7FFFFFFF) >= round(p * 2**31)
+
+
+def _masked(x: torch.Tensor, mask) -> torch.Tensor:
+    """x with dropped elements zeroed (dropout's 1/(1-p) is left to the caller's scaling). One pass: ``where`` reads the
+    bool mask as is, where ``x * mask`` would first convert it to x's dtype."""
+    return x if mask is None else torch.where(mask, x, 0)
+
+
+def _input_grad(g, W, gbr, A, mask, s: float) -> torch.Tensor:
+    """g W + s·drop'(gbr A): the gradient of x Wᵀ + s·(drop(x) Aᵀ) Bᵀ with respect to x, given gbr = g B."""
+    gx = torch.mm(g, W)
+    if mask is None:
+        return gx.addmm_(gbr, A, alpha=s)
+    return gx.add_(_masked(torch.mm(gbr, A), mask), alpha=s)
+
+
+class LoRALinearFn(torch.autograd.Function):
+    """y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ for 2-D x in the compute dtype; W frozen or not, A/B any float dtype."""
+
+    @staticmethod
+    def forward(ctx, x, W, bias, A, B, scaling: float, p: float):
+        cdt = x.dtype
+        Wc = W.to(cdt)
+        bc = None if bias is None else bias.to(cdt)
+        Ac, Bc = A.to(cdt), B.to(cdt)
+        mask = _dropout_mask(x, p)
+        xd = _masked(x, mask)  # dropout's 1/(1-p) is folded into s below: one pass, not two
+        s = scaling / (1.0 - p) if mask is not None else scaling
+        y = F.linear(x, Wc, bc)
+        xa = torch.mm(xd, Ac.t())  # (N, r)
+        y.addmm_(xa, Bc.t(), alpha=s)
+        ctx.save_for_backward(Wc, Ac, Bc, xd, xa, mask)
+        ctx.scaling = s
+        ctx.dtypes = (W.dtype, None if bias is None else bias.dtype, A.dtype, B.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        Wc, Ac, Bc, xd, xa, mask = ctx.saved_tensors
+        s = ctx.scaling  # includes dropout's 1/(1-p)
+        g = g.to(xd.dtype)
+        need_x, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        gx = gW = gb_ = gA = gB = None
+        gbr = torch.mm(g, Bc)  # (N, r)
+        if need_x:
+            gx = _input_grad(g, Wc, gbr, Ac, mask, s)
+        if need_A:
+            gA = torch.mm(gbr.t(), xd).mul_(s).to(ctx.dtypes[2])
+        if need_B:
+            gB = torch.mm(g.t(), xa).mul_(s).to(ctx.dtypes[3])
+        if need_W:  # a trainable base weight (rare with LoRA): needs x itself, which only p == 0 keeps
+            if mask is not None:
+                raise RuntimeError("fused LoRA: a trainable base weight with lora_dropout > 0 is not supported")
+            gW = torch.mm(g.t(), xd).to(ctx.dtypes[0])
+        if need_b:
+            gb_ = g.sum(0).to(ctx.dtypes[1])
+        return gx, gW, gb_, gA, gB, None, None
+
+
+class LoRABranchFn(torch.autograd.Function):
+    """s·(drop(x) Aᵀ) Bᵀ alone, for a base whose matmul has its own autograd (QLoRA's 4-bit base: bitsandbytes'
+    matmul_4bit keeps no input for a frozen weight). Saves drop(x) in the compute dtype, the (N, r) product and a
+    1-byte mask; the module path instead kept dropout's output, its float32 copy and autocast's bf16 copy of that."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, scaling: float, p: float):
+        cdt = x.dtype
+        Ac, Bc = A.to(cdt), B.to(cdt)
+        mask = _dropout_mask(x, p)
+        xd = _masked(x, mask)
+        s = scaling / (1.0 - p) if mask is not None else scaling  # dropout's 1/(1-p) folded in
+        xa = torch.mm(xd, Ac.t())  # (N, r)
+        y = torch.mm(xa, Bc.t()).mul_(s)
+        ctx.save_for_backward(Ac, Bc, xd, xa, mask)
+        ctx.scaling = s
+        ctx.dtypes = (A.dtype, B.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        Ac, Bc, xd, xa, mask = ctx.saved_tensors
+        s = ctx.scaling
+        g = g.to(xd.dtype)
+        gx = gA = gB = None
+        gbr = torch.mm(g, Bc)  # (N, r)
+        if ctx.needs_input_grad[0]:
+            gx = _masked(torch.mm(gbr, Ac), mask).mul_(s)
+        if ctx.needs_input_grad[1]:
+            gA = torch.mm(gbr.t(), xd).mul_(s).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[2]:
+            gB = torch.mm(g.t(), xa).mul_(s).to(ctx.dtypes[1])
+        return gx, gA, gB, None, None
+
+
+class SwiGLUDownFn(torch.autograd.Function):
+    """y = down(silu(gate)·up) (+ down's LoRA) from gu = [gate | up]; saves gu and a bool mask, recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, gu, W, bias, A, B, scaling: float, p: float):
+        cdt = gu.dtype
+        gate, up = gu.chunk(2, dim=-1)
+        h = F.silu(gate).mul_(up)
+        Wc = W.to(cdt)
+        bc = None if bias is None else bias.to(cdt)
+        Ac, Bc = A.to(cdt), B.to(cdt)
+        mask = _dropout_mask(h, p)
+        s = scaling / (1.0 - p) if mask is not None else scaling  # dropout's 1/(1-p) folded in, as in LoRALinearFn
+        y = F.linear(h, Wc, bc)
+        xa = torch.mm(_masked(h, mask), Ac.t())
+        y.addmm_(xa, Bc.t(), alpha=s)
+        ctx.save_for_backward(gu, Wc, Ac, Bc, xa, mask)
+        ctx.scaling = s
+        ctx.dtypes = (None if bias is None else bias.dtype, A.dtype, B.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        gu, Wc, Ac, Bc, xa, mask = ctx.saved_tensors
+        need_gu, need_W, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        if need_W:
+            raise RuntimeError("fused SwiGLU MLP: a trainable down_proj base weight is not supported")
+        g = g.to(gu.dtype)
+        ggu, gA, gB = _swiglu_down_grads(g, gu, Wc, Ac, Bc, xa, mask, ctx.scaling, need_gu, need_A, need_B)
+        gb_ = g.sum(0).to(ctx.dtypes[0]) if need_b else None
+        gA = None if gA is None else gA.to(ctx.dtypes[1])
+        gB = None if gB is None else gB.to(ctx.dtypes[2])
+        return ggu, None, gb_, gA, gB, None, None
+
+
+def _swiglu_down_grads(g, gu, Wc, Ac, Bc, xa, mask, s: float, need_gu: bool, need_A: bool, need_B: bool):
+    """(grad of gu, grad of A, grad of B) of y = down(silu(gate)·up) + s·(drop(h) Aᵀ) Bᵀ, recomputing h from gu."""
+    gate, up = gu.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    gA = gB = ggu = None
+    gbr = torch.mm(g, Bc)
+    if need_A:
+        hd = _masked(silu * up, mask)
+        gA = torch.mm(gbr.t(), hd).mul_(s)
+        del hd
+    if need_B:
+        gB = torch.mm(g.t(), xa).mul_(s)
+    if need_gu:
+        gh = _input_grad(g, Wc, gbr, Ac, mask, s)
+        ggu = torch.empty_like(gu)
+        g_gate, g_up = ggu.chunk(2, dim=-1)
+        torch.mul(gh, silu, out=g_up)
+        # d silu(x)/dx = sig(x) * (1 + x * (1 - sig(x)))
+        dsilu = (1.0 - sig).mul_(gate).add_(1.0).mul_(sig)
+        torch.mul(gh.mul_(up), dsilu, out=g_gate)
+    return ggu, gA, gB
+
+
+# --- layer checks shared by the module forwards ------------------------------------------------------------------
+
+
+def _as_2d(x):
+    return x.reshape(-1, x.shape[-1])
+
+
+def _dropout_p(layer) -> float:
+    drop = layer.lora_dropout
+    return float(drop.p) if isinstance(drop, torch.nn.Dropout) and layer.training else 0.0
+
+
+def _fusable(layer) -> bool:
+    return (layer._lora_active() and not layer.fan_in_fan_out
+            and not getattr(layer.weight, "requires_grad", False))
+
+
+def _lora_factors(layer):
+    B = layer.expanded_B() if isinstance(layer, lora.MergedLinear) else layer.lora_B
+    return layer.lora_A, B
+
