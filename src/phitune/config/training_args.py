@@ -50,8 +50,10 @@ class TrainingConfig:
     adam_epsilon: float = field(1e-8, doc="AdamW epsilon")
     max_grad_norm: float = field(1.0, doc="clip the gradient norm to this (0: no clipping)")
     seed: int = field(42, doc="seed of LoRA init and dropout (data.seed orders the batches)")
-    bf16: bool = field(False, doc="bfloat16 autocast (mixed precision) for forward passes; on a CPU without bfloat16 "
-                       "matrix hardware (AVX2 only) it is skipped with a warning: it would run ~100x slower there")
+    bf16: bool = field(False, doc="bfloat16 autocast (mixed precision) for forward passes; with model.dtype auto the "
+                       "frozen base is then held in bfloat16 on a GPU or a CPU with bfloat16 matrix hardware (LoRA "
+                       "and optimizer state stay float32); on a CPU without that hardware (AVX2 only) it is skipped "
+                       "with a warning: it would run ~100x slower there")
     fp16: bool = field(False, doc="float16 autocast with loss scaling (CUDA only)")
     tf32: bool | None = field(None, doc="allow TF32 matmuls on Ampere+ GPUs (None: PyTorch's default)")
     gradient_checkpointing: bool | Literal["auto"] = field(
