@@ -162,11 +162,12 @@ def simulate_step(cfg: RunConfig, hf_config, layers: int, device: str = "cuda", 
     patches = fakegpu.fake_device(dev.type) if fake or dev.type == "meta" else contextlib.nullcontext({})
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     group = fakegpu.fake_process_group(world_size) if world_size > 1 else contextlib.nullcontext()
-    with group, patches as kernels, fake_mode:
+    with contextlib.ExitStack() as stack, group, patches as kernels, fake_mode:
         with torch.device(dev):
             model = AutoModelForCausalLM.from_config(shaped_config(hf_config, layers), attn_implementation=attn,
                                                      dtype=dtype)
         if four_bit:
+            stack.enter_context(_bitsandbytes_cache_kept())
             quantize_on(model, dev, cfg.model, dtype)
             prepare_kbit_training(model)
         add_lora(model, cfg.peft_config, lora_dtype=lora_dtype)
@@ -230,6 +231,20 @@ def quantize_on(model, device: torch.device, model_cfg, dtype: torch.dtype) -> i
         model.set_submodule(name, layer)
         count += 1
     return count
+
+
+@contextlib.contextmanager
+def _bitsandbytes_cache_kept():
+    """bitsandbytes caches its 8-bit quantization map on the device of the first tensor it quantizes
+    (functional.name2qmap): made on meta here, it would break every later real quantization in this process."""
+    import bitsandbytes.functional as bnb_functional
+
+    saved = dict(bnb_functional.name2qmap)
+    try:
+        yield
+    finally:
+        bnb_functional.name2qmap.clear()
+        bnb_functional.name2qmap.update(saved)
 
 
 def _float32_adapter(peak: dict[str, int], trainable: int, simulated: torch.dtype) -> tuple[dict[str, int], int]:
