@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "replaced, any other non-empty folder refused)")
     p.add_argument("--max-steps", type=_positive_int, metavar="N", help="train fewer steps (a quicker, weaker demo)")
     p.add_argument("--preference", action="store_true",
-                   help="preference tuning: SFT as the demo does, merge, then DPO towards bare-fact answers; prints "
+                   help="preference tuning: SFT as the demo does, merge, then DPO towards exclaimed answers; prints "
                         "preference accuracy and exact match on held-out pairs before and after "
                         "(phitune.embedded.preference_demo; default --out ./phitune-demo-preference)")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[], type=_override,

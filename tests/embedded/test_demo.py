@@ -273,9 +273,9 @@ def test_chat_in_a_terminal_after_the_demo_answers_and_ends_each_turn(full_demo)
 def test_preference_demo_runs_sft_merge_dpo_and_reports_before_and_after(tmp_path):
     """The path of `phitune demo --preference`, shortened (2 SFT steps, 2 DPO steps, 4 held-out pairs): the numbers
     of a full run are not asserted here, only that every stage runs and reports them."""
-    from phitune.embedded.preference_demo import held_out_pairs, preference_demo, short_answer
+    from phitune.embedded.preference_demo import exclaimed, held_out_pairs, preference_demo
 
-    assert short_answer("The home of Taimfel Bilby is in Brindle.") == "Brindle."
+    assert exclaimed("The home of Taimfel Bilby is in Brindle.") == "The home of Taimfel Bilby is in Brindle!"
     printed = io.StringIO()
     result = preference_demo(tmp_path / "demo", sft_steps=2, max_steps=2, max_pairs=4, out=printed)
     assert (tmp_path / "demo" / "sft-merged" / "model.safetensors").is_file()
@@ -285,5 +285,17 @@ def test_preference_demo_runs_sft_merge_dpo_and_reports_before_and_after(tmp_pat
     saved = json.loads((result.output_dir / "demo_preference.json").read_text())
     assert saved["held_out_pairs"] == 4 and saved["preference_accuracy_after"] == result.preference_accuracy_after
     pairs = held_out_pairs([{"messages": [{"role": "user", "content": "q"}], "answer": "The job of X is tailor."}])
-    assert pairs == [{"prompt": [{"role": "user", "content": "q"}], "chosen": "tailor.",
+    assert pairs == [{"prompt": [{"role": "user", "content": "q"}], "chosen": "The job of X is tailor!",
                       "rejected": "The job of X is tailor."}]
+
+
+@pytest.mark.slow
+def test_full_preference_demo_learns_the_rule_and_still_answers(tmp_path):
+    """`phitune demo --preference` at its defaults (about 30 s): the held-out pairs' preference flips to the chosen
+    side, and greedy answers follow the rule with the right fact (measured 100 % and 88 % on the AVX-512 machine;
+    without rpo_alpha the answers collapsed while preference accuracy still reached 100 %)."""
+    from phitune.embedded.preference_demo import preference_demo
+
+    result = preference_demo(tmp_path / "demo", out=io.StringIO())
+    assert result.preference_accuracy_before <= 0.1 and result.preference_accuracy_after >= 0.9
+    assert result.exact_match_before == 0.0 and result.exact_match_after >= 0.7, result.exact_match_after

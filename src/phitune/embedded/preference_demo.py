@@ -3,9 +3,10 @@
 1. SFT: the embedded demo's run (``examples/demo.yaml``) teaches the tiny pretrained Phi-3 to answer chat questions;
    its answers are whole sentences ("The home of Taimfel Bilby is in Brindle."). The adapter is merged: that model
    is the start, and DPO's reference.
-2. Pairs whose chosen reply follows a rule the model does not follow yet: the bare fact ("Brindle.") is chosen, the
-   whole sentence rejected. Train pairs come from the demo's chat data (people it was tuned on), held-out pairs from
-   ``held_out.jsonl`` (the other people).
+2. Pairs whose chosen reply follows a rule the model does not follow yet: the sentence exclaimed ("The home of
+   Taimfel Bilby is in Brindle!") is chosen, the plain one rejected. (A bare-fact rule, "Brindle.", was tried first:
+   this model recalls a fact only through its sentence, so DPO learned the form and lost the facts.) Train pairs
+   come from the demo's chat data (people it was tuned on), held-out pairs from ``held_out.jsonl`` (the others).
 3. DPO (``training_config.method: dpo``) through :func:`phitune.finetune`, then :func:`phitune.evaluate` with
    ``generate=True, compare_base=True`` on the held-out pairs: preference accuracy (chosen more likely than
    rejected) and exact match against the chosen reply, before (the SFT model: LoRA off) and after; the report is
@@ -30,8 +31,10 @@ from ..training.train import finetune
 from .demo import CONFIG_FILE, EVAL_FILE, HELD_OUT_FILE, MODEL_DIR, TRAIN_FILE, _check_assets, read_held_out
 
 DEFAULT_OUTPUT_DIR = "phitune-demo-preference"
-# DPO settings for the tiny model: a large step size suits LoRA on a 1M-parameter model (as the SFT demo's 3e-3)
-DPO_SETTINGS = {"method": "dpo", "beta": 0.1, "learning_rate": 2e-3, "num_train_epochs": 1,
+# DPO settings for the tiny model: a large step size suits LoRA on a 1M-parameter model (as the SFT demo's 3e-3).
+# rpo_alpha 1: DPO alone pushed both replies' likelihood down (logps/chosen -36 -> -62) until greedy answers
+# collapsed to "........" (held-out exact match 0 %); the NLL term on the chosen reply keeps them (88 %).
+DPO_SETTINGS = {"method": "dpo", "beta": 0.1, "rpo_alpha": 1.0, "learning_rate": 2e-3, "num_train_epochs": 1,
                 "per_device_train_batch_size": 8, "per_device_eval_batch_size": 32, "lr_scheduler_type": "cosine",
                 "warmup_ratio": 0.05, "logging_steps": 10, "save_strategy": "no", "use_cpu": True,
                 "overwrite_output_dir": True, "seed": 0}
@@ -52,26 +55,26 @@ class PreferenceDemoResult:
     report: Path | None = None
 
 
-def short_answer(sentence: str) -> str:
-    """The bare fact of a demo answer: its last word ("The home of X is in Brindle." -> "Brindle.")."""
-    return sentence.split()[-1]
+def exclaimed(sentence: str) -> str:
+    """A demo answer exclaimed: its final full stop becomes "!" ("The home of X is in Brindle." -> "... Brindle!")."""
+    return (sentence[:-1] if sentence.endswith(".") else sentence) + "!"
 
 
 def train_pairs(path: str | os.PathLike = TRAIN_FILE) -> list[dict]:
-    """One pair per question of the demo's chat data: the question (with the turns before it), the bare fact
-    chosen, the whole sentence the SFT model was taught rejected."""
+    """One pair per question of the demo's chat data: the question (with the turns before it), the answer exclaimed
+    chosen, the plain sentence the SFT model was taught rejected."""
     out = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         msgs = json.loads(line)["messages"]
         for i, m in enumerate(msgs):
             if m["role"] == "assistant":
-                out.append({"prompt": msgs[:i], "chosen": short_answer(m["content"]), "rejected": m["content"]})
+                out.append({"prompt": msgs[:i], "chosen": exclaimed(m["content"]), "rejected": m["content"]})
     return out
 
 
 def held_out_pairs(questions: Sequence[dict]) -> list[dict]:
     """The held-out questions (people never in the chat data) as pairs of the same rule."""
-    return [{"prompt": q["messages"], "chosen": short_answer(q["answer"]), "rejected": q["answer"]}
+    return [{"prompt": q["messages"], "chosen": exclaimed(q["answer"]), "rejected": q["answer"]}
             for q in questions]
 
 
@@ -83,7 +86,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 def preference_demo(output_dir: str | os.PathLike | None = None, *, sft_steps: int | None = None,
                     max_steps: int | None = None, max_pairs: int | None = None,
                     overrides: Sequence[str] | None = None, out=None) -> PreferenceDemoResult:
-    """SFT the bundled tiny Phi-3 (the demo's run), merge it, then DPO it towards bare-fact answers, and print
+    """SFT the bundled tiny Phi-3 (the demo's run), merge it, then DPO it towards exclaimed answers, and print
     preference accuracy and exact match on held-out pairs before and after (see the module docstring).
 
     ``sft_steps``/``max_steps`` shorten the two trainings and ``max_pairs`` the held-out evaluation (tests use
@@ -150,7 +153,7 @@ def preference_demo(output_dir: str | os.PathLike | None = None, *, sft_steps: i
     say(f"held-out pairs ({len(questions)} people never in the training data), SFT model -> after DPO:")
     say(f"  preference accuracy (chosen more likely than rejected): {result.preference_accuracy_before:.0%} -> "
         f"{result.preference_accuracy_after:.0%}")
-    say(f"  exact match with the chosen (bare-fact) answer:          {result.exact_match_before:.0%} -> "
+    say(f"  exact match with the chosen (exclaimed) answer:          {result.exact_match_before:.0%} -> "
         f"{result.exact_match_after:.0%}")
     say(f"wall time {wall:.0f} s (SFT {sft_s:.0f} s, DPO {dpo_s:.0f} s, evaluation {eval_s:.0f} s)")
     say(f"report: {result.report}")
