@@ -201,3 +201,27 @@ def test_eval_generate_compare_base_on_a_preference_run(dpo_run):
     assert "preference accuracy" in report
     samples = [json.loads(line) for line in open(metrics["samples_file"], encoding="utf-8")]
     assert {s["reference"] for s in samples} == {w[::-1] for w in WORDS[8:]}
+
+
+@pytest.mark.slow
+def test_dpo_on_a_4bit_base_trains_with_the_reference_as_the_4bit_base(tiny_model_dir, pair_files, tmp_path):
+    """QLoRA + DPO: the reference is the 4-bit base with the adapters off, as for a 16-bit base."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    cfg = _config(tiny_model_dir, pair_files, out, max_steps=2, save_steps=1000)
+    cfg["model"].update(load_in_4bit=True, quantization={"compute_dtype": "float32"})
+    result = finetune(cfg)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if "loss" in r]
+    assert trained and all(math.isfinite(r["loss"]) and "rewards/margins" in r for r in trained)
+    assert "eval_rewards/accuracies" in result.metrics and (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_dpo_run_exports_to_gguf_like_an_sft_run(dpo_run, tmp_path):
+    pytest.importorskip("gguf")
+    from phitune import export
+
+    out, _, _ = dpo_run
+    result = export(out, "gguf", tmp_path / "gguf", outtype="f32")
+    assert any(p.suffix == ".gguf" for p in result.path.iterdir()), result.files
