@@ -275,3 +275,17 @@ def family_model(family: str, tokenizer, seed: int = 0):
                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     return model_cls(cfg)
+
+
+def tiny_lora_module():
+    """A one-layer module (Linear 4 -> 4) with a rank-2 adapter: the smallest thing checkpoints and optimizers save."""
+    from phitune.adapt import add_lora
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+    model = Tiny()
+    add_lora(model, {"r": 2, "lora_alpha": 4, "target_modules": ["proj"]})
+    return model

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from helpers import losses, tiny_config
+from helpers import losses, tiny_config, tiny_lora_module
 
 from phitune.training import checkpoint as ckpt
 from phitune.errors import CheckpointError
@@ -208,23 +208,10 @@ class _FullDisk:
         raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
 
 
-def _tiny_lora_model():
-    from phitune.adapt import add_lora
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(4, 4)
-
-    model = Tiny()
-    add_lora(model, {"r": 2, "lora_alpha": 4, "target_modules": ["proj"]})
-    return model
-
-
 def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
     from phitune.errors import StorageError
 
-    model = _tiny_lora_model()
+    model = tiny_lora_module()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     save = dict(model=model, scheduler=scheduler, data_position={"epoch": 0, "micro_batch": 2}, settings={"a": 1})
@@ -253,7 +240,7 @@ def test_a_full_disk_while_the_adapter_is_saved_is_reported_as_the_checkpoints_f
 
     from phitune.errors import StorageError
 
-    model = _tiny_lora_model()
+    model = tiny_lora_module()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import tiny_config
+from helpers import tiny_config, tiny_lora_module
 
 from phitune.training import checkpoint as ckpt
 from phitune.config import load_config, run_status
@@ -113,15 +113,7 @@ def test_bad_records_and_truncation_are_reported_before_weights_load(tmp_path):
 def _lora_state(tmp_path):
     import torch
 
-    from phitune.adapt import add_lora
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(4, 4)
-
-    model = Tiny()
-    add_lora(model, {"r": 2, "lora_alpha": 4, "target_modules": ["proj"]})
+    model = tiny_lora_module()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     return dict(model=model, optimizer=opt, scheduler=sched, data_position={"epoch": 0, "micro_batch": 0},
