@@ -1,0 +1,63 @@
+"""Triton kernels of the fast path, each behind a ``torch.library`` custom op.
+
+Why custom ops: on a GPU every elementwise op of the plain autograd graph is its own kernel reading and writing HBM
+(``phitune plan`` puts RMSNorm, SwiGLU, RoPE and the dropout masks at about a third of a Phi-3-mini step). A custom op
+is one kernel, and it stays one op everywhere torch looks at it: its registered fake implementation gives shapes to
+FakeTensorMode, so ``phitune plan`` records it as a single op whose bytes are its inputs and outputs (what the fused
+kernel moves), and its FLOP formula (``register_flops``) goes into torch's flop registry through the public API.
+
+Which implementation runs: the Triton kernel on CUDA tensors when Triton is importable (every Linux CUDA build of
+torch ships it); otherwise, and always on the CPU, the plain torch reference next to it, which is also what the
+tests check each kernel against (on a CPU through Triton's interpreter, ``TRITON_INTERPRET=1``).
+``PHITUNE_TRITON=0`` turns the kernels off (the references run on CUDA too), for A/B runs and bug reports.
+
+Layout: one module per op (its custom ops, reference, fake implementation, FLOP formula and autograd-free
+launchers); the Triton source in a sibling ``*_triton.py`` imported only when a kernel is launched, so importing
+phitune never imports Triton.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+_forced = False
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Triton can be imported (it is not imported here)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the op on ``t`` runs its Triton kernel: a CUDA tensor with Triton present, unless ``PHITUNE_TRITON=0``;
+    or any tensor inside ``force_triton()`` (the tests, on a CPU through Triton's interpreter)."""
+    if not triton_available() or os.environ.get("PHITUNE_TRITON", "1") == "0":
+        return False
+    return _forced or t.device.type == "cuda"
+
+
+@contextlib.contextmanager
+def force_triton():
+    """Run the Triton kernels on any device inside this block. For tests: with ``TRITON_INTERPRET=1`` set before the
+    kernel modules are first imported, Triton interprets its kernels on CPU tensors."""
+    global _forced
+    before, _forced = _forced, True
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def register_flops(op, formula):
+    """Give ``op`` (a custom op's OpOverloadPacket, ``torch.ops.phitune.NAME``) a FLOP formula in torch's flop
+    registry, so ``phitune plan`` (and torch's FlopCounterMode) count it. ``formula`` is called as torch calls its own:
+    with the shapes of the op's tensor arguments in their places (other arguments as they are) and ``out_shape``."""
+    register_flop_formula(op)(formula)
+    return formula
