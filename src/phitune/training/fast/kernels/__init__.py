@@ -61,3 +61,10 @@ def register_flops(op, formula):
     with the shapes of the op's tensor arguments in their places (other arguments as they are) and ``out_shape``."""
     register_flop_formula(op)(formula)
     return formula
+
+
+def new_seed() -> int:
+    """A seed for a kernel's in-kernel random numbers (dropout: ``tl.rand(seed, element index)``), drawn from torch's
+    default CPU generator so that ``torch.manual_seed`` reproduces a run. Kernels that regenerate a mask in backward
+    keep this int instead of the mask."""
+    return int(torch.randint(2**31 - 1, (1,), device="cpu").item())
