@@ -289,3 +289,20 @@ def tiny_lora_module():
     model = Tiny()
     add_lora(model, {"r": 2, "lora_alpha": 4, "target_modules": ["proj"]})
     return model
+
+
+class FixedMask:
+    """Replaces the fast path's LoRA dropout mask generator with a pattern fixed by the input's shape, so dropout paths
+    can be compared with each other and grad-checked (pytest's ``monkeypatch`` undoes it)."""
+
+    def __init__(self, monkeypatch):
+        from phitune.training.fast import fused_4bit, lora_autograd
+
+        monkeypatch.setattr(lora_autograd, "_dropout_mask", self)
+        monkeypatch.setattr(fused_4bit, "_dropout_mask", self)
+
+    def __call__(self, x, p):
+        if p <= 0:
+            return None
+        g = torch.Generator().manual_seed(x.shape[-1])
+        return (torch.rand(x.shape, generator=g) >= p).to(x.device)

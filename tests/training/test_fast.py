@@ -4,11 +4,12 @@ gradients."""
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FixedMask
 from transformers import Phi3Config, Phi3ForCausalLM
 
 from phitune import lora
 from phitune.adapt import adapter_state_dict, add_lora
-from phitune.training.fast import fused, fused_4bit, lora_autograd, norm_rope
+from phitune.training.fast import fused, lora_autograd, norm_rope
 from phitune.training.loss import apply_fast_path, forward_loss
 
 torch.set_num_threads(1)
@@ -39,20 +40,6 @@ def loss_and_grads(model, b, **kw):
     out = forward_loss(model, b, **kw)
     out.loss_sum.backward()
     return out.loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-class FixedMask:
-    """Replaces the dropout mask generator with a fixed pattern, so dropout paths can be compared and grad-checked."""
-
-    def __init__(self, monkeypatch):
-        monkeypatch.setattr(lora_autograd, "_dropout_mask", self)
-        monkeypatch.setattr(fused_4bit, "_dropout_mask", self)
-
-    def __call__(self, x, p):
-        if p <= 0:
-            return None
-        g = torch.Generator().manual_seed(x.shape[-1])
-        return (torch.rand(x.shape, generator=g) >= p).to(x.device)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
