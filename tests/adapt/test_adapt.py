@@ -10,7 +10,8 @@ from torch import nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM  # noqa: E402
+from zoo import build  # noqa: E402
 
 from phitune import lora  # noqa: E402
 from phitune.adapt import (  # noqa: E402
@@ -20,20 +21,15 @@ from phitune.adapt import (  # noqa: E402
 from phitune.errors import AdapterError, ConfigError  # noqa: E402
 
 torch.set_num_threads(1)
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=128, pad_token_id=0,
-             bos_token_id=1, eos_token_id=2)
 
 
 def phi3(gqa: bool = False) -> Phi3ForCausalLM:
-    """Mini-like (4/4 heads) or medium-like GQA (4 q heads, 2 kv heads: q/k/v = 64/32/32)."""
-    torch.manual_seed(0)
-    return Phi3ForCausalLM(Phi3Config(num_attention_heads=4, num_key_value_heads=2 if gqa else 4, **SMALL)).eval()
+    """Mini-like (4/4 heads) or medium-like GQA (4 q heads, 2 kv heads: q/k/v = 64/32/32), from the zoo."""
+    return build("phi3-medium" if gqa else "phi3-mini").eval()
 
 
 def qwen2() -> Qwen2ForCausalLM:  # q/k/v carry biases, unlike Phi-3
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(Qwen2Config(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                                        **SMALL)).eval()
+    return build("qwen2").eval()
 
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
