@@ -258,23 +258,20 @@ def family_tokenizer(family: str, vocab_size: int = 300):
 
 
 def family_model(family: str, tokenizer, seed: int = 0):
-    """A 2-layer, hidden-64 random model of the family's architecture (Gemma's template on a Llama body: phitune's
-    GGUF writer has no Gemma architecture, and the chat template is what is under test). Initialised with std 0.2,
-    not 0.02: the frozen lm_head's rows then have norm 0.2 x 8 = 1.6 against a normalised hidden state of norm 8, so
-    LoRA can reach logits of about 13 and memorise answers with a clear margin (at 0.02 the logits cap near 1.3 and
-    the loss stalls above 4)."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    """A 2-layer, hidden-64 random model of the family's architecture, from the zoo (tests/zoo.py) at the
+    tokenizer's vocabulary, MHA, rope_theta 10,000 (Gemma's template on a Llama body: phitune's GGUF writer has no
+    Gemma architecture, and the chat template is what is under test). Initialised with std 0.2, not 0.02: the frozen
+    lm_head's rows then have norm 0.2 x 8 = 1.6 against a normalised hidden state of norm 8, so LoRA can reach logits
+    of about 13 and memorise answers with a clear margin (at 0.02 the logits cap near 1.3 and the loss stalls
+    above 4)."""
+    from zoo import build
 
-    classes = {"phi3": (Phi3Config, Phi3ForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-               "llama": (LlamaConfig, LlamaForCausalLM)}
-    config_cls, model_cls = classes[CHAT_FAMILIES[family]["arch"]]
-    cfg = config_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                     tie_word_embeddings=False, initializer_range=0.2, pad_token_id=tokenizer.pad_token_id,
-                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(seed)
-    return model_cls(cfg)
+    zoo_name = {"phi3": "phi3-mini", "qwen2": "qwen2", "llama": "llama"}[CHAT_FAMILIES[family]["arch"]]
+    return build(zoo_name, seed, norm_noise=0.0, vocab_size=len(tokenizer), num_key_value_heads=4,
+                 max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.2, use_cache=True,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                 pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                 eos_token_id=tokenizer.eos_token_id)
 
 
 def tiny_lora_module():
