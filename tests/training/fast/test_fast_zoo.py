@@ -26,7 +26,7 @@ from zoo import LONGROPE_ORIGINAL, VOCAB, ZOO, build  # noqa: E402
 
 from phitune import lora  # noqa: E402
 from phitune.adapt import add_lora  # noqa: E402
-from phitune.training.fast import kernels, lora_autograd  # noqa: E402
+from phitune.training.fast import attention, kernels, lora_autograd, varlen  # noqa: E402
 from phitune.training.loss import apply_fast_path, forward_loss  # noqa: E402
 from phitune.training.step import batch_maker  # noqa: E402
 
@@ -145,8 +145,9 @@ def tolerance(config, rows, bf16: bool, magnitude: float) -> float:
     return math.sqrt(variance) * magnitude
 
 
-def compare(name, *, bf16, packed, dropout, monkeypatch, triton=False):
-    """The fast path's loss and LoRA gradients against the plain path's, on zoo model ``name``."""
+def compare(name, *, bf16, packed, dropout, monkeypatch, triton=False, varlen_attention=False):
+    """The fast path's loss and LoRA gradients against the plain path's, on zoo model ``name``. ``varlen_attention``:
+    switch attention to phitune's varlen implementation too (what ``apply`` picks on CUDA in half precision)."""
     model = model_with_lora(name, dropout)
     if dropout:
         same_dropout_mask_on_plain_path(model, monkeypatch)
@@ -157,6 +158,9 @@ def compare(name, *, bf16, packed, dropout, monkeypatch, triton=False):
 
     fast = apply_fast_path(model, None)
     assert fused_counts(fast)["lora_linear"] == PIECES[name]["lora_linear"], fast.notes  # the fast path is on
+    if varlen_attention:
+        varlen.register()
+        assert attention.switch(model, varlen.NAME)
     with kernels.force_triton() if triton else contextlib.nullcontext():
         loss, got = loss_and_grads(model, fast, rows, bf16)
 
@@ -186,6 +190,15 @@ def test_each_family_gets_the_fused_pieces_its_modules_match(name):
 @pytest.mark.parametrize("name", list(ZOO))
 def test_fast_path_keeps_the_plain_loss_and_lora_gradients(name, bf16, packed, dropout, monkeypatch):
     compare(name, bf16=bf16, packed=packed, dropout=dropout, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_varlen_attention_keeps_the_plain_loss_and_lora_gradients(name, packed, monkeypatch):
+    """Sample boundaries from position_ids alone (cu_seqlens), sliding windows and GQA in the varlen attention
+    function; on a CPU it runs its reference kernel (causal sdpa per sample), the CUDA kernel is checked in
+    tests/training/test_fast.py on a GPU."""
+    compare(name, bf16=False, packed=packed, dropout=0.0, monkeypatch=monkeypatch, varlen_attention=True)
 
 
 # Under force_triton the Triton kernels of phitune.training.fast.kernels run in place of the torch references (on a
