@@ -1,6 +1,7 @@
 """phitune.training.distributed: 2 processes under torchrun (CPU, gloo) train like 1 process with the doubled batch; a
 killed
-2-process run resumes to the same end; FSDP2 trains and saves an adapter that loads in peft.
+2-process run resumes to the same end; FSDP2 trains and saves an adapter that loads in peft; DPO under DDP and FSDP2
+trains like 1 process, whole pairs on each process.
 
 The reference 2-process run is started as users start one, `python -m torch.distributed.run --standalone
 --nproc_per_node 2 -m phitune train CONFIG` (most of its minute is three processes importing torch and
