@@ -100,15 +100,15 @@ def test_data_chat_template_is_a_jinja_string_a_file_or_phi3(tmp_path):
 
 
 def test_the_cache_key_follows_the_template_files_text_not_its_name(tmp_path):
-    from phitune.data.prepare import _cache_key
+    from phitune.data.prepare import cache_key
 
     tok = family_tokenizer("gemma")
     path = tmp_path / "t.jinja"
     path.write_text(CHAT_FAMILIES["gemma"]["template"], encoding="utf-8")
     cfg = DataConfig.from_any({"train": "x.jsonl", "chat_template": str(path)})
-    before = _cache_key(cfg, tok, {})
+    before = cache_key(cfg, tok, {})
     path.write_text(CHAT_FAMILIES["gemma"]["template"].replace("model", "bot"), encoding="utf-8")
-    assert _cache_key(cfg, tok, {}) != before
+    assert cache_key(cfg, tok, {}) != before
 
 
 def test_microsofts_phi3_tokenizer_ends_turns_on_end_and_stops_on_its_three_ids():

@@ -1,6 +1,7 @@
 """phitune.training.distributed: 2 processes under torchrun (CPU, gloo) train like 1 process with the doubled batch; a
 killed
-2-process run resumes to the same end; FSDP2 trains and saves an adapter that loads in peft.
+2-process run resumes to the same end; FSDP2 trains and saves an adapter that loads in peft; DPO under DDP and FSDP2
+trains like 1 process, whole pairs on each process.
 
 The reference 2-process run is started as users start one, `python -m torch.distributed.run --standalone
 --nproc_per_node 2 -m phitune train CONFIG` (most of its minute is three processes importing torch and
@@ -644,3 +645,67 @@ def test_dpo_on_two_processes_equals_one_process_with_the_doubled_batch(tiny_mod
         for k in ("rewards/margins", "eval_rewards/margins", "logps/chosen"):
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=ROUNDING, abs=1e-6), k
+
+
+def _record_pair_rows(monkeypatch, folder: Path) -> None:
+    """Every preference micro-batch a process of a 2-process run computes a loss on is logged to
+    ``folder/rows-RANK.jsonl`` as the prompt tokens (before the reply) of each row with a reply."""
+    from phitune.training import preference
+
+    real = preference.pair_loss
+
+    def recording(model, batch, **kwargs):
+        if distributed.active():
+            rows = []
+            for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+                trained = [i for i, label in enumerate(labels) if label != -100]
+                rows.append(ids[:trained[0]] if trained else None)
+            with open(folder / f"rows-{distributed.rank()}.jsonl", "a") as f:
+                f.write(json.dumps(rows) + "\n")
+        return real(model, batch, **kwargs)
+
+    monkeypatch.setattr(preference, "pair_loss", recording)  # inherited by the forked workers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precompute", [True, False])
+def test_dpo_under_fsdp2_trains_like_one_process_with_whole_pairs_on_each_process(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch, precompute):
+    """DPO on 2 processes under FSDP2 (the frozen base sharded, rank 0 loading it; the reference, adapters off,
+    run through the sharded model once before training or with every micro-batch) against 1 process with the
+    doubled batch: the same losses, rewards and adapter; every micro-batch of every process holds whole pairs (rows
+    2k and 2k+1 share their prompt)."""
+    words = ["apple", "river stone", "cloud", "tiger lemon piano", "glass", "mouse", "candle forest", "rocket"]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Reverse: {w}", "chosen": w[::-1], "rejected": w}) + "\n"
+                             for w in words))
+    extra = {"method": "dpo", "max_steps": 3, "save_steps": 1000, "precompute_ref_log_probs": precompute,
+             "lr_scheduler_type": "constant"}
+    out1, out2 = tmp_path / "single", tmp_path / "fsdp"
+    _record_pair_rows(monkeypatch, tmp_path)
+    _join(_forked(_config(tiny_model_dir, (pairs, pairs), out2, **extra, fsdp="full_shard auto_wrap",
+                          fsdp_config={"transformer_layer_cls_to_wrap": ["Phi3DecoderLayer"]}),
+                  report=str(tmp_path / "held")))
+    finetune(_config(tiny_model_dir, (pairs, pairs), out1, **extra, per_device_train_batch_size=2 * PER_DEVICE))
+
+    held = json.loads((tmp_path / "held-0.json").read_text())
+    assert held["qkv_rows"] == [96, 192]  # the base really was sharded
+    _assert_same_curve(out2, out1)
+    _assert_same_adapter(out2, out1)
+    r1, r2 = ([json.loads(line) for line in (o / "metrics.jsonl").read_text().splitlines()] for o in (out1, out2))
+    assert len(r1) == len(r2)
+    for a, b in zip(r1, r2):
+        assert a.get("pairs") == b.get("pairs") and a.get("eval_pairs") == b.get("eval_pairs")
+        for k in ("rewards/margins", "rewards/accuracies", "logps/chosen", "eval_rewards/margins", "eval_loss"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=ROUNDING, abs=1e-6), k
+    for rank in range(2):
+        batches = [json.loads(line) for line in (tmp_path / f"rows-{rank}.jsonl").read_text().splitlines()]
+        trained = [b for b in batches if any(r is not None for r in b)]
+        assert len(trained) >= 3 * 2  # 3 steps x 2 micro-batches, then the evaluations
+        for rows in trained:
+            assert len(rows) % 2 == 0
+            for chosen, rejected in zip(rows[0::2], rows[1::2]):
+                assert chosen is not None and chosen == rejected  # the two sides of one pair: one prompt
+            prompts = [tuple(r) for r in rows[0::2]]
+            assert len(set(prompts)) == len(prompts)  # and different pairs in one micro-batch

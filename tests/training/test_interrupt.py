@@ -2,6 +2,7 @@
 printed, exit 130/143; a second Ctrl-C during that save waits for it; the printed command resumes to exactly the
 uninterrupted run."""
 
+import json
 import os
 import shlex
 import signal
@@ -54,8 +55,9 @@ def _wait_for_steps(proc, out: Path, n: int) -> None:
         time.sleep(0.1)
 
 
-def _resume_and_compare(stderr: str, env: dict, out: Path, cfg: dict, tmp_path: Path) -> None:
-    """Run the printed resume command for 2 more steps; it must end where the uninterrupted run ends."""
+def _resume_and_compare(stderr: str, env: dict, out: Path, cfg: dict, tmp_path: Path) -> str:
+    """Run the printed resume command for 2 more steps; it must end where the uninterrupted run ends. Returns the
+    resumed run's console output."""
     line = next(li for li in stderr.splitlines() if li.startswith("resume with: "))
     command = shlex.split(line[len("resume with: "):])
     assert command[:2] == ["phitune", "train"] and command[-2:] == ["--set", RESUME]
@@ -73,6 +75,7 @@ def _resume_and_compare(stderr: str, env: dict, out: Path, cfg: dict, tmp_path: 
     assert losses(out) == losses(ref)  # bitwise on the CPU, as every resume
     a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(ref / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return resumed.stderr
 
 
 @pytest.mark.slow
@@ -119,6 +122,35 @@ def test_a_second_ctrl_c_during_the_save_waits_for_it_then_exits_130(tiny_model_
     assert not list((out / "checkpoints").glob(".tmp-*"))  # the save completed: renamed into place
     env.pop("PHITUNE_TEST_SLOW_SAVE")
     _resume_and_compare(stderr, env, out, cfg, tmp_path)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_dpo_resumes_exactly_with_the_checkpoint_reference_log_probs(tiny_model_dir, tmp_path):
+    """A DPO run (precompute_ref_log_probs, dropout, accumulation by pairs) stopped by SIGINT: its checkpoint holds
+    the reference log-probs, and the resume reads them (nothing is computed again) to end bitwise where the
+    uninterrupted run ends."""
+    words = ["apple", "river stone", "cloud", "tiger lemon piano", "glass", "mouse", "candle forest", "rocket"]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Reverse: {w}", "chosen": w[::-1], "rejected": w}) + "\n"
+                             for w in words))
+    out = tmp_path / "run"
+    cfg = _config(tiny_model_dir, (pairs, pairs), out, method="dpo", precompute_ref_log_probs=True,
+                  per_device_train_batch_size=2)
+    proc, env = _start(cfg, tmp_path)
+    try:
+        _wait_for_steps(proc, out, 2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "reference log-probs of 16 samples precomputed" in stderr and "Traceback" not in stderr
+    stopped = ckpt.latest_checkpoint(out)
+    saved = torch.load(stopped / "training_state.pt", weights_only=True)["extra"]["reference_logps"]
+    assert sorted(saved) == ["train"] and saved["train"].shape == (16,) and saved["train"].lt(0).all()
+    resumed = _resume_and_compare(stderr, env, out, cfg, tmp_path)
+    assert "precomputed" not in resumed  # read from the checkpoint, not computed again
 
 
 def test_a_second_signal_outside_a_save_stops_at_once_and_inside_one_after_it():

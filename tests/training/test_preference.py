@@ -225,3 +225,23 @@ def test_a_dpo_run_exports_to_gguf_like_an_sft_run(dpo_run, tmp_path):
     out, _, _ = dpo_run
     result = export(out, "gguf", tmp_path / "gguf", outtype="f32")
     assert any(p.suffix == ".gguf" for p in result.path.iterdir()), result.files
+
+
+@pytest.mark.slow
+def test_eval_generate_during_a_dpo_run_answers_the_eval_pairs_prompts_with_chosen_as_reference(
+        tiny_model_dir, pair_files, tmp_path):
+    out = tmp_path / "run"
+    cfg = _config(tiny_model_dir, pair_files, out, max_steps=1, gradient_accumulation_steps=1, eval_generate=2,
+                  precompute_ref_log_probs=False)
+    finetune(cfg)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_loss" in r]
+    assert len(evals) == 1 and "eval_rewards/accuracies" in evals[0]  # the pair metrics and the probe, one record
+    prompts = evals[0]["generation_prompts"]
+    assert [p["index"] for p in prompts] == [0, 1]  # the first 2 eval pairs, in file order
+    assert [p["reference"] for p in prompts] == [w[::-1] for w in WORDS[8:10]]  # their chosen replies
+    for p, w in zip(prompts, WORDS[8:10]):
+        assert f"Reverse: {w}" in p["prompt"] and p["prompt"].rstrip().endswith("<|assistant|>")
+    generations = evals[0]["generations"]
+    assert [g["index"] for g in generations] == [0, 1] and all(isinstance(g["answer"], str) for g in generations)
+    assert 0 <= evals[0]["gen_exact_match"] <= 1

@@ -142,8 +142,17 @@ def tok():
     return build_phi3_style_tokenizer(vocab_size=300)
 
 
+def _assert_lora_grads_equal(model, trainer, batch: dict) -> None:
+    ours_g, trl_g = _lora_grads(model), _lora_grads(trainer.model)
+    assert sorted(ours_g) == sorted(trl_g) and ours_g
+    for key, g in trl_g.items():
+        scale = float(g.abs().max())
+        assert scale > 0, key  # the comparison means something only when the gradient is not zero
+        assert torch.allclose(ours_g[key], g, rtol=0, atol=_grad_tol(g, batch)), key
+
+
 @pytest.mark.parametrize("family", ["phi3", "llama"])
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
 @pytest.mark.parametrize("fast", ["plain", "fast"])
 def test_dpo_loss_metrics_and_lora_gradients_equal_trl(tmp_path, tok, family, loss_type, fast):
     base = _base(family, tok)
@@ -162,32 +171,60 @@ def test_dpo_loss_metrics_and_lora_gradients_equal_trl(tmp_path, tok, family, lo
     n = int(out.n_pairs)
     logps = torch.tensor([out.sums["logps/chosen"], out.sums["logps/rejected"]]) / n
     tol_logp = _logp_tol(logps * n * 2)  # policy and reference sums of every row
-    slope = 0.1 if loss_type == "sigmoid" else 2 * abs(float(loss)) ** 0.5  # d(loss)/d(delta) bound (IPO: 2 sqrt(loss))
+    # d(loss)/d(delta) bound: beta for sigmoid and hinge (0 past its kink), 2 sqrt(loss) for IPO's square
+    slope = 2 * abs(float(loss)) ** 0.5 if loss_type == "ipo" else 0.1
+    if loss_type == "hinge":  # every pair on the linear side of the kink (sum relu(x) = sum x): gradients comparable
+        assert abs(float(loss) - (1 - float(out.sums["rewards/margins"]) / n)) <= slope * 4 * tol_logp
     assert abs(float(loss) - float(trl_loss)) <= slope * 4 * tol_logp + EPS * abs(float(trl_loss))
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     for key in preference.METRICS:
         assert abs(float(out.sums[key]) / n - metrics[key]) <= tol_logp, key
-    ours_g, trl_g = _lora_grads(model), _lora_grads(trainer.model)
-    assert sorted(ours_g) == sorted(trl_g) and ours_g
-    for key, g in trl_g.items():
-        scale = float(g.abs().max())
-        assert scale > 0, key  # the comparison means something only when the gradient is not zero
-        assert torch.allclose(ours_g[key], g, rtol=0, atol=_grad_tol(g, ours)), key
+    _assert_lora_grads_equal(model, trainer, ours)
+
+
+# label_smoothing and rpo_alpha in TRL 1.16 terms. TRL 1.16's sigmoid loss ignores label_smoothing; conservative DPO,
+# -(1-e) logsig(b d) - e logsig(-b d) (what TRL's sigmoid computed before 1.0, and what phitune keeps), is the
+# weighted sum 2(1-e) x sigmoid - (1-2e) x robust of TRL 1.16's losses, robust being
+# (-(1-e) logsig(b d) + e logsig(-b d)) / (1-2e). rpo_alpha (TRL < 1.0: alpha x the chosen replies' token-mean NLL)
+# is TRL 1.16's loss_type [sigmoid, sft] with loss_weights [1, alpha].
+E, ALPHA = 0.1, 0.5
+VARIANTS = {
+    "label_smoothing": ({"loss_type": ["sigmoid", "robust"], "loss_weights": [2 * (1 - E), -(1 - 2 * E)],
+                         "label_smoothing": E}, {"label_smoothing": E}),
+    "rpo_alpha": ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, ALPHA]}, {"rpo_alpha": ALPHA}),
+}
 
 
 @pytest.mark.parametrize("family", ["phi3", "llama"])
-def test_rpo_alpha_equals_trl_sigmoid_plus_weighted_sft_loss(tmp_path, tok, family):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_label_smoothing_and_rpo_alpha_losses_and_lora_gradients_equal_trl(tmp_path, tok, family, variant):
+    trl_keys, ours_keys = VARIANTS[variant]
     base = _base(family, tok)
-    trainer = _trl_trainer("dpo", copy.deepcopy(base), tok, tmp_path, family, beta=0.1,
-                           loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    trainer = _trl_trainer("dpo", copy.deepcopy(base), tok, tmp_path, family, beta=0.1, **trl_keys)
     model, path = _phitune_model(base, trainer, family, "plain")
     ours, theirs, _, _ = _batches(tok, tmp_path)
+
+    trainer.model.train()
     trl_loss = trainer.compute_loss(trainer.model, theirs)
-    out = preference.pair_loss(model, ours, tc=TrainingConfig(method="dpo", rpo_alpha=0.5), fast=path)
+    trl_loss.backward()
+    out = preference.pair_loss(model, ours, tc=TrainingConfig(method="dpo", beta=0.1, **ours_keys), fast=path)
     loss = out.loss_sum / out.n_pairs
-    nll = float(out.sums["nll_loss"]) / int(out.n_pairs)
-    tol = 0.1 * 4 * _logp_tol(torch.tensor([float(out.sums["logps/chosen"]), float(out.sums["logps/rejected"])]) * 2)
-    assert abs(float(loss) - float(trl_loss)) <= tol + 0.5 * EPS * math.sqrt(REDUCTION) * nll
+    loss.backward()
+
+    n = int(out.n_pairs)
+    tol_logp = _logp_tol(torch.tensor([float(out.sums["logps/chosen"]), float(out.sums["logps/rejected"])]) * 2)
+    # the DPO part: slope <= beta in delta, which carries 4 summed log-probs (policy and reference, both sides)
+    tol = 0.1 * 4 * tol_logp
+    if variant == "rpo_alpha":  # + alpha x a token mean of log-probs: the error of one
+        tol += ALPHA * EPS * math.sqrt(REDUCTION) * float(out.sums["nll_loss"]) / n
+    else:  # TRL adds two terms, each within 2x the loss here (|beta delta| << 1), with weights 2(1-e) and 1-2e
+        assert abs(float(out.sums["rewards/margins"])) / n < 1
+        tol += EPS * (2 * (1 - E) + (1 - 2 * E)) * 2 * abs(float(trl_loss))
+    assert abs(float(loss) - float(trl_loss)) <= tol
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    for key in preference.METRICS:
+        assert abs(float(out.sums[key]) / n - metrics[key]) <= tol_logp, key
+    _assert_lora_grads_equal(model, trainer, ours)
 
 
 @pytest.mark.parametrize("family", ["phi3", "llama"])
@@ -214,12 +251,7 @@ def test_orpo_loss_metrics_and_lora_gradients_equal_trl(tmp_path, tok, family, f
     assert abs(nll - trl_metrics["nll_loss"]) <= EPS * math.sqrt(REDUCTION) * nll
     for key in preference.METRICS:
         assert abs(float(out.sums[key]) / n - trl_metrics[key]) <= tol, key
-    ours_g, trl_g = _lora_grads(model), _lora_grads(trainer.model)
-    assert sorted(ours_g) == sorted(trl_g) and ours_g
-    for key, g in trl_g.items():
-        scale = float(g.abs().max())
-        assert scale > 0, key
-        assert torch.allclose(ours_g[key], g, rtol=0, atol=_grad_tol(g, ours)), key
+    _assert_lora_grads_equal(model, trainer, ours)
 
 
 @pytest.mark.parametrize("family", ["phi3", "llama"])

@@ -73,8 +73,8 @@ class TrainingConfig:
                                                 "logging_steps")
     eval_on_start: bool = field(False, doc="evaluate once before the first step")
     eval_generate: int = field(0, doc="at each evaluation also generate (greedy, up to 256 tokens) the answers to the "
-                                      "first N eval conversations and log them with their scores (metrics.jsonl, "
-                                      "the eval report)")
+                                      "first N eval conversations (preference runs: eval pairs, the chosen reply as "
+                                      "reference) and log them with their scores (metrics.jsonl, the eval report)")
     save_strategy: Literal["no", "steps", "epoch"] = field("steps", doc="when to write checkpoints")
     save_steps: int = field(500, doc="write a checkpoint every this many optimizer steps")
     save_total_limit: int | None = field(None, doc="keep at most this many checkpoints (the newest always kept)")

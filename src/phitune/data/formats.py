@@ -52,7 +52,8 @@ def _content_problem(content: Any, i: int) -> Problem | None:
     return None
 
 
-def _chat(rec: dict, cfg: DataConfig, fmt: str) -> list | Problem:
+def chat_messages(rec: dict, cfg: DataConfig, fmt: str) -> list | Problem:
+    """The messages of a ``messages``/``conversations`` record (roles mapped, contents checked), or its Problem."""
     key = cfg.column("messages" if fmt == "messages" else "conversations")
     if key not in rec:
         return _missing(key, rec, fmt)
@@ -120,7 +121,7 @@ def _prompt_completion(rec: dict, cfg: DataConfig) -> list | Problem:
             return _missing(k, rec, "prompt_completion")
     prompt, completion = rec[pk], rec[ck]
     if isinstance(prompt, list) and isinstance(completion, list):  # conversational prompt/completion
-        return _chat({"messages": prompt + completion}, DataConfig(role_map=cfg.role_map), "messages")
+        return chat_messages({"messages": prompt + completion}, DataConfig(role_map=cfg.role_map), "messages")
     for n, (k, v) in enumerate(((pk, prompt), (ck, completion))):
         p = _content_problem(v, n)
         if p:
@@ -145,7 +146,7 @@ def normalize(rec: Any, fmt: str, cfg: DataConfig, *, require_alternation: bool 
             return Problem("empty content", f"field {k!r} is empty", "remove the record")
         return t
     if fmt in ("messages", "conversations"):
-        msgs = _chat(rec, cfg, fmt)
+        msgs = chat_messages(rec, cfg, fmt)
     elif fmt == "alpaca":
         msgs = _alpaca(rec, cfg)
     else:

@@ -36,10 +36,9 @@ import numpy as np
 from ..errors import DataError
 from ..runs.atomic import atomic_folder
 from .config import DataConfig
-from .formats import _chat, alternation_problem
-from .prepare import _load as load_prepared
-from .prepare import (PreparedData, _cache_key, _Collector, _eval_route, _raise_bad, _split_stats,
-                      default_cache_dir, prepare_data)
+from .formats import alternation_problem, chat_messages
+from .prepare import (Collector, PreparedData, cache_key, default_cache_dir, eval_route, load_prepared, prepare_data,
+                      raise_bad, split_stats)
 from .render import DROP_REASONS, Encoded, Renderer
 from .sources import Problem, open_source
 from .store import SampleWriter, TokenizedSamples, remove_orphans
@@ -78,7 +77,7 @@ def _messages(value, cfg: DataConfig, what: str) -> list | Problem:
     if not isinstance(value, list) or not value:
         return Problem("not a list", f"field {what!r} is {'an empty list' if value == [] else type(value).__name__}",
                        "store the messages as a non-empty list of {role, content} objects")
-    msgs = _chat({cfg.column("messages"): value}, cfg, "messages")
+    msgs = chat_messages({cfg.column("messages"): value}, cfg, "messages")
     if isinstance(msgs, Problem):
         return Problem(msgs.reason, f"field {what!r}: {msgs.detail}", msgs.fix)
     return msgs
@@ -183,7 +182,7 @@ class PairRenderer:
             sides = []
             for j in (k, k + 1):
                 raw = np.array(encs[j].ids, dtype=np.int32)
-                ids, trained = r._finish(raw, r._mask(encs[j].offsets, spans[j]))
+                ids, trained = r.finish(raw, r.trained_mask(encs[j].offsets, spans[j]))
                 sides.append((ids, trained, len(ids) - len(raw)))
             out.append(self._fit(convs[k], texts[k], encs[k], sides))
         return out
@@ -205,10 +204,10 @@ class PairRenderer:
             cut = min(longest - L, prompt - self.keep_head)
         if cut:
             offsets = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(enc.offsets))
-            lost = self.renderer._lost_part(chosen_msgs, text, ci, offsets, shift, self.keep_head + cut)
+            lost = self.renderer.lost_part(chosen_msgs, text, ci, offsets, shift, self.keep_head + cut)
             if lost:
                 return Encoded(np.zeros(0, np.int32), np.zeros(0, bool), original_length=longest, dropped=lost)
-        return tuple(self.renderer._cut(Encoded(ids, trained, original_length=len(ids)), cut)
+        return tuple(self.renderer.cut(Encoded(ids, trained, original_length=len(ids)), cut)
                      for ids, trained, _ in sides)
 
 
@@ -217,7 +216,7 @@ class PairRenderer:
 
 def _validate(source, cfg: DataConfig, require_alternation: bool, role: str):
     """Every record of a source checked: (pairs with their locations, bad-record collector, form, record count)."""
-    bad = _Collector(cfg.max_errors_shown)
+    bad = Collector(cfg.max_errors_shown)
     kept, forms, n = [], Counter(), 0
     for where, rec in source:
         n += 1
@@ -288,7 +287,7 @@ def prepare_preference_data(cfg: DataConfig | dict, tokenizer, max_prompt_length
         sources["eval"] = open_source(cfg.eval, split=cfg.hub_eval_split or cfg.hub_train_split,
                                       hub_config=cfg.hub_config, role="eval")
     h = hashlib.blake2b(digest_size=8)
-    h.update(json.dumps(["pairs", _VERSION, max_prompt_length, _cache_key(cfg, tokenizer, sources)]).encode())
+    h.update(json.dumps(["pairs", _VERSION, max_prompt_length, cache_key(cfg, tokenizer, sources)]).encode())
     root = cfg.cache_dir or default_cache_dir()
     folder = os.path.join(root, "pairs-" + h.hexdigest())
     if cfg.cache and os.path.exists(os.path.join(folder, "stats.json")):
@@ -298,11 +297,11 @@ def prepare_preference_data(cfg: DataConfig | dict, tokenizer, max_prompt_length
     checked = {name: _validate(src, cfg, renderer.require_alternation, name) for name, src in sources.items()}
     for name, (kept, bad, _, n) in checked.items():
         if bad.total and (cfg.on_bad_record == "error" or not kept):
-            _raise_bad(sources[name].name, bad, n)
+            raise_bad(sources[name].name, bad, n)
     splits = {name: (kept, bad, form, n) for name, (kept, bad, form, n) in checked.items()}
     if "eval" not in sources and cfg.eval_split is not None:
         kept, bad, form, n = checked["train"]
-        route = _eval_route(np.ones(len(kept), dtype=bool), cfg.eval_split, cfg.seed)
+        route = eval_route(np.ones(len(kept), dtype=bool), cfg.eval_split, cfg.seed)
         splits["train"] = ([k for k, e in zip(kept, route) if not e], bad, form, int((~route).sum()))
         splits["eval"] = ([k for k, e in zip(kept, route) if e], None, form, int(route.sum()))
 
@@ -333,7 +332,7 @@ def _write_pairs(tmp: str, splits: dict, renderer, tokenizer, cfg: DataConfig, m
         writer.close(pad_token_id=pad)
         _check_too_long(name, counters, examples, cfg)
         samples = TokenizedSamples(os.path.join(tmp, name))
-        s = _split_stats(n, bad, (counters, examples, untruncated), samples, form, renderer.cfg)
+        s = split_stats(n, bad, (counters, examples, untruncated), samples, form, renderer.cfg)
         s["pairs"] = len(samples) // 2
         if not s["pairs"]:
             raise DataError(f"data.{name}: no pair is left to train on ({s['dropped'] or 'none kept'}). Fix: raise "

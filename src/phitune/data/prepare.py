@@ -68,7 +68,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def _cache_key(cfg: DataConfig, tokenizer, sources: dict) -> str:
+def cache_key(cfg: DataConfig, tokenizer, sources: dict) -> str:
+    """The data cache's key: every data option that changes the samples, the tokenizer and the sources' contents."""
     opts = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in _NOT_IN_KEY | {"train", "eval"}}
     opts["chat_template"] = resolve_chat_template(cfg.chat_template)  # a file's text, not its name
     h = hashlib.blake2b(digest_size=16)
@@ -77,7 +78,7 @@ def _cache_key(cfg: DataConfig, tokenizer, sources: dict) -> str:
     return h.hexdigest()
 
 
-class _Collector:
+class Collector:
     """Bad-record bookkeeping: counts by reason and the first N messages."""
 
     def __init__(self, n_shown: int):
@@ -97,7 +98,7 @@ class _Collector:
 
 def _validate(source, cfg: DataConfig, fmt: str | None, require_alternation: bool, role: str):
     """Pass 1: parse and validate every record (no tokenizing). Returns (format, ok flags, collector)."""
-    bad = _Collector(cfg.max_errors_shown)
+    bad = Collector(cfg.max_errors_shown)
     ok = bytearray()
     for where, rec in source:
         if fmt is None and not isinstance(rec, Problem):
@@ -119,7 +120,8 @@ def _validate(source, cfg: DataConfig, fmt: str | None, require_alternation: boo
     return fmt, np.frombuffer(bytes(ok), dtype=np.uint8).astype(bool), bad
 
 
-def _raise_bad(name: str, bad: _Collector, n: int) -> None:
+def raise_bad(name: str, bad: Collector, n: int) -> None:
+    """The DataError listing a source's bad records (file:line, problem, fix) and their count by reason."""
     reasons = ", ".join(f"{r}: {c}" for r, c in bad.by_reason.most_common())
     more = f"\n  ... and {bad.total - len(bad.shown)} more" if bad.total > len(bad.shown) else ""
     raise DataError(
@@ -309,8 +311,10 @@ def fitting_length(lengths: np.ndarray, share: float) -> int:
     return int(ordered[max(math.ceil(share * len(ordered)) - 1, 0)])
 
 
-def _split_stats(n_records, bad: _Collector, tokenized: tuple, samples: TokenizedSamples, fmt: str,
-                 cfg: DataConfig) -> dict:
+def split_stats(n_records, bad: Collector, tokenized: tuple, samples: TokenizedSamples, fmt: str,
+                cfg: DataConfig) -> dict:
+    """A split's stats.json entry: records, bad records, lengths, truncation and drops (``tokenized``: the
+    (counters, examples, untruncated lengths) of its tokenizing), packing efficiency when packed."""
     arr = np.asarray(samples.lengths, dtype=np.int64)
     counters, examples, untruncated = tokenized
     pct = {f"p{q}": int(np.percentile(arr, q)) for q in (5, 50, 90, 95, 99)} if len(arr) else {}
@@ -370,7 +374,7 @@ def _check_truncation(stats: dict, cfg: DataConfig) -> None:
                     "data.truncation: auto (or drop)")
 
 
-def _eval_route(ok: np.ndarray, eval_split, seed: int) -> np.ndarray:
+def eval_route(ok: np.ndarray, eval_split, seed: int) -> np.ndarray:
     """Which records go to eval: a deterministic (seeded) choice among the valid ones."""
     valid = np.flatnonzero(ok)
     n = len(valid)
@@ -396,11 +400,11 @@ def prepare_data(cfg: DataConfig | dict | Any, tokenizer) -> PreparedData:
     if cfg.eval is not None:
         sources["eval"] = open_source(cfg.eval, split=cfg.hub_eval_split or cfg.hub_train_split,
                                       hub_config=cfg.hub_config, role="eval")
-    key = _cache_key(cfg, tokenizer, sources)
+    key = cache_key(cfg, tokenizer, sources)
     root = cfg.cache_dir or default_cache_dir()
     folder = os.path.join(root, key)
     if cfg.cache and os.path.exists(os.path.join(folder, "stats.json")):
-        return _load(folder, cfg, tokenizer, hit=True)
+        return load_prepared(folder, cfg, tokenizer, hit=True)
 
     fmt = None if cfg.format == "auto" else cfg.format
     # A renderer for template checks (alternation) before validation; its format is fixed after detection.
@@ -417,7 +421,7 @@ def prepare_data(cfg: DataConfig | dict | Any, tokenizer) -> PreparedData:
     if cfg.on_bad_record == "error":
         for name, (f2, ok, bad) in checked.items():
             if bad.total:
-                _raise_bad(sources[name].name, bad, len(ok))
+                raise_bad(sources[name].name, bad, len(ok))
     for name, (f2, ok, bad) in checked.items():
         if not ok.any():
             raise DataError(f"{sources[name].name}: all {len(ok)} records are bad ({dict(bad.by_reason)}); "
@@ -428,7 +432,7 @@ def prepare_data(cfg: DataConfig | dict | Any, tokenizer) -> PreparedData:
     if cfg.cache:
         with atomic_folder(folder, "the data cache", fix="free space or set data.cache_dir elsewhere") as tmp:
             _write_prepared(str(tmp), sources, checked, cfg, tokenizer, key)
-        return _load(folder, cfg, tokenizer, hit=False)
+        return load_prepared(folder, cfg, tokenizer, hit=False)
     # cache: false: the samples are read from this scratch folder while the process uses them; removed at exit
     tmp = tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=root)
     try:
@@ -437,7 +441,7 @@ def prepare_data(cfg: DataConfig | dict | Any, tokenizer) -> PreparedData:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atexit.register(shutil.rmtree, tmp, True)
-    return _load(tmp, cfg, tokenizer, hit=False)
+    return load_prepared(tmp, cfg, tokenizer, hit=False)
 
 
 def _write_prepared(tmp: str, sources: dict, checked: dict, cfg: DataConfig, tokenizer, key: str) -> None:
@@ -457,7 +461,7 @@ def _write_prepared(tmp: str, sources: dict, checked: dict, cfg: DataConfig, tok
         bads = {"train": bad_train, "eval": bad_eval}
         fmts = {"train": f_train, "eval": f_eval}
     else:
-        route = _eval_route(ok_train, cfg.eval_split, cfg.seed) if cfg.eval_split is not None else None
+        route = eval_route(ok_train, cfg.eval_split, cfg.seed) if cfg.eval_split is not None else None
         w = {"train": SampleWriter(os.path.join(tmp, "train"))}
         if route is not None:
             w["eval"] = SampleWriter(os.path.join(tmp, "eval"))
@@ -468,7 +472,7 @@ def _write_prepared(tmp: str, sources: dict, checked: dict, cfg: DataConfig, tok
     for name, wr in w.items():
         wr.close(pad_token_id=pad)
         s = TokenizedSamples(os.path.join(tmp, name))
-        stats[name] = _split_stats(n_rec[name], bads[name], st[name], s, fmts[name], cfg)
+        stats[name] = split_stats(n_rec[name], bads[name], st[name], s, fmts[name], cfg)
     _check_truncation(stats, cfg)
     for name in w:
         if stats[name]["samples"] == 0:
@@ -483,7 +487,7 @@ def _write_prepared(tmp: str, sources: dict, checked: dict, cfg: DataConfig, tok
         json.dump(stats, f, indent=1)
 
 
-def _load(folder: str, cfg: DataConfig, tokenizer, hit: bool, kind: str = "chats") -> PreparedData:
+def load_prepared(folder: str, cfg: DataConfig, tokenizer, hit: bool, kind: str = "chats") -> PreparedData:
     """The prepared data in ``folder`` (a cache entry or a scratch folder): chats, or pairs (data.preference)."""
     with open(os.path.join(folder, "stats.json")) as f:
         stats = json.load(f)

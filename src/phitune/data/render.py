@@ -226,7 +226,9 @@ class Renderer:
         return full, spans
 
     # -- tokenize ------------------------------------------------------------------------------------------------
-    def _finish(self, ids: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def finish(self, ids: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and trained mask with exactly one BOS first (when the model has one); the first token is never
+        trained."""
         if self.bos_id is not None:
             n_bos = 0
             while n_bos < len(ids) and ids[n_bos] == self.bos_id:
@@ -239,7 +241,9 @@ class Renderer:
         return ids, trained
 
     @staticmethod
-    def _mask(offsets, spans) -> np.ndarray:
+    def trained_mask(offsets, spans) -> np.ndarray:
+        """Per token (character ``offsets`` of an encoding): whether it lies in one of the trained ``spans`` (start,
+        end, limit) that ``spans()`` returns."""
         if not spans or not offsets:
             return np.zeros(len(offsets), dtype=bool)
         off = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets)).reshape(-1, 2)
@@ -249,7 +253,7 @@ class Renderer:
         return (k >= 0) & (off[:, 0] < sp[kk, 1]) & (off[:, 1] <= sp[kk, 2])
 
     def _finished_length(self, ids) -> int:
-        """len(ids) after _finish (exactly one BOS), without building the array."""
+        """len(ids) after finish (exactly one BOS), without building the array."""
         if self.bos_id is None:
             return len(ids)
         n_bos = 0
@@ -278,8 +282,8 @@ class Renderer:
         if self.fast:
             pairs = self._chunk_masks(texts, spans, encs)
         else:
-            pairs = [(np.fromiter(enc.ids, dtype=np.int32, count=len(enc.ids)), self._mask(enc.offsets, spans[k]))
-                     for k, enc in enumerate(encs)]
+            pairs = [(np.fromiter(enc.ids, dtype=np.int32, count=len(enc.ids)),
+                      self.trained_mask(enc.offsets, spans[k])) for k, enc in enumerate(encs)]
         del encs
         out = []
         for k, (ids, trained) in enumerate(pairs):
@@ -293,10 +297,10 @@ class Renderer:
             if extra:
                 ids = np.append(ids, np.int32(self.eos_id))
                 trained = np.append(trained, True)
-            ids, trained = self._finish(ids, trained)
+            ids, trained = self.finish(ids, trained)
             e = Encoded(ids, trained, original_length=n)
             if n > L:  # a text: it is all answer
-                e = self._cut(e, 0)
+                e = self.cut(e, 0)
             out.append(e if e.trained.any() else _dropped("no_supervised", n))
         return out
 
@@ -319,7 +323,7 @@ class Renderer:
         sp = np.array(list(chain.from_iterable(spans)), dtype=np.int64).reshape(-1, 3)
         sp += np.repeat(shift, n_sp)[:, None]
         if len(sp) and not (np.diff(sp[:, 0]) >= 0).all():  # unsorted starts (odd template): one by one
-            return [(ids[bounds[k]:bounds[k + 1]], self._mask(e.offsets, spans[k])) for k, e in enumerate(encs)]
+            return [(ids[bounds[k]:bounds[k + 1]], self.trained_mask(e.offsets, spans[k])) for k, e in enumerate(encs)]
         if len(sp) and total:
             start = off[:, 0] + np.repeat(shift, lens)
             end = off[:, 1] + np.repeat(shift, lens)
@@ -367,7 +371,7 @@ class Renderer:
         text, spans = self.spans(kept, where)
         enc = self.backend.encode(text, add_special_tokens=False)
         raw = np.array(enc.ids, dtype=np.int32)
-        ids, trained = self._finish(raw, self._mask(enc.offsets, spans))
+        ids, trained = self.finish(raw, self.trained_mask(enc.offsets, spans))
         e = Encoded(ids, trained, turns_dropped=starts[k], original_length=n_full)
         if len(ids) > L:
             first = int(np.argmax(trained)) if trained.any() else len(ids)
@@ -375,13 +379,13 @@ class Renderer:
             cut = max(0, min(len(ids) - L, first - keep_head))
             if cut and self.cfg.train_on != "all":
                 offsets = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(enc.offsets))
-                lost = self._lost_part(kept, text, ids, offsets, len(ids) - len(raw), keep_head + cut)
+                lost = self.lost_part(kept, text, ids, offsets, len(ids) - len(raw), keep_head + cut)
                 if lost:
                     return _dropped(lost, n_full)
-            e = self._cut(e, cut)
+            e = self.cut(e, cut)
         return e if e.trained.any() else _dropped("no_supervised", n_full)
 
-    def _lost_part(self, kept: list, text: str, ids: np.ndarray, offsets: np.ndarray, shift: int,
+    def lost_part(self, kept: list, text: str, ids: np.ndarray, offsets: np.ndarray, shift: int,
                    cut_to: int) -> str | None:
         """Whether removing tokens before ``cut_to`` takes the assistant header of the first trained reply, or all
         of the content of the user turn before it: the DROP_REASONS key, or None."""
@@ -407,7 +411,7 @@ class Renderer:
         last = token_at(user) + (int(content[-1]) if len(content) else 0)
         return "lost_user_turn" if cut_to > last else None
 
-    def _cut(self, e: Encoded, prompt_cut: int) -> Encoded:
+    def cut(self, e: Encoded, prompt_cut: int) -> Encoded:
         """Remove ``prompt_cut`` tokens after the BOS, then the end beyond max_seq_length; counts what went."""
         L = self.max_len
         ids, trained = e.ids, e.trained

@@ -12,6 +12,7 @@ import torch
 from . import distributed
 from ..config import TrainingConfig
 from ..data import batch_plan
+from ..data.preference import ChosenReplies
 from .fast import FastPath
 from ..evals.generation import probe_prompts_record, training_probe
 from ..evals.prompts import generation_samples, prompts_from_samples
@@ -51,15 +52,20 @@ def evaluate_samples(model, samples, data_cfg, batch_size: int, *, tokenizer=Non
 def generation_probe(model, tokenizer, prepared, data_cfg, tc: TrainingConfig):
     """``probe() -> dict``: with ``eval_generate: N``, greedy answers to the first N eval conversations and their
     scores (phitune.evals.generation.training_probe), the prompts added the first time; otherwise an empty dict. Every
-    process generates (an FSDP-sharded model needs all of them in each forward); rank 0 logs."""
+    process generates (an FSDP-sharded model needs all of them in each forward); rank 0 logs. Preference data
+    (``prepared.kind == "pairs"``): the prompts of the first N eval pairs, their chosen reply as the reference, as
+    ``phitune eval --generate`` answers them."""
     if not tc.eval_generate:
         return dict
     if not prepared.eval:
         log.warning("training_config.eval_generate: there is no eval data to answer; set data.eval or "
                     "data.eval_split")
         return dict
-    with distributed.local_main_first():
-        samples = generation_samples(prepared, data_cfg, tokenizer, "eval")
+    if prepared.kind == "pairs":  # rendered with the loss on the reply alone: the pair's chosen side is a chat sample
+        samples = ChosenReplies(prepared.eval)
+    else:
+        with distributed.local_main_first():
+            samples = generation_samples(prepared, data_cfg, tokenizer, "eval")
     stops, context = stop_token_ids(tokenizer, model=model), context_length(model, tokenizer)
     prompts, _ = prompts_from_samples(samples, tokenizer, stop_ids=stops, context=context,
                                       max_samples=tc.eval_generate)

@@ -19,7 +19,8 @@ Two keys TRL 1.16 no longer has keep the meaning they had in TRL's DPOTrainer be
 - ``rpo_alpha``: adds alpha x the token-mean NLL of the chosen replies (TRL 1.16: loss_type [sigmoid, sft] with
   loss_weights [1, alpha]: the same number, checked by the tests);
 - ``label_smoothing`` on the sigmoid loss: conservative DPO, -(1-e) logsig(b d) - e logsig(-b d) (TRL 1.16's sigmoid
-  ignores it; its "robust" loss is a different estimator).
+  ignores it; its "robust" loss is a different estimator; the tests check the number as TRL 1.16's weighted sum
+  2(1-e) x sigmoid - (1-2e) x robust, which equals it).
 """
 
 from __future__ import annotations

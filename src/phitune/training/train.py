@@ -314,25 +314,19 @@ def _final_metrics(state: "TrainState", runtime_s: float, metrics_log: MetricsLo
 
 def _evaluator(model, tokenizer, prepared, cfg: RunConfig, fast, autocast, reference=None):
     """``run_eval() -> metrics``: eval loss/perplexity/accuracy (preference runs: loss and TRL's rewards/logps
-    metrics over the eval pairs), plus the eval_generate answers when asked."""
+    metrics over the eval pairs), plus the eval_generate answers when asked (preference runs: to the eval pairs'
+    prompts, the chosen reply as the reference)."""
     tc = cfg.training_config
-    if prepared.kind == "pairs":
-        if tc.eval_generate:
-            log.warning("training_config.eval_generate: not available during preference training; after it, run "
-                        "phitune eval RUN --generate --compare-base")
-
-        def run_pair_eval() -> dict[str, float]:
-            with autocast:
-                return preference.evaluate_pairs(model, prepared.eval, cfg.data, tc.per_device_eval_batch_size, tc,
-                                                 tokenizer=tokenizer, fast=fast, reference=reference)
-
-        return run_pair_eval
-    probe = generation_probe(model, tokenizer, prepared, cfg.data, tc)
+    probe = generation_probe(model, tokenizer, prepared, cfg.data, tc)  # preference runs: the eval pairs' prompts
 
     def run_eval() -> dict[str, float]:
         with autocast:
-            metrics = evaluate_samples(model, prepared.eval, cfg.data, tc.per_device_eval_batch_size,
-                                       tokenizer=tokenizer, fast=fast)
+            if prepared.kind == "pairs":
+                metrics = preference.evaluate_pairs(model, prepared.eval, cfg.data, tc.per_device_eval_batch_size,
+                                                    tc, tokenizer=tokenizer, fast=fast, reference=reference)
+            else:
+                metrics = evaluate_samples(model, prepared.eval, cfg.data, tc.per_device_eval_batch_size,
+                                           tokenizer=tokenizer, fast=fast)
             return {**metrics, **probe()}
 
     return run_eval
