@@ -6,8 +6,9 @@ dtype), so the kernels differ from them only in the order of the two row sums.
 
 Block sizes (chosen for an H100/H200, not timed: no GPU was available when they were written): a row of up to 8192
 elements is one block of the next power of two; narrow rows are batched so that a program handles ~2048 elements
-(one row of Phi-3-mini's 3072 per program, 8 rows of a 256-wide test model), and the warp count grows with the
-block so that each thread holds at most 16-32 float32 values of each operand.
+(one row of Phi-3-mini's 3072 per program, 8 rows of a 256-wide model), and the warp count grows with the block
+(up to 16 warps) so that each thread holds 8 values of each operand (16 at the widest row, 8192), enough for 16-byte
+vector loads of bfloat16 without spilling registers.
 """
 
 from __future__ import annotations
