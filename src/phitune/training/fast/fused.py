@@ -11,7 +11,8 @@ passes over memory and save only what backward needs:
                 (QLoRA) base the base matmul stays bitsandbytes' and only the LoRA branch is one function.
   swiglu_down   y = down(silu(gate)·up) with down's LoRA, from the gate_up output. Saves gate_up and a 1-byte
                 dropout mask; silu(gate)·up is recomputed in backward instead of being stored.
-  rms_norm      Phi-3/Llama RMSNorm with a hand-written backward: saves x and one float per row.
+  rms_norm      Phi-3/Llama RMSNorm with a hand-written backward: saves x and one float per row. On CUDA each
+                direction is one Triton kernel (kernels/rms_norm.py).
   qkv_rope      split of the fused qkv projection + rotary embedding, straight into (B, H, T, D) tensors; backward
                 writes one gradient tensor (no zero-filled slice gradients, no rotate_half copies). Saves cos, sin.
 

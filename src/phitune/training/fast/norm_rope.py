@@ -1,6 +1,7 @@
 """RMSNorm and Phi-3's qkv split + RoPE as single autograd functions (see ``fused.py``'s docstring for why).
 
-  RMSNormFn   Phi-3/Llama RMSNorm with a hand-written backward: saves x and one float per row.
+  RMSNormFn   Phi-3/Llama RMSNorm with a hand-written backward: saves x and one float per row; its arithmetic is
+              the custom ops of kernels/rms_norm.py.
   QKVRopeFn   split of the fused qkv projection + rotary embedding, straight into (B, H, T, D) tensors; backward
               writes one gradient tensor (no zero-filled slice gradients, no rotate_half copies). Saves cos, sin.
 """
@@ -9,34 +10,24 @@ from __future__ import annotations
 
 import torch
 
-
-def _stat_dtype(x):
-    return torch.promote_types(x.dtype, torch.float32)
+from .kernels import rms_norm as rms_norm_ops
 
 
 class RMSNormFn(torch.autograd.Function):
-    """w · (x / rms(x)) with the statistics in float32 and the product in x's dtype (HF's Phi3RMSNorm)."""
+    """w · (x / rms(x)) with the statistics in float32 and the product in x's dtype (HF's Phi3RMSNorm), through the
+    ``phitune::rms_norm`` custom ops (one Triton kernel per direction on CUDA, the plain torch code elsewhere)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        xf = x.to(_stat_dtype(x))
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
-        y = weight * (xf * rstd).to(x.dtype)
+        y, rstd = rms_norm_ops.rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, weight, rstd = ctx.saved_tensors
-        xhat = x.to(rstd.dtype) * rstd
-        gw = None
-        if ctx.needs_input_grad[1]:
-            gw = (g * xhat.to(x.dtype)).reshape(-1, g.shape[-1]).sum(0).to(weight.dtype)
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gxh = (g * weight).to(rstd.dtype)
-            dot = (gxh * xhat).mean(-1, keepdim=True)
-            gx = gxh.sub_(xhat.mul_(dot)).mul_(rstd).to(x.dtype)
+        gw = rms_norm_ops.rms_norm_weight_grad(g, x, weight, rstd) if ctx.needs_input_grad[1] else None
+        gx = rms_norm_ops.rms_norm_backward(g, x, weight, rstd) if ctx.needs_input_grad[0] else None
         return gx, gw, None
 
 
