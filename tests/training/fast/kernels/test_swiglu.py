@@ -20,6 +20,7 @@ from phitune.training.fast.kernels import force_triton, new_seed  # noqa: E402
 from phitune.training.fast.kernels import swiglu as ops  # noqa: E402
 from phitune.training.fast.kernels import swiglu_triton  # noqa: E402
 
+torch.set_num_threads(1)  # tiny matmuls: a second thread only adds waiting on a shared machine (as test_fast.py)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROWS = 2  # the model zoo's widths at a few rows: the interpreter runs each program in numpy
 # intermediate sizes I (h has I columns, gu 2I): Phi-3-mini and Phi-4-mini 8192, Phi-3-medium 17920, Llama-3-8B and
@@ -234,6 +235,41 @@ def test_tiny_model_on_kernels_has_the_reference_loss_and_lora_gradients():
     assert_within(loss, loss_ref, loss_ref.abs(), steps, torch.float32, "loss")
     for n in ref:
         assert_within(got[n], ref[n], ref[n].abs().max().expand_as(ref[n]), steps, torch.float32, n)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_recompute_draws_the_same_dropout_seed(reentrant):
+    """Checkpointing recomputes forward in backward: the seed (from the CPU generator, whose state checkpointing
+    restores) must be forward's, or the gradient would belong to another mask. With dropout and the kernels forced,
+    the checkpointed step gives the plain step's gradients bit for bit (the same ops on the same values)."""
+    from phitune.models.loading import enable_checkpointing
+    from phitune.training.loss import apply_fast_path, forward_loss
+
+    ids = torch.randint(1, 101, (2, 10), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    grads = []
+    for checkpointed in (False, True):
+        model = tiny_model(0.3)
+        if checkpointed:
+            enable_checkpointing(model, {"use_reentrant": reentrant})
+        apply_fast_path(model, None)
+        model.train()
+        torch.manual_seed(11)
+        with force_triton():
+            forward_loss(model, batch).loss_sum.backward()
+        grads.append({n: q.grad for n, q in model.named_parameters() if q.grad is not None})
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys() and any("mlp.down_proj.lora_A" in n for n in plain)
+    for n in plain:
+        assert torch.equal(plain[n], checkpointed[n]), n
+    torch.manual_seed(12)  # and the seed matters: another one gives down_proj's A another gradient
+    model = tiny_model(0.3)
+    apply_fast_path(model, None)
+    model.train()
+    with force_triton():
+        forward_loss(model, batch).loss_sum.backward()
+    name = "model.layers.0.mlp.down_proj.lora_A"
+    assert not torch.equal(model.get_parameter(name).grad, plain[name])
 
 
 def plan_config(dropout: float, **model):

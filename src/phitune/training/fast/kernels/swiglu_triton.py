@@ -1,8 +1,9 @@
 """Triton kernels of swiglu.py's ops: one pass over gu per direction, float32 inside, outputs in gu's dtype.
 
-Launch: one program per (row, block of BLOCK columns of h); rows on grid axis 0 (no 65535 limit there). BLOCK is
-1024 columns with 4 warps: 8 elements per thread, 16-byte loads of bfloat16, and Phi-3-mini's I = 8192 in 8 programs
-per row. Chosen from the H100/H200's memory system, not timed: no GPU was at hand when these were written.
+Launch: one program per tile of ROWS x COLS elements of h (1024 in all: COLS = 1024 columns for the zoo's
+intermediate widths, several rows per program for narrow ones), row tiles on grid axis 0 (no 65535 limit there).
+4 warps: 8 elements per thread, 16-byte loads of bfloat16; Phi-3-mini's I = 8192 is 8 programs per row. Chosen from
+the H100/H200's memory system, not timed: no GPU was at hand when these were written.
 
 Dropout: keep = tl.rand(seed, row·I + col) >= p (Philox on the int64 linear index of h), the same expression in
 forward and backward, so the mask is drawn again instead of being saved.
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-_BLOCK, _WARPS = 1024, 4
+_TILE, _WARPS = 1024, 4
 
 
 @triton.jit
@@ -25,11 +26,17 @@ def _keep(seed, index, p):
 
 
 @triton.jit
-def _swiglu_forward(gu_ptr, h_ptr, hd_ptr, n_cols, gu_row_stride, p, seed, DROP: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < n_cols
+def _tile(n_rows, n_cols, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """This program's (rows as a column, columns as a row, in-bounds mask); rows int64 for the linear index."""
+    row = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+    cols = (tl.program_id(1) * COLS + tl.arange(0, COLS))[None, :]
+    return row, cols, (row < n_rows) & (cols < n_cols)
+
+
+@triton.jit
+def _swiglu_forward(gu_ptr, h_ptr, hd_ptr, n_rows, n_cols, gu_row_stride, p, seed, DROP: tl.constexpr,
+                    ROWS: tl.constexpr, COLS: tl.constexpr):
+    row, cols, inside = _tile(n_rows, n_cols, ROWS, COLS)
     gate = tl.load(gu_ptr + row * gu_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(gu_ptr + row * gu_row_stride + n_cols + cols, mask=inside, other=0.0).to(tl.float32)
     sig = 1.0 / (1.0 + tl.exp(-gate))
@@ -41,11 +48,10 @@ def _swiglu_forward(gu_ptr, h_ptr, hd_ptr, n_cols, gu_row_stride, p, seed, DROP:
 
 
 @triton.jit
-def _swiglu_backward(gu_ptr, gh_ptr, t_ptr, ggu_ptr, h_ptr, n_cols, gu_row_stride, s, p, seed,
-                     HAS_T: tl.constexpr, DROP: tl.constexpr, WANT_H: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < n_cols
+def _swiglu_backward(gu_ptr, gh_ptr, t_ptr, ggu_ptr, h_ptr, n_rows, n_cols, gu_row_stride, s, p, seed,
+                     HAS_T: tl.constexpr, DROP: tl.constexpr, WANT_H: tl.constexpr, ROWS: tl.constexpr,
+                     COLS: tl.constexpr):
+    row, cols, inside = _tile(n_rows, n_cols, ROWS, COLS)
     index = row * n_cols + cols
     gate = tl.load(gu_ptr + row * gu_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(gu_ptr + row * gu_row_stride + n_cols + cols, mask=inside, other=0.0).to(tl.float32)
@@ -81,8 +87,9 @@ def _rows(gu: torch.Tensor) -> torch.Tensor:
 
 
 def _grid(rows: int, n_cols: int):
-    block = min(_BLOCK, triton.next_power_of_2(n_cols))
-    return (rows, triton.cdiv(n_cols, block)), block
+    cols = min(_TILE, triton.next_power_of_2(n_cols))
+    tile_rows = _TILE // cols
+    return (triton.cdiv(rows, tile_rows), triton.cdiv(n_cols, cols)), {"ROWS": tile_rows, "COLS": cols}
 
 
 def _on(t: torch.Tensor):
@@ -96,9 +103,9 @@ def forward(gu: torch.Tensor, p: float, seed: int):
     h_shape = (*gu.shape[:-1], n_cols)
     h = gu.new_empty(h_shape)
     hd = gu.new_empty(h_shape) if p > 0 else gu.new_empty(0)
-    grid, block = _grid(g2.shape[0], n_cols)
+    grid, tile = _grid(g2.shape[0], n_cols)
     with _on(gu):
-        _swiglu_forward[grid](g2, h, hd, n_cols, g2.stride(0), float(p), int(seed), DROP=p > 0, BLOCK=block,
+        _swiglu_forward[grid](g2, h, hd, g2.shape[0], n_cols, g2.stride(0), float(p), int(seed), DROP=p > 0, **tile,
                               num_warps=_WARPS)
     return h, hd
 
@@ -111,10 +118,10 @@ def backward(gu, gh, t, s: float, p: float, seed: int, want_h: bool):
     t_arg = gh if t is None else t.contiguous()  # a placeholder pointer when HAS_T is off
     ggu = gu.new_empty((*gu.shape[:-1], 2 * n_cols))
     h = gu.new_empty((*gu.shape[:-1], n_cols)) if want_h else gu.new_empty(0)
-    grid, block = _grid(g2.shape[0], n_cols)
+    grid, tile = _grid(g2.shape[0], n_cols)
     with _on(gu):
-        _swiglu_backward[grid](g2, gh, t_arg, ggu, h if want_h else ggu, n_cols, g2.stride(0), float(s), float(p),
-                               int(seed), HAS_T=t is not None, DROP=p > 0, WANT_H=want_h, BLOCK=block,
+        _swiglu_backward[grid](g2, gh, t_arg, ggu, h if want_h else ggu, g2.shape[0], n_cols, g2.stride(0),
+                               float(s), float(p), int(seed), HAS_T=t is not None, DROP=p > 0, WANT_H=want_h, **tile,
                                num_warps=_WARPS)
     return ggu, h
 
@@ -126,5 +133,5 @@ def keep_mask(shape, p: float, seed: int, device) -> torch.Tensor:
         n *= d
     keep = torch.empty(shape, dtype=torch.int8, device=device)
     with _on(keep):
-        _keep_mask[(triton.cdiv(n, _BLOCK),)](keep, n, float(p), int(seed), BLOCK=_BLOCK)
+        _keep_mask[(triton.cdiv(n, _TILE),)](keep, n, float(p), int(seed), BLOCK=_TILE)
     return keep.bool()
