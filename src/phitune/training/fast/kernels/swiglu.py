@@ -12,7 +12,7 @@ Ops (``torch.ops.phitune``):
 
 The keep mask is never stored on a GPU: ``keep = uniform(seed, row·I + col) >= p``, drawn again in backward from the
 same seed (Triton's Philox ``tl.rand``; the torch reference draws it from a generator seeded the same way). On
-Phi-3-mini at batch 4 x 2048 that is 128 MiB of saved bool mask per layer.
+Phi-3-mini at batch 4 x 2048 that is 64 MiB of saved bool mask per layer (2 GiB in 32 layers).
 
 The torch references are the plain arithmetic of the fast path before these ops (same ops, same dtypes); they run on
 the CPU, and on CUDA when Triton is off. The Triton kernels (swiglu_triton.py) compute in float32 and round once.
