@@ -61,8 +61,8 @@ def magnitudes(gu, gh, t, s):
 
 def assert_within(got, want, size, steps, dtype, what):
     """|got - want| <= steps roundings of ``dtype`` relative to the size of the terms (``size``)."""
-    err = (got.double() - want.double()).abs()
-    tol = steps * eps(dtype) * size
+    err = (got.double().cpu() - want.double().cpu()).abs()
+    tol = steps * eps(dtype) * size.cpu()
     worst = (err / tol.clamp_min(1e-300)).max().item()
     assert bool((err <= tol).all()), f"{what}: error up to {worst:.2f}x the {steps}-rounding bound"
 
@@ -155,11 +155,30 @@ def test_fake_implementations_give_the_real_shapes_and_dtypes():
 # --- SwiGLUDownFn on the kernels --------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def kernels_on(on: bool):
+    """The Triton kernels forced on, or off: the torch references, on CUDA too (PHITUNE_TRITON=0)."""
+    if on:
+        with force_triton():
+            yield
+        return
+    before = os.environ.get("PHITUNE_TRITON")
+    os.environ["PHITUNE_TRITON"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PHITUNE_TRITON"]
+        else:
+            os.environ["PHITUNE_TRITON"] = before
+
+
 def down_fn(gu, W, A, B, gy, p, kernels: bool):
     """y and the gradients of gu, A, B from SwiGLUDownFn, with the dropout seed drawn after manual_seed(7)."""
-    gu, A, B = (v.detach().clone().requires_grad_() for v in (gu, A, B))
+    gu, A, B = (v.detach().clone().to(DEVICE).requires_grad_() for v in (gu, A, B))
+    W, gy = W.to(DEVICE), gy.to(DEVICE)
     torch.manual_seed(7)
-    with force_triton() if kernels else contextlib.nullcontext():
+    with kernels_on(kernels):
         y = lora_autograd.SwiGLUDownFn.apply(gu, W, None, A, B, 2.0, p)
         (y * gy).sum().backward()
     return y.detach(), gu.grad, A.grad, B.grad
@@ -209,7 +228,7 @@ def tiny_model(dropout: float):
     for n, prm in model.named_parameters():  # non-zero B so every LoRA path carries gradient
         if "lora_B" in n:
             torch.nn.init.normal_(prm, std=0.05)
-    return model
+    return model.to(DEVICE)
 
 
 def test_tiny_model_on_kernels_has_the_reference_loss_and_lora_gradients():
@@ -219,13 +238,13 @@ def test_tiny_model_on_kernels_has_the_reference_loss_and_lora_gradients():
     and backward, give (GATE_STEPS + 2 K) x 4 eps of the largest gradient entry."""
     from phitune.training.loss import apply_fast_path, forward_loss
 
-    ids = torch.randint(1, 101, (2, 10), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(1, 101, (2, 10), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     batch = {"input_ids": ids, "labels": ids.clone()}
     results = []
     for kernels in (False, True):
         model = tiny_model(0.0)
         apply_fast_path(model, None)
-        with force_triton() if kernels else contextlib.nullcontext():
+        with kernels_on(kernels):
             out = forward_loss(model, batch)
             out.loss_sum.backward()
         results.append((out.loss_sum.detach(), {n: q.grad for n, q in model.named_parameters() if q.grad is not None}))
@@ -245,7 +264,7 @@ def test_checkpointed_recompute_draws_the_same_dropout_seed(reentrant):
     from phitune.models.loading import enable_checkpointing
     from phitune.training.loss import apply_fast_path, forward_loss
 
-    ids = torch.randint(1, 101, (2, 10), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(1, 101, (2, 10), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     batch = {"input_ids": ids, "labels": ids.clone()}
     grads = []
     for checkpointed in (False, True):
