@@ -3,6 +3,7 @@ SwiGLUDownFn on them keeps the plain path's numbers, and phitune plan sees them 
 
 import contextlib
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -332,3 +333,38 @@ def test_plan_of_a_4bit_base_on_its_simulated_gpu_uses_the_seeded_swiglu():
     pytest.importorskip("bitsandbytes")
     sim = simulate_step(plan_config(0.1, load_in_4bit=True), plan_shape(), 2, device="cuda")
     swiglu_ops_in(sim, sim.batch_shape[0] * sim.batch_shape[1], 96, dropout=True)
+
+
+FAKE_CUDA_SCRIPT = """
+import json, sys
+from pathlib import Path
+from phitune.plan import fakegpu
+fakegpu.reexec_on_fake_cuda(str(Path(__file__).resolve()), sys.argv[1:])
+from transformers import Phi3Config
+from phitune.config import load_config
+from phitune.plan.simulate import simulate_step
+cfg = load_config({"model": {"name_or_path": "tiny"}, "data": {"train": "unused.jsonl", "max_seq_length": 64},
+                   "training_config": {"per_device_train_batch_size": 2, "bf16": True, "max_steps": 10},
+                   "peft_config": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "all-linear"}})
+shape = Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4, vocab_size=512, max_position_embeddings=256, pad_token_id=0)
+sim = simulate_step(cfg, shape, 2, device="cuda")
+print(json.dumps({"batch": list(sim.batch_shape), "ops": [[o.name, o.flops, o.nbytes] for o in sim.ops]}))
+"""
+
+
+@pytest.mark.slow  # a child process on phitune plan's fake CUDA runtime: ~10-20 s on 2 shared cores
+def test_plan_on_the_fake_cuda_device_records_the_seeded_swiglu_ops(tmp_path):
+    """Without forcing anything: a CUDA tensor (fake) takes the kernels' ops, the dropout mask is a seed."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "simulate.py"
+    script.write_text(FAKE_CUDA_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    recorded = [SimpleNamespace(name=name, flops=flops, nbytes=nbytes) for name, flops, nbytes in result["ops"]]
+    rows, length = result["batch"]
+    swiglu_ops_in(SimpleNamespace(ops=recorded), rows * length, 96, dropout=True)
