@@ -216,6 +216,28 @@ def test_swiglu_down_on_kernels_gives_the_reference_output_and_gradients(monkeyp
     assert_within(g_gu[:, :width], g_gu_ref[:, :width], size["gate"], GATE_STEPS, torch.float32, "grad of gate")
 
 
+@pytest.mark.parametrize("kernels", [True, False])
+def test_lora_grads_without_a_gradient_for_gu_redraw_forwards_mask(kernels):
+    """A frozen gate_up with a frozen input: backward recomputes drop(h) for grad_A alone, with forward's mask."""
+    g = torch.Generator().manual_seed(4)
+    gu = torch.randn(6, 2 * 100, generator=g).to(DEVICE)
+    W, A, B = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((24, 100), (4, 100), (24, 4)))
+    gy = torch.randn(6, 24, generator=g).to(DEVICE)
+    grads = []
+    for gu_grad in (True, False):
+        x, a, b = gu.clone().requires_grad_(gu_grad), A.clone().requires_grad_(), B.clone().requires_grad_()
+        torch.manual_seed(9)
+        with kernels_on(kernels):
+            (lora_autograd.SwiGLUDownFn.apply(x, W, None, a, b, 2.0, 0.3) * gy).sum().backward()
+        grads.append((a.grad, b.grad))
+    assert torch.equal(grads[0][1], grads[1][1])  # grad_B needs only forward's saved product
+    if kernels:  # both backward kernels compute h with the forward kernel's float32 arithmetic
+        assert torch.equal(grads[0][0], grads[1][0])
+    else:  # the reference recomputes h as gate·sigmoid(gate)·up, forward as silu(gate)·up: a rounding apart
+        size = 2.0 / 0.7 * (gy.double().abs() @ B.double().abs()).t().cpu() @ h_size(gu.cpu())
+        assert_within(grads[0][0], grads[1][0], size, H_STEPS + 2 * 6, torch.float32, "grad of A")
+
+
 def tiny_model(dropout: float):
     from transformers import Phi3ForCausalLM
 
