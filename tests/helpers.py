@@ -293,10 +293,9 @@ class FixedMask:
     can be compared with each other and grad-checked (pytest's ``monkeypatch`` undoes it)."""
 
     def __init__(self, monkeypatch):
-        from phitune.training.fast import fused_4bit, lora_autograd
+        from phitune.training.fast import lora_autograd
 
-        monkeypatch.setattr(lora_autograd, "_dropout_mask", self)
-        monkeypatch.setattr(fused_4bit, "_dropout_mask", self)
+        monkeypatch.setattr(lora_autograd, "_dropout_mask", self)  # the 4-bit base's functions draw theirs there too
 
     def __call__(self, x, p):
         if p <= 0:

@@ -9,8 +9,9 @@ passes over memory and save only what backward needs:
   lora_linear   y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ. Saves drop(x) and the (N, r) product; backward forms grad_x,
                 grad_A, grad_B with skinny matmuls accumulated in place (no (N, out) temporaries). On a 4-bit
                 (QLoRA) base the base matmul stays bitsandbytes' and only the LoRA branch is one function.
-  swiglu_down   y = down(silu(gate)·up) with down's LoRA, from the gate_up output. Saves gate_up and a 1-byte
-                dropout mask; silu(gate)·up is recomputed in backward instead of being stored.
+  swiglu_down   y = down(silu(gate)·up) with down's LoRA, from the gate_up output. Saves gate_up and the dropout
+                mask (1 byte per element; on a GPU only the seed its kernel draws it from); silu(gate)·up is
+                recomputed in backward instead of being stored, each direction one op (kernels/swiglu.py).
   rms_norm      Phi-3/Llama RMSNorm with a hand-written backward: saves x and one float per row. On CUDA each
                 direction is one Triton kernel (kernels/rms_norm.py).
   qkv_rope      split of the fused qkv projection + rotary embedding, straight into (B, H, T, D) tensors; backward

@@ -7,18 +7,16 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from ...lora import quantized
 from .lora_autograd import (
     LoRABranchFn,
     _as_2d,
     _compute_dtype,
-    _dropout_mask,
     _dropout_p,
     _fusable,
-    _masked,
     _swiglu_down_grads,
+    _swiglu_dropped,
 )
 
 
@@ -30,16 +28,15 @@ class SwiGLUDown4bitFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gu, layer, A, B, scaling: float, p: float):
         cdt = gu.dtype
-        gate, up = gu.chunk(2, dim=-1)
-        h = F.silu(gate).mul_(up)
         Ac, Bc = A.to(cdt), B.to(cdt)
-        mask = _dropout_mask(h, p)
-        s = scaling / (1.0 - p) if mask is not None else scaling
+        h, hd, mask, seed = _swiglu_dropped(gu, p)
+        s = scaling / (1.0 - p) if p > 0 else scaling
         y = layer.base_forward(h)
-        xa = torch.mm(_masked(h, mask), Ac.t())
+        del h
+        xa = torch.mm(hd, Ac.t())
         y = y.addmm_(xa, Bc.t(), alpha=s)
         ctx.save_for_backward(gu, Ac, Bc, xa, mask)
-        ctx.layer, ctx.scaling, ctx.dtypes = layer, s, (A.dtype, B.dtype)
+        ctx.layer, ctx.scaling, ctx.p, ctx.seed, ctx.dtypes = layer, s, p, seed, (A.dtype, B.dtype)
         return y
 
     @staticmethod
@@ -48,7 +45,8 @@ class SwiGLUDown4bitFn(torch.autograd.Function):
         need_gu, _, need_A, need_B = ctx.needs_input_grad[:4]
         g = g.to(gu.dtype)
         Wc = quantized.dequantize_weight(ctx.layer).to(gu.dtype) if need_gu else None
-        ggu, gA, gB = _swiglu_down_grads(g, gu, Wc, Ac, Bc, xa, mask, ctx.scaling, need_gu, need_A, need_B)
+        ggu, gA, gB = _swiglu_down_grads(g, gu, Wc, Ac, Bc, xa, mask, ctx.scaling, need_gu, need_A, need_B,
+                                         ctx.p, ctx.seed)
         gA = None if gA is None else gA.to(ctx.dtypes[0])
         gB = None if gB is None else gB.to(ctx.dtypes[1])
         return ggu, None, gA, gB, None, None

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import lora
+from .kernels import swiglu as swiglu_ops
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -139,23 +140,23 @@ class LoRABranchFn(torch.autograd.Function):
 
 
 class SwiGLUDownFn(torch.autograd.Function):
-    """y = down(silu(gate)·up) (+ down's LoRA) from gu = [gate | up]; saves gu and a bool mask, recomputes the rest."""
+    """y = down(silu(gate)·up) (+ down's LoRA) from gu = [gate | up]; saves gu and the dropout mask (a bool tensor, or
+    on a GPU only the seed its kernel draws it from), and recomputes the rest (kernels/swiglu.py's ops)."""
 
     @staticmethod
     def forward(ctx, gu, W, bias, A, B, scaling: float, p: float):
         cdt = gu.dtype
-        gate, up = gu.chunk(2, dim=-1)
-        h = F.silu(gate).mul_(up)
         Wc = W.to(cdt)
         bc = None if bias is None else bias.to(cdt)
         Ac, Bc = A.to(cdt), B.to(cdt)
-        mask = _dropout_mask(h, p)
-        s = scaling / (1.0 - p) if mask is not None else scaling  # dropout's 1/(1-p) folded in, as in LoRALinearFn
+        h, hd, mask, seed = _swiglu_dropped(gu, p)
+        s = scaling / (1.0 - p) if p > 0 else scaling  # dropout's 1/(1-p) folded in, as in LoRALinearFn
         y = F.linear(h, Wc, bc)
-        xa = torch.mm(_masked(h, mask), Ac.t())
+        del h
+        xa = torch.mm(hd, Ac.t())
         y.addmm_(xa, Bc.t(), alpha=s)
         ctx.save_for_backward(gu, Wc, Ac, Bc, xa, mask)
-        ctx.scaling = s
+        ctx.scaling, ctx.p, ctx.seed = s, p, seed
         ctx.dtypes = (None if bias is None else bias.dtype, A.dtype, B.dtype)
         return y
 
@@ -166,35 +167,57 @@ class SwiGLUDownFn(torch.autograd.Function):
         if need_W:
             raise RuntimeError("fused SwiGLU MLP: a trainable down_proj base weight is not supported")
         g = g.to(gu.dtype)
-        ggu, gA, gB = _swiglu_down_grads(g, gu, Wc, Ac, Bc, xa, mask, ctx.scaling, need_gu, need_A, need_B)
+        ggu, gA, gB = _swiglu_down_grads(g, gu, Wc, Ac, Bc, xa, mask, ctx.scaling, need_gu, need_A, need_B,
+                                         ctx.p, ctx.seed)
         gb_ = g.sum(0).to(ctx.dtypes[0]) if need_b else None
         gA = None if gA is None else gA.to(ctx.dtypes[1])
         gB = None if gB is None else gB.to(ctx.dtypes[2])
         return ggu, None, gb_, gA, gB, None, None
 
 
-def _swiglu_down_grads(g, gu, Wc, Ac, Bc, xa, mask, s: float, need_gu: bool, need_A: bool, need_B: bool):
-    """(grad of gu, grad of A, grad of B) of y = down(silu(gate)·up) + s·(drop(h) Aᵀ) Bᵀ, recomputing h from gu."""
-    gate, up = gu.chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    gA = gB = ggu = None
+def _swiglu_dropped(gu: torch.Tensor, p: float):
+    """(h, drop(h), bool mask or None, kernel seed or None) for h = silu(gate)·up: one op, which on a GPU also draws
+    the mask (kept as its seed); elsewhere a saved bool mask, as LoRALinearFn's."""
+    seed = swiglu_ops.dropout_seed(gu, p)
+    if seed is not None:
+        h, hd = torch.ops.phitune.swiglu_dropout(gu, p, seed)
+        return h, hd, None, seed
+    h = torch.ops.phitune.swiglu(gu)
+    mask = _dropout_mask(h, p)
+    return h, _masked(h, mask), mask, None
+
+
+def _swiglu_down_grads(g, gu, Wc, Ac, Bc, xa, mask, s: float, need_gu: bool, need_A: bool, need_B: bool,
+                       p: float = 0.0, seed: int | None = None):
+    """(grad of gu, grad of A, grad of B) of y = down(silu(gate)·up) + s·(drop(h) Aᵀ) Bᵀ, recomputing h from gu.
+
+    Dropout's mask is ``mask`` (bool) or, with ``seed``, drawn again by the backward kernel, which also writes the
+    drop(h) that grad_A needs while it reads gu anyway (one (N, I) write instead of a second read of (N, 2I) gu)."""
+    gA = gB = ggu = hd = None
     gbr = torch.mm(g, Bc)
-    if need_A:
-        hd = _masked(silu * up, mask)
-        gA = torch.mm(gbr.t(), hd).mul_(s)
-        del hd
     if need_B:
         gB = torch.mm(g.t(), xa).mul_(s)
     if need_gu:
-        gh = _input_grad(g, Wc, gbr, Ac, mask, s)
-        ggu = torch.empty_like(gu)
-        g_gate, g_up = ggu.chunk(2, dim=-1)
-        torch.mul(gh, silu, out=g_up)
-        # d silu(x)/dx = sig(x) * (1 + x * (1 - sig(x)))
-        dsilu = (1.0 - sig).mul_(gate).add_(1.0).mul_(sig)
-        torch.mul(gh.mul_(up), dsilu, out=g_gate)
+        if seed is None:  # the LoRA term is masked here (or added by the matmul): the kernel sees one gradient
+            gh, t, p_kernel = _input_grad(g, Wc, gbr, Ac, mask, s), None, 0.0
+        else:
+            gh, t, p_kernel = torch.mm(g, Wc), torch.mm(gbr, Ac), p
+        ggu, hd = torch.ops.phitune.swiglu_backward(gu, gh, t, s, p_kernel, seed or 0, need_A)
+        del gh, t
+        if need_A:
+            hd = _masked(hd, mask)
+    elif need_A:
+        hd = _swiglu_dropped_again(gu, mask, p, seed)
+    if need_A:
+        gA = torch.mm(gbr.t(), hd).mul_(s)
     return ggu, gA, gB
+
+
+def _swiglu_dropped_again(gu, mask, p: float, seed: int | None):
+    """drop(h) as forward made it, for grad_A when gu needs no gradient (a frozen gate_up with a frozen input)."""
+    if seed is None:
+        return _masked(torch.ops.phitune.swiglu(gu), mask)
+    return torch.ops.phitune.swiglu_dropout(gu, p, seed)[1]
 
 
 # --- layer checks shared by the module forwards ------------------------------------------------------------------

@@ -1,0 +1,158 @@
+"""SwiGLU of the fused MLP (``h = silu(gate)·up`` from gu = [gate | up]) as one kernel per direction.
+
+Ops (``torch.ops.phitune``):
+  swiglu(gu) -> h
+  swiglu_dropout(gu, p, seed) -> (h, drop(h))           drop(h): h where ``keep``, else 0 (1/(1-p) left to the
+                                                         caller's LoRA scaling, as lora_autograd does)
+  swiglu_backward(gu, gh, t, s, p, seed, want_h) -> (grad of gu, drop(h) or h)
+      gh is the down_proj input gradient g W (with the LoRA term already added when there is no dropout), t the LoRA
+      term gbr A that dropout masks (None without dropout): the gradient reaching h is gh + s·keep·t. The second
+      output is recomputed h (masked when p > 0) for grad_A, written by the same pass that reads gu anyway (one
+      (N, I) write instead of a second read of the (N, 2I) gu); an empty tensor when ``want_h`` is False.
+
+The keep mask is never stored on a GPU: ``keep = uniform(seed, row·I + col) >= p``, drawn again in backward from the
+same seed (Triton's Philox ``tl.rand``; the torch reference draws it from a generator seeded the same way). On
+Phi-3-mini at batch 4 x 2048 that is 64 MiB of saved bool mask per layer (2 GiB in 32 layers).
+
+The torch references are the plain arithmetic of the fast path before these ops (same ops, same dtypes); they run on
+the CPU, and on CUDA when Triton is off. The Triton kernels (swiglu_triton.py) compute in float32 and round once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
+
+from . import new_seed, register_flops, triton_available, use_triton
+
+# FLOPs per element of h, counted as the kernels do them: sigmoid = exp, add, divide (3) + silu's multiply + up's
+# multiply; dropout adds a select. Backward: sigmoid (3), silu, g_up, 1-sig, ·gate, +1, ·sig, ·up, ·gh, h (9);
+# dropout and the LoRA term add s·t, its select and the add (3).
+_FWD_FLOPS, _FWD_DROP_FLOPS, _BWD_FLOPS, _BWD_T_FLOPS = 5, 1, 12, 3
+
+
+# --- torch references (the CPU path, and CUDA without Triton) ------------------------------------------------------
+
+
+def swiglu_reference(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gate)·up in gu's dtype, as torch computes it elementwise."""
+    gate, up = gu.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
+
+
+def swiglu_backward_reference(gu, gh, t, s: float, keep, want_h: bool):
+    """(grad of gu, h masked by ``keep``) of h = silu(gate)·up, given the gradient gh + s·keep·t reaching h.
+
+    ``keep`` None: no dropout (t, if any, is added unmasked)."""
+    gate, up = gu.chunk(2, dim=-1)
+    if t is not None:
+        gh = gh.add(t if keep is None else torch.where(keep, t, 0), alpha=s)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    h = _empty(gu)
+    if want_h:
+        h = silu * up
+        if keep is not None:
+            h = torch.where(keep, h, 0)
+    ggu = torch.empty_like(gu)
+    g_gate, g_up = ggu.chunk(2, dim=-1)
+    torch.mul(gh, silu, out=g_up)
+    # d silu(x)/dx = sig(x) * (1 + x * (1 - sig(x)))
+    dsilu = (1.0 - sig).mul_(gate).add_(1.0).mul_(sig)
+    torch.mul(gh, up, out=g_gate).mul_(dsilu)
+    return ggu, h
+
+
+def keep_mask_reference(shape, p: float, seed: int, device) -> torch.Tensor:
+    """The reference's dropout keep mask for ``seed``: Bernoulli(1-p) from a generator seeded with it."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.empty(shape, device=device).uniform_(generator=gen) >= p
+
+
+def _empty(gu):
+    return gu.new_empty(0)
+
+
+def _h_shape(gu):
+    return (*gu.shape[:-1], gu.shape[-1] // 2)
+
+
+# --- the custom ops ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("phitune::swiglu", mutates_args=())
+def swiglu(gu: torch.Tensor) -> torch.Tensor:
+    """h = silu(gate)·up from gu = [gate | up] (last dimension 2I), in gu's dtype."""
+    if use_triton(gu):
+        from . import swiglu_triton
+
+        return swiglu_triton.forward(gu, 0.0, 0)[0]
+    return swiglu_reference(gu)
+
+
+@torch.library.custom_op("phitune::swiglu_dropout", mutates_args=())
+def swiglu_dropout(gu: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, drop(h)) with drop's keep mask drawn from ``seed`` (see the module docstring); 0 < p < 1."""
+    if use_triton(gu):
+        from . import swiglu_triton
+
+        return swiglu_triton.forward(gu, p, seed)
+    h = swiglu_reference(gu)
+    return h, torch.where(keep_mask_reference(h.shape, p, seed, h.device), h, 0)
+
+
+@torch.library.custom_op("phitune::swiglu_backward", mutates_args=())
+def swiglu_backward(gu: torch.Tensor, gh: torch.Tensor, t: torch.Tensor | None, s: float, p: float, seed: int,
+                    want_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad of gu, h or drop(h)) given gh and the LoRA term t (see the module docstring); p = 0: no dropout."""
+    if use_triton(gu):
+        from . import swiglu_triton
+
+        return swiglu_triton.backward(gu, gh, t, s, p, seed, want_h)
+    keep = keep_mask_reference(gh.shape, p, seed, gh.device) if p > 0 else None
+    return swiglu_backward_reference(gu, gh, t, s, keep, want_h)
+
+
+@swiglu.register_fake
+def _(gu):
+    return gu.new_empty(_h_shape(gu))
+
+
+@swiglu_dropout.register_fake
+def _(gu, p, seed):
+    return gu.new_empty(_h_shape(gu)), gu.new_empty(_h_shape(gu))
+
+
+@swiglu_backward.register_fake
+def _(gu, gh, t, s, p, seed, want_h):
+    return torch.empty_like(gu), gu.new_empty(_h_shape(gu)) if want_h else _empty(gu)
+
+
+def _h_elements(gu_shape) -> int:
+    n = 1
+    for d in gu_shape:
+        n *= d
+    return n // 2
+
+
+register_flops(torch.ops.phitune.swiglu, lambda gu, *_, out_shape=None, **__: _FWD_FLOPS * _h_elements(gu))
+register_flops(torch.ops.phitune.swiglu_dropout,
+               lambda gu, *_, out_shape=None, **__: (_FWD_FLOPS + _FWD_DROP_FLOPS) * _h_elements(gu))
+register_flops(torch.ops.phitune.swiglu_backward,
+               lambda gu, gh, t, *_, out_shape=None, **__: (_BWD_FLOPS + (_BWD_T_FLOPS if t is not None else 0))
+               * _h_elements(gu))
+
+
+def dropout_seed(t: torch.Tensor, p: float) -> int | None:
+    """The seed from which the kernels draw (and redraw in backward) SwiGLU's dropout mask on ``t``'s device, or None
+    where a bool mask is saved instead (no dropout, the CPU, CUDA without Triton).
+
+    phitune plan's simulated GPU counts as a GPU: fake CUDA tensors, and meta ones (its 4-bit base). Nothing is
+    computed there, so no seed is drawn (drawing one would need a real number inside FakeTensorMode)."""
+    if p <= 0:
+        return None
+    simulated = t.device.type == "meta" or is_fake(t)
+    if not (use_triton(t) or (t.device.type == "meta" and triton_available())):
+        return None
+    return 0 if simulated else new_seed()
