@@ -3,9 +3,17 @@ folder on a tiny Phi-3. Plain helpers are in helpers.py."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the fast path's Triton kernels run through Triton's interpreter (tests/training/fast/kernels/). Triton
+# reads this when it decorates a function, its own tl.sum & co. included, and anything that imports
+# torch.utils.flop_counter imports Triton: so here, before any test module imports phitune.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from helpers import (ARITHMETIC_CHATS, make_chat_data, make_tiny_model_dir, save_nonzero_adapter, tiny_phi3,
                      write_run_folder)
