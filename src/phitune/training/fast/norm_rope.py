@@ -3,6 +3,7 @@
   RMSNormFn   Phi-3/Llama RMSNorm with a hand-written backward: saves x and one float per row.
   QKVRopeFn   split of the fused qkv projection + rotary embedding, straight into (B, H, T, D) tensors; backward
               writes one gradient tensor (no zero-filled slice gradients, no rotate_half copies). Saves cos, sin.
+              Both directions are custom ops (kernels/rope.py; one Triton kernel each on a GPU).
 """
 
 from __future__ import annotations
