@@ -256,3 +256,45 @@ def test_varlen_attention_takes_q_k_v_without_a_copy():
         B, H, T, _ = t.shape
         flat = t.transpose(1, 2).reshape(B * T, H, D)  # as varlen.attention does
         assert flat.data_ptr() == t.data_ptr() and flat.is_contiguous()
+
+
+FAKE_CUDA_STEP = '''
+import collections, json, sys
+from phitune.plan import fakegpu
+fakegpu.reexec_on_fake_cuda(__file__, sys.argv[1:])
+from transformers import Phi3Config
+from phitune.config import load_config
+from phitune.plan.simulate import simulate_step
+cfg = load_config({"model": {"name_or_path": "tiny"},
+                   "data": {"train": "unused.jsonl", "max_seq_length": 64, "packing": True},
+                   "training_config": {"per_device_train_batch_size": 2, "bf16": True, "max_steps": 10},
+                   "peft_config": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"}})
+hf = Phi3Config(hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, partial_rotary_factor=0.75, vocab_size=128, max_position_embeddings=128,
+                pad_token_id=0, eos_token_id=1, bos_token_id=1)
+sim = simulate_step(cfg, hf, 2, "cuda")
+print(json.dumps({"ops": [[o.name, o.flops, o.nbytes] for o in sim.ops if o.name.startswith("qkv_rope")],
+                  "counts": collections.Counter(o.name for o in sim.ops), "notes": sim.fast_path}))
+'''
+
+
+@pytest.mark.slow  # a child process on phitune plan's fake CUDA device (and the runtime shim built once): ~20 s
+def test_plan_on_fake_cuda_records_the_ops_and_no_varlen_copies(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "step.py"
+    script.write_text(FAKE_CUDA_STEP)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert any("varlen" in note for note in result["notes"]), result["notes"]  # the packed CUDA attention
+    rows, rotated = 2 * 64, 2 * 64 * (4 + 2) * 18  # head_dim 24, rotary 0.75 x 24 = 18
+    ops = result["ops"]
+    assert [name for name, _, _ in ops] == ["qkv_rope", "qkv_rope", "qkv_rope_backward", "qkv_rope_backward"]
+    qkv_bytes = rows * (4 + 2 * 2) * 24 * 2  # bfloat16
+    for name, flops, nbytes in ops:
+        assert flops == 3 * rotated
+        assert nbytes >= 2 * qkv_bytes  # in and out: qkv -> q, k, v (forward) or gq, gk, gv -> g (backward)
+    assert result["counts"].get("clone", 0) == 0, result["counts"]  # varlen reshapes q, k, v without copies
