@@ -72,11 +72,22 @@ def _outputs(qkv, cos, n_q: int, n_kv: int, head_dim: int):
 
 
 def _check(qkv, cos, sin, n_q: int, n_kv: int, head_dim: int):
+    # the kernel trusts these shapes (an unchecked cos shorter than qkv would be read out of bounds)
+    B, T, F = qkv.shape
     R = cos.shape[-1]
-    if qkv.shape[-1] != (n_q + 2 * n_kv) * head_dim or R % 2 or R > head_dim or sin.shape != cos.shape:
+    if (F != (n_q + 2 * n_kv) * head_dim or R % 2 or R > head_dim or sin.shape != cos.shape or cos.dim() != 3
+            or cos.shape[1] != T or cos.shape[0] not in (1, B)):
         raise ValueError(f"qkv_rope: qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)} do not "
-                         f"fit n_q={n_q}, n_kv={n_kv}, head_dim={head_dim} (last dim (n_q + 2 n_kv) head_dim; an "
-                         f"even rotary width <= head_dim)")
+                         f"fit n_q={n_q}, n_kv={n_kv}, head_dim={head_dim}: qkv (B, T, (n_q + 2 n_kv) head_dim), "
+                         f"cos and sin (B or 1, T, an even rotary width <= head_dim)")
+
+
+def _check_grads(gq, gk, gv, cos, n_q: int, n_kv: int, head_dim: int):
+    B, _, T, _ = gv.shape
+    want = [(B, n_q, T, head_dim), (B, n_kv, T, head_dim), (B, n_kv, T, head_dim)]
+    if [tuple(t.shape) for t in (gq, gk, gv)] != want or cos.shape[1] != T or cos.shape[0] not in (1, B):
+        raise ValueError(f"qkv_rope_backward: gradients {[tuple(t.shape) for t in (gq, gk, gv)]} and cos "
+                         f"{tuple(cos.shape)} do not fit n_q={n_q}, n_kv={n_kv}, head_dim={head_dim}: want {want}")
 
 
 def qkv_rope_reference(qkv, cos, sin, n_q: int, n_kv: int, head_dim: int):
@@ -127,6 +138,7 @@ def _(qkv, cos, sin, n_q, n_kv, head_dim):
 def qkv_rope_backward(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       n_q: int, n_kv: int, head_dim: int) -> torch.Tensor:
     """The gradient of ``qkv_rope``'s input from those of q, k and v: one (B, T, F) tensor in gv's dtype."""
+    _check_grads(gq, gk, gv, cos, n_q, n_kv, head_dim)
     if use_triton(gv):
         from . import rope_triton
 
@@ -136,6 +148,7 @@ def qkv_rope_backward(gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, cos:
 
 @qkv_rope_backward.register_fake
 def _(gq, gk, gv, cos, sin, n_q, n_kv, head_dim):
+    _check_grads(gq, gk, gv, cos, n_q, n_kv, head_dim)
     B, _, T, _ = gv.shape
     return gv.new_empty(B, T, (n_q + 2 * n_kv) * head_dim)
 
