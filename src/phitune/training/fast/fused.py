@@ -16,6 +16,7 @@ passes over memory and save only what backward needs:
                 direction is one Triton kernel (kernels/rms_norm.py).
   qkv_rope      split of the fused qkv projection + rotary embedding, straight into (B, H, T, D) tensors; backward
                 writes one gradient tensor (no zero-filled slice gradients, no rotate_half copies). Saves cos, sin.
+                One custom op per direction (kernels/rope.py; one Triton kernel each on a GPU).
 
 Arithmetic runs in the compute dtype (the autocast dtype when autocast is on, else the input's); LoRA weights kept
 in float32 are cast to it once per call (r x in elements), and their gradients are returned in float32.
