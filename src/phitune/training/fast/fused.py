@@ -38,20 +38,23 @@ from ... import lora
 from ...lora import quantized
 from .fused_4bit import FusedLoRALinear4bit, FusedLoRAMergedLinear4bit, SwiGLUDown4bitFn
 from .lora_autograd import LoRALinearFn, SwiGLUDownFn, _as_2d, _compute_dtype, _dropout_p, _fusable, _lora_factors
+from . import varlen
 from .norm_rope import QKVRopeFn, RMSNormFn
 
 
 # --- module forwards (installed by changing an instance's class) ------------------------------------------------------
 
 
-def lora_linear(layer, x: torch.Tensor) -> torch.Tensor:
-    """The fused forward of a phitune LoRA layer (falls back to the layer's own forward when not fusable)."""
+def lora_linear(layer, x: torch.Tensor, input_saved: bool = False) -> torch.Tensor:
+    """The fused forward of a phitune LoRA layer (falls back to the layer's own forward when not fusable).
+    ``input_saved``: x is saved for backward by the op that made it (see LoRALinearFn)."""
     if not _fusable(layer):
         return super(type(layer), layer).forward(x)
     cdt = _compute_dtype(x)
     A, B = _lora_factors(layer)
     with torch.autocast(x.device.type, enabled=False):
-        y = LoRALinearFn.apply(_as_2d(x).to(cdt), layer.weight, layer.bias, A, B, layer.scaling, _dropout_p(layer))
+        y = LoRALinearFn.apply(_as_2d(x).to(cdt), layer.weight, layer.bias, A, B, layer.scaling, _dropout_p(layer),
+                               input_saved and x.dtype == cdt)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -178,6 +181,9 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
                                                  sliding_window=getattr(self.config, "sliding_window", None),
                                                  **kwargs)
     out = out.reshape(*hidden_states.shape[:-1], -1)
+    if impl == varlen.NAME and type(self.o_proj) in (FusedLoRALinear, FusedLoRAMergedLinear):
+        # varlen attention saves its output for backward and ``out`` is a view of it: o_proj can save it too
+        return lora_linear(self.o_proj, out, input_saved=True), weights
     return self.o_proj(out), weights
 
 
