@@ -7,8 +7,11 @@ run of the peer on the `small` shape, benchmarks/step_profile.py). These functio
 passes over memory and save only what backward needs:
 
   lora_linear   y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ. Saves drop(x) and the (N, r) product; backward forms grad_x,
-                grad_A, grad_B with skinny matmuls accumulated in place (no (N, out) temporaries). On a 4-bit
-                (QLoRA) base the base matmul stays bitsandbytes' and only the LoRA branch is one function.
+                grad_A, grad_B with skinny matmuls accumulated in place (no (N, out) temporaries). Dropout's mask:
+                1-byte bools on the CPU; on CUDA only a seed, the mask drawn again inside Triton kernels
+                (kernels/dropout.py), and o_proj after varlen attention saves x (kept by attention anyway)
+                instead of drop(x). On a 4-bit (QLoRA) base the base matmul stays bitsandbytes' and only the
+                LoRA branch is one function.
   swiglu_down   y = down(silu(gate)·up) with down's LoRA, from the gate_up output. Saves gate_up and a 1-byte
                 dropout mask; silu(gate)·up is recomputed in backward instead of being stored.
   rms_norm      Phi-3/Llama RMSNorm with a hand-written backward: saves x and one float per row.
