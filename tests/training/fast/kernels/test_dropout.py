@@ -229,10 +229,10 @@ def test_cpu_path_keeps_its_saved_mask():
     assert mask is None and isinstance(seed, int)
 
 
-def tiny_model(dropout_p):
+def tiny_model(dropout_p, layers=2):
     torch.manual_seed(0)
-    cfg = Phi3Config(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=4, pad_token_id=0, use_cache=False)
+    cfg = Phi3Config(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, use_cache=False)
     model = Phi3ForCausalLM._from_config(cfg, attn_implementation="sdpa")
     # down_proj's dropout belongs to the SwiGLU function (its own mask); every other LoRA input takes the seeded path
     add_lora(model, {"r": 4, "lora_alpha": 8, "lora_dropout": dropout_p,
@@ -282,6 +282,30 @@ def test_fused_model_on_the_seeded_path_equals_the_plain_path_with_the_same_mask
     assert got.keys() == ref.keys() and any("lora_A" in n for n in ref)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpointed_recompute_draws_the_same_seeds(use_reentrant):
+    """Gradient checkpointing runs each layer's forward again in backward: torch.utils.checkpoint restores the CPU
+    generator new_seed draws from, so the recomputed drop(x) (and so the gradients) are those of the first forward."""
+    from phitune.models.loading import enable_checkpointing
+
+    ids = torch.randint(1, 101, (2, 10), generator=torch.Generator().manual_seed(2))
+    b = {"input_ids": ids, "labels": ids.clone()}
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model(0.3, layers=1)
+        if checkpointing:
+            enable_checkpointing(model, {"use_reentrant": use_reentrant})
+        fused.install(model)
+        torch.manual_seed(7)
+        with kernels.force_triton():
+            results.append(loss_and_grads(model, b))
+    (loss, got), (ck_loss, ck) = results
+    torch.testing.assert_close(ck_loss, loss, rtol=0, atol=0)
+    assert ck.keys() == got.keys() and any("lora_A" in n for n in got)
+    for n in got:  # the same arithmetic in the same order: equal, not merely close
+        torch.testing.assert_close(ck[n], got[n], rtol=0, atol=0, msg=n)
 
 
 def test_plan_records_the_custom_ops_with_their_flops():
