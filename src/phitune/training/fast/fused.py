@@ -64,15 +64,15 @@ def lora_linear(layer, x: torch.Tensor, input_saved: bool = False) -> torch.Tens
 class FusedLoRALinear(lora.Linear):
     """lora.Linear whose forward is one autograd function (phitune.training.fast.fused.LoRALinearFn)."""
 
-    def forward(self, x):
-        return lora_linear(self, x)
+    def forward(self, x, input_saved: bool = False):
+        return lora_linear(self, x, input_saved)
 
 
 class FusedLoRAMergedLinear(lora.MergedLinear):
     """lora.MergedLinear whose forward is one autograd function (phitune.training.fast.fused.LoRALinearFn)."""
 
-    def forward(self, x):
-        return lora_linear(self, x)
+    def forward(self, x, input_saved: bool = False):
+        return lora_linear(self, x, input_saved)
 
 
 def _is_lora(m) -> bool:
@@ -186,7 +186,7 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     out = out.reshape(*hidden_states.shape[:-1], -1)
     if impl == varlen.NAME and type(self.o_proj) in (FusedLoRALinear, FusedLoRAMergedLinear):
         # varlen attention saves its output for backward and ``out`` is a view of it: o_proj can save it too
-        return lora_linear(self.o_proj, out, input_saved=True), weights
+        return self.o_proj(out, input_saved=True), weights
     return self.o_proj(out), weights
 
 
