@@ -184,7 +184,8 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
                                                  sliding_window=getattr(self.config, "sliding_window", None),
                                                  **kwargs)
     out = out.reshape(*hidden_states.shape[:-1], -1)
-    if impl == varlen.NAME and type(self.o_proj) in (FusedLoRALinear, FusedLoRAMergedLinear):
+    if impl == varlen.NAME and type(self.o_proj) in (FusedLoRALinear, FusedLoRAMergedLinear, FusedLoRALinear4bit,
+                                                     FusedLoRAMergedLinear4bit):
         # varlen attention saves its output for backward and ``out`` is a view of it: o_proj can save it too
         return self.o_proj(out, input_saved=True), weights
     return self.o_proj(out), weights

@@ -63,7 +63,9 @@ def _draw_dropout(x: torch.Tensor, p: float):
     saved but the int, the mask drawn again in backward); else a saved bool mask."""
     if p <= 0:
         return None, None
-    if use_triton(x):
+    # meta stands for CUDA in phitune plan's QLoRA simulation (bitsandbytes' 4-bit base cannot be faked on a fake
+    # CUDA device): the plan must see what CUDA runs, the ops' fake implementations serve meta tensors
+    if use_triton(x) or x.device.type == "meta":
         return None, new_seed()
     return _dropout_mask(x, p), None
 
@@ -138,12 +140,12 @@ class LoRALinearFn(torch.autograd.Function):
 
 class LoRABranchFn(torch.autograd.Function):
     """s·(drop(x) Aᵀ) Bᵀ alone, for a base whose matmul has its own autograd (QLoRA's 4-bit base: bitsandbytes'
-    matmul_4bit keeps no input for a frozen weight). Saves drop(x) in the compute dtype, the (N, r) product and a
-    1-byte mask (a seed on CUDA); the module path instead kept dropout's output, its float32 copy and autocast's bf16
-    copy of that."""
+    matmul_4bit keeps no input for a frozen weight). Saves drop(x) in the compute dtype (x with ``input_saved``, as
+    LoRALinearFn), the (N, r) product and a 1-byte mask (a seed on CUDA); the module path instead kept dropout's
+    output, its float32 copy and autocast's bf16 copy of that."""
 
     @staticmethod
-    def forward(ctx, x, A, B, scaling: float, p: float):
+    def forward(ctx, x, A, B, scaling: float, p: float, input_saved: bool = False):
         cdt = x.dtype
         Ac, Bc = A.to(cdt), B.to(cdt)
         mask, seed = _draw_dropout(x, p)
@@ -151,7 +153,8 @@ class LoRABranchFn(torch.autograd.Function):
         s = scaling / (1.0 - p) if mask is not None or seed is not None else scaling  # 1/(1-p) folded in
         xa = torch.mm(xd, Ac.t())  # (N, r)
         y = torch.mm(xa, Bc.t()).mul_(s)
-        ctx.save_for_backward(Ac, Bc, xd, xa, mask)
+        ctx.redraw = seed is not None and input_saved  # as in LoRALinearFn
+        ctx.save_for_backward(Ac, Bc, x if ctx.redraw else xd, xa, mask)
         ctx.scaling, ctx.seed, ctx.p = s, seed, p
         ctx.dtypes = (A.dtype, B.dtype)
         return y
@@ -169,10 +172,12 @@ class LoRABranchFn(torch.autograd.Function):
             else:
                 gx = _masked(torch.mm(gbr, Ac), mask).mul_(s)
         if ctx.needs_input_grad[1]:
+            if ctx.redraw:
+                xd = kernel_dropout.lora_dropout(xd, seed, ctx.p)
             gA = torch.mm(gbr.t(), xd).mul_(s).to(ctx.dtypes[0])
         if ctx.needs_input_grad[2]:
             gB = torch.mm(g.t(), xa).mul_(s).to(ctx.dtypes[1])
-        return gx, gA, gB, None, None
+        return gx, gA, gB, None, None, None
 
 
 class SwiGLUDownFn(torch.autograd.Function):

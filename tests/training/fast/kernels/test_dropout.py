@@ -308,6 +308,24 @@ def test_checkpointed_recompute_draws_the_same_seeds(use_reentrant):
         torch.testing.assert_close(ck[n], got[n], rtol=0, atol=0, msg=n)
 
 
+@pytest.mark.parametrize("fn", ["LoRALinearFn", "LoRABranchFn"])
+def test_meta_tensors_take_the_seeded_ops_as_cuda_would(fn):
+    """phitune plan simulates QLoRA on the meta device in CUDA's place: it must record the kernels CUDA runs."""
+    from phitune.plan.simulate import OpRecorder
+
+    x, W, A, B, g = (t.detach().to("meta").requires_grad_(t.requires_grad) for t in lora_inputs(torch.bfloat16))
+    recorder = OpRecorder()
+    with recorder:
+        if fn == "LoRALinearFn":
+            y = lora_autograd.LoRALinearFn.apply(x, W, None, A, B, 2.0, 0.1)
+        else:
+            y = lora_autograd.LoRABranchFn.apply(x, A, B, 2.0, 0.1)
+        y.backward(g)
+    names = [o.name for o in recorder.ops]
+    assert names.count("lora_dropout") == 1 and names.count("lora_dropout_backward") == 1
+    assert "bernoulli_" not in names and "where" not in names
+
+
 def test_plan_records_the_custom_ops_with_their_flops():
     cfg = load_config({"model": {"name_or_path": "tiny", "dtype": "float32"},
                        "data": {"train": "unused.jsonl", "max_seq_length": 64, "packing": True},
