@@ -14,9 +14,10 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _keep(seed, start, p, BLOCK: tl.constexpr):
+def keep_mask(seed, start, p, BLOCK: tl.constexpr):
     """Keep mask of the BLOCK elements from ``start`` (a multiple of 4): element start + 4q + c is kept when component
-    c of ``randint4x(seed, start // 4 + q)``, mapped to [0, 1) as ``tl.rand`` does, is >= p."""
+    c of ``randint4x(seed, start // 4 + q)``, mapped to [0, 1) as ``tl.rand`` does, is >= p. For any kernel that
+    drops the same way (dropout.philox_keep_mask is its torch twin)."""
     r0, r1, r2, r3 = tl.randint4x(seed, start // 4 + tl.arange(0, BLOCK // 4))
     # join(join(r0, r2), join(r1, r3)) is [q, i, o] -> component 2i + o: flattened, element 4q + c holds rc.
     words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BLOCK])
@@ -29,7 +30,7 @@ def _dropout_fwd(x_ptr, out_ptr, n, seed, p, BLOCK: tl.constexpr):
     offs = start + tl.arange(0, BLOCK)
     inside = offs < n
     x = tl.load(x_ptr + offs, mask=inside, other=0)
-    keep = _keep(seed, start, p, BLOCK)
+    keep = keep_mask(seed, start, p, BLOCK)
     tl.store(out_ptr + offs, tl.where(keep, x, 0).to(out_ptr.dtype.element_ty), mask=inside)
 
 
@@ -42,7 +43,7 @@ def _dropout_bwd(t_ptr, base_ptr, out_ptr, n, seed, p, scale, HAS_BASE: tl.const
     t = tl.load(t_ptr + offs, mask=inside, other=0)
     if UPCAST:  # 16-bit inputs: arithmetic in float32, rounded once on the store (as torch's opmath does)
         t = t.to(tl.float32)
-    keep = _keep(seed, start, p, BLOCK)
+    keep = keep_mask(seed, start, p, BLOCK)
     g = tl.where(keep, t * scale, 0)
     if HAS_BASE:
         base = tl.load(base_ptr + offs, mask=inside, other=0)
