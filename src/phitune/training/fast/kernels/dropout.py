@@ -1,11 +1,13 @@
 """LoRA dropout without stored masks: the keep mask is a function of (seed, element index), drawn inside the kernel
 in forward and drawn again in backward, so autograd keeps one int instead of a 1-byte mask per adapted input
-(``phitune plan``: 4.25 GiB of masks and about 22 ms of bernoulli/where/add_ kernels in a Phi-3-mini step at batch 4).
+(``phitune plan``, Phi-3-mini at batch 4: the qkv, o and gate_up masks are 2.25 GiB of the step's 34.15 GiB peak;
+down_proj's belong to the SwiGLU function).
 
 The mask: element ``i`` of a contiguous tensor is kept when ``u >= p``, where ``u`` is component ``i % 4`` of
 Triton's Philox ``randint4x(seed, i // 4)`` turned into a float in [0, 1) as ``tl.rand`` does. One Philox call gives
 four elements (as curand's ``uniform4`` does for torch's own dropout): ten rounds per element would make the kernel
-integer-bound on an H100 (predicted: about 3x its memory time at 45 integer instructions per element).
+integer-bound on an H100 (an estimate from instruction counts, not measured: about 45 integer instructions per
+element, some 3x the time of its 4-6 bytes of memory traffic).
 ``philox_keep_mask`` is the same function written in torch (int64 arithmetic), the reference the kernels are
 tested against, bit for bit.
 
