@@ -7,8 +7,11 @@ run of the peer on the `small` shape, benchmarks/step_profile.py). These functio
 passes over memory and save only what backward needs:
 
   lora_linear   y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ. Saves drop(x) and the (N, r) product; backward forms grad_x,
-                grad_A, grad_B with skinny matmuls accumulated in place (no (N, out) temporaries). On a 4-bit
-                (QLoRA) base the base matmul stays bitsandbytes' and only the LoRA branch is one function.
+                grad_A, grad_B with skinny matmuls accumulated in place (no (N, out) temporaries). Dropout's mask:
+                1-byte bools on the CPU; on CUDA only a seed, the mask drawn again inside Triton kernels
+                (kernels/dropout.py), and o_proj after varlen attention saves x (kept by attention anyway)
+                instead of drop(x). On a 4-bit (QLoRA) base the base matmul stays bitsandbytes' and only the
+                LoRA branch is one function.
   swiglu_down   y = down(silu(gate)·up) with down's LoRA, from the gate_up output. Saves gate_up and the dropout
                 mask (1 byte per element; on a GPU only the seed its kernel draws it from); silu(gate)·up is
                 recomputed in backward instead of being stored, each direction one op (kernels/swiglu.py).
@@ -41,35 +44,38 @@ from ... import lora
 from ...lora import quantized
 from .fused_4bit import FusedLoRALinear4bit, FusedLoRAMergedLinear4bit, SwiGLUDown4bitFn
 from .lora_autograd import LoRALinearFn, SwiGLUDownFn, _as_2d, _compute_dtype, _dropout_p, _fusable, _lora_factors
+from . import varlen
 from .norm_rope import QKVRopeFn, RMSNormFn
 
 
 # --- module forwards (installed by changing an instance's class) ------------------------------------------------------
 
 
-def lora_linear(layer, x: torch.Tensor) -> torch.Tensor:
-    """The fused forward of a phitune LoRA layer (falls back to the layer's own forward when not fusable)."""
+def lora_linear(layer, x: torch.Tensor, input_saved: bool = False) -> torch.Tensor:
+    """The fused forward of a phitune LoRA layer (falls back to the layer's own forward when not fusable).
+    ``input_saved``: x is saved for backward by the op that made it (see LoRALinearFn)."""
     if not _fusable(layer):
         return super(type(layer), layer).forward(x)
     cdt = _compute_dtype(x)
     A, B = _lora_factors(layer)
     with torch.autocast(x.device.type, enabled=False):
-        y = LoRALinearFn.apply(_as_2d(x).to(cdt), layer.weight, layer.bias, A, B, layer.scaling, _dropout_p(layer))
+        y = LoRALinearFn.apply(_as_2d(x).to(cdt), layer.weight, layer.bias, A, B, layer.scaling, _dropout_p(layer),
+                               input_saved and x.dtype == cdt)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class FusedLoRALinear(lora.Linear):
     """lora.Linear whose forward is one autograd function (phitune.training.fast.fused.LoRALinearFn)."""
 
-    def forward(self, x):
-        return lora_linear(self, x)
+    def forward(self, x, input_saved: bool = False):
+        return lora_linear(self, x, input_saved)
 
 
 class FusedLoRAMergedLinear(lora.MergedLinear):
     """lora.MergedLinear whose forward is one autograd function (phitune.training.fast.fused.LoRALinearFn)."""
 
-    def forward(self, x):
-        return lora_linear(self, x)
+    def forward(self, x, input_saved: bool = False):
+        return lora_linear(self, x, input_saved)
 
 
 def _is_lora(m) -> bool:
@@ -181,6 +187,10 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
                                                  sliding_window=getattr(self.config, "sliding_window", None),
                                                  **kwargs)
     out = out.reshape(*hidden_states.shape[:-1], -1)
+    if impl == varlen.NAME and type(self.o_proj) in (FusedLoRALinear, FusedLoRAMergedLinear, FusedLoRALinear4bit,
+                                                     FusedLoRAMergedLinear4bit):
+        # varlen attention saves its output for backward and ``out`` is a view of it: o_proj can save it too
+        return self.o_proj(out, input_saved=True), weights
     return self.o_proj(out), weights
 
 

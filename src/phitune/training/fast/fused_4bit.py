@@ -52,27 +52,28 @@ class SwiGLUDown4bitFn(torch.autograd.Function):
         return ggu, None, gA, gB, None, None
 
 
-def lora_linear_4bit(layer, x: torch.Tensor) -> torch.Tensor:
-    """The fused forward of a phitune LoRA layer on a 4-bit base: bitsandbytes' matmul, then LoRABranchFn."""
+def lora_linear_4bit(layer, x: torch.Tensor, input_saved: bool = False) -> torch.Tensor:
+    """The fused forward of a phitune LoRA layer on a 4-bit base: bitsandbytes' matmul, then LoRABranchFn.
+    ``input_saved``: x is saved for backward by the op that made it (see LoRALinearFn)."""
     if not _fusable(layer):
         return super(type(layer), layer).forward(x)
     result = layer.base_forward(x)
     cdt = _compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else contextlib.nullcontext():
         branch = LoRABranchFn.apply(_as_2d(x).to(cdt), layer.lora_A, layer._lora_B_full(), layer.scaling,
-                                    _dropout_p(layer))
+                                    _dropout_p(layer), input_saved and x.dtype == cdt)
     return result + branch.view(*x.shape[:-1], branch.shape[-1]).to(result.dtype)
 
 
 class FusedLoRALinear4bit(quantized.Linear4bit):
     """quantized.Linear4bit whose LoRA branch is one autograd function (LoRABranchFn)."""
 
-    def forward(self, x):
-        return lora_linear_4bit(self, x)
+    def forward(self, x, input_saved: bool = False):
+        return lora_linear_4bit(self, x, input_saved)
 
 
 class FusedLoRAMergedLinear4bit(quantized.MergedLinear4bit):
     """quantized.MergedLinear4bit whose LoRA branch is one autograd function (LoRABranchFn)."""
 
-    def forward(self, x):
-        return lora_linear_4bit(self, x)
+    def forward(self, x, input_saved: bool = False):
+        return lora_linear_4bit(self, x, input_saved)
