@@ -99,7 +99,7 @@ def choose(model, device: torch.device) -> str | None:
     shape; pass it as attn_implementation to use it). On CPU sdpa stays: its flash kernel takes the causal path once
     the dense mask is dropped.
     """
-    if device.type != "cuda":
+    if device.type not in ("cuda", "meta"):  # meta: phitune plan's stand-in for CUDA under a 4-bit base
         return None
     dtype = next(model.parameters()).dtype
     if dtype not in (torch.float16, torch.bfloat16):

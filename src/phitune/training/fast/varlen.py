@@ -28,7 +28,7 @@ def torch_varlen():
 
 
 def available(device: torch.device) -> bool:
-    return device.type == "cuda" and torch_varlen() is not None
+    return device.type in ("cuda", "meta") and torch_varlen() is not None
 
 
 def boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -93,7 +93,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     q = query.transpose(1, 2).reshape(B * T, H, D)
     k = key.transpose(1, 2).reshape(B * T, key.shape[1], D)
     v = value.transpose(1, 2).reshape(B * T, value.shape[1], D)
-    fn = torch_varlen() if query.is_cuda else None
+    fn = torch_varlen() if query.device.type in ("cuda", "meta") else None  # meta: the plan's 4-bit stand-in
     if fn is not None:
         out = _call_varlen(fn, q, k, v, cu.to(query.device), int(max_len), scaling, sliding_window)
     else:
