@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from ... import lora
 from .kernels import dropout as kernel_dropout
-from .kernels import swiglu as swiglu_ops
-from .kernels import new_seed, use_triton
+from .kernels import swiglu as _swiglu_ops  # noqa: F401 (registers torch.ops.phitune.swiglu*)
+from .kernels import dropout_seed
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -62,13 +62,8 @@ def _masked(x: torch.Tensor, mask) -> torch.Tensor:
 def _draw_dropout(x: torch.Tensor, p: float):
     """(mask, seed) of one call's LoRA dropout: both None when p == 0; a seed where the Triton kernels run (nothing
     saved but the int, the mask drawn again in backward); else a saved bool mask."""
-    if p <= 0:
-        return None, None
-    # meta stands for CUDA in phitune plan's QLoRA simulation (bitsandbytes' 4-bit base cannot be faked on a fake
-    # CUDA device): the plan must see what CUDA runs, the ops' fake implementations serve meta tensors
-    if use_triton(x) or x.device.type == "meta":
-        return None, new_seed()
-    return _dropout_mask(x, p), None
+    seed = dropout_seed(x, p)  # the one rule, SwiGLU's too; meta (phitune plan's QLoRA) counts as CUDA there
+    return (None, seed) if seed is not None else (_dropout_mask(x, p), None)
 
 
 def _dropped(x: torch.Tensor, mask, seed, p: float) -> torch.Tensor:
@@ -220,7 +215,7 @@ class SwiGLUDownFn(torch.autograd.Function):
 def _swiglu_dropped(gu: torch.Tensor, p: float):
     """(h, drop(h), bool mask or None, kernel seed or None) for h = silu(gate)·up: one op, which on a GPU also draws
     the mask (kept as its seed); elsewhere a saved bool mask, as LoRALinearFn's."""
-    seed = swiglu_ops.dropout_seed(gu, p)
+    seed = dropout_seed(gu, p)
     if seed is not None:
         h, hd = torch.ops.phitune.swiglu_dropout(gu, p, seed)
         return h, hd, None, seed

@@ -18,8 +18,8 @@ from phitune.config import load_config  # noqa: E402
 from phitune.plan.simulate import simulate_step  # noqa: E402
 from phitune.training.fast import lora_autograd  # noqa: E402
 from phitune.training.fast.kernels import force_triton, new_seed  # noqa: E402
+from phitune.training.fast.kernels import dropout  # noqa: E402
 from phitune.training.fast.kernels import swiglu as ops  # noqa: E402
-from phitune.training.fast.kernels import swiglu_triton  # noqa: E402
 
 torch.set_num_threads(1)  # tiny matmuls: a second thread only adds waiting on a shared machine (as test_fast.py)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,7 +28,9 @@ ROWS = 2  # the model zoo's widths at a few rows: the interpreter runs each prog
 # Mistral-7B 14336, Qwen2-7B 18944 (not multiples of the 1024-column block), and a small odd width. Gemma's MLP is
 # GeGLU (gelu), which the fused MLP does not take.
 WIDTHS = [8192, 17920, 14336, 18944, 100]
-DROPOUT_WIDTHS = [17920, 100]  # the interpreter runs Philox in numpy: seconds per call at the full widths
+# the interpreter runs Philox in numpy: seconds per call at the full widths. 99: rows that do not start at a multiple
+# of 4 (the kernels' one-Philox-call-per-element path)
+DROPOUT_WIDTHS = [17920, 100, 99]
 DTYPES = [torch.float32, torch.bfloat16]
 F32_EPS = torch.finfo(torch.float32).eps
 
@@ -92,13 +94,15 @@ def test_dropout_forward_masks_h_with_the_seeds_mask_at_rate_p(width, dtype):
     with force_triton():
         h, hd = ops.swiglu_dropout(gu, p, seed)
         plain = ops.swiglu(gu)
-    keep = swiglu_triton.keep_mask(h.shape, p, seed, DEVICE)
+    keep = dropout.philox_keep_mask(seed, h.shape, p, DEVICE)
     assert torch.equal(h, plain)  # the same float32 arithmetic with or without dropout
     assert torch.equal(hd, torch.where(keep, h, 0))
     n = keep.numel()
     assert abs(keep.double().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5  # within 5 standard deviations
-    other = swiglu_triton.keep_mask(h.shape, p, seed + 1, DEVICE)
+    other = dropout.philox_keep_mask(seed + 1, h.shape, p, DEVICE)
     assert not torch.equal(keep, other)
+    with force_triton():  # one dropout rule: LoRA dropout's kernel drops the same elements of h for the same seed
+        assert torch.equal(hd, dropout.lora_dropout(h, seed, p))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -106,7 +110,7 @@ def test_dropout_forward_masks_h_with_the_seeds_mask_at_rate_p(width, dtype):
 def test_backward_kernel_equals_reference(width, dtype, p):
     s, seed = 2.0 / (1 - p), 99
     gu, gh, t = inputs(width, dtype, seed=1)
-    keep = swiglu_triton.keep_mask(gh.shape, p, seed, DEVICE) if p > 0 else None
+    keep = dropout.philox_keep_mask(seed, gh.shape, p, DEVICE) if p > 0 else None
     with force_triton():
         ggu, hd = ops.swiglu_backward(gu, gh, t, s, p, seed, True)
         ggu_no_h, empty = ops.swiglu_backward(gu, gh, t, s, p, seed, False)
@@ -200,7 +204,7 @@ def test_swiglu_down_on_kernels_gives_the_reference_output_and_gradients(monkeyp
         torch.manual_seed(7)
         seed = new_seed()
         monkeypatch.setattr(lora_autograd, "_dropout_mask",
-                            lambda x, q: swiglu_triton.keep_mask(x.shape, q, seed, x.device))
+                            lambda x, q: dropout.philox_keep_mask(seed, x.shape, q, x.device))
     y, g_gu, g_A, g_B = down_fn(gu, W, A, B, gy, p, kernels=True)
     y_ref, g_gu_ref, g_A_ref, g_B_ref = down_fn(gu, W, A, B, gy, p, kernels=False)
     assert p == 0 or not torch.equal(g_A, down_fn(gu, W, A, B, gy, 0.0, kernels=True)[2])  # dropout did act

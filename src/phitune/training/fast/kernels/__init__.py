@@ -24,6 +24,7 @@ import importlib.util
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.flop_counter import register_flop_formula
 
 _forced = False
@@ -38,9 +39,11 @@ def triton_available() -> bool:
 def use_triton(t: torch.Tensor) -> bool:
     """Whether the op on ``t`` runs its Triton kernel: a CUDA tensor with Triton present, unless ``PHITUNE_TRITON=0``;
     or any tensor inside ``force_triton()`` (the tests, on a CPU through Triton's interpreter)."""
-    if not triton_available() or os.environ.get("PHITUNE_TRITON", "1") == "0":
-        return False
-    return _forced or t.device.type == "cuda"
+    return _kernels_on() and (_forced or t.device.type == "cuda")
+
+
+def _kernels_on() -> bool:
+    return triton_available() and os.environ.get("PHITUNE_TRITON", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -64,7 +67,23 @@ def register_flops(op, formula):
 
 
 def new_seed() -> int:
-    """A seed for a kernel's in-kernel random numbers (dropout: ``tl.rand(seed, element index)``), drawn from torch's
+    """A seed for a kernel's in-kernel random numbers (dropout: ``dropout_triton.keep_mask``), drawn from torch's
     default CPU generator so that ``torch.manual_seed`` reproduces a run. Kernels that regenerate a mask in backward
     keep this int instead of the mask."""
     return int(torch.randint(2**31 - 1, (1,), device="cpu").item())
+
+
+def dropout_seed(t: torch.Tensor, p: float) -> int | None:
+    """The seed from which the kernels draw (and draw again in backward) a dropout mask over ``t``, or None where the
+    caller saves a bool mask instead (no dropout, the CPU, CUDA without Triton). The one rule for every dropout of
+    the fast path (LoRA inputs, SwiGLU's h): the mask is ``dropout.philox_keep_mask(seed, shape, p)``.
+
+    phitune plan's simulated GPU counts as a GPU: fake CUDA tensors, and meta ones (its 4-bit base stands on meta for
+    CUDA). Nothing is computed there, so the seed is 0 and none is drawn: drawing one would read a number
+    (``.item()``) inside FakeTensorMode, and would move the CPU generator a real run moves at the same place anyway."""
+    if p <= 0:
+        return None
+    meta = t.device.type == "meta"
+    if not (use_triton(t) or (meta and _kernels_on())):
+        return None
+    return 0 if meta or is_fake(t) else new_seed()

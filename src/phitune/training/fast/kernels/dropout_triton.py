@@ -25,6 +25,26 @@ def keep_mask(seed, start, p, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def keep_mask_rows(seed, first, p, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``keep_mask`` for a (ROWS, COLS) tile of a contiguous tensor: row j covers the COLS elements from ``first[j]``
+    (an int64 column of multiples of 4, COLS a multiple of 4), four elements per Philox call as ``keep_mask``."""
+    r0, r1, r2, r3 = tl.randint4x(seed, first // 4 + tl.arange(0, COLS // 4)[None, :])
+    # as keep_mask: [row, q, i, o] holds component 2i + o of counter q, so element 4q + c of the row holds rc
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [ROWS, COLS])
+    return tl.uint_to_uniform_float(words) >= p
+
+
+@triton.jit
+def keep_mask_at(seed, index, p):
+    """The same mask at any int64 element indices (a tile whose rows do not start at multiples of 4): one Philox call
+    per element, four times ``keep_mask``'s integer work, of which one component is used."""
+    r0, r1, r2, r3 = tl.randint4x(seed, index // 4)
+    component = index % 4
+    words = tl.where(component == 0, r0, tl.where(component == 1, r1, tl.where(component == 2, r2, r3)))
+    return tl.uint_to_uniform_float(words) >= p
+
+
+@triton.jit
 def _dropout_fwd(x_ptr, out_ptr, n, seed, p, BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)

@@ -10,9 +10,9 @@ Ops (``torch.ops.phitune``):
       output is recomputed h (masked when p > 0) for grad_A, written by the same pass that reads gu anyway (one
       (N, I) write instead of a second read of the (N, 2I) gu); an empty tensor when ``want_h`` is False.
 
-The keep mask is never stored on a GPU: ``keep = uniform(seed, row·I + col) >= p``, drawn again in backward from the
-same seed (Triton's Philox ``tl.rand``; the torch reference draws it from a generator seeded the same way). On
-Phi-3-mini at batch 4 x 2048 that is 64 MiB of saved bool mask per layer (2 GiB in 32 layers).
+The keep mask is never stored on a GPU: it is the fast path's one dropout rule (``dropout.philox_keep_mask`` over h,
+seed from ``kernels.dropout_seed``), drawn again in backward from the same seed; the torch reference draws the same
+mask bit for bit. On Phi-3-mini at batch 4 x 2048 that is 64 MiB of saved bool mask per layer (2 GiB in 32 layers).
 
 The torch references are the plain arithmetic of the fast path before these ops (same ops, same dtypes); they run on
 the CPU, and on CUDA when Triton is off. The Triton kernels (swiglu_triton.py) compute in float32 and round once.
@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake
 
-from . import new_seed, register_flops, triton_available, use_triton
+from . import register_flops, use_triton
+from .dropout import philox_keep_mask
 
 # FLOPs per element of h, counted as the kernels do them: sigmoid = exp, add, divide (3) + silu's multiply + up's
 # multiply; dropout adds a select. Backward: sigmoid (3), silu, g_up, 1-sig, ·gate, +1, ·sig, ·up, ·gh, h (9);
@@ -64,12 +64,6 @@ def swiglu_backward_reference(gu, gh, t, s: float, keep, want_h: bool):
     return ggu, h
 
 
-def keep_mask_reference(shape, p: float, seed: int, device) -> torch.Tensor:
-    """The reference's dropout keep mask for ``seed``: Bernoulli(1-p) from a generator seeded with it."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.empty(shape, device=device).uniform_(generator=gen) >= p
-
-
 def _empty(gu):
     return gu.new_empty(0)
 
@@ -99,7 +93,7 @@ def swiglu_dropout(gu: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor,
 
         return swiglu_triton.forward(gu, p, seed)
     h = swiglu_reference(gu)
-    return h, torch.where(keep_mask_reference(h.shape, p, seed, h.device), h, 0)
+    return h, torch.where(philox_keep_mask(seed, h.shape, p, h.device), h, 0)
 
 
 @torch.library.custom_op("phitune::swiglu_backward", mutates_args=())
@@ -110,7 +104,7 @@ def swiglu_backward(gu: torch.Tensor, gh: torch.Tensor, t: torch.Tensor | None, 
         from . import swiglu_triton
 
         return swiglu_triton.backward(gu, gh, t, s, p, seed, want_h)
-    keep = keep_mask_reference(gh.shape, p, seed, gh.device) if p > 0 else None
+    keep = philox_keep_mask(seed, gh.shape, p, gh.device) if p > 0 else None
     return swiglu_backward_reference(gu, gh, t, s, keep, want_h)
 
 
@@ -143,16 +137,3 @@ register_flops(torch.ops.phitune.swiglu_backward,
                lambda gu, gh, t, *_, out_shape=None, **__: (_BWD_FLOPS + (_BWD_T_FLOPS if t is not None else 0))
                * _h_elements(gu))
 
-
-def dropout_seed(t: torch.Tensor, p: float) -> int | None:
-    """The seed from which the kernels draw (and redraw in backward) SwiGLU's dropout mask on ``t``'s device, or None
-    where a bool mask is saved instead (no dropout, the CPU, CUDA without Triton).
-
-    phitune plan's simulated GPU counts as a GPU: fake CUDA tensors, and meta ones (its 4-bit base). Nothing is
-    computed there, so no seed is drawn (drawing one would need a real number inside FakeTensorMode)."""
-    if p <= 0:
-        return None
-    simulated = t.device.type == "meta" or is_fake(t)
-    if not (use_triton(t) or (t.device.type == "meta" and triton_available())):
-        return None
-    return 0 if simulated else new_seed()

@@ -5,8 +5,11 @@ intermediate widths, several rows per program for narrow ones), row tiles on gri
 4 warps: 8 elements per thread, 16-byte loads of bfloat16; Phi-3-mini's I = 8192 is 8 programs per row. Chosen from
 the H100/H200's memory system, not timed: no GPU was at hand when these were written.
 
-Dropout: keep = tl.rand(seed, row·I + col) >= p (Philox on the int64 linear index of h), the same expression in
-forward and backward, so the mask is drawn again instead of being saved.
+Dropout: the fast path's one mask rule (dropout.py): element row·I + col of h is kept by component (row·I + col) % 4
+of Philox ``randint4x(seed, (row·I + col) // 4)``, the same expression in forward and backward, so the mask is drawn
+again instead of being saved. When I is a multiple of 4 (every width of the zoo) each tile row starts at a multiple
+of 4 and takes one Philox call per 4 elements (``keep_mask_rows``); otherwise one call per element
+(``keep_mask_at``), the same mask at four times the integer work.
 """
 
 from __future__ import annotations
@@ -17,12 +20,20 @@ import torch
 import triton
 import triton.language as tl
 
+from .dropout_triton import keep_mask_at, keep_mask_rows
+
 _TILE, _WARPS = 1024, 4
 
 
 @triton.jit
-def _keep(seed, index, p):
-    return tl.rand(seed, index) >= p
+def _keep(seed, row, n_cols, index, p, ALIGNED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """This tile's keep mask (see the module docstring); ALIGNED: n_cols % 4 == 0 (then COLS, a power of two >= 4,
+    keeps each row's first column at a multiple of 4)."""
+    if ALIGNED:
+        keep = keep_mask_rows(seed, row * n_cols + tl.program_id(1) * COLS, p, ROWS, COLS)
+    else:
+        keep = keep_mask_at(seed, index, p)
+    return keep
 
 
 @triton.jit
@@ -35,7 +46,7 @@ def _tile(n_rows, n_cols, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 @triton.jit
 def _swiglu_forward(gu_ptr, h_ptr, hd_ptr, n_rows, n_cols, gu_row_stride, p, seed, DROP: tl.constexpr,
-                    ROWS: tl.constexpr, COLS: tl.constexpr):
+                    ALIGNED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     row, cols, inside = _tile(n_rows, n_cols, ROWS, COLS)
     gate = tl.load(gu_ptr + row * gu_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(gu_ptr + row * gu_row_stride + n_cols + cols, mask=inside, other=0.0).to(tl.float32)
@@ -44,20 +55,21 @@ def _swiglu_forward(gu_ptr, h_ptr, hd_ptr, n_rows, n_cols, gu_row_stride, p, see
     index = row * n_cols + cols
     tl.store(h_ptr + index, h, mask=inside)
     if DROP:
-        tl.store(hd_ptr + index, tl.where(_keep(seed, index, p), h, 0.0), mask=inside)
+        keep = _keep(seed, row, n_cols, index, p, ALIGNED, ROWS, COLS)
+        tl.store(hd_ptr + index, tl.where(keep, h, 0.0), mask=inside)
 
 
 @triton.jit
 def _swiglu_backward(gu_ptr, gh_ptr, t_ptr, ggu_ptr, h_ptr, n_rows, n_cols, gu_row_stride, s, p, seed,
-                     HAS_T: tl.constexpr, DROP: tl.constexpr, WANT_H: tl.constexpr, ROWS: tl.constexpr,
-                     COLS: tl.constexpr):
+                     HAS_T: tl.constexpr, DROP: tl.constexpr, WANT_H: tl.constexpr, ALIGNED: tl.constexpr,
+                     ROWS: tl.constexpr, COLS: tl.constexpr):
     row, cols, inside = _tile(n_rows, n_cols, ROWS, COLS)
     index = row * n_cols + cols
     gate = tl.load(gu_ptr + row * gu_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
     up = tl.load(gu_ptr + row * gu_row_stride + n_cols + cols, mask=inside, other=0.0).to(tl.float32)
     gh = tl.load(gh_ptr + index, mask=inside, other=0.0).to(tl.float32)
     if DROP:
-        keep = _keep(seed, index, p)
+        keep = _keep(seed, row, n_cols, index, p, ALIGNED, ROWS, COLS)
     if HAS_T:
         t = tl.load(t_ptr + index, mask=inside, other=0.0).to(tl.float32)
         if DROP:
@@ -75,12 +87,6 @@ def _swiglu_backward(gu_ptr, gh_ptr, t_ptr, ggu_ptr, h_ptr, n_rows, n_cols, gu_r
         tl.store(h_ptr + index, h, mask=inside)
 
 
-@triton.jit
-def _keep_mask(keep_ptr, n, p, seed, BLOCK: tl.constexpr):
-    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(keep_ptr + index, _keep(seed, index, p).to(tl.int8), mask=index < n)
-
-
 def _rows(gu: torch.Tensor) -> torch.Tensor:
     gu = gu.reshape(-1, gu.shape[-1])
     return gu if gu.stride(-1) == 1 else gu.contiguous()
@@ -89,7 +95,8 @@ def _rows(gu: torch.Tensor) -> torch.Tensor:
 def _grid(rows: int, n_cols: int):
     cols = min(_TILE, triton.next_power_of_2(n_cols))
     tile_rows = _TILE // cols
-    return (triton.cdiv(rows, tile_rows), triton.cdiv(n_cols, cols)), {"ROWS": tile_rows, "COLS": cols}
+    return ((triton.cdiv(rows, tile_rows), triton.cdiv(n_cols, cols)),
+            {"ALIGNED": n_cols % 4 == 0, "ROWS": tile_rows, "COLS": cols})
 
 
 def _on(t: torch.Tensor):
@@ -125,13 +132,3 @@ def backward(gu, gh, t, s: float, p: float, seed: int, want_h: bool):
                                num_warps=_WARPS)
     return ggu, h
 
-
-def keep_mask(shape, p: float, seed: int, device) -> torch.Tensor:
-    """The kernels' keep mask for ``seed`` as a bool tensor (for tests: the kernels themselves never store it)."""
-    n = 1
-    for d in shape:
-        n *= d
-    keep = torch.empty(shape, dtype=torch.int8, device=device)
-    with _on(keep):
-        _keep_mask[(triton.cdiv(n, _TILE),)](keep, n, float(p), int(seed), BLOCK=_TILE)
-    return keep.bool()
