@@ -6,8 +6,9 @@ matmuls, a scaling multiply, an add; SwiGLU as chunk/SiLU/multiply) costs 35-42%
 run of the peer on the `small` shape, benchmarks/step_profile.py). These functions do the same arithmetic with fewer
 passes over memory and save only what backward needs:
 
-  lora_linear   y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ. Saves drop(x) and the (N, r) product; backward forms grad_x,
-                grad_A, grad_B with skinny matmuls accumulated in place (no (N, out) temporaries). Dropout's mask:
+  lora_linear   y = x Wᵀ + b + s·(drop(x) Aᵀ) Bᵀ. Saves drop(x) and the (N, r) product. Forward and grad_x write
+                the skinny LoRA product first and let the frozen matmul accumulate onto it (read in cuBLAS's
+                epilogue on a GPU: no separate (N, out) pass); grad_A, grad_B are skinny matmuls. Dropout's mask:
                 1-byte bools on the CPU; on CUDA only a seed, the mask drawn again inside Triton kernels
                 (kernels/dropout.py), and o_proj after varlen attention saves x (kept by attention anyway)
                 instead of drop(x). On a 4-bit (QLoRA) base the base matmul stays bitsandbytes' and only the
