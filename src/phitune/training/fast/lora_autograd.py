@@ -87,8 +87,8 @@ def _lora_then_base(x, W, bias, xa, B, s: float) -> torch.Tensor:
 
 def _input_grad(g, W, gbr, A, mask, s: float, seed=None, p: float = 0.0) -> torch.Tensor:
     """g W + s·drop'(gbr A): the gradient of x Wᵀ + s·(drop(x) Aᵀ) Bᵀ with respect to x, given gbr = g B."""
-    if seed is not None:  # one kernel: g W + s·drop(gbr A), the mask drawn again from the seed
-        return kernel_dropout.lora_dropout_backward(torch.mm(gbr, A), torch.mm(g, W), seed, p, s)
+    if seed is not None:  # one kernel: g W + s·drop(gbr A), gbr A per tile, the mask drawn again from the seed
+        return kernel_dropout.lora_dropout_backward(gbr, A, torch.mm(g, W), seed, p, s)
     t = _masked(torch.mm(gbr, A), mask)  # first, and g W accumulated onto it as in _lora_then_base
     return torch.addmm(t, g, W, beta=s, out=t)
 
@@ -173,7 +173,7 @@ class LoRABranchFn(torch.autograd.Function):
         gbr = torch.mm(g, Bc)  # (N, r)
         if ctx.needs_input_grad[0]:
             if seed is not None:
-                gx = kernel_dropout.lora_dropout_backward(torch.mm(gbr, Ac), None, seed, ctx.p, s)
+                gx = kernel_dropout.lora_dropout_backward(gbr, Ac, None, seed, ctx.p, s)
             else:
                 gx = _masked(torch.mm(gbr, Ac), mask).mul_(s)
         if ctx.needs_input_grad[1]:

@@ -24,7 +24,7 @@ from phitune.adapt import add_lora  # noqa: E402
 from phitune.config import load_config  # noqa: E402
 from phitune.plan.simulate import simulate_step  # noqa: E402
 from phitune.training.fast import fused, kernels, lora_autograd  # noqa: E402
-from phitune.training.fast.kernels import dropout  # noqa: E402
+from phitune.training.fast.kernels import dropout, dropout_triton  # noqa: E402
 from phitune.training.loss import forward_loss  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,18 +83,23 @@ def test_the_mask_is_tritons_philox():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_base", [True, False])
 @pytest.mark.parametrize("shape", SHAPES[:1] + SHAPES[3:])
-def test_backward_kernel_equals_the_torch_reference(shape, dtype, with_base):
-    t, base = randn(shape, dtype, 1), randn(shape, dtype, 2) if with_base else None
+@pytest.mark.parametrize("rank", [16, 5])  # 5: the kernel pads the K=r product to tl.dot's 16 with zeros
+def test_backward_kernel_equals_the_torch_reference(shape, dtype, with_base, rank):
+    gbr, A = randn((shape[0], rank), dtype, 1), randn((rank, shape[1]), dtype, 3)
+    base = randn(shape, dtype, 2) if with_base else None
     scale = 2.0 / (1 - 0.1)
-    ref = dropout.lora_dropout_backward(t, base, 77, 0.1, scale)
+    ref = dropout.lora_dropout_backward(gbr, A, base, 77, 0.1, scale)
     with kernels.force_triton():
-        got = dropout.lora_dropout_backward(t, base, 77, 0.1, scale)
-    assert got.dtype == dtype and got.shape == t.shape
-    # Each side rounds scale·t and the sum at most once each in the dtype (relative eps/2 of a term bounded by
-    # |base| + |scale·t|): the two differ by at most 2·eps times that, element by element.
-    bound = (t.float() * scale).abs() + (0 if base is None else base.float().abs())
-    err = (got.float() - ref.float()).abs()
-    assert bool((err <= 2 * torch.finfo(dtype).eps * bound).all()), err.max()
+        got = dropout.lora_dropout_backward(gbr, A, base, 77, 0.1, scale)
+    assert got.dtype == dtype and got.shape == shape
+    # The reference rounds t = gbr A, scale·t and the sum once each in the dtype, the kernel only the sum (t stays
+    # float32); each is within eps/2 of a term bounded by |base| + scale·|gbr||A|, so the two differ by at most
+    # 2·eps times that, plus each side's float32 accumulation of r products (r float32 eps of scale·|gbr||A|).
+    t_size = scale * (gbr.double().abs() @ A.double().abs())
+    bound = 2 * torch.finfo(dtype).eps * (t_size + (0 if base is None else base.double().abs()))
+    bound += 2 * rank * torch.finfo(torch.float32).eps * t_size
+    err = (got.double() - ref.double()).abs()
+    assert bool((err <= bound).all()), err.max()
     keep = dropout.philox_keep_mask(77, shape, 0.1, DEVICE)
     assert bool((got[~keep] == (0 if base is None else base[~keep])).all())  # dropped: the base gradient only
 
@@ -104,12 +109,13 @@ def test_fake_implementations_give_the_real_shapes_and_dtypes():
 
     for dtype in DTYPES:
         t, base = randn((3, 50), dtype, 0), randn((3, 50), dtype, 1)
-        real = [dropout.lora_dropout(t, 1, 0.5), dropout.lora_dropout_backward(t, base, 1, 0.5, 2.0),
-                dropout.lora_dropout_backward(t, None, 1, 0.5, 2.0)]
+        gbr, A = randn((3, 4), dtype, 2), randn((4, 50), dtype, 3)
+        real = [dropout.lora_dropout(t, 1, 0.5), dropout.lora_dropout_backward(gbr, A, base, 1, 0.5, 2.0),
+                dropout.lora_dropout_backward(gbr, A, None, 1, 0.5, 2.0)]
         with FakeTensorMode() as mode:
-            ft, fb = mode.from_tensor(t), mode.from_tensor(base)
-            fake = [dropout.lora_dropout(ft, 1, 0.5), dropout.lora_dropout_backward(ft, fb, 1, 0.5, 2.0),
-                    dropout.lora_dropout_backward(ft, None, 1, 0.5, 2.0)]
+            ft, fb, fg, fa = (mode.from_tensor(v) for v in (t, base, gbr, A))
+            fake = [dropout.lora_dropout(ft, 1, 0.5), dropout.lora_dropout_backward(fg, fa, fb, 1, 0.5, 2.0),
+                    dropout.lora_dropout_backward(fg, fa, None, 1, 0.5, 2.0)]
         for r, f in zip(real, fake):
             assert (f.shape, f.dtype, f.stride(), f.device) == (r.shape, r.dtype, r.stride(), r.device)
 
@@ -132,7 +138,8 @@ def test_backward_draws_the_mask_forward_drew():
     x = torch.ones(9, 700, device=DEVICE)
     with kernels.force_triton():
         y = dropout.lora_dropout(x, 5, 0.4)
-        gx = dropout.lora_dropout_backward(torch.ones_like(x), None, 5, 0.4, 1.0)
+        gx = dropout.lora_dropout_backward(torch.ones(9, 1, device=DEVICE), torch.ones(1, 700, device=DEVICE), None,
+                                           5, 0.4, 1.0)
     assert torch.equal(gx != 0, y != 0) and 0 < int((y == 0).sum()) < x.numel()
 
 
@@ -346,9 +353,10 @@ def test_plan_records_the_custom_ops_with_their_flops():
     bwd = [o for o in seeded.ops if o.name == "lora_dropout_backward"]
     widths = sorted(o.flops // (dropout.FWD_FLOPS_PER_ELEMENT * n_rows) for o in fwd)
     assert widths == [64] * 6  # qkv, o, gate_up inputs: all hidden-wide; FLOPs = 4 per element
-    assert all(o.flops == dropout.BWD_FLOPS_PER_ELEMENT * n_rows * 64 for o in bwd)
+    assert all(o.flops == (2 * 8 + dropout.BWD_FLOPS_PER_ELEMENT) * n_rows * 64 for o in bwd)  # r = 8
     assert all(o.nbytes == 2 * n_rows * 64 * 4 for o in fwd)  # read x, write drop(x): nothing else moves
-    assert all(o.nbytes == 3 * n_rows * 64 * 4 for o in bwd)  # read t and the base gradient, write the sum
+    # read gbr (N, r), A (r, in) and the base gradient, write the sum: the (N, in) product t is never in memory
+    assert all(o.nbytes == (n_rows * 8 + 8 * 64 + 2 * n_rows * 64) * 4 for o in bwd)
     # the mask draws and their where/add_ passes are gone from the plain path's op list
     assert "lora_dropout" not in [o.name for o in plain.ops]
     assert names.count("where") == [o.name for o in plain.ops].count("where") - 11
@@ -390,12 +398,13 @@ def test_plan_on_the_fake_cuda_device_sees_the_custom_ops_not_the_masks(tmp_path
     # 6 forward, and 2 in backward: o_proj saves the varlen attention output and draws drop(x) again for grad_A
     assert names.count("lora_dropout") == 8 and names.count("lora_dropout_backward") == 5
     assert "bernoulli_" not in names  # no mask drawn on CUDA for these layers
-    n = 2 * 64 * 64  # elements of one LoRA input (rows x hidden), bf16
+    rows, r = 2 * 64, 8
+    n = rows * 64  # elements of one LoRA input (rows x hidden), bf16
     for name, flops, nbytes in ops:
         if name == "lora_dropout":
             assert (flops, nbytes) == (dropout.FWD_FLOPS_PER_ELEMENT * n, 2 * n * 2)
-        elif name == "lora_dropout_backward":
-            assert (flops, nbytes) == (dropout.BWD_FLOPS_PER_ELEMENT * n, 3 * n * 2)
+        elif name == "lora_dropout_backward":  # gbr (rows, r) and A (r, 64) in, not the (rows, 64) product
+            assert (flops, nbytes) == ((2 * r + dropout.BWD_FLOPS_PER_ELEMENT) * n, (rows * r + r * 64 + 2 * n) * 2)
 
 
 SM90_COMPILE_SCRIPT = """
@@ -411,14 +420,18 @@ for dtype in ("bf16", "fp32"):
         "fwd": ASTSource(fn=dt._dropout_fwd, signature={"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "n": "i64",
                          "seed": "i32", "p": "fp32", "BLOCK": "constexpr"}, constexprs={"BLOCK": dt.BLOCK},
                          attrs={(0,): aligned, (1,): aligned, (2,): aligned}),
-        "bwd": ASTSource(fn=dt._dropout_bwd, signature={"t_ptr": f"*{dtype}", "base_ptr": f"*{dtype}",
-                         "out_ptr": f"*{dtype}", "n": "i64", "seed": "i32", "p": "fp32", "scale": "fp32",
-                         "HAS_BASE": "constexpr", "UPCAST": "constexpr", "BLOCK": "constexpr"},
-                         constexprs={"HAS_BASE": True, "UPCAST": dtype == "bf16", "BLOCK": dt.BLOCK},
-                         attrs={(0,): aligned, (1,): aligned, (2,): aligned, (3,): aligned}),
+        "bwd": ASTSource(fn=dt._dropout_bwd, signature={"gbr_ptr": f"*{dtype}", "a_ptr": f"*{dtype}",
+                         "base_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "n_rows": "i32", "n_cols": "i32",
+                         "rank": "i32", "seed": "i32", "p": "fp32", "scale": "fp32", "HAS_BASE": "constexpr",
+                         "ALIGNED": "constexpr", "UPCAST_DOT": "constexpr", "R": "constexpr", "BM": "constexpr",
+                         "BN": "constexpr"},
+                         constexprs={"HAS_BASE": True, "ALIGNED": True, "UPCAST_DOT": False, "R": 16,
+                                     "BM": dt.BWD_ROWS, "BN": dt.BWD_COLS},
+                         attrs={(i,): aligned for i in range(7)}),
     }
     for name, src in sources.items():
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": dt.NUM_WARPS})
+        warps = dt.NUM_WARPS if name == "fwd" else dt.BWD_NUM_WARPS
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         ptx = k.asm["ptx"]
         report[f"{dtype} {name}"] = {"cubin": len(k.asm["cubin"]), "shared": k.metadata.shared,
                                      "access": sorted(set(re.findall(r"(?:ld|st)\\.global[.\\w]*", ptx)))}
@@ -430,7 +443,7 @@ print(json.dumps(report))
 def test_kernels_compile_for_an_h100_with_16_byte_accesses_and_no_shared_memory():
     """No GPU here, but Triton compiles for sm_90 without one (its bundled ptxas): the kernels lower, and on aligned
     tensors each thread moves 16 bytes per access with no shuffle through shared memory (the mask's join+reshape
-    stays in registers)."""
+    stays in registers; backward's K=r product stages only its operand tiles in shared memory)."""
     import importlib.util
 
     if importlib.util.find_spec("triton.backends.nvidia") is None:
@@ -442,5 +455,12 @@ def test_kernels_compile_for_an_h100_with_16_byte_accesses_and_no_shared_memory(
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(report) == 4
     for name, k in report.items():
-        assert k["cubin"] > 0 and k["shared"] == 0, (name, k)
-        assert k["access"] == ["ld.global.v4.b32", "st.global.v4.b32"], (name, k)
+        assert k["cubin"] > 0, (name, k)
+        if name.endswith("fwd"):
+            assert k["shared"] == 0 and k["access"] == ["ld.global.v4.b32", "st.global.v4.b32"], (name, k)
+        else:  # shared memory holds only the K=r product's two operand tiles (BM x 16 and 16 x BN); the base
+            # gradient is read and the result written 16 bytes at a time (gbr's 16-element rows may load narrower)
+            size = 2 if name.startswith("bf16") else 4
+            assert k["shared"] <= (dropout_triton.BWD_ROWS + dropout_triton.BWD_COLS) * 16 * size, (name, k)
+            assert "ld.global.v4.b32" in k["access"] and "st.global.v4.b32" in k["access"], (name, k)
+            assert all(a.startswith("ld") for a in k["access"] if a != "st.global.v4.b32"), (name, k)

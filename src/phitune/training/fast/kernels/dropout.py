@@ -13,8 +13,10 @@ tested against, bit for bit.
 
 Ops (the forward and the backward of one dropout, no autograd inside):
   lora_dropout(x, seed, p)                            x with dropped elements zeroed (1/(1-p) is left to the caller)
-  lora_dropout_backward(t, base, seed, p, scale)      base + scale·drop(t) (base may be None): the LoRA branch's
-                                                      input gradient added to the base's in one pass
+  lora_dropout_backward(gbr, A, base, seed, p, scale) base + scale·drop(gbr A) (base may be None): the LoRA
+                                                      branch's input gradient, its K=r product taken per tile in
+                                                      the kernel (the (N, in) product is never written), added to
+                                                      the base's in the same pass
 The fast path calls them only where ``use_triton`` holds (CUDA); on the CPU it keeps its saved bool mask
 (``lora_autograd.keep_mask_cpu``), which is cheaper there than drawing the mask twice.
 """
@@ -34,7 +36,7 @@ _UNIFORM_SCALE = 4.6566127342e-10
 
 # FLOPs per element, floating point only (Philox is integer work, as in torch's own bernoulli, which torch's flop
 # registry counts as 0): forward int->float, scale, compare, select; backward those plus scale·t and + base (one
-# fewer without a base).
+# fewer without a base), and the 2r of the K=r product t = gbr A on top.
 FWD_FLOPS_PER_ELEMENT = 4
 BWD_FLOPS_PER_ELEMENT = 6
 
@@ -94,29 +96,32 @@ def _lora_dropout_fake(x, seed, p):
 
 
 @torch.library.custom_op("phitune::lora_dropout_backward", mutates_args=())
-def lora_dropout_backward(t: torch.Tensor, base: torch.Tensor | None, seed: int, p: float,
+def lora_dropout_backward(gbr: torch.Tensor, A: torch.Tensor, base: torch.Tensor | None, seed: int, p: float,
                           scale: float) -> torch.Tensor:
-    """base + scale·drop(t) with the mask ``lora_dropout(·, seed, p)`` drew (scale·drop(t) when base is None): the
-    gradient of x Wᵀ + s·(drop(x) Aᵀ) Bᵀ with respect to x, given base = g W and t = (g B) A."""
-    t = t.contiguous()
+    """base + scale·drop(gbr A) with the mask ``lora_dropout(·, seed, p)`` drew (scale·drop(gbr A) when base is
+    None): the gradient of x Wᵀ + s·(drop(x) Aᵀ) Bᵀ with respect to x, given gbr = g B (N, r), A (r, in) and
+    base = g W (N, in); all in one dtype."""
+    gbr, A = gbr.contiguous(), A.contiguous()
     base = None if base is None else base.contiguous()
-    if use_triton(t):
-        return _triton().dropout_backward(t, base, seed, p, scale)
+    if use_triton(gbr):
+        return _triton().dropout_backward(gbr, A, base, seed, p, scale)
+    t = torch.mm(gbr, A)
     dropped = torch.where(philox_keep_mask(seed, t.shape, p, t.device), t, 0)
     return dropped.mul_(scale) if base is None else base.add(dropped, alpha=scale)
 
 
 @lora_dropout_backward.register_fake
-def _lora_dropout_backward_fake(t, base, seed, p, scale):
-    return t.new_empty(t.shape)
+def _lora_dropout_backward_fake(gbr, A, base, seed, p, scale):
+    return gbr.new_empty((gbr.shape[0], A.shape[1]))
 
 
 def _dropout_flops(x_shape, seed, p, out_shape=None, **kwargs) -> int:
     return FWD_FLOPS_PER_ELEMENT * math.prod(x_shape)
 
 
-def _dropout_backward_flops(t_shape, base_shape, seed, p, scale, out_shape=None, **kwargs) -> int:
-    return (BWD_FLOPS_PER_ELEMENT - (base_shape is None)) * math.prod(t_shape)
+def _dropout_backward_flops(gbr_shape, a_shape, base_shape, seed, p, scale, out_shape=None, **kwargs) -> int:
+    rank = a_shape[0]
+    return (2 * rank + BWD_FLOPS_PER_ELEMENT - (base_shape is None)) * gbr_shape[0] * a_shape[1]
 
 
 register_flops(torch.ops.phitune.lora_dropout, _dropout_flops)

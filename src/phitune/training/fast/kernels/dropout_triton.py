@@ -1,6 +1,9 @@
-"""Triton kernels of ``kernels/dropout.py``: LoRA dropout forward, and its backward fused with the base's input
-gradient, each one pass over memory with the keep mask drawn in registers (see dropout.py for the mask's rule).
-Imported only when a kernel is launched."""
+"""Triton kernels of ``kernels/dropout.py``: LoRA dropout forward, and its backward fused with the LoRA branch's
+K=r product and the base's input gradient, each one pass over memory with the keep mask drawn in registers (see
+dropout.py for the mask's rule; ``keep_mask*`` here draw it for the SwiGLU kernels too). Imported only when a kernel
+is launched."""
+
+import os
 
 import torch
 import triton
@@ -11,6 +14,14 @@ import triton.language as tl
 # H100/H200's 132 SMs. A choice from common elementwise kernels, not tuned: no GPU was available to time it.
 BLOCK = 2048
 NUM_WARPS = 8
+# Backward: (32, 128) tiles of the (N, in) gradient, 4 warps: 32 elements per thread and a (32, 16) @ (16, 128)
+# tensor-core product per tile (A's tile, r x 128, is shared by every row tile and stays in L2). Phi-3-mini's qkv
+# input at batch 4 is 256 x 24 tiles. Not tuned either: no GPU to time it.
+BWD_ROWS, BWD_COLS, BWD_NUM_WARPS = 32, 128, 4
+# Triton's interpreter multiplies bfloat16 tl.dot operands wrongly (results off by ~1e10 in Triton 3.9): there the
+# operands go to float32 first, which computes the same products (a bf16 x bf16 product is exact in float32, as in
+# the tensor cores' float32 accumulation). Read when the kernels are decorated, as Triton reads it.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -55,22 +66,28 @@ def _dropout_fwd(x_ptr, out_ptr, n, seed, p, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dropout_bwd(t_ptr, base_ptr, out_ptr, n, seed, p, scale, HAS_BASE: tl.constexpr, UPCAST: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    inside = offs < n
-    t = tl.load(t_ptr + offs, mask=inside, other=0)
-    if UPCAST:  # 16-bit inputs: arithmetic in float32, rounded once on the store (as torch's opmath does)
-        t = t.to(tl.float32)
-    keep = keep_mask(seed, start, p, BLOCK)
+def _dropout_bwd(gbr_ptr, a_ptr, base_ptr, out_ptr, n_rows, n_cols, rank, seed, p, scale, HAS_BASE: tl.constexpr,
+                 ALIGNED: tl.constexpr, UPCAST_DOT: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr):
+    """One (BM, BN) tile of base + scale·drop(gbr A): t = gbr A from a (BM, R) and an (R, BN) tile (rank zero-padded
+    to R, a power of two >= 16 as tl.dot needs), float32 accumulation, one rounding on the store."""
+    row = (tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM))[:, None]
+    cols = (tl.program_id(1) * BN + tl.arange(0, BN))[None, :]
+    k = tl.arange(0, R)
+    gbr = tl.load(gbr_ptr + row * rank + k[None, :], mask=(row < n_rows) & (k[None, :] < rank), other=0)
+    a = tl.load(a_ptr + k[:, None] * n_cols + cols, mask=(k[:, None] < rank) & (cols < n_cols), other=0)
+    if UPCAST_DOT:
+        gbr, a = gbr.to(tl.float32), a.to(tl.float32)
+    t = tl.dot(gbr, a, input_precision="ieee")  # "ieee": float32 inputs multiply in float32, not TF32
+    if ALIGNED:  # each tile row starts at a multiple of 4: four elements per Philox call
+        keep = keep_mask_rows(seed, row * n_cols + tl.program_id(1) * BN, p, BM, BN)
+    else:
+        keep = keep_mask_at(seed, row * n_cols + cols, p)
     g = tl.where(keep, t * scale, 0)
+    inside = (row < n_rows) & (cols < n_cols)
     if HAS_BASE:
-        base = tl.load(base_ptr + offs, mask=inside, other=0)
-        if UPCAST:
-            base = base.to(tl.float32)
-        g = g + base
-    tl.store(out_ptr + offs, g.to(out_ptr.dtype.element_ty), mask=inside)
+        g = g + tl.load(base_ptr + row * n_cols + cols, mask=inside, other=0).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, g.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 def dropout_forward(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
@@ -82,15 +99,21 @@ def dropout_forward(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     return out
 
 
-def dropout_backward(t: torch.Tensor, base: torch.Tensor | None, seed: int, p: float, scale: float) -> torch.Tensor:
-    """``phitune::lora_dropout_backward`` on contiguous ``t`` and ``base`` (same shape and dtype, or base None)."""
-    if base is not None and (base.shape != t.shape or base.dtype != t.dtype):
-        raise ValueError(f"lora_dropout_backward: base {tuple(base.shape)} {base.dtype} does not match t "
-                         f"{tuple(t.shape)} {t.dtype}")
-    out = torch.empty_like(t)
-    n = t.numel()
-    if n:
-        _dropout_bwd[(triton.cdiv(n, BLOCK),)](t, t if base is None else base, out, n, seed, p, scale,
-                                               HAS_BASE=base is not None, UPCAST=t.element_size() < 4,
-                                               BLOCK=BLOCK, num_warps=NUM_WARPS)
+def dropout_backward(gbr: torch.Tensor, A: torch.Tensor, base: torch.Tensor | None, seed: int, p: float,
+                     scale: float) -> torch.Tensor:
+    """``phitune::lora_dropout_backward`` on contiguous gbr (N, r), A (r, in) and base (N, in) or None, one dtype."""
+    n_rows, rank = gbr.shape
+    n_cols = A.shape[1]
+    if A.shape[0] != rank or A.dtype != gbr.dtype or (
+            base is not None and (base.shape != (n_rows, n_cols) or base.dtype != gbr.dtype)):
+        raise ValueError(f"lora_dropout_backward: gbr {tuple(gbr.shape)} {gbr.dtype}, A {tuple(A.shape)} {A.dtype}, "
+                         f"base {None if base is None else (tuple(base.shape), base.dtype)} do not fit "
+                         "(N, r) @ (r, in) + (N, in) in one dtype")
+    out = gbr.new_empty((n_rows, n_cols))
+    if out.numel():
+        grid = (triton.cdiv(n_rows, BWD_ROWS), triton.cdiv(n_cols, BWD_COLS))
+        _dropout_bwd[grid](gbr, A, out if base is None else base, out, n_rows, n_cols, rank, seed, p, scale,
+                           HAS_BASE=base is not None, ALIGNED=n_cols % 4 == 0, UPCAST_DOT=_INTERPRETED,
+                           R=max(16, triton.next_power_of_2(rank)), BM=BWD_ROWS, BN=BWD_COLS,
+                           num_warps=BWD_NUM_WARPS)
     return out
