@@ -244,11 +244,11 @@ def _swiglu_down_grads(g, gu, Wc, Ac, Bc, xa, mask, s: float, need_gu: bool, nee
         gB = torch.mm(g.t(), xa).mul_(s)
     if need_gu:
         if seed is None:  # the LoRA term is masked here (or added by the matmul): the kernel sees one gradient
-            gh, t, p_kernel = _input_grad(g, Wc, gbr, Ac, mask, s), None, 0.0
-        else:
-            gh, t, p_kernel = torch.mm(g, Wc), torch.mm(gbr, Ac), p
-        ggu, hd = torch.ops.phitune.swiglu_backward(gu, gh, t, s, p_kernel, seed or 0, need_A)
-        del gh, t
+            gh, factors, p_kernel = _input_grad(g, Wc, gbr, Ac, mask, s), (None, None), 0.0
+        else:  # the kernel forms gbr A per tile and masks it
+            gh, factors, p_kernel = torch.mm(g, Wc), (gbr, Ac), p
+        ggu, hd = torch.ops.phitune.swiglu_backward(gu, gh, *factors, s, p_kernel, seed or 0, need_A)
+        del gh
         if need_A:
             hd = _masked(hd, mask)
     elif need_A:

@@ -47,6 +47,20 @@ def inputs(width, dtype, seed=0, rows=ROWS):
     return gu, gh, t
 
 
+def factors(width, dtype, seed=0, rows=ROWS):
+    """gbr (rows, r) and A (r, width) of a LoRA term t = gbr A: r = 16 (Phi-3's recipe), 5 at the small widths (the
+    kernel pads r to tl.dot's 16 with zeros)."""
+    g = torch.Generator().manual_seed(seed + 100)
+    rank = 5 if width <= 100 else 16
+    return (torch.randn(rows, rank, generator=g).to(DEVICE, dtype),
+            (torch.randn(rank, width, generator=g) / rank**0.5).to(DEVICE, dtype))
+
+
+def t_size(gbr, A):
+    """|gbr||A| (float64): bounds |gbr A| and sizes its rounding."""
+    return gbr.double().abs() @ A.double().abs()
+
+
 def h_size(gu):
     """Exact (float64) |silu(gate)·up|."""
     gate, up = (c.double() for c in gu.chunk(2, dim=-1))
@@ -74,6 +88,10 @@ def assert_within(got, want, size, steps, dtype, what):
 # sigmoid, silu and the product (up: 4 + 1), and the gate's chain 1-sig, ·gate, +1, ·sig, gh·up, product (8, with
 # the bracket's error relative to 1 + |gate|, which ``magnitudes`` carries).
 H_STEPS, UP_STEPS, GATE_STEPS = 3, 5, 8
+# With the LoRA factors the kernel keeps t = gbr A in float32 where the reference rounds it once to the dtype, and
+# each side sums r = 16 float32 products (16 float32 eps, under 4 of ``eps``'s steps): 5 more steps relative to
+# s·|gbr||A|, which ``magnitudes`` counts in the gradient's size.
+T_STEPS = 5
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -109,16 +127,18 @@ def test_dropout_forward_masks_h_with_the_seeds_mask_at_rate_p(width, dtype):
 @pytest.mark.parametrize("width,p", [(w, 0.0) for w in WIDTHS] + [(w, 0.3) for w in DROPOUT_WIDTHS])
 def test_backward_kernel_equals_reference(width, dtype, p):
     s, seed = 2.0 / (1 - p), 99
-    gu, gh, t = inputs(width, dtype, seed=1)
+    gu, gh, _ = inputs(width, dtype, seed=1)
+    gbr, A = factors(width, dtype, seed=1)
     keep = dropout.philox_keep_mask(seed, gh.shape, p, DEVICE) if p > 0 else None
     with force_triton():
-        ggu, hd = ops.swiglu_backward(gu, gh, t, s, p, seed, True)
-        ggu_no_h, empty = ops.swiglu_backward(gu, gh, t, s, p, seed, False)
-    ref, ref_hd = ops.swiglu_backward_reference(gu, gh, t, s, keep, True)
-    size = magnitudes(gu, gh, t, s)
+        ggu, hd = ops.swiglu_backward(gu, gh, gbr, A, s, p, seed, True)
+        ggu_no_h, empty = ops.swiglu_backward(gu, gh, gbr, A, s, p, seed, False)
+    ref, ref_hd = ops.swiglu_backward_reference(gu, gh, torch.mm(gbr, A), s, keep, True)
+    assert torch.equal(ref, ops.swiglu_backward(gu, gh, gbr, A, s, p, seed, True)[0])  # the op's torch path
+    size = magnitudes(gu, gh, t_size(gbr, A), s)
     assert ggu.dtype == hd.dtype == dtype and ggu.shape == gu.shape and empty.numel() == 0
-    assert_within(ggu[:, width:], ref[:, width:], size["up"], UP_STEPS, dtype, "grad of up")
-    assert_within(ggu[:, :width], ref[:, :width], size["gate"], GATE_STEPS, dtype, "grad of gate")
+    assert_within(ggu[:, width:], ref[:, width:], size["up"], UP_STEPS + T_STEPS, dtype, "grad of up")
+    assert_within(ggu[:, :width], ref[:, :width], size["gate"], GATE_STEPS + T_STEPS, dtype, "grad of gate")
     assert_within(hd, ref_hd, size["h"], H_STEPS, dtype, "drop(h)")
     assert torch.equal(ggu, ggu_no_h)
     if p > 0:  # the mask drawn again in backward is forward's: the same drop(h), bit for bit
@@ -131,7 +151,7 @@ def test_backward_kernel_without_lora_term(dtype):
     """No dropout: the LoRA term is already in gh (added by the matmul), t is None."""
     gu, gh, _ = inputs(8192, dtype, seed=2)
     with force_triton():
-        ggu, h = ops.swiglu_backward(gu, gh, None, 1.0, 0.0, 0, True)
+        ggu, h = ops.swiglu_backward(gu, gh, None, None, 1.0, 0.0, 0, True)
     ref, ref_h = ops.swiglu_backward_reference(gu, gh, None, 1.0, None, True)
     size = magnitudes(gu, gh, None, 1.0)
     assert_within(ggu[:, 8192:], ref[:, 8192:], size["up"], UP_STEPS, dtype, "grad of up")
@@ -143,17 +163,20 @@ def test_fake_implementations_give_the_real_shapes_and_dtypes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     for dtype in DTYPES:
-        gu, gh, t = inputs(100, dtype)
-        real = [ops.swiglu(gu), *ops.swiglu_dropout(gu, 0.1, 3), *ops.swiglu_backward(gu, gh, t, 1.0, 0.1, 3, True),
-                *ops.swiglu_backward(gu, gh, None, 1.0, 0.0, 0, False)]
+        gu, gh, _ = inputs(100, dtype)
+        gbr, A = factors(100, dtype)
+        real = [ops.swiglu(gu), *ops.swiglu_dropout(gu, 0.1, 3),
+                *ops.swiglu_backward(gu, gh, gbr, A, 1.0, 0.1, 3, True),
+                *ops.swiglu_backward(gu, gh, None, None, 1.0, 0.0, 0, False)]
         with FakeTensorMode(allow_non_fake_inputs=True):
             fake = [ops.swiglu(gu), *ops.swiglu_dropout(gu, 0.1, 3),
-                    *ops.swiglu_backward(gu, gh, t, 1.0, 0.1, 3, True),
-                    *ops.swiglu_backward(gu, gh, None, 1.0, 0.0, 0, False)]
+                    *ops.swiglu_backward(gu, gh, gbr, A, 1.0, 0.1, 3, True),
+                    *ops.swiglu_backward(gu, gh, None, None, 1.0, 0.0, 0, False)]
         assert [(f.shape, f.dtype, f.device) for f in fake] == [(r.shape, r.dtype, r.device) for r in real]
-    gu, gh, t = inputs(100, torch.float32)
+    gu, gh, _ = inputs(100, torch.float32)
+    gbr, A = factors(100, torch.float32)
     for op, args in [(ops.swiglu, (gu,)), (ops.swiglu_dropout, (gu, 0.1, 3)),
-                     (ops.swiglu_backward, (gu, gh, t, 1.0, 0.1, 3, True))]:
+                     (ops.swiglu_backward, (gu, gh, gbr, A, 1.0, 0.1, 3, True))]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -341,7 +364,10 @@ def swiglu_ops_in(sim, tokens: int, width: int, dropout: bool):
     assert len(forward) == len(backward) == 2, sorted(ops_by_name)  # one each per layer
     elements = tokens * width
     assert all(o.flops == (6 if dropout else 5) * elements and o.nbytes > 0 for o in forward)
-    assert all(o.flops == (15 if dropout else 12) * elements and o.nbytes > 0 for o in backward)
+    assert all(o.flops == (15 + 2 * 4 if dropout else 12) * elements and o.nbytes > 0 for o in backward)  # r = 4
+    if dropout:  # gu, gh, gbr (N, r), A (r, I) in; grad of gu and drop(h) out: no (N, I) LoRA product t
+        size = forward[0].nbytes // (4 * elements)  # the forward op moves gu, h and drop(h)
+        assert all(o.nbytes == (6 * elements + 4 * tokens + 4 * width) * size for o in backward)
     assert "silu" not in ops_by_name and "sigmoid" not in ops_by_name  # the old elementwise ops are gone
     return ops_by_name
 
@@ -394,3 +420,50 @@ def test_plan_on_the_fake_cuda_device_records_the_seeded_swiglu_ops(tmp_path):
     recorded = [SimpleNamespace(name=name, flops=flops, nbytes=nbytes) for name, flops, nbytes in result["ops"]]
     rows, length = result["batch"]
     swiglu_ops_in(SimpleNamespace(ops=recorded), rows * length, 96, dropout=True)
+
+
+SM90_COMPILE_SCRIPT = """
+import json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from phitune.training.fast.kernels import swiglu_triton as st
+aligned = [["tt.divisibility", 16]]  # what a launch on 16-byte-aligned tensors with sizes % 16 == 0 specializes
+report = {}
+for dtype in ("bf16", "fp32"):
+    signature = {n: f"*{dtype}" for n in ("gu_ptr", "gh_ptr", "gbr_ptr", "a_ptr", "ggu_ptr", "h_ptr")}
+    signature.update({"n_rows": "i32", "n_cols": "i32", "gu_row_stride": "i32", "rank": "i32", "s": "fp32",
+                      "p": "fp32", "seed": "i32"})
+    constexprs = {"HAS_T": True, "DROP": True, "WANT_H": True, "ALIGNED": True, "UPCAST_DOT": False, "R": 16,
+                  "ROWS": st._T_ROWS, "COLS": st._T_COLS}
+    signature.update({k: "constexpr" for k in constexprs})
+    src = ASTSource(fn=st._swiglu_backward, signature=signature, constexprs=constexprs,
+                    attrs={(i,): aligned for i in range(10)})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": st._WARPS})
+    report[dtype] = {"cubin": len(k.asm["cubin"]), "shared": k.metadata.shared,
+                     "access": sorted(set(re.findall(r"(?:ld|st)\\.global[.\\w]*", k.asm["ptx"])))}
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow  # a child process (Triton compiled, not interpreted): ~5-10 s on 2 shared cores
+def test_backward_kernel_with_the_lora_factors_compiles_for_an_h100():
+    """No GPU here, but Triton compiles for sm_90 without one (its bundled ptxas): the backward kernel with its K=r
+    tl.dot lowers in bfloat16 (tensor cores; the interpreter runs that product in float32) and float32, with shared
+    memory only for the product's operand tiles and 16-byte stores."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("Triton without its NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", SM90_COMPILE_SCRIPT], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for dtype, size in (("bf16", 2), ("fp32", 4)):
+        k = report[dtype]
+        assert k["cubin"] > 0 and 0 < k["shared"] <= (16 + 128) * 16 * size, (dtype, k)
+        assert k["access"][-1] == "st.global.v4.b32" and "ld.global.v4.b32" in k["access"], (dtype, k)

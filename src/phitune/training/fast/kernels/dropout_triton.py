@@ -21,7 +21,7 @@ BWD_ROWS, BWD_COLS, BWD_NUM_WARPS = 32, 128, 4
 # Triton's interpreter multiplies bfloat16 tl.dot operands wrongly (results off by ~1e10 in Triton 3.9): there the
 # operands go to float32 first, which computes the same products (a bf16 x bf16 product is exact in float32, as in
 # the tensor cores' float32 accumulation). Read when the kernels are decorated, as Triton reads it.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -113,7 +113,7 @@ def dropout_backward(gbr: torch.Tensor, A: torch.Tensor, base: torch.Tensor | No
     if out.numel():
         grid = (triton.cdiv(n_rows, BWD_ROWS), triton.cdiv(n_cols, BWD_COLS))
         _dropout_bwd[grid](gbr, A, out if base is None else base, out, n_rows, n_cols, rank, seed, p, scale,
-                           HAS_BASE=base is not None, ALIGNED=n_cols % 4 == 0, UPCAST_DOT=_INTERPRETED,
+                           HAS_BASE=base is not None, ALIGNED=n_cols % 4 == 0, UPCAST_DOT=INTERPRETED,
                            R=max(16, triton.next_power_of_2(rank)), BM=BWD_ROWS, BN=BWD_COLS,
                            num_warps=BWD_NUM_WARPS)
     return out

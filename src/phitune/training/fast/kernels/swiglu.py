@@ -4,9 +4,10 @@ Ops (``torch.ops.phitune``):
   swiglu(gu) -> h
   swiglu_dropout(gu, p, seed) -> (h, drop(h))           drop(h): h where ``keep``, else 0 (1/(1-p) left to the
                                                          caller's LoRA scaling, as lora_autograd does)
-  swiglu_backward(gu, gh, t, s, p, seed, want_h) -> (grad of gu, drop(h) or h)
-      gh is the down_proj input gradient g W (with the LoRA term already added when there is no dropout), t the LoRA
-      term gbr A that dropout masks (None without dropout): the gradient reaching h is gh + s·keep·t. The second
+  swiglu_backward(gu, gh, gbr, A, s, p, seed, want_h) -> (grad of gu, drop(h) or h)
+      gh is the down_proj input gradient g W (with the LoRA term already added when there is no dropout); gbr = g B
+      (N, r) and A (r, I) the factors of the LoRA term t = gbr A that dropout masks (both None without dropout):
+      the gradient reaching h is gh + s·keep·t, t formed per tile in the kernel (never written to memory). The second
       output is recomputed h (masked when p > 0) for grad_A, written by the same pass that reads gu anyway (one
       (N, I) write instead of a second read of the (N, 2I) gu); an empty tensor when ``want_h`` is False.
 
@@ -28,7 +29,7 @@ from .dropout import philox_keep_mask
 
 # FLOPs per element of h, counted as the kernels do them: sigmoid = exp, add, divide (3) + silu's multiply + up's
 # multiply; dropout adds a select. Backward: sigmoid (3), silu, g_up, 1-sig, ·gate, +1, ·sig, ·up, ·gh, h (9);
-# dropout and the LoRA term add s·t, its select and the add (3).
+# dropout and the LoRA term add s·t, its select and the add (3), and the 2r of t = gbr A.
 _FWD_FLOPS, _FWD_DROP_FLOPS, _BWD_FLOPS, _BWD_T_FLOPS = 5, 1, 12, 3
 
 
@@ -97,14 +98,16 @@ def swiglu_dropout(gu: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor,
 
 
 @torch.library.custom_op("phitune::swiglu_backward", mutates_args=())
-def swiglu_backward(gu: torch.Tensor, gh: torch.Tensor, t: torch.Tensor | None, s: float, p: float, seed: int,
-                    want_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad of gu, h or drop(h)) given gh and the LoRA term t (see the module docstring); p = 0: no dropout."""
+def swiglu_backward(gu: torch.Tensor, gh: torch.Tensor, gbr: torch.Tensor | None, A: torch.Tensor | None, s: float,
+                    p: float, seed: int, want_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad of gu, h or drop(h)) given gh and the LoRA term's factors gbr, A (see the module docstring); p = 0: no
+    dropout. gu, gh (2-D), gbr and A in one dtype."""
     if use_triton(gu):
         from . import swiglu_triton
 
-        return swiglu_triton.backward(gu, gh, t, s, p, seed, want_h)
+        return swiglu_triton.backward(gu, gh, gbr, A, s, p, seed, want_h)
     keep = philox_keep_mask(seed, gh.shape, p, gh.device) if p > 0 else None
+    t = None if gbr is None else torch.mm(gbr, A)
     return swiglu_backward_reference(gu, gh, t, s, keep, want_h)
 
 
@@ -119,7 +122,7 @@ def _(gu, p, seed):
 
 
 @swiglu_backward.register_fake
-def _(gu, gh, t, s, p, seed, want_h):
+def _(gu, gh, gbr, A, s, p, seed, want_h):
     return torch.empty_like(gu), gu.new_empty(_h_shape(gu)) if want_h else _empty(gu)
 
 
@@ -134,6 +137,6 @@ register_flops(torch.ops.phitune.swiglu, lambda gu, *_, out_shape=None, **__: _F
 register_flops(torch.ops.phitune.swiglu_dropout,
                lambda gu, *_, out_shape=None, **__: (_FWD_FLOPS + _FWD_DROP_FLOPS) * _h_elements(gu))
 register_flops(torch.ops.phitune.swiglu_backward,
-               lambda gu, gh, t, *_, out_shape=None, **__: (_BWD_FLOPS + (_BWD_T_FLOPS if t is not None else 0))
-               * _h_elements(gu))
+               lambda gu, gh, gbr, A, *_, out_shape=None, **__:
+               (_BWD_FLOPS + (_BWD_T_FLOPS + 2 * A[0] if gbr is not None else 0)) * _h_elements(gu))
 

@@ -20,9 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .dropout_triton import keep_mask_at, keep_mask_rows
+from .dropout_triton import INTERPRETED, keep_mask_at, keep_mask_rows
 
 _TILE, _WARPS = 1024, 4
+# Backward with the LoRA term: (16, 128) tiles (2048 elements, 16 per thread), for tl.dot's 16-row minimum; the
+# (r, 128) tile of A is shared by every row tile and stays in L2. Not timed: no GPU at hand.
+_T_ROWS, _T_COLS = 16, 128
 
 
 @triton.jit
@@ -60,9 +63,9 @@ def _swiglu_forward(gu_ptr, h_ptr, hd_ptr, n_rows, n_cols, gu_row_stride, p, see
 
 
 @triton.jit
-def _swiglu_backward(gu_ptr, gh_ptr, t_ptr, ggu_ptr, h_ptr, n_rows, n_cols, gu_row_stride, s, p, seed,
+def _swiglu_backward(gu_ptr, gh_ptr, gbr_ptr, a_ptr, ggu_ptr, h_ptr, n_rows, n_cols, gu_row_stride, rank, s, p, seed,
                      HAS_T: tl.constexpr, DROP: tl.constexpr, WANT_H: tl.constexpr, ALIGNED: tl.constexpr,
-                     ROWS: tl.constexpr, COLS: tl.constexpr):
+                     UPCAST_DOT: tl.constexpr, R: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     row, cols, inside = _tile(n_rows, n_cols, ROWS, COLS)
     index = row * n_cols + cols
     gate = tl.load(gu_ptr + row * gu_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
@@ -70,8 +73,13 @@ def _swiglu_backward(gu_ptr, gh_ptr, t_ptr, ggu_ptr, h_ptr, n_rows, n_cols, gu_r
     gh = tl.load(gh_ptr + index, mask=inside, other=0.0).to(tl.float32)
     if DROP:
         keep = _keep(seed, row, n_cols, index, p, ALIGNED, ROWS, COLS)
-    if HAS_T:
-        t = tl.load(t_ptr + index, mask=inside, other=0.0).to(tl.float32)
+    if HAS_T:  # t = gbr A for this tile: (ROWS, R) @ (R, COLS), rank zero-padded to R (>= 16, as tl.dot needs)
+        k = tl.arange(0, R)
+        gbr = tl.load(gbr_ptr + row * rank + k[None, :], mask=(row < n_rows) & (k[None, :] < rank), other=0)
+        a = tl.load(a_ptr + k[:, None] * n_cols + cols, mask=(k[:, None] < rank) & (cols < n_cols), other=0)
+        if UPCAST_DOT:
+            gbr, a = gbr.to(tl.float32), a.to(tl.float32)
+        t = tl.dot(gbr, a, input_precision="ieee")
         if DROP:
             t = tl.where(keep, t, 0.0)
         gh += s * t
@@ -117,18 +125,27 @@ def forward(gu: torch.Tensor, p: float, seed: int):
     return h, hd
 
 
-def backward(gu, gh, t, s: float, p: float, seed: int, want_h: bool):
+def backward(gu, gh, gbr, A, s: float, p: float, seed: int, want_h: bool):
     """(grad of gu, h or drop(h) or an empty tensor): see swiglu.swiglu_backward."""
     g2 = _rows(gu)
     n_cols = g2.shape[1] // 2
     gh = gh.contiguous()
-    t_arg = gh if t is None else t.contiguous()  # a placeholder pointer when HAS_T is off
+    has_t = gbr is not None
+    gbr, A = (gbr.contiguous(), A.contiguous()) if has_t else (gh, gh)  # placeholder pointers when HAS_T is off
+    rank = A.shape[0] if has_t else 0
     ggu = gu.new_empty((*gu.shape[:-1], 2 * n_cols))
     h = gu.new_empty((*gu.shape[:-1], n_cols)) if want_h else gu.new_empty(0)
-    grid, tile = _grid(g2.shape[0], n_cols)
+    if has_t:
+        cols = max(16, min(_T_COLS, triton.next_power_of_2(n_cols)))
+        rows = _T_ROWS * _T_COLS // cols
+        grid = (triton.cdiv(g2.shape[0], rows), triton.cdiv(n_cols, cols))
+        tile = {"ALIGNED": n_cols % 4 == 0, "ROWS": rows, "COLS": cols}
+    else:
+        grid, tile = _grid(g2.shape[0], n_cols)
     with _on(gu):
-        _swiglu_backward[grid](g2, gh, t_arg, ggu, h if want_h else ggu, g2.shape[0], n_cols, g2.stride(0),
-                               float(s), float(p), int(seed), HAS_T=t is not None, DROP=p > 0, WANT_H=want_h, **tile,
+        _swiglu_backward[grid](g2, gh, gbr, A, ggu, h if want_h else ggu, g2.shape[0], n_cols, g2.stride(0), rank,
+                               float(s), float(p), int(seed), HAS_T=has_t, DROP=p > 0, WANT_H=want_h,
+                               UPCAST_DOT=INTERPRETED, R=max(16, triton.next_power_of_2(rank)), **tile,
                                num_warps=_WARPS)
     return ggu, h
 
