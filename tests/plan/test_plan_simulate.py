@@ -125,3 +125,14 @@ def test_data_batch_is_the_largest_micro_batch_train_would_make(tiny_model_dir, 
     assert about["real_tokens"] == sum(len(s["input_ids"]) for s in samples)
     sim = simulate_step(cfg, tiny_phi3_config(2), 2, device="cpu", record_ops=False, samples=samples, entry=entry)
     assert sim.batch_shape[0] * sim.batch_shape[1] == about["padded_tokens"]
+
+
+def test_in_place_gemms_count_their_flops():
+    """torch's flop registry lists addmm, not addmm_: an in-place GEMM must not be priced as a free memory pass."""
+    from phitune.plan.simulate import OpRecorder
+
+    a, b, c = torch.randn(64, 32), torch.randn(32, 16), torch.zeros(64, 16)
+    with OpRecorder() as rec:
+        c.addmm_(a, b)
+        torch.addmm(c, a, b)
+    assert [(o.name, o.flops) for o in rec.ops] == [("addmm_", 2 * 64 * 32 * 16), ("addmm", 2 * 64 * 32 * 16)]

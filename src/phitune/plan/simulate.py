@@ -79,6 +79,15 @@ def _gemm_4bit_flops(a, b, shape_b, *rest) -> int:
 _EXTRA_FLOPS = {"gemm_4bit": _gemm_4bit_flops}
 
 
+def _out_of_place(packet):
+    """aten.addmm for aten.addmm_ & co.: torch's flop registry knows only the out-of-place ops, so an in-place GEMM
+    would otherwise count 0 FLOPs and be priced as a cheap memory pass."""
+    name = packet.__name__
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    return getattr(torch.ops.aten, name[:-1], None)
+
+
 class OpRecorder(TorchDispatchMode):
     """Records every op below it (FLOPs from torch's own formulas, bytes in and out); computes nothing itself.
 
@@ -96,8 +105,9 @@ class OpRecorder(TorchDispatchMode):
         tensors_in = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         tensors_out = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         nbytes = sum(t.numel() * t.element_size() for t in tensors_in + tensors_out)
-        if packet in flop_registry:
-            flops = int(flop_registry[packet](*args, **kwargs, out_val=out))
+        formula = flop_registry.get(packet) or flop_registry.get(_out_of_place(packet))
+        if formula is not None:
+            flops = int(formula(*args, **kwargs, out_val=out))
         else:
             flops = _EXTRA_FLOPS.get(packet.__name__, lambda *a: 0)(*args)
         half = any(t.dtype in (torch.bfloat16, torch.float16) for t in tensors_in + tensors_out)
