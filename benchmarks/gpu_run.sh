@@ -60,11 +60,13 @@ cat "$OUT/env.txt"
 gpu_tests() {
   if [ "$dry" = 1 ]; then  # collecting imports every test module: a renamed import fails here, not on the device
     python3 -m pytest -q --collect-only -m gpu tests/training/test_fast.py tests/training/test_loss.py \
-      -p no:cacheprovider >"$OUT/gpu_tests.txt" 2>&1 || { failed=1; tail -15 "$OUT/gpu_tests.txt"; }
+      tests/training/fast/kernels -p no:cacheprovider >"$OUT/gpu_tests.txt" 2>&1 || { failed=1; tail -15 "$OUT/gpu_tests.txt"; }
     tail -1 "$OUT/gpu_tests.txt"
     return
   fi
   timeout 120 python3 -m pytest -q -m gpu tests/training/test_fast.py tests/training/test_loss.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+  # the fast path's Triton kernels compiled for the device (on a CPU the suite runs them through Triton's interpreter)
+  timeout 300 python3 -m pytest -q tests/training/fast/kernels 2>&1 | tail -15 | tee -a "$OUT/gpu_tests.txt"
 }
 
 main_part() {
