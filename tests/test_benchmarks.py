@@ -33,6 +33,7 @@ SMOKE = {
     "generate_throughput.py": ((), ["tokens/s", "answers identical token for token"]),
     "gpu_predicted.py": (("peft",), ["PREDICTED", "predicted ratio phitune/peer", '"setting": "blocks_b4"']),
     "loading_memory.py": ((), ["x single", "before", "after"]),
+    "loss_chunks.py": ((), ['"dtype": "float32", "chunk"', '"dtype": "bfloat16", "chunk"', '"default": true']),
     "lora_layers.py": (("peft", "loralib"), ["phitune Linear", "loralib/phitune =", "peft/phitune ="]),
     "plan_accuracy.py": ((), ["predicted", "measured", "calibration: measured / roofline"]),
     "preference_throughput.py": (("trl", "peft"), ['"run": "trl", "pairs_per_s"', '"run": "phitune", "pairs_per_s"',
