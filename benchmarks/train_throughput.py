@@ -226,8 +226,9 @@ def _json(line: str) -> dict:
         return {}
 
 
-def run_measured(cmd: list[str], env: dict) -> tuple[list[dict], float, str]:
-    """Run ``cmd``; return its JSON lines, its peak RSS in GiB, and stderr's tail."""
+def run_measured(cmd: list[str], env: dict) -> tuple[list[dict], float, str, float]:
+    """Run ``cmd``; return its JSON lines, its peak RSS in GiB, stderr's tail, and its CPU seconds (user + system,
+    the whole process: imports and model building included)."""
     import tempfile
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -238,7 +239,7 @@ def run_measured(cmd: list[str], env: dict) -> tuple[list[dict], float, str]:
         err.seek(0)
         lines = [_json(x) for x in out.read().splitlines() if x.startswith("{")]
         tail = err.read()[-2000:]
-    return lines, usage.ru_maxrss / 2**20, tail  # ru_maxrss is KiB on Linux
+    return lines, usage.ru_maxrss / 2**20, tail, usage.ru_utime + usage.ru_stime  # ru_maxrss is KiB on Linux
 
 
 def main(argv=None):
@@ -306,7 +307,7 @@ def main(argv=None):
     jobs += [("phitune", v, [sys.executable, __file__, *common, "--child", v]) for v in a.variants.split(",") if v]
     jobs = jobs * max(1, a.repeat)
     for kind, v, cmd in jobs:
-        lines, rss, err = run_measured(cmd, env)
+        lines, rss, err, cpu = run_measured(cmd, env)
         row = next((x for x in lines if "tokens_per_s" in x or "error" in x), None)
         if row is None:
             row = {"run": kind, "variant": v, "error": err[-400:]}
@@ -314,6 +315,8 @@ def main(argv=None):
         if a.device != "cuda":
             row["peak_rss_gib"] = round(rss, 3)
             row["load_avg_1m"] = round(os.getloadavg()[0], 2)  # after the run; includes the run's own threads
+            # with one thread (OMP_NUM_THREADS=1) a run's CPU seconds are its work, whatever the neighbours take
+            row["process_cpu_s"] = round(cpu, 1)
         if "tokens_per_s" in row:
             mult = 3 if "ckpt" in v else 2  # forward + activation gradients (+ recompute), as peer_baseline.py
             row["mfu"] = round(row["tokens_per_s"] * fpt * mult / rate, 4)
