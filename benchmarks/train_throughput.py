@@ -32,6 +32,7 @@ import functools
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -225,8 +226,9 @@ def _json(line: str) -> dict:
         return {}
 
 
-def run_measured(cmd: list[str], env: dict) -> tuple[list[dict], float, str]:
-    """Run ``cmd``; return its JSON lines, its peak RSS in GiB, and stderr's tail."""
+def run_measured(cmd: list[str], env: dict) -> tuple[list[dict], float, str, float]:
+    """Run ``cmd``; return its JSON lines, its peak RSS in GiB, stderr's tail, and its CPU seconds (user + system,
+    the whole process: imports and model building included)."""
     import tempfile
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -237,7 +239,7 @@ def run_measured(cmd: list[str], env: dict) -> tuple[list[dict], float, str]:
         err.seek(0)
         lines = [_json(x) for x in out.read().splitlines() if x.startswith("{")]
         tail = err.read()[-2000:]
-    return lines, usage.ru_maxrss / 2**20, tail  # ru_maxrss is KiB on Linux
+    return lines, usage.ru_maxrss / 2**20, tail, usage.ru_utime + usage.ru_stime  # ru_maxrss is KiB on Linux
 
 
 def main(argv=None):
@@ -254,7 +256,7 @@ def main(argv=None):
     p.add_argument("--peer", default="base", help="peer_baseline.py variants (base, ckpt, liger, ...); '' for none")
     p.add_argument("--repeat", type=int, default=1,
                    help="run the whole peer/phitune sequence this many times, interleaved; ratios use each run's "
-                        "best tokens/s (CPU timings on a shared machine drift)")
+                        "best tokens/s, and tokens_per_s_median the medians (CPU timings on a shared machine drift)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (phitune: training_config bf16: "
                    "true; the peer: bfloat16 weights and bf16=True)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -298,25 +300,32 @@ def main(argv=None):
     print(json.dumps({"device": a.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "matmul_tflops": round(rate / 1e12, 3), "forward_gflop_per_token": round(fpt / 1e9, 3),
                       "size": a.size, "batch": a.batch, "seq": a.seq, "data": a.data, "steps": a.steps,
-                      "bf16": a.bf16}), flush=True)
+                      "bf16": a.bf16, "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
     results = []
     jobs = [("peer", v, [sys.executable, str(peer_script()), *common, "--variants", v])
             for v in a.peer.split(",") if v]
     jobs += [("phitune", v, [sys.executable, __file__, *common, "--child", v]) for v in a.variants.split(",") if v]
     jobs = jobs * max(1, a.repeat)
     for kind, v, cmd in jobs:
-        lines, rss, err = run_measured(cmd, env)
+        lines, rss, err, cpu = run_measured(cmd, env)
         row = next((x for x in lines if "tokens_per_s" in x or "error" in x), None)
         if row is None:
             row = {"run": kind, "variant": v, "error": err[-400:]}
         row.setdefault("run", kind)
         if a.device != "cuda":
             row["peak_rss_gib"] = round(rss, 3)
+            row["load_avg_1m"] = round(os.getloadavg()[0], 2)  # after the run; includes the run's own threads
+            # with one thread (OMP_NUM_THREADS=1) a run's CPU seconds are its work, whatever the neighbours take
+            row["process_cpu_s"] = round(cpu, 1)
         if "tokens_per_s" in row:
             mult = 3 if "ckpt" in v else 2  # forward + activation gradients (+ recompute), as peer_baseline.py
             row["mfu"] = round(row["tokens_per_s"] * fpt * mult / rate, 4)
         results.append(row)
         print(json.dumps(row), flush=True)
+    runs: dict = {}  # every repeat's tokens/s per (run, variant), for the medians
+    for r in results:
+        if "tokens_per_s" in r:
+            runs.setdefault((r["run"], r.get("variant")), []).append(r["tokens_per_s"])
     best: dict = {}
     for r in results:  # best tokens/s of each (run, variant) over the repeats
         key = (r["run"], r.get("variant"))
@@ -333,7 +342,9 @@ def main(argv=None):
                               "tokens_per_s": round(r["tokens_per_s"] / ref["tokens_per_s"], 3),
                               "supervised_tokens_per_s": round(r["supervised_tokens_per_s"]
                                                                / ref["supervised_tokens_per_s"], 3),
-                              "peak_memory": round(r.get(mem, 0) / ref[mem], 3) if ref.get(mem) else None}),
+                              "peak_memory": round(r.get(mem, 0) / ref[mem], 3) if ref.get(mem) else None,
+                              "tokens_per_s_median": round(statistics.median(runs[("phitune", r["variant"])])
+                                                           / statistics.median(runs[("peer", ref["variant"])]), 3)}),
                   flush=True)
     if failed:  # a failing variant fails the invocation (gpu_run.sh and CI see it), after every row is printed
         sys.exit(f"{len(failed)} run(s) failed: {', '.join(str(r.get('variant')) for r in failed)}")

@@ -33,6 +33,7 @@ SMOKE = {
     "generate_throughput.py": ((), ["tokens/s", "answers identical token for token"]),
     "gpu_predicted.py": (("peft",), ["PREDICTED", "predicted ratio phitune/peer", '"setting": "blocks_b4"']),
     "loading_memory.py": ((), ["x single", "before", "after"]),
+    "loss_chunks.py": ((), ['"dtype": "float32", "chunk"', '"dtype": "bfloat16", "chunk"', '"default": true']),
     "lora_layers.py": (("peft", "loralib"), ["phitune Linear", "loralib/phitune =", "peft/phitune ="]),
     "plan_accuracy.py": ((), ["predicted", "measured", "calibration: measured / roofline"]),
     "preference_throughput.py": (("trl", "peft"), ['"run": "trl", "pairs_per_s"', '"run": "phitune", "pairs_per_s"',
@@ -128,3 +129,21 @@ def test_gpu_run_dry_run_checks_every_command_on_a_cpu(tmp_path):
     assert all(r["size"] == "mini" and r["device"] == "cuda" and r["seq"] == 2048 for r in runs)
     assert "tests collected" in (tmp_path / "out" / "gpu_tests.txt").read_text()
     assert cpu_s < CPU_BUDGET_S, f"the dry run used {cpu_s:.1f} CPU seconds"
+
+
+@pytest.mark.slow
+def test_step_profile_cpu_time_mode_times_every_op_of_both_steps_in_bf16(tmp_path):
+    """--cpu-time (one thread, each aten op's thread CPU time) with --bf16 and --matmuls: both steps are timed op by
+    op, and the slowest matmuls are listed with their shapes."""
+    pytest.importorskip("peft")
+    done, cpu_s = run_measured([sys.executable, str(BENCH / "step_profile.py"), "--smoke", "--cpu-time", "--bf16",
+                                "--matmuls", "3"], bench_env(tmp_path))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
+    steps = [r for r in rows if "run" in r]
+    assert [r["run"] for r in steps] == ["peer", "phitune"]
+    for r in steps:
+        assert r["step_cpu_s"] > 0 and r["ops_per_step"] > 0 and r["matmul_s"] > 0
+        assert len(r["slowest_matmuls"]) == 3 and all(len(m["shapes"]) >= 2 for m in r["slowest_matmuls"])
+    assert "speedup_step_cpu" in rows[-1]
+    assert cpu_s < CPU_BUDGET_S, f"step_profile.py --smoke --cpu-time used {cpu_s:.1f} CPU seconds"

@@ -103,3 +103,37 @@ def test_packed_4d_mask_equals_position_ids():
     other[0, 0, 5, 1] = True
     assert not mask_matches_positions(other, pos)
     assert "attention_mask" in model_inputs(model, dict(batch, attention_mask=other))
+
+
+def test_bf16_logits_on_a_cpu_take_smaller_lm_head_chunks_with_the_same_loss(monkeypatch):
+    """cross_entropy's rule for half-precision logits on a CPU (benchmarks/loss_chunks.py): under bf16 autocast
+    head_loss cuts a Phi-3-sized vocabulary's positions into smaller chunks than in float32, and the loss and the
+    hidden states' gradient equal those of one chunk."""
+    from phitune.training.fast import cross_entropy as ce
+
+    vocab, n, width = 32064, 300, 16
+    cpu = torch.device("cpu")
+    assert ce.default_chunk(vocab, torch.bfloat16, cpu) < n < ce.default_chunk(vocab, torch.float32, cpu)
+    assert ce.default_chunk(vocab, torch.bfloat16, torch.device("meta")) == ce.default_chunk(vocab, torch.float32, cpu)
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(width, vocab, bias=False).requires_grad_(False)
+    hidden = torch.randn(1, n, width, generator=g).requires_grad_()
+    labels = torch.randint(0, vocab, (1, n), generator=g)
+    chunks = []
+    real = ce.HeadCrossEntropy.apply
+    monkeypatch.setattr(ce.HeadCrossEntropy, "apply", lambda *a: chunks.append(a[4]) or real(*a))
+
+    def loss_and_grad(**kw):
+        hidden.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ce.head_loss(hidden, head, labels, **kw)
+        out.loss_sum.backward()
+        return out.loss_sum.detach(), hidden.grad.clone()
+
+    loss, grad = loss_and_grad()
+    assert chunks == [ce.default_chunk(vocab, torch.bfloat16, cpu)]
+    one_loss, one_grad = loss_and_grad(chunk_tokens=n)
+    # A row's logits, loss and gradient do not depend on its chunk: only the float32 sum over rows is reordered
+    # (n terms, float32 eps), and a bf16 gradient row may round the other way (one bf16 ulp of its largest entry).
+    torch.testing.assert_close(loss, one_loss, rtol=n * 2**-24, atol=0)
+    torch.testing.assert_close(grad, one_grad, rtol=0, atol=2**-8 * one_grad.abs().max().item())
