@@ -39,7 +39,7 @@ from ..data.labels import IGNORE_INDEX
 from ..data.preference import pair_plan
 from ..lora import disable_adapters
 from .fast import FastPath, attention
-from .fast.cross_entropy import decoder_of, default_chunk, head_is_plain
+from .fast.cross_entropy import decoder_of, default_chunk, head_is_plain, logits_dtype
 from .step import batch_maker, to_device, without_labels
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -95,7 +95,7 @@ def token_logps(model, batch: dict, positions: torch.Tensor, fast: FastPath | No
     idx = positions.reshape(-1).nonzero().squeeze(1)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
     picked = _chunked_token_logps(rows, head, targets.reshape(-1).index_select(0, idx),
-                                  default_chunk(head.weight.shape[0]))
+                                  default_chunk(head.weight.shape[0], logits_dtype(rows), rows.device))
     flat = torch.zeros(positions.numel(), dtype=picked.dtype, device=picked.device)
     return flat.index_put((idx,), picked).reshape(positions.shape) + hidden.sum() * 0.0  # keeps an empty batch's graph
 
