@@ -15,7 +15,8 @@ passes over memory and save only what backward needs:
                 LoRA branch is one function.
   swiglu_down   y = down(silu(gate)·up) with down's LoRA, from the gate_up output. Saves gate_up and the dropout
                 mask (1 byte per element; on a GPU only the seed its kernel draws it from); silu(gate)·up is
-                recomputed in backward instead of being stored, each direction one op (kernels/swiglu.py).
+                recomputed in backward instead of being stored, each direction one op (kernels/swiglu.py); on a
+                GPU the forward op also forms down's LoRA product drop(h) Aᵀ, so drop(h) is never written.
   rms_norm      Phi-3/Llama RMSNorm with a hand-written backward: saves x and one float per row. On CUDA each
                 direction is one Triton kernel (kernels/rms_norm.py).
   qkv_rope      split of the fused qkv projection + rotary embedding, straight into (B, H, T, D) tensors; backward

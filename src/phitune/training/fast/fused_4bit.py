@@ -16,7 +16,7 @@ from .lora_autograd import (
     _dropout_p,
     _fusable,
     _swiglu_down_grads,
-    _swiglu_dropped,
+    swiglu_lora,
 )
 
 
@@ -29,11 +29,10 @@ class SwiGLUDown4bitFn(torch.autograd.Function):
     def forward(ctx, gu, layer, A, B, scaling: float, p: float):
         cdt = gu.dtype
         Ac, Bc = A.to(cdt), B.to(cdt)
-        h, hd, mask, seed = _swiglu_dropped(gu, p)
+        h, xa, mask, seed = swiglu_lora(gu, Ac, p)
         s = scaling / (1.0 - p) if p > 0 else scaling
         y = layer.base_forward(h)
         del h
-        xa = torch.mm(hd, Ac.t())
         y = y.addmm_(xa, Bc.t(), alpha=s)
         ctx.save_for_backward(gu, Ac, Bc, xa, mask)
         ctx.layer, ctx.scaling, ctx.p, ctx.seed, ctx.dtypes = layer, s, p, seed, (A.dtype, B.dtype)

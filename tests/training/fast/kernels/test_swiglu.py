@@ -355,19 +355,26 @@ def plan_shape():
                       num_key_value_heads=4, vocab_size=512, max_position_embeddings=256, pad_token_id=0)
 
 
-def swiglu_ops_in(sim, tokens: int, width: int, dropout: bool):
+def swiglu_ops_in(sim, tokens: int, width: int, dropout: bool, rank: int = 4):
     ops_by_name = {}
     for o in sim.ops:
         ops_by_name.setdefault(o.name, []).append(o)
-    forward = ops_by_name.get("swiglu_dropout" if dropout else "swiglu", [])
+    forward = ops_by_name.get("swiglu_lora_forward", [])
     backward = ops_by_name.get("swiglu_backward", [])
     assert len(forward) == len(backward) == 2, sorted(ops_by_name)  # one each per layer
+    assert "swiglu_dropout" not in ops_by_name and "swiglu" not in ops_by_name  # the forward forms xa itself
     elements = tokens * width
-    assert all(o.flops == (6 if dropout else 5) * elements and o.nbytes > 0 for o in forward)
-    assert all(o.flops == (15 + 2 * 4 if dropout else 12) * elements and o.nbytes > 0 for o in backward)  # r = 4
+    assert all(o.flops == ((6 if dropout else 5) + 2 * rank) * elements for o in forward)
+    assert all(o.flops == (15 + 2 * rank if dropout else 12) * elements and o.nbytes > 0 for o in backward)
+    # the forward moves gu (N, 2I), A (r, I) in and h (N, I), xa (N, r) out: drop(h) is never written
+    size = forward[0].nbytes // (3 * elements + rank * width + tokens * rank)
+    assert size in (2, 4) and all(o.nbytes == (3 * elements + rank * width + tokens * rank) * size for o in forward)
     if dropout:  # gu, gh, gbr (N, r), A (r, I) in; grad of gu and drop(h) out: no (N, I) LoRA product t
-        size = forward[0].nbytes // (4 * elements)  # the forward op moves gu, h and drop(h)
-        assert all(o.nbytes == (6 * elements + 4 * tokens + 4 * width) * size for o in backward)
+        assert all(o.nbytes == (6 * elements + rank * tokens + rank * width) * size for o in backward)
+    # no separate (N, I) @ (I, r) matmul for xa: those left of that size are backward's, per layer grad_A and (no
+    # dropout: the kernel does not form it then) the input gradient's t = gbr A
+    xa_sized = [o for o in ops_by_name.get("mm", []) if o.flops == 2 * tokens * width * rank]
+    assert len(xa_sized) == (1 if dropout else 2) * 2, len(xa_sized)
     assert "silu" not in ops_by_name and "sigmoid" not in ops_by_name  # the old elementwise ops are gone
     return ops_by_name
 

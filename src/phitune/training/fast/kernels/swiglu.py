@@ -4,6 +4,11 @@ Ops (``torch.ops.phitune``):
   swiglu(gu) -> h
   swiglu_dropout(gu, p, seed) -> (h, drop(h))           drop(h): h where ``keep``, else 0 (1/(1-p) left to the
                                                          caller's LoRA scaling, as lora_autograd does)
+  swiglu_lora_forward(gu, A, p, seed) -> (h, xa)     xa = drop(h) Aᵀ (N, r), the LoRA branch's K=r product of
+                                                         down_proj; p = 0: no dropout. On a GPU drop(h) is never
+                                                         written: each tile of it is the operand of the product
+                                                         (``phitune plan``, Phi-3-mini batch 4: swiglu_dropout's
+                                                         second (N, I) output and the mm reading it back)
   swiglu_backward(gu, gh, gbr, A, s, p, seed, want_h) -> (grad of gu, drop(h) or h)
       gh is the down_proj input gradient g W (with the LoRA term already added when there is no dropout); gbr = g B
       (N, r) and A (r, I) the factors of the LoRA term t = gbr A that dropout masks (both None without dropout):
@@ -24,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import register_flops, use_triton
+from . import _kernels_on, register_flops, use_triton
 from .dropout import philox_keep_mask
 
 # FLOPs per element of h, counted as the kernels do them: sigmoid = exp, add, divide (3) + silu's multiply + up's
@@ -97,6 +102,30 @@ def swiglu_dropout(gu: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor,
     return h, torch.where(philox_keep_mask(seed, h.shape, p, h.device), h, 0)
 
 
+@torch.library.custom_op("phitune::swiglu_lora_forward", mutates_args=())
+def swiglu_lora_forward(gu: torch.Tensor, A: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, drop(h) Aᵀ) with A (r, I) in gu's dtype and drop's keep mask drawn from ``seed``; p = 0: no dropout."""
+    if use_triton(gu):
+        from . import swiglu_triton
+
+        return swiglu_triton.lora_forward(gu, A, p, seed)
+    return swiglu_lora_forward_reference(gu, A, p, seed)
+
+
+def swiglu_lora_forward_reference(gu, A, p: float, seed: int):
+    """swiglu_lora_forward in torch: h, its seeded dropout, and the K=r matmul, each its own op."""
+    h = swiglu_reference(gu)
+    hd = torch.where(philox_keep_mask(seed, h.shape, p, h.device), h, 0) if p > 0 else h
+    return h, torch.matmul(hd, A.t())
+
+
+def lora_forward_fused(gu: torch.Tensor) -> bool:
+    """Whether SwiGLU + down_proj's LoRA forward takes swiglu_lora_forward: where the kernels run (CUDA), and on
+    phitune plan's meta tensors standing for CUDA (QLoRA's simulation), as ``dropout_seed`` counts them. Elsewhere
+    (the CPU) h, drop(h) and the product stay separate ops, as fast there as the reference's."""
+    return use_triton(gu) or (gu.device.type == "meta" and _kernels_on())
+
+
 @torch.library.custom_op("phitune::swiglu_backward", mutates_args=())
 def swiglu_backward(gu: torch.Tensor, gh: torch.Tensor, gbr: torch.Tensor | None, A: torch.Tensor | None, s: float,
                     p: float, seed: int, want_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +150,11 @@ def _(gu, p, seed):
     return gu.new_empty(_h_shape(gu)), gu.new_empty(_h_shape(gu))
 
 
+@swiglu_lora_forward.register_fake
+def _(gu, A, p, seed):
+    return gu.new_empty(_h_shape(gu)), gu.new_empty((*gu.shape[:-1], A.shape[0]))
+
+
 @swiglu_backward.register_fake
 def _(gu, gh, gbr, A, s, p, seed, want_h):
     return torch.empty_like(gu), gu.new_empty(_h_shape(gu)) if want_h else _empty(gu)
@@ -136,6 +170,10 @@ def _h_elements(gu_shape) -> int:
 register_flops(torch.ops.phitune.swiglu, lambda gu, *_, out_shape=None, **__: _FWD_FLOPS * _h_elements(gu))
 register_flops(torch.ops.phitune.swiglu_dropout,
                lambda gu, *_, out_shape=None, **__: (_FWD_FLOPS + _FWD_DROP_FLOPS) * _h_elements(gu))
+# swiglu_lora_forward: swiglu's (and dropout's select when p > 0), then r multiply-adds per element of h for xa
+register_flops(torch.ops.phitune.swiglu_lora_forward,
+               lambda gu, A, p, *_, out_shape=None, **__:
+               (_FWD_FLOPS + (_FWD_DROP_FLOPS if p > 0 else 0) + 2 * A[0]) * _h_elements(gu))
 register_flops(torch.ops.phitune.swiglu_backward,
                lambda gu, gh, gbr, A, *_, out_shape=None, **__:
                (_BWD_FLOPS + (_BWD_T_FLOPS + 2 * A[0] if gbr is not None else 0)) * _h_elements(gu))

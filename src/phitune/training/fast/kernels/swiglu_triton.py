@@ -3,7 +3,8 @@
 Launch: one program per tile of ROWS x COLS elements of h (1024 in all: COLS = 1024 columns for the zoo's
 intermediate widths, several rows per program for narrow ones), row tiles on grid axis 0 (no 65535 limit there).
 4 warps: 8 elements per thread, 16-byte loads of bfloat16; Phi-3-mini's I = 8192 is 8 programs per row. Chosen from
-the H100/H200's memory system, not timed: no GPU was at hand when these were written.
+the H100/H200's memory system, not timed: no GPU was at hand when these were written. swiglu_lora_forward's
+kernel instead gives each program whole rows (it sums over them into xa): see _L_ROWS.
 
 Dropout: the fast path's one mask rule (dropout.py): element row·I + col of h is kept by component (row·I + col) % 4
 of Philox ``randint4x(seed, (row·I + col) // 4)``, the same expression in forward and backward, so the mask is drawn
@@ -26,6 +27,11 @@ _TILE, _WARPS = 1024, 4
 # Backward with the LoRA term: (16, 128) tiles (2048 elements, 16 per thread), for tl.dot's 16-row minimum; the
 # (r, 128) tile of A is shared by every row tile and stays in L2. Not timed: no GPU at hand.
 _T_ROWS, _T_COLS = 16, 128
+# Forward with the LoRA product (swiglu_lora_forward): one program per 16 rows (tl.dot's minimum), walking h's row
+# in 256-column tiles; Phi-3-mini at batch 4 (8192 x 8192) is 512 programs of 32 tiles, about 4 per SM of an H100's
+# 132, each holding a (16, 16) float32 accumulator. 4 warps: 8 elements of each (16, 256) tile per thread
+# (16-byte bf16 loads); A's (256, r) tile is read by every program and stays in L2. Not timed: no GPU at hand.
+_L_ROWS, _L_COLS = 16, 256
 
 
 @triton.jit
@@ -95,6 +101,38 @@ def _swiglu_backward(gu_ptr, gh_ptr, gbr_ptr, a_ptr, ggu_ptr, h_ptr, n_rows, n_c
         tl.store(h_ptr + index, h, mask=inside)
 
 
+@triton.jit
+def _swiglu_lora_forward(gu_ptr, a_ptr, h_ptr, xa_ptr, n_rows, n_cols, gu_row_stride, rank, p, seed,
+                         DROP: tl.constexpr, ALIGNED: tl.constexpr, UPCAST_DOT: tl.constexpr, R: tl.constexpr,
+                         ROWS: tl.constexpr, COLS: tl.constexpr):
+    """ROWS rows of h (written) and of xa = drop(h) Aᵀ (rank zero-padded to R): drop(h) exists only per tile, in
+    registers, as the tl.dot operand; the product accumulates in float32 over the row's column tiles."""
+    row = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+    k = tl.arange(0, R)
+    acc = tl.zeros((ROWS, R), dtype=tl.float32)
+    for start in range(0, n_cols, COLS):
+        cols = (start + tl.arange(0, COLS))[None, :]
+        inside = (row < n_rows) & (cols < n_cols)
+        gate = tl.load(gu_ptr + row * gu_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
+        up = tl.load(gu_ptr + row * gu_row_stride + n_cols + cols, mask=inside, other=0.0).to(tl.float32)
+        h = (gate * (1.0 / (1.0 + tl.exp(-gate))) * up).to(h_ptr.dtype.element_ty)
+        index = row * n_cols + cols
+        tl.store(h_ptr + index, h, mask=inside)
+        if DROP:  # the one mask rule (dropout.py), as _keep draws it for the other SwiGLU kernels
+            if ALIGNED:
+                keep = keep_mask_rows(seed, row * n_cols + start, p, ROWS, COLS)
+            else:
+                keep = keep_mask_at(seed, index, p)
+            h = tl.where(keep, h, 0.0)
+        col = (start + tl.arange(0, COLS))[:, None]  # A's (COLS, R) tile, Aᵀ by the addressing: A is (rank, n_cols)
+        a = tl.load(a_ptr + k[None, :] * n_cols + col, mask=(k[None, :] < rank) & (col < n_cols), other=0)
+        if UPCAST_DOT:
+            h, a = h.to(tl.float32), a.to(tl.float32)
+        acc = tl.dot(h, a, acc, input_precision="ieee")
+    tl.store(xa_ptr + row * rank + k[None, :], acc.to(xa_ptr.dtype.element_ty),
+             mask=(row < n_rows) & (k[None, :] < rank))
+
+
 def _rows(gu: torch.Tensor) -> torch.Tensor:
     gu = gu.reshape(-1, gu.shape[-1])
     return gu if gu.stride(-1) == 1 else gu.contiguous()
@@ -123,6 +161,24 @@ def forward(gu: torch.Tensor, p: float, seed: int):
         _swiglu_forward[grid](g2, h, hd, g2.shape[0], n_cols, g2.stride(0), float(p), int(seed), DROP=p > 0, **tile,
                               num_warps=_WARPS)
     return h, hd
+
+
+def lora_forward(gu: torch.Tensor, A: torch.Tensor, p: float, seed: int):
+    """(h, drop(h) Aᵀ) (dropout off when p == 0): see swiglu.swiglu_lora_forward."""
+    g2 = _rows(gu)
+    n_rows, n_cols = g2.shape[0], g2.shape[1] // 2
+    A = A.contiguous()
+    rank = A.shape[0]
+    h = gu.new_empty((*gu.shape[:-1], n_cols))
+    xa = gu.new_empty((*gu.shape[:-1], rank))
+    if n_rows:
+        cols = max(16, min(_L_COLS, triton.next_power_of_2(n_cols)))
+        with _on(gu):
+            _swiglu_lora_forward[(triton.cdiv(n_rows, _L_ROWS),)](
+                g2, A, h, xa, n_rows, n_cols, g2.stride(0), rank, float(p), int(seed), DROP=p > 0,
+                ALIGNED=n_cols % 4 == 0, UPCAST_DOT=INTERPRETED, R=max(16, triton.next_power_of_2(rank)),
+                ROWS=_L_ROWS, COLS=cols, num_warps=_WARPS)
+    return h, xa
 
 
 def backward(gu, gh, gbr, A, s: float, p: float, seed: int, want_h: bool):
