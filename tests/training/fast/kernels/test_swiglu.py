@@ -146,6 +146,63 @@ def test_backward_kernel_equals_reference(width, dtype, p):
             assert torch.equal(hd, ops.swiglu_dropout(gu, p, seed)[1])
 
 
+# swiglu_lora_forward: (rows, I, r, p). Phi-3-mini's I = 8192 without dropout; 4100 (a multiple of 4, not of the
+# kernel's 256-column tile) and 99 (I % 4 != 0: the one-Philox-call-per-element mask) with dropout; r = 16 (the
+# recipe) and 5 (zero-padded to tl.dot's 16); 18 rows: a second, mostly empty 16-row program.
+LORA_FORWARD_CASES = [(ROWS, 8192, 16, 0.0), (ROWS, 4100, 16, 0.3), (ROWS, 99, 5, 0.3), (18, 100, 5, 0.0)]
+
+
+def lora_forward_inputs(rows, width, rank, dtype):
+    g = torch.Generator().manual_seed(width + rank)
+    gu = (2 * torch.randn(rows, 2 * width, generator=g)).to(DEVICE, dtype)
+    return gu, (torch.randn(rank, width, generator=g) / rank**0.5).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,width,rank,p", LORA_FORWARD_CASES)
+def test_lora_forward_kernel_forms_xa_from_the_masked_h(rows, width, rank, p, dtype):
+    """h is swiglu's kernel's, bit for bit (one h for the frozen GEMM whichever op made it); xa is drop(h) Aᵀ with
+    the seed's mask. Bounds on xa (relative to |h||A|): against the exact product of the kernel's own rounded h,
+    the float32 sum of I products (I float32 eps) and xa's rounding to the dtype (1 step); against the torch
+    reference, also the reference's own sum and rounding, and h's H_STEPS roundings that separate the two."""
+    seed = 4321
+    gu, A = lora_forward_inputs(rows, width, rank, dtype)
+    with force_triton():
+        h, xa = ops.swiglu_lora_forward(gu, A, p, seed)
+        plain_h = ops.swiglu(gu)
+        xa_no_drop = ops.swiglu_lora_forward(gu, A, 0.0, seed)[1]
+    assert h.dtype == xa.dtype == dtype and h.shape == (rows, width) and xa.shape == (rows, rank)
+    assert torch.equal(h, plain_h)
+    keep = dropout.philox_keep_mask(seed, h.shape, p, DEVICE) if p > 0 else torch.ones_like(h, dtype=torch.bool)
+    hd = torch.where(keep, h, 0).double().cpu()
+    sum_steps = width * F32_EPS / eps(dtype)
+    size = hd.abs() @ A.double().abs().t().cpu()
+    assert_within(xa, hd @ A.double().t().cpu(), size, 1 + sum_steps, dtype, "xa against its h")
+    ref_h, ref_xa = ops.swiglu_lora_forward_reference(gu, A, p, seed)
+    assert torch.equal(ref_h, ops.swiglu_reference(gu))
+    assert_within(h, ref_h, h_size(gu), H_STEPS, dtype, "h")
+    size = torch.where(keep.cpu(), h_size(gu), 0) @ A.double().abs().t().cpu()
+    assert_within(xa, ref_xa, size, H_STEPS + 2 + 2 * sum_steps, dtype, "xa against the reference")
+    if p > 0:  # dropout did act, and with the mask LoRA dropout's kernel draws for the same seed over h
+        assert not torch.equal(xa, xa_no_drop)
+        with force_triton():
+            assert torch.equal(torch.where(keep, h, 0), dropout.lora_dropout(h, seed, p))
+
+
+def test_lora_forward_fake_implementation_gives_the_real_shapes_and_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for dtype in DTYPES:
+        for p in (0.0, 0.1):
+            gu, A = lora_forward_inputs(3, 100, 5, dtype)
+            real = ops.swiglu_lora_forward(gu, A, p, 3)
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                fake = ops.swiglu_lora_forward(gu, A, p, 3)
+            assert [(f.shape, f.dtype, f.device) for f in fake] == [(r.shape, r.dtype, r.device) for r in real]
+    torch.library.opcheck(ops.swiglu_lora_forward, lora_forward_inputs(3, 100, 5, torch.float32) + (0.1, 3),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_backward_kernel_without_lora_term(dtype):
     """No dropout: the LoRA term is already in gh (added by the matmul), t is None."""
