@@ -531,3 +531,53 @@ def test_backward_kernel_with_the_lora_factors_compiles_for_an_h100():
         k = report[dtype]
         assert k["cubin"] > 0 and 0 < k["shared"] <= (16 + 128) * 16 * size, (dtype, k)
         assert k["access"][-1] == "st.global.v4.b32" and "ld.global.v4.b32" in k["access"], (dtype, k)
+
+
+SM90_LORA_FORWARD_SCRIPT = """
+import json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from phitune.training.fast.kernels import swiglu_triton as st
+report = {}
+for dtype in ("bf16", "fp32"):
+    signature = {n: f"*{dtype}" for n in ("gu_ptr", "a_ptr", "h_ptr", "xa_ptr")}
+    signature.update({"n_rows": "i32", "n_cols": "i32", "gu_row_stride": "i32", "rank": "i32", "p": "fp32",
+                      "seed": "i32"})
+    constexprs = {"DROP": True, "ALIGNED": True, "UPCAST_DOT": False, "R": 16, "ROWS": st._L_ROWS,
+                  "COLS": st._L_COLS}
+    signature.update({k: "constexpr" for k in constexprs})
+    src = ASTSource(fn=st._swiglu_lora_forward, signature=signature, constexprs=constexprs,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in range(7)})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": st._WARPS})
+    ptx = k.asm["ptx"]
+    report[dtype] = {"shared": k.metadata.shared, "stages": k.metadata.num_stages,
+                     "mma": sorted(set(re.findall(r"mma\\.sync[.\\w]*", ptx))), "async": "cp.async" in ptx}
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow  # a child process (Triton compiled, not interpreted): ~5-10 s on 2 shared cores
+def test_lora_forward_kernel_compiles_for_an_h100():
+    """The forward kernel with its loop-carried K=r tl.dot lowers for sm_90 (Triton's bundled ptxas, no GPU
+    needed): bfloat16 on the tensor cores (the interpreter runs that product in float32), the loop's loads
+    pipelined through shared memory, which holds at most the pipeline's stages of one gate, up and A tile."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("Triton without its NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", SM90_LORA_FORWARD_SCRIPT], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    from phitune.training.fast.kernels import swiglu_triton as st
+
+    for dtype, size in (("bf16", 2), ("fp32", 4)):
+        k = report[dtype]
+        tiles = (2 * st._L_ROWS * st._L_COLS + st._L_COLS * 16) * size
+        assert k["async"] and 0 < k["shared"] <= k["stages"] * tiles, (dtype, k)
+    assert any("bf16.bf16.f32" in m for m in report["bf16"]["mma"]), report["bf16"]
