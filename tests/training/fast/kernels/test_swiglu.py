@@ -149,7 +149,8 @@ def test_backward_kernel_equals_reference(width, dtype, p):
 # swiglu_lora_forward: (rows, I, r, p). Phi-3-mini's I = 8192 without dropout; 4100 (a multiple of 4, not of the
 # kernel's 256-column tile) and 99 (I % 4 != 0: the one-Philox-call-per-element mask) with dropout; r = 16 (the
 # recipe) and 5 (zero-padded to tl.dot's 16); 18 rows: a second, mostly empty 16-row program.
-LORA_FORWARD_CASES = [(ROWS, 8192, 16, 0.0), (ROWS, 4100, 16, 0.3), (ROWS, 99, 5, 0.3), (18, 100, 5, 0.0)]
+LORA_FORWARD_CASES = [(ROWS, 8192, 16, 0.0), (ROWS, 4100, 16, 0.3), (ROWS, 99, 5, 0.3), (18, 100, 5, 0.0),
+                      (ROWS, 1000, 128, 0.3)]  # r = 128: a narrower tile (see swiglu_triton._L_A_TILE)
 
 
 def lora_forward_inputs(rows, width, rank, dtype):
@@ -533,6 +534,7 @@ def test_backward_kernel_with_the_lora_factors_compiles_for_an_h100():
         assert k["access"][-1] == "st.global.v4.b32" and "ld.global.v4.b32" in k["access"], (dtype, k)
 
 
+H100_SHARED_PER_BLOCK = 227 * 1024  # sm_90's opt-in maximum of shared memory per thread block (CUDA guide)
 SM90_LORA_FORWARD_SCRIPT = """
 import json, re
 import triton
@@ -540,18 +542,18 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from phitune.training.fast.kernels import swiglu_triton as st
 report = {}
-for dtype in ("bf16", "fp32"):
+for dtype, R in (("bf16", 16), ("fp32", 16), ("bf16", 128), ("fp32", 128)):
     signature = {n: f"*{dtype}" for n in ("gu_ptr", "a_ptr", "h_ptr", "xa_ptr")}
     signature.update({"n_rows": "i32", "n_cols": "i32", "gu_row_stride": "i32", "rank": "i32", "p": "fp32",
                       "seed": "i32"})
-    constexprs = {"DROP": True, "ALIGNED": True, "UPCAST_DOT": False, "R": 16, "ROWS": st._L_ROWS,
-                  "COLS": st._L_COLS}
+    constexprs = {"DROP": True, "ALIGNED": True, "UPCAST_DOT": False, "R": R, "ROWS": st._L_ROWS,
+                  "COLS": min(st._L_COLS, st._L_A_TILE // R)}  # the launcher's tile
     signature.update({k: "constexpr" for k in constexprs})
     src = ASTSource(fn=st._swiglu_lora_forward, signature=signature, constexprs=constexprs,
                     attrs={(i,): [["tt.divisibility", 16]] for i in range(7)})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": st._WARPS})
     ptx = k.asm["ptx"]
-    report[dtype] = {"shared": k.metadata.shared, "stages": k.metadata.num_stages,
+    report[f"{dtype}/{R}"] = {"shared": k.metadata.shared, "stages": k.metadata.num_stages,
                      "mma": sorted(set(re.findall(r"mma\\.sync[.\\w]*", ptx))), "async": "cp.async" in ptx}
 print(json.dumps(report))
 """
@@ -577,7 +579,9 @@ def test_lora_forward_kernel_compiles_for_an_h100():
     from phitune.training.fast.kernels import swiglu_triton as st
 
     for dtype, size in (("bf16", 2), ("fp32", 4)):
-        k = report[dtype]
-        tiles = (2 * st._L_ROWS * st._L_COLS + st._L_COLS * 16) * size
-        assert k["async"] and 0 < k["shared"] <= k["stages"] * tiles, (dtype, k)
-    assert any("bf16.bf16.f32" in m for m in report["bf16"]["mma"]), report["bf16"]
+        for rank in (16, 128):  # r = 16, the recipe; 128, a large rank on its narrower tile
+            k, cols = report[f"{dtype}/{rank}"], min(st._L_COLS, st._L_A_TILE // rank)
+            tiles = (2 * st._L_ROWS * cols + cols * rank) * size
+            assert k["async"] and 0 < k["shared"] <= k["stages"] * tiles, (dtype, rank, k)
+            assert k["shared"] <= H100_SHARED_PER_BLOCK, (dtype, rank, k)  # the launch would fail above it
+            assert dtype == "fp32" or any("bf16.bf16.f32" in m for m in k["mma"]), (dtype, rank, k)

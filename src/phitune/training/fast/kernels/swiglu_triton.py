@@ -31,7 +31,9 @@ _T_ROWS, _T_COLS = 16, 128
 # in 256-column tiles; Phi-3-mini at batch 4 (8192 x 8192) is 512 programs of 32 tiles, about 4 per SM of an H100's
 # 132, each holding a (16, 16) float32 accumulator. 4 warps: 8 elements of each (16, 256) tile per thread
 # (16-byte bf16 loads); A's (256, r) tile is read by every program and stays in L2. Not timed: no GPU at hand.
-_L_ROWS, _L_COLS = 16, 256
+# Larger ranks narrow the tile (COLS·R <= 4096: A's tile at most 8 KiB in bf16), so that the loop's pipelined
+# tiles fit an SM's shared memory at any r (at r = 128, 256 columns would be 64 KiB of A per stage).
+_L_ROWS, _L_COLS, _L_A_TILE = 16, 256, 4096
 
 
 @triton.jit
@@ -172,12 +174,13 @@ def lora_forward(gu: torch.Tensor, A: torch.Tensor, p: float, seed: int):
     h = gu.new_empty((*gu.shape[:-1], n_cols))
     xa = gu.new_empty((*gu.shape[:-1], rank))
     if n_rows:
-        cols = max(16, min(_L_COLS, triton.next_power_of_2(n_cols)))
+        padded = max(16, triton.next_power_of_2(rank))
+        cols = max(16, min(_L_COLS, _L_A_TILE // padded, triton.next_power_of_2(n_cols)))
         with _on(gu):
             _swiglu_lora_forward[(triton.cdiv(n_rows, _L_ROWS),)](
                 g2, A, h, xa, n_rows, n_cols, g2.stride(0), rank, float(p), int(seed), DROP=p > 0,
-                ALIGNED=n_cols % 4 == 0, UPCAST_DOT=INTERPRETED, R=max(16, triton.next_power_of_2(rank)),
-                ROWS=_L_ROWS, COLS=cols, num_warps=_WARPS)
+                ALIGNED=n_cols % 4 == 0, UPCAST_DOT=INTERPRETED, R=padded, ROWS=_L_ROWS, COLS=cols,
+                num_warps=_WARPS)
     return h, xa
 
 
