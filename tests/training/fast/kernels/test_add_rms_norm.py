@@ -199,6 +199,31 @@ def test_swapped_decoder_layer_keeps_the_plain_loss_and_lora_gradients(bf16, pac
         torch.testing.assert_close(got[name], ref[name], rtol=0, atol=atol, msg=name)
 
 
+def test_swapped_decoder_layer_under_gradient_checkpointing_keeps_the_plain_gradients(monkeypatch):
+    """transformers wraps a decoder layer subclass's forward for checkpointing: the fused forward is what is
+    recomputed in backward, with the same results."""
+    model = phi3_with_lora()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    plain = apply_fast_path(model, {"fast_path": "off"})
+    ref_loss, ref = loss_and_lora_grads(model, PACKED, plain, False)
+    assert fused.install(model, lora_layers=False, mlp=False, attention=False)["add_rms_norm"] == 2
+    calls = []
+    original = norm_rope.AddRMSNormFn.forward
+
+    def counted(ctx, *args):
+        calls.append(1)
+        return original(ctx, *args)
+
+    monkeypatch.setattr(norm_rope.AddRMSNormFn, "forward", staticmethod(counted))
+    with force_triton():
+        loss, got = loss_and_lora_grads(model, PACKED, plain, False)
+    assert len(calls) == 4  # 2 layers, each run again in backward
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=tolerance(model.config, False, ref_loss.abs().item()))
+    for name in ref:
+        atol = tolerance(model.config, False, ref[name].abs().max().item())
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=atol, msg=name)
+
+
 def test_uninstall_restores_the_decoder_layer_class():
     model = phi3_with_lora()
     before = [type(m) for m in model.modules()]
