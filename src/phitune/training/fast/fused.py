@@ -30,7 +30,8 @@ Arithmetic runs in the compute dtype (the autocast dtype when autocast is on, el
 in float32 are cast to it once per call (r x in elements), and their gradients are returned in float32.
 
 How they are used: ``install(model)`` changes the class of matching module instances to a phitune subclass of the
-same class (``lora.Linear`` -> ``FusedLoRALinear``, ``Phi3MLP`` -> a fused subclass, ``Phi3RMSNorm`` -> likewise).
+same class (``lora.Linear`` -> ``FusedLoRALinear``, ``Phi3MLP`` -> a fused subclass, ``Phi3RMSNorm`` and
+``Phi3DecoderLayer`` -> likewise).
 Parameters, buffers, names and ``isinstance`` checks stay exactly as they were, so adapters save, merge and load as
 before; ``uninstall(model)`` restores the original classes. Nothing is patched at import time.
 
@@ -231,7 +232,8 @@ def _decoder_layer_forward(self, hidden_states, attention_mask=None, position_id
 
 
 # Decoder layers whose forward is exactly Phi3DecoderLayer's: norm -> attention -> residual add (after a dropout)
-# -> norm -> MLP -> residual add (after a dropout).
+# -> norm -> MLP -> residual add (after a dropout). Matched by exact name: a layer FSDP2 has already sharded (its
+# class is then FSDPPhi3DecoderLayer, fsdp.shard_model runs before the fast path) keeps its forward.
 _RESIDUAL_NORM_LAYERS = ("Phi3DecoderLayer",)
 
 
