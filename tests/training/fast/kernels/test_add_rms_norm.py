@@ -12,8 +12,10 @@ eps(s) |w| |s| rstd more; backward adds g_s to the rounded norm gradient and rou
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
 from types import SimpleNamespace
 
 import torch
@@ -281,26 +283,68 @@ def test_fake_implementations_give_the_real_shapes_and_dtypes(x_dtype, r_dtype, 
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_plan_records_the_fused_residual_norms_as_custom_ops_with_flops():
-    cfg = load_config({"model": {"name_or_path": "tiny", "dtype": "bfloat16"},
-                       "data": {"train": "unused.jsonl", "max_seq_length": 64, "packing": True},
-                       "training_config": {"per_device_train_batch_size": 2, "max_steps": 10, "bf16": True},
-                       "peft_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}})
-    shape = Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=4, vocab_size=512, max_position_embeddings=256, pad_token_id=0)
-    sim = simulate_step(cfg, shape, 2, device="cpu")
-    elements = 2 * 64 * 64  # 2 rows x 64 tokens x hidden 64
+def plan_config():
+    return load_config({"model": {"name_or_path": "tiny", "dtype": "bfloat16"},
+                        "data": {"train": "unused.jsonl", "max_seq_length": 64, "packing": True},
+                        "training_config": {"per_device_train_batch_size": 2, "max_steps": 10, "bf16": True},
+                        "peft_config": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}})
+
+
+def tiny_plan_shape():
+    return Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=512, max_position_embeddings=256, pad_token_id=0)
+
+
+ELEMENTS = 2 * 64 * 64  # the plan's batch: 2 rows x 64 tokens x hidden 64
+
+
+def recorded(ops):
+    """(count, FLOPs) per op name, and the byte counts of the residual stream's plain adds (bf16: 2 reads, 1 write)."""
     found = {}
-    for op in sim.ops:
+    for op in ops:
         count, flops = found.get(op.name, (0, 0))
         found[op.name] = (count + 1, flops + op.flops)
+    stream_adds = [op.nbytes for op in ops if op.name == "add" and op.nbytes == 3 * 2 * ELEMENTS]
+    return found, stream_adds
+
+
+def check_recorded(found, stream_adds):
     # forward: post_attention_layernorm with the residual add, per layer
-    assert found["add_rms_norm"] == (2, 2 * K.ADD_FORWARD_FLOPS_PER_ELEMENT * elements)
+    assert tuple(found["add_rms_norm"]) == (2, 2 * K.ADD_FORWARD_FLOPS_PER_ELEMENT * ELEMENTS)
     # backward: post_attention_layernorm per layer, and layer 1's input_layernorm (layer 0's input, the frozen
     # embedding, needs no gradient)
-    assert found["add_rms_norm_backward"] == (3, 3 * K.ADD_BACKWARD_FLOPS_PER_ELEMENT * elements)
+    assert tuple(found["add_rms_norm_backward"]) == (3, 3 * K.ADD_BACKWARD_FLOPS_PER_ELEMENT * ELEMENTS)
     # the plain norm ops stay for the input norms (forward) and the final norm (both directions)
     assert found["rms_norm"][0] == 3 and found["rms_norm_backward"][0] == 1
-    # what is left of the residual stream's adds: the add after each MLP (bf16, 2 reads + 1 write)
-    stream_adds = [op for op in sim.ops if op.name == "add" and op.nbytes == 3 * 2 * elements]
-    assert len(stream_adds) == 2, [(op.name, op.nbytes) for op in sim.ops if op.name == "add"]
+    # what is left of the residual stream's adds: the add after each MLP (no gradient sums in backward)
+    assert len(stream_adds) == 2, stream_adds
+
+
+def test_plan_records_the_fused_residual_norms_as_custom_ops_with_flops():
+    sim = simulate_step(plan_config(), tiny_plan_shape(), 2, device="cpu")
+    check_recorded(*recorded(sim.ops))
+
+
+SIMULATE_ON_FAKE_CUDA = """
+import json, sys
+sys.path[:0] = {paths!r}
+import test_add_rms_norm as t
+from phitune.plan.simulate import simulate_step
+sim = simulate_step(t.plan_config(), t.tiny_plan_shape(), 2, device="cuda")
+found, stream_adds = t.recorded(sim.ops)
+print(json.dumps({{"found": found, "stream_adds": stream_adds}}))
+"""
+
+
+@pytest.mark.slow  # a child process with the fake CUDA runtime, importing torch and transformers: ~10-20 s
+def test_plan_on_fake_cuda_records_the_fused_residual_norms_with_flops(tmp_path):
+    from phitune.plan import fakegpu
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "simulate.py"
+    script.write_text(SIMULATE_ON_FAKE_CUDA.format(paths=[here, os.path.join(here, "..", "..", "..")]))
+    done = subprocess.run(fakegpu.worker_command("", fakegpu.ensure_shim(), script=str(script)),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    check_recorded(result["found"], result["stream_adds"])
