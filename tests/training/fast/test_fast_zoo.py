@@ -36,13 +36,14 @@ R, ALPHA, DROPOUT = 4, 8, 0.2
 
 # The fused pieces each family must get (fused.install's counts, reported in FastPath.notes); absent = 0.
 # 2 layers: Phi-3 adapts qkv, o, gate_up, down (4 per layer), the others q, k, v, o, gate, up, down (7 per layer);
-# RMSNorm: 2 per layer + the final one, except Gemma's (1 + w) norm, which Phi-3's RMSNorm function would get wrong.
-_PHI3 = {"lora_linear": 8, "swiglu_mlp": 2, "rms_norm": 5, "qkv_rope": 2}
+# RMSNorm: 2 per layer + the final one, except Gemma's (1 + w) norm, which Phi-3's RMSNorm function would get wrong;
+# Phi-3's decoder layers also fuse the residual stream into their norms (add_rms_norm: 1 per layer).
+_PHI3 = {"lora_linear": 8, "swiglu_mlp": 2, "rms_norm": 5, "qkv_rope": 2, "add_rms_norm": 2}
 _SPLIT = {"lora_linear": 14, "rms_norm": 5}
 PIECES = {"phi3-mini": _PHI3, "phi3-medium": _PHI3, "phi3-longrope": _PHI3, "phi4-mini": _PHI3,
           "llama": _SPLIT, "qwen2": _SPLIT, "mistral": _SPLIT, "gemma": {"lora_linear": 14}}
 assert PIECES.keys() == ZOO.keys()
-KINDS = ("lora_linear", "lora_linear_4bit", "swiglu_mlp", "rms_norm", "qkv_rope")
+KINDS = ("lora_linear", "lora_linear_4bit", "swiglu_mlp", "rms_norm", "qkv_rope", "add_rms_norm")
 
 # Samples (token counts) of the two batches. Packed: rows [20 | 7] and [9 | 12] (position_ids restart at each
 # sample; the 20-token sample is past phi3-longrope's original length, so its long factors are used, and past the

@@ -5,7 +5,8 @@ Pieces (each keeps the plain path's loss and LoRA gradients within the dtype's t
   cross_entropy.py  lm_head + cross-entropy in chunks, gradients formed per chunk, labelled positions only
                     (inside ``forward_loss``; ``Pieces.loss``)
   fused.py          single autograd functions: LoRA linear (``Pieces.lora``), SwiGLU + down_proj with its LoRA
-                    (``Pieces.mlp``), RMSNorm (``Pieces.norm``), Phi-3's qkv split + RoPE (``Pieces.rope``);
+                    (``Pieces.mlp``), RMSNorm and Phi-3's residual adds fused into it (``Pieces.norm``), Phi-3's
+                    qkv split + RoPE (``Pieces.rope``);
                     the functions themselves in lora_autograd.py, norm_rope.py, fused_4bit.py (4-bit base)
   attention.py      packed samples marked by position_ids alone (no dense 4-D mask is built); on CUDA in half
   varlen.py         precision, attention over packed samples with PyTorch's FlashAttention varlen (``Pieces.attention``)

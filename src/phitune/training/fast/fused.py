@@ -22,12 +22,17 @@ passes over memory and save only what backward needs:
   qkv_rope      split of the fused qkv projection + rotary embedding, straight into (B, H, T, D) tensors; backward
                 writes one gradient tensor (no zero-filled slice gradients, no rotate_half copies). Saves cos, sin.
                 One custom op per direction (kernels/rope.py; one Triton kernel each on a GPU).
+  decoder layer Phi-3's residual add after attention fused with post_attention_layernorm (AddRMSNormFn), and
+                input_layernorm summing the residual's gradient in its own backward (ResidualRMSNormFn): one op
+                per direction each, no separate residual add or gradient sum. The add after the MLP stays a plain
+                add: fusing it with the next layer's input norm would pass the normed tensor between layers.
 
 Arithmetic runs in the compute dtype (the autocast dtype when autocast is on, else the input's); LoRA weights kept
 in float32 are cast to it once per call (r x in elements), and their gradients are returned in float32.
 
 How they are used: ``install(model)`` changes the class of matching module instances to a phitune subclass of the
-same class (``lora.Linear`` -> ``FusedLoRALinear``, ``Phi3MLP`` -> a fused subclass, ``Phi3RMSNorm`` -> likewise).
+same class (``lora.Linear`` -> ``FusedLoRALinear``, ``Phi3MLP`` -> a fused subclass, ``Phi3RMSNorm`` and
+``Phi3DecoderLayer`` -> likewise).
 Parameters, buffers, names and ``isinstance`` checks stay exactly as they were, so adapters save, merge and load as
 before; ``uninstall(model)`` restores the original classes. Nothing is patched at import time.
 
@@ -47,7 +52,7 @@ from ...lora import quantized
 from .fused_4bit import FusedLoRALinear4bit, FusedLoRAMergedLinear4bit, SwiGLUDown4bitFn
 from .lora_autograd import LoRALinearFn, SwiGLUDownFn, _as_2d, _compute_dtype, _dropout_p, _fusable, _lora_factors
 from . import varlen
-from .norm_rope import QKVRopeFn, RMSNormFn
+from .norm_rope import AddRMSNormFn, QKVRopeFn, ResidualRMSNormFn, RMSNormFn
 
 
 # --- module forwards (installed by changing an instance's class) ------------------------------------------------------
@@ -105,10 +110,7 @@ def swiglu_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    eps = getattr(norm, "variance_epsilon", None)
-    if eps is None:
-        eps = norm.eps
-    return RMSNormFn.apply(x, norm.weight, eps)
+    return RMSNormFn.apply(x, norm.weight, _norm_eps(norm))
 
 
 def liger_rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
@@ -196,6 +198,54 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     return self.o_proj(out), weights
 
 
+def _norm_eps(norm) -> float:
+    eps = getattr(norm, "variance_epsilon", None)
+    return norm.eps if eps is None else eps
+
+
+def _plain_norm(norm) -> bool:
+    """``norm`` computes RMSNormFn's arithmetic (a known RMSNorm class, its fused subclass; not Liger's)."""
+    cls = type(norm)
+    return (getattr(cls, "_phitune_original_class", cls).__name__ in _RMSNORM_NAMES and cls.forward in
+            (_norm_forward, getattr(cls, "_phitune_original_class", cls).forward)
+            and isinstance(getattr(norm, "weight", None), torch.Tensor))
+
+
+def _decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                           position_embeddings=None, **kwargs):
+    """Phi3DecoderLayer.forward with its norms fused to the residual stream (AddRMSNormFn, ResidualRMSNormFn);
+    active residual dropout, a norm switched to another kernel or the deprecated ``past_key_values`` take the
+    original."""
+    dropout = self.training and (self.resid_attn_dropout.p or self.resid_mlp_dropout.p)
+    if (dropout or "past_key_values" in kwargs or not _plain_norm(self.input_layernorm)
+            or not _plain_norm(self.post_attention_layernorm)):
+        original = type(self)._phitune_original_class.forward
+        return original(self, hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                        use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+    norm = self.input_layernorm
+    hidden_states, residual = ResidualRMSNormFn.apply(hidden_states, norm.weight, _norm_eps(norm))
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
+                                      position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                      position_embeddings=position_embeddings, **kwargs)
+    norm = self.post_attention_layernorm
+    residual, hidden_states = AddRMSNormFn.apply(hidden_states, residual, norm.weight, _norm_eps(norm))
+    return residual + self.mlp(hidden_states)
+
+
+# Decoder layers whose forward is exactly Phi3DecoderLayer's: norm -> attention -> residual add (after a dropout)
+# -> norm -> MLP -> residual add (after a dropout). Matched by exact name: a layer FSDP2 has already sharded (its
+# class is then FSDPPhi3DecoderLayer, fsdp.shard_model runs before the fast path) keeps its forward.
+_RESIDUAL_NORM_LAYERS = ("Phi3DecoderLayer",)
+
+
+def _residual_norm_layer(module) -> bool:
+    parts = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+    dropouts = [getattr(module, name, None) for name in ("resid_attn_dropout", "resid_mlp_dropout")]
+    return (all(hasattr(module, name) for name in parts) and all(_plain_norm(getattr(module, name))
+                                                                   for name in parts[::2])
+            and all(type(d) is torch.nn.Dropout and d.p == 0 for d in dropouts))
+
+
 def _rope_attention(module) -> bool:
     cfg = getattr(module, "config", None)
     return (hasattr(module, "qkv_proj") and hasattr(module, "o_proj") and cfg is not None
@@ -210,7 +260,8 @@ _QKV_ROPE_ATTENTIONS = ("Phi3Attention",)
 def install(model, *, lora_layers: bool = True, mlp: bool = True, norms: bool = True,
             attention: bool = True) -> dict[str, int]:
     """Switch matching module instances of ``model`` to their fused subclasses; returns counts per kind."""
-    counts = {"lora_linear": 0, "lora_linear_4bit": 0, "swiglu_mlp": 0, "rms_norm": 0, "qkv_rope": 0}
+    counts = {"lora_linear": 0, "lora_linear_4bit": 0, "swiglu_mlp": 0, "rms_norm": 0, "qkv_rope": 0,
+              "add_rms_norm": 0}
     for module in model.modules():
         cls = type(module)
         if getattr(cls, "_phitune_original_class", None) is not None:
@@ -230,6 +281,9 @@ def install(model, *, lora_layers: bool = True, mlp: bool = True, norms: bool = 
         elif attention and cls.__name__ in _QKV_ROPE_ATTENTIONS and _rope_attention(module):
             module.__class__ = _fused_subclass(cls, _attention_forward, "attention")
             counts["qkv_rope"] += 1
+        elif norms and cls.__name__ in _RESIDUAL_NORM_LAYERS and _residual_norm_layer(module):
+            module.__class__ = _fused_subclass(cls, _decoder_layer_forward, "decoder_layer")
+            counts["add_rms_norm"] += 1
         elif norms and cls.__name__ in _RMSNORM_NAMES and isinstance(getattr(module, "weight", None), torch.Tensor):
             module.__class__ = _fused_subclass(cls, _norm_forward, "norm")
             counts["rms_norm"] += 1

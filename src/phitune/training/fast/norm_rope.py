@@ -2,6 +2,11 @@
 
   RMSNormFn   Phi-3/Llama RMSNorm with a hand-written backward: saves x and one float per row; its arithmetic is
               the custom ops of kernels/rms_norm.py.
+  AddRMSNormFn       a decoder layer's residual add + the norm after it: (x, residual) -> (s, norm(s)); backward adds
+                     the gradient reaching s along the residual stream to the norm's, one op per direction
+                     (kernels/rms_norm.py's add_rms_norm pair). Saves s and one float per row, as RMSNormFn.
+  ResidualRMSNormFn  a norm whose input also continues as the residual: h -> (norm(h), h); backward sums the two
+                     gradients of h in the norm's backward op (no separate add).
   QKVRopeFn   split of the fused qkv projection + rotary embedding, straight into (B, H, T, D) tensors; backward
               writes one gradient tensor (no zero-filled slice gradients, no rotate_half copies). Saves cos, sin.
               Both directions are custom ops (kernels/rope.py; one Triton kernel each on a GPU).
@@ -30,6 +35,45 @@ class RMSNormFn(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         gw = rms_norm_ops.rms_norm_weight_grad(g, x, weight, rstd) if ctx.needs_input_grad[1] else None
         gx = rms_norm_ops.rms_norm_backward(g, x, weight, rstd) if ctx.needs_input_grad[0] else None
+        return gx, gw, None
+
+
+class AddRMSNormFn(torch.autograd.Function):
+    """``s = residual + x`` and ``w · (s / rms(s))`` through ``phitune::add_rms_norm``; returns ``(s, y)``. x and
+    residual get the same gradient, the norm's input gradient plus the one reaching s directly, in one op."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps: float):
+        s, y, rstd = rms_norm_ops.add_rms_norm(x, residual, weight, eps)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.dtypes = (x.dtype, residual.dtype)
+        return s, y
+
+    @staticmethod
+    def backward(ctx, g_s, g_y):
+        s, weight, rstd = ctx.saved_tensors
+        g = rms_norm_ops.add_rms_norm_backward(g_y, g_s, s, weight, rstd)
+        gw = rms_norm_ops.rms_norm_weight_grad(g_y, s, weight, rstd) if ctx.needs_input_grad[2] else None
+        x_dtype, residual_dtype = ctx.dtypes
+        return g.to(x_dtype), g.to(residual_dtype), gw, None
+
+
+class ResidualRMSNormFn(torch.autograd.Function):
+    """``(w · (h / rms(h)), h)``: the norm of a residual-stream tensor and the tensor itself as a second output, so
+    that backward gets both of h's gradients and sums them inside ``phitune::add_rms_norm_backward``."""
+
+    @staticmethod
+    def forward(ctx, h, weight, eps: float):
+        y, rstd = rms_norm_ops.rms_norm(h, weight, eps)
+        ctx.save_for_backward(h, weight, rstd)
+        # autograd returns an unmodified input as a view of it: no copy
+        return y, h
+
+    @staticmethod
+    def backward(ctx, g_y, g_h):
+        h, weight, rstd = ctx.saved_tensors
+        gw = rms_norm_ops.rms_norm_weight_grad(g_y, h, weight, rstd) if ctx.needs_input_grad[1] else None
+        gx = rms_norm_ops.add_rms_norm_backward(g_y, g_h, h, weight, rstd) if ctx.needs_input_grad[0] else None
         return gx, gw, None
 
 

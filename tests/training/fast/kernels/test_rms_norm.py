@@ -245,9 +245,12 @@ def norm_ops(ops):
 
 
 def check_recorded(found, names, elements):
-    # 5 norms of 2 x 64 tokens x 64 features; the first layer's input (the frozen embedding) needs no gradient
-    assert found["rms_norm"] == (5, 5 * K.FORWARD_FLOPS_PER_ELEMENT * elements)
-    assert found["rms_norm_backward"] == (4, 4 * K.BACKWARD_FLOPS_PER_ELEMENT * elements)
+    # 5 norms of 2 x 64 tokens x 64 features. Phi-3's decoder layer fuses the residual stream into its norms
+    # (test_add_rms_norm.py): post_attention_layernorm runs as add_rms_norm and the input norms' backward as
+    # add_rms_norm_backward, so rms_norm is left with the 2 input norms and the final one, and rms_norm_backward
+    # with the final one.
+    assert found["rms_norm"] == (3, 3 * K.FORWARD_FLOPS_PER_ELEMENT * elements)
+    assert found["rms_norm_backward"] == (1, 1 * K.BACKWARD_FLOPS_PER_ELEMENT * elements)
     assert not names & {"rsqrt", "pow", "mean"}, names & {"rsqrt", "pow", "mean"}  # the plain norm's ops are gone
 
 
