@@ -4,8 +4,12 @@ config, a run folder as `phitune train` leaves it, a non-zero adapter.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -302,3 +306,22 @@ class FixedMask:
             return None
         g = torch.Generator().manual_seed(x.shape[-1])
         return (torch.rand(x.shape, generator=g) >= p).to(x.device)
+
+
+def child_json(command: list[str], env: dict | None = None, timeout: int = 600):
+    """Run ``command`` (a child Python process: a fake CUDA device, a real Triton compile), fail with the end of its
+    stderr when it fails, and return the JSON of its last stdout line."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compiled_for_sm90(script: str):
+    """``script`` (Python source) run where Triton compiles for real (no interpreter): its JSON report. Triton
+    compiles for an H100 without one; skipped where Triton has no NVIDIA backend."""
+    import pytest
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("Triton without its NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return child_json([sys.executable, "-c", script], env=env, timeout=300)

@@ -11,15 +11,12 @@ the zoo (on a CPU through Triton's interpreter).
 
 import contextlib
 import math
-import os
 import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # must precede the first import of a kernel's Triton source (read at import)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from helpers import FixedMask  # noqa: E402
 from zoo import LONGROPE_ORIGINAL, VOCAB, ZOO, build  # noqa: E402

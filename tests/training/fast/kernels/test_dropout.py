@@ -5,19 +5,17 @@ the same mask; phitune plan seeing the custom ops."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import torch
 
-if not torch.cuda.is_available():  # before the kernel module is first imported: Triton reads it at @triton.jit
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
 from transformers import Phi3Config, Phi3ForCausalLM  # noqa: E402
+
+from helpers import child_json, compiled_for_sm90  # noqa: E402
 
 from phitune import lora  # noqa: E402
 from phitune.adapt import add_lora  # noqa: E402
@@ -391,9 +389,7 @@ def test_plan_on_the_fake_cuda_device_sees_the_custom_ops_not_the_masks(tmp_path
     command = fakegpu.worker_command("", fakegpu.ensure_shim(), script=str(script), args=[json.dumps(cfg)])
     env = {**os.environ, "PHITUNE_FAKE_CUDA": "1"}
     env.pop("TRITON_INTERPRET", None)  # use_triton holds on (fake) CUDA by itself
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ops = json.loads(done.stdout.strip().splitlines()[-1])
+    ops = child_json(command, env=env, timeout=300)
     names = [name for name, _, _ in ops]
     # 6 forward, and 2 in backward: o_proj saves the varlen attention output and draws drop(x) again for grad_A
     assert names.count("lora_dropout") == 8 and names.count("lora_dropout_backward") == 5
@@ -444,15 +440,7 @@ def test_kernels_compile_for_an_h100_with_16_byte_accesses_and_no_shared_memory(
     """No GPU here, but Triton compiles for sm_90 without one (its bundled ptxas): the kernels lower, and on aligned
     tensors each thread moves 16 bytes per access with no shuffle through shared memory (the mask's join+reshape
     stays in registers; backward's K=r product stages only its operand tiles in shared memory)."""
-    import importlib.util
-
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("Triton without its NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", SM90_COMPILE_SCRIPT], capture_output=True, text=True, timeout=300,
-                          env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = compiled_for_sm90(SM90_COMPILE_SCRIPT)
     assert len(report) == 4
     for name, k in report.items():
         assert k["cubin"] > 0, (name, k)

@@ -2,17 +2,16 @@
 against the torch reference and float64, QKVRopeFn on the kernels against the plain model, and phitune plan seeing
 one op per direction."""
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before rope_triton is first imported: Triton reads it when @triton.jit decorates
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from transformers import Phi3Config, Phi3ForCausalLM  # noqa: E402
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding  # noqa: E402
+
+from helpers import child_json  # noqa: E402
 
 from phitune.adapt import add_lora  # noqa: E402
 from phitune.training.fast import fused  # noqa: E402
@@ -298,15 +297,11 @@ print(json.dumps({"ops": [[o.name, o.flops, o.nbytes] for o in sim.ops if o.name
 
 @pytest.mark.slow  # a child process on phitune plan's fake CUDA device (and the runtime shim built once): ~20 s
 def test_plan_on_fake_cuda_records_the_ops_and_no_varlen_copies(tmp_path):
-    import json
-    import subprocess
     import sys
 
     script = tmp_path / "step.py"
     script.write_text(FAKE_CUDA_STEP)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = child_json([sys.executable, str(script)])
     assert any("varlen" in note for note in result["notes"]), result["notes"]  # the packed CUDA attention
     rows, rotated = 2 * 64, 2 * 64 * (4 + 2) * 18  # head_dim 24, rotary 0.75 x 24 = 18
     ops = result["ops"]

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # Triton reads it when its kernels are decorated: before swiglu_triton is imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from transformers import Phi3Config  # noqa: E402
+
+from helpers import child_json, compiled_for_sm90  # noqa: E402
 
 from phitune.config import load_config  # noqa: E402
 from phitune.plan.simulate import simulate_step  # noqa: E402
@@ -473,15 +473,11 @@ print(json.dumps({"batch": list(sim.batch_shape), "ops": [[o.name, o.flops, o.nb
 @pytest.mark.slow  # a child process on phitune plan's fake CUDA runtime: ~10-20 s on 2 shared cores
 def test_plan_on_the_fake_cuda_device_records_the_seeded_swiglu_ops(tmp_path):
     """Without forcing anything: a CUDA tensor (fake) takes the kernels' ops, the dropout mask is a seed."""
-    import json
-    import subprocess
     import sys
 
     script = tmp_path / "simulate.py"
     script.write_text(FAKE_CUDA_SCRIPT)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = child_json([sys.executable, str(script)])
     recorded = [SimpleNamespace(name=name, flops=flops, nbytes=nbytes) for name, flops, nbytes in result["ops"]]
     rows, length = result["batch"]
     swiglu_ops_in(SimpleNamespace(ops=recorded), rows * length, 96, dropout=True)
@@ -516,18 +512,7 @@ def test_backward_kernel_with_the_lora_factors_compiles_for_an_h100():
     """No GPU here, but Triton compiles for sm_90 without one (its bundled ptxas): the backward kernel with its K=r
     tl.dot lowers in bfloat16 (tensor cores; the interpreter runs that product in float32) and float32, with shared
     memory only for the product's operand tiles and 16-byte stores."""
-    import importlib.util
-    import json
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("Triton without its NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", SM90_COMPILE_SCRIPT], capture_output=True, text=True, timeout=300,
-                          env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = compiled_for_sm90(SM90_COMPILE_SCRIPT)
     for dtype, size in (("bf16", 2), ("fp32", 4)):
         k = report[dtype]
         assert k["cubin"] > 0 and 0 < k["shared"] <= (16 + 128) * 16 * size, (dtype, k)
@@ -564,18 +549,7 @@ def test_lora_forward_kernel_compiles_for_an_h100():
     """The forward kernel with its loop-carried K=r tl.dot lowers for sm_90 (Triton's bundled ptxas, no GPU
     needed): bfloat16 on the tensor cores (the interpreter runs that product in float32), the loop's loads
     pipelined through shared memory, which holds at most the pipeline's stages of one gate, up and A tile."""
-    import importlib.util
-    import json
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("triton.backends.nvidia") is None:
-        pytest.skip("Triton without its NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", SM90_LORA_FORWARD_SCRIPT], capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = compiled_for_sm90(SM90_LORA_FORWARD_SCRIPT)
     from phitune.training.fast.kernels import swiglu_triton as st
 
     for dtype, size in (("bf16", 2), ("fp32", 4)):

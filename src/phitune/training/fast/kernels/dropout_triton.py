@@ -56,6 +56,20 @@ def keep_mask_at(seed, index, p):
 
 
 @triton.jit
+def keep_mask_tile(seed, row, n_cols, start, index, p, ALIGNED: tl.constexpr, ROWS: tl.constexpr,
+                   COLS: tl.constexpr):
+    """The keep mask of a (ROWS, COLS) tile of a (rows, n_cols) tensor: ``row`` its rows as a column, ``start`` its
+    first column, ``index`` its elements' linear indices. ALIGNED (n_cols % 4 == 0, start a multiple of 4): each tile
+    row starts at a multiple of 4, four elements per Philox call (``keep_mask_rows``); else one call per element
+    (``keep_mask_at``)."""
+    if ALIGNED:
+        keep = keep_mask_rows(seed, row * n_cols + start, p, ROWS, COLS)
+    else:
+        keep = keep_mask_at(seed, index, p)
+    return keep
+
+
+@triton.jit
 def _dropout_fwd(x_ptr, out_ptr, n, seed, p, BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
@@ -79,10 +93,7 @@ def _dropout_bwd(gbr_ptr, a_ptr, base_ptr, out_ptr, n_rows, n_cols, rank, seed, 
     if UPCAST_DOT:
         gbr, a = gbr.to(tl.float32), a.to(tl.float32)
     t = tl.dot(gbr, a, input_precision="ieee")  # "ieee": float32 inputs multiply in float32, not TF32
-    if ALIGNED:  # each tile row starts at a multiple of 4: four elements per Philox call
-        keep = keep_mask_rows(seed, row * n_cols + tl.program_id(1) * BN, p, BM, BN)
-    else:
-        keep = keep_mask_at(seed, row * n_cols + cols, p)
+    keep = keep_mask_tile(seed, row, n_cols, tl.program_id(1) * BN, row * n_cols + cols, p, ALIGNED, BM, BN)
     g = tl.where(keep, t * scale, 0)
     inside = (row < n_rows) & (cols < n_cols)
     if HAS_BASE:

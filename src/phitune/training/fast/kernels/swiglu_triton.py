@@ -9,8 +9,8 @@ kernel instead gives each program whole rows (it sums over them into xa): see _L
 Dropout: the fast path's one mask rule (dropout.py): element row·I + col of h is kept by component (row·I + col) % 4
 of Philox ``randint4x(seed, (row·I + col) // 4)``, the same expression in forward and backward, so the mask is drawn
 again instead of being saved. When I is a multiple of 4 (every width of the zoo) each tile row starts at a multiple
-of 4 and takes one Philox call per 4 elements (``keep_mask_rows``); otherwise one call per element
-(``keep_mask_at``), the same mask at four times the integer work.
+of 4 and takes one Philox call per 4 elements; otherwise one call per element (both through dropout_triton's
+``keep_mask_tile``), the same mask at four times the integer work.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dropout_triton import INTERPRETED, keep_mask_at, keep_mask_rows
+from .dropout_triton import INTERPRETED, keep_mask_tile
 
 _TILE, _WARPS = 1024, 4
 # Backward with the LoRA term: (16, 128) tiles (2048 elements, 16 per thread), for tl.dot's 16-row minimum; the
@@ -34,17 +34,6 @@ _T_ROWS, _T_COLS = 16, 128
 # Larger ranks narrow the tile (COLS·R <= 4096: A's tile at most 8 KiB in bf16), so that the loop's pipelined
 # tiles fit an SM's shared memory at any r (at r = 128, 256 columns would be 64 KiB of A per stage).
 _L_ROWS, _L_COLS, _L_A_TILE = 16, 256, 4096
-
-
-@triton.jit
-def _keep(seed, row, n_cols, index, p, ALIGNED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """This tile's keep mask (see the module docstring); ALIGNED: n_cols % 4 == 0 (then COLS, a power of two >= 4,
-    keeps each row's first column at a multiple of 4)."""
-    if ALIGNED:
-        keep = keep_mask_rows(seed, row * n_cols + tl.program_id(1) * COLS, p, ROWS, COLS)
-    else:
-        keep = keep_mask_at(seed, index, p)
-    return keep
 
 
 @triton.jit
@@ -66,7 +55,7 @@ def _swiglu_forward(gu_ptr, h_ptr, hd_ptr, n_rows, n_cols, gu_row_stride, p, see
     index = row * n_cols + cols
     tl.store(h_ptr + index, h, mask=inside)
     if DROP:
-        keep = _keep(seed, row, n_cols, index, p, ALIGNED, ROWS, COLS)
+        keep = keep_mask_tile(seed, row, n_cols, tl.program_id(1) * COLS, index, p, ALIGNED, ROWS, COLS)
         tl.store(hd_ptr + index, tl.where(keep, h, 0.0), mask=inside)
 
 
@@ -80,7 +69,7 @@ def _swiglu_backward(gu_ptr, gh_ptr, gbr_ptr, a_ptr, ggu_ptr, h_ptr, n_rows, n_c
     up = tl.load(gu_ptr + row * gu_row_stride + n_cols + cols, mask=inside, other=0.0).to(tl.float32)
     gh = tl.load(gh_ptr + index, mask=inside, other=0.0).to(tl.float32)
     if DROP:
-        keep = _keep(seed, row, n_cols, index, p, ALIGNED, ROWS, COLS)
+        keep = keep_mask_tile(seed, row, n_cols, tl.program_id(1) * COLS, index, p, ALIGNED, ROWS, COLS)
     if HAS_T:  # t = gbr A for this tile: (ROWS, R) @ (R, COLS), rank zero-padded to R (>= 16, as tl.dot needs)
         k = tl.arange(0, R)
         gbr = tl.load(gbr_ptr + row * rank + k[None, :], mask=(row < n_rows) & (k[None, :] < rank), other=0)
@@ -120,11 +109,8 @@ def _swiglu_lora_forward(gu_ptr, a_ptr, h_ptr, xa_ptr, n_rows, n_cols, gu_row_st
         h = (gate * (1.0 / (1.0 + tl.exp(-gate))) * up).to(h_ptr.dtype.element_ty)
         index = row * n_cols + cols
         tl.store(h_ptr + index, h, mask=inside)
-        if DROP:  # the one mask rule (dropout.py), as _keep draws it for the other SwiGLU kernels
-            if ALIGNED:
-                keep = keep_mask_rows(seed, row * n_cols + start, p, ROWS, COLS)
-            else:
-                keep = keep_mask_at(seed, index, p)
+        if DROP:  # the one mask rule (dropout.py)
+            keep = keep_mask_tile(seed, row, n_cols, start, index, p, ALIGNED, ROWS, COLS)
             h = tl.where(keep, h, 0.0)
         col = (start + tl.arange(0, COLS))[:, None]  # A's (COLS, R) tile, Aᵀ by the addressing: A is (rank, n_cols)
         a = tl.load(a_ptr + k[None, :] * n_cols + col, mask=(k[None, :] < rank) & (col < n_cols), other=0)
